@@ -1,0 +1,99 @@
+"""Scanning files in-process: paths → batches → detections, one row per file, errors included.
+
+A bad file never stops a scan: it becomes a row whose `error` holds the stable code and message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.detector import Detector
+from pipeline.errors import ItemError
+from pipeline.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodedImage, decode_image
+from pipeline.results import Detection
+
+
+@dataclass
+class ScanRow:
+    path: Path
+    detection: Detection | None = None
+    error: ItemError | None = None
+
+    def to_dict(self) -> dict:
+        row = {"path": str(self.path)}
+        if self.detection is not None:
+            row.update(self.detection.to_dict())
+        else:
+            row.update({key: None for key in ("sha256", "p_fake", "verdict", "caption", "pipeline_version")})
+            row["objects"] = []
+        row["error"] = self.error.to_dict() if self.error else None
+        return row
+
+
+def collect_files(paths: Iterable[Path | str]) -> list[Path]:
+    """Files named directly, plus every non-hidden file under named folders, sorted; missing paths kept
+    (they become `file.not_found` rows)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        else:
+            found.append(path)
+    return found
+
+
+def scan(
+    files: list[Path],
+    detector: Detector,
+    *,
+    batch_size: int = 8,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Iterator[ScanRow]:
+    """Yields one row per file, in order, batching the decodable ones through the detector."""
+    for start in range(0, len(files), batch_size):
+        batch = files[start : start + batch_size]
+        rows, decoded, decode_ms = [], [], []
+        for path in batch:
+            started = time.perf_counter()
+            row = ScanRow(path)
+            try:
+                image = decode_image(_read(path, max_bytes), max_pixels=max_pixels, max_bytes=max_bytes)
+                decoded.append((row, image))
+            except ItemError as error:
+                row.error = error
+            decode_ms.append((row, (time.perf_counter() - started) * 1000))
+            rows.append(row)
+        _detect(detector, decoded)
+        for row, ms in decode_ms:
+            if row.detection is not None:
+                row.detection.timings_ms = {"decode": ms, **row.detection.timings_ms}
+        yield from rows
+
+
+def _detect(detector: Detector, decoded: list[tuple[ScanRow, DecodedImage]]) -> None:
+    if not decoded:
+        return
+    detections = detector.detect([image for _, image in decoded])
+    for (row, _), detection in zip(decoded, detections):
+        row.detection = detection
+
+
+def _read(path: Path, max_bytes: int) -> bytes:
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ItemError(f"{path} is larger than {max_bytes:,} bytes.", code="image.too_large")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ItemError(f"{path} does not exist.", code="file.not_found") from None
+    except IsADirectoryError:
+        raise ItemError(f"{path} is a directory.", code="file.unreadable") from None
+    except PermissionError as error:
+        raise ItemError(f"{path} cannot be read: {error}", code="file.unreadable") from None

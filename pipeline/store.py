@@ -1,0 +1,88 @@
+"""Where model files live: a local model directory, filled from the Hugging Face hub or the tiny generator.
+
+Every stage loads from a local folder, so one code path serves a downloaded checkpoint, a copied one and
+a generated tiny one. Each folder carries `item_model.json`, recording the revision it holds: that
+revision, not the one asked for, goes into the stage version, so two hosts with different snapshots of
+"main" never share artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import tiny
+from pipeline.errors import ModelUnavailableError
+from pipeline.profiles import ModelSpec
+
+DEFAULT_MODEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "item" / "models"
+
+
+@dataclass(frozen=True)
+class LocatedModel:
+    spec: ModelSpec
+    path: Path
+    revision: str
+
+
+class ModelStore:
+    def __init__(self, model_dir: Path | str = DEFAULT_MODEL_DIR, *, allow_download: bool = True):
+        self.model_dir = Path(model_dir).expanduser()
+        # HF_HUB_OFFLINE is the hub library's own switch; honour it so one variable turns every download off.
+        self.allow_download = allow_download and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0")
+
+    def folder(self, spec: ModelSpec) -> Path:
+        return self.model_dir / spec.name
+
+    def is_present(self, spec: ModelSpec) -> bool:
+        return (self.folder(spec) / tiny.MANIFEST).is_file()
+
+    def locate(self, spec: ModelSpec) -> LocatedModel:
+        """The local folder of `spec`, generating or downloading it first when allowed."""
+        if not self.is_present(spec):
+            if spec.generated:
+                self.generate(spec)
+            elif self.allow_download:
+                self.pull(spec)
+            else:
+                raise self._missing(spec)
+        manifest = json.loads((self.folder(spec) / tiny.MANIFEST).read_text())
+        return LocatedModel(spec, self.folder(spec), _revision(spec, manifest))
+
+    def generate(self, spec: ModelSpec) -> Path:
+        folder = self.folder(spec)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return tiny.build(spec.name, folder, spec.tiny_seed)
+
+    def pull(self, spec: ModelSpec) -> Path:
+        """Downloads `spec` into the model directory, pinned to the commit the hub resolves now."""
+        if spec.generated:
+            return self.generate(spec)
+        from huggingface_hub import HfApi, snapshot_download
+
+        folder = self.folder(spec)
+        try:
+            commit = HfApi().model_info(spec.repo_id, revision=spec.revision).sha
+            snapshot_download(spec.repo_id, revision=commit, local_dir=folder)
+        except Exception as error:
+            raise self._missing(spec, reason=f"download failed: {error}") from error
+        manifest = {"name": spec.name, "repo_id": spec.repo_id, "revision": commit}
+        (folder / tiny.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        return folder
+
+    def _missing(self, spec: ModelSpec, reason: str = "downloads are off") -> ModelUnavailableError:
+        folder = self.folder(spec)
+        return ModelUnavailableError(
+            f"Model {spec.name!r} ({spec.source}) is not in {folder.parent} and {reason}. Get it with "
+            f"`item models pull --profile PROFILE --model-dir {folder.parent}` where the hub is reachable, or download "
+            f"{spec.repo_id} into {folder} and write {tiny.MANIFEST} there (see README, 'Models').",
+            code="model.missing",
+        )
+
+
+def _revision(spec: ModelSpec, manifest: dict) -> str:
+    if spec.generated:
+        return f"seed{manifest['seed']}.g{manifest['generator_version']}"
+    return str(manifest.get("revision") or spec.revision)[:12]

@@ -1,0 +1,1 @@
+"""The ITEM moderation worker: settings, command line (and, later, Celery tasks and the ledger)."""

@@ -1,0 +1,260 @@
+"""The `item` command line. Commands parse options, call plain functions, and render the results.
+
+Exit status: 0 all good; 1 some input failed (each failure is in its row); 2 nothing could run (bad option,
+unknown profile, missing model, unusable head).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from worker.settings import Settings
+
+app = typer.Typer(help="ITEM: detect AI-generated images by image-text misalignment.", no_args_is_help=True)
+models_app = typer.Typer(help="List and fetch the models of a profile.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+out = Console()
+err = Console(stderr=True)
+
+ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="Model profile (paper, small, tiny).")]
+ModelDirOpt = Annotated[Path | None, typer.Option("--model-dir", help="Model folder [env ITEM_MODEL_DIR].")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download; missing models are an error.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
+
+
+def main() -> None:
+    _quiet_libraries()
+    app()
+
+
+def _quiet_libraries() -> None:
+    """Model libraries log loading chatter and progress bars; ours are the ones the user asked for."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger().setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _settings(**overrides) -> Settings:
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+
+
+def _store(settings: Settings, offline: bool):
+    from pipeline.store import ModelStore
+
+    return ModelStore(settings.model_dir, allow_download=settings.allow_download and not offline)
+
+
+def _fail(error: Exception) -> typer.Exit:
+    code = getattr(error, "code", type(error).__name__)
+    err.print(f"[bold red]error[/] {escape(f'[{code}]')} {escape(str(error))}")
+    return typer.Exit(2)
+
+
+def _progress(total: int, label: str) -> Progress:
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=True,
+    )
+
+
+@app.command()
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (scanned recursively).")],
+    profile: ProfileOpt = None,
+    head: Annotated[Path | None, typer.Option(help="Head .safetensors [env ITEM_HEAD].")] = None,
+    model_dir: ModelDirOpt = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per model batch.")] = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score images in-process and print a table (or JSON lines). Bad files get an error row."""
+    from pipeline.scan import collect_files
+    from pipeline.scan import scan as run_scan
+
+    settings = _settings(profile=profile, head=head, model_dir=model_dir, device=device, batch_size=batch_size)
+    detector = _detector(settings, offline)
+    files = collect_files(paths)
+    rows = []
+    with _progress(len(files), "scanning") as bar:
+        task = bar.add_task("scan", total=len(files))
+        limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_image_bytes}
+        for row in run_scan(files, detector, batch_size=settings.batch_size, **limits):
+            rows.append(row)
+            bar.advance(task)
+            if as_json:
+                print(json.dumps(row.to_dict()), flush=True)
+    if not as_json:
+        _print_scan_table(rows, detector)
+    failed = sum(row.error is not None for row in rows)
+    if failed:
+        err.print(f"{failed} of {len(rows)} files could not be checked.")
+    raise typer.Exit(1 if failed else 0)
+
+
+def _detector(settings: Settings, offline: bool):
+    from pipeline.detector import Detector
+    from pipeline.errors import ItemError
+    from pipeline.head import Head
+    from pipeline.profiles import get_profile
+
+    if settings.head is None:
+        raise _fail(ValueError("No head given: pass --head PATH or set ITEM_HEAD (`item demo` trains a tiny one)."))
+    try:
+        return Detector(
+            get_profile(settings.profile), _store(settings, offline), Head.load(settings.head), settings.device
+        )
+    except (ItemError, ValueError) as error:
+        raise _fail(error) from None
+
+
+def _print_scan_table(rows, detector) -> None:
+    table = Table(title=f"ITEM scan · profile {detector.profile.name} · {detector.pipeline_version.id}")
+    for column in ("file", "verdict", "p(fake)", "objects", "caption / error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        if row.error:
+            message = f"[red]{escape(row.error.code)}[/] {escape(row.error.message)}"
+            table.add_row(escape(str(row.path)), "[red]error[/]", "", "", message)
+        else:
+            d = row.detection
+            style = "magenta" if d.verdict == "fake" else "green"
+            cells = (f"[{style}]{d.verdict}[/]", f"{d.p_fake:.3f}", str(d.object_count), escape(d.caption))
+            table.add_row(escape(str(row.path)), *cells)
+    out.print(table)
+    if detector.profile.meaningless_scores:
+        err.print("[yellow]note[/] the tiny profile's models are random: these scores show the plumbing only.")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the images and the trained head.")] = Path(
+        "item-demo"
+    ),
+    model_dir: ModelDirOpt = None,
+    per_family: Annotated[int, typer.Option(min=2, help="Images per family.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed for images and training.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the whole method offline on the tiny profile: make data, train a head, score held-out images."""
+    from pipeline.demo import run_demo
+
+    settings = _settings(model_dir=model_dir)
+    err.print(
+        "[yellow]The tiny profile uses small random models: this demo shows the plumbing end to end, "
+        "not detection quality.[/]"
+    )
+    with _progress(2 * per_family, "extracting features") as bar:
+        task = bar.add_task("features", total=2 * per_family)
+        report = run_demo(
+            out_dir,
+            _store(settings, offline=True),
+            per_family=per_family,
+            seed=seed,
+            batch_size=settings.batch_size,
+            progress=lambda n: bar.advance(task, n),
+        )
+    if as_json:
+        for path, label, detection in report.test:
+            print(json.dumps({"path": str(path), "label": label, **detection.to_dict()}))
+    else:
+        _print_demo(report)
+
+
+def _print_demo(report) -> None:
+    table = Table(title="held-out images")
+    for column in ("file", "truth", "verdict", "p(fake)", "caption"):
+        table.add_column(column, overflow="fold")
+    for path, label, d in report.test:
+        table.add_row(path.name, ("real", "fake")[label], d.verdict, f"{d.p_fake:.3f}", d.caption)
+    out.print(table)
+    correct = round(report.accuracy * len(report.test))
+    out.print(
+        f"accuracy on {len(report.test)} held-out images: {report.accuracy:.1%} ({correct} correct); "
+        f"head trained on {report.n_train} images"
+    )
+    out.print(f"head written to {report.head_path}", soft_wrap=True)
+    out.print(f"next: item scan --profile tiny --head {report.head_path} {report.image_dir}", soft_wrap=True)
+
+
+@models_app.command("list")
+def models_list(profile: ProfileOpt = None, model_dir: ModelDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Show every profile's models (or one profile's) and whether they are in the model folder."""
+    from pipeline.profiles import PROFILES
+
+    settings = _settings(model_dir=model_dir)
+    store = _store(settings, offline=True)
+    names = [profile] if profile else sorted(PROFILES)
+    rows = [
+        {
+            "profile": name,
+            "stage": stage,
+            "model": spec.name,
+            "source": spec.source,
+            "present": store.is_present(spec),
+            "path": str(store.folder(spec)),
+        }
+        for name in names
+        for stage, spec in _profile(name).specs.items()
+    ]
+    if as_json:
+        print("\n".join(json.dumps(row) for row in rows))
+        return
+    table = Table(title=f"models in {store.model_dir}")
+    for column in ("profile", "stage", "model", "source", "present"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["profile"], row["stage"], row["model"], row["source"], "yes" if row["present"] else "no")
+    out.print(table)
+
+
+@models_app.command("pull")
+def models_pull(profile: ProfileOpt = None, model_dir: ModelDirOpt = None) -> None:
+    """Download (or, for tiny, generate) a profile's models into the model folder."""
+    from pipeline.errors import ItemError
+
+    settings = _settings(profile=profile, model_dir=model_dir)
+    store = _store(settings, offline=False)
+    for stage, spec in _profile(settings.profile).specs.items():
+        if store.is_present(spec):
+            err.print(f"{stage}: {spec.name} already present")
+            continue
+        err.print(f"{stage}: fetching {spec.source} …")
+        try:
+            store.pull(spec)
+        except ItemError as error:
+            raise _fail(error) from None
+    out.print(f"profile {settings.profile} ready in {store.model_dir}")
+
+
+def _profile(name: str):
+    from pipeline.errors import ItemError
+    from pipeline.profiles import get_profile
+
+    try:
+        return get_profile(name)
+    except ItemError as error:
+        raise _fail(error) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
