@@ -80,7 +80,7 @@ def run_demo(
     detector.use_head(head)
     test_index = [index for index, train_row in enumerate(is_train) if not train_row]
     detections = detector.detect([None] * len(test_index), [artifacts[i] for i in test_index])
-    for index, detection in zip(test_index, detections):
+    for index, detection in zip(test_index, detections, strict=True):
         detection.sha256 = decoded[index].sha256
-    test = [(items[i][0], items[i][1], d) for i, d in zip(test_index, detections)]
+    test = [(items[i][0], items[i][1], d) for i, d in zip(test_index, detections, strict=True)]
     return DemoReport(head_path=head_path, image_dir=out / "images", n_train=int(train_rows.sum()), test=test)

@@ -99,7 +99,7 @@ class Detector:
                 pipeline_version=version,
                 artifacts=analysis.artifacts,
             )
-            for analysis, p_fake in zip(analyses, probabilities)
+            for analysis, p_fake in zip(analyses, probabilities, strict=True)
         ]
 
     def representation(self, features: Features) -> torch.Tensor:
@@ -116,7 +116,7 @@ class Detector:
             raise ValueError(f"{len(images)} images but {len(known)} artifact sets.")
         analyses = [
             Analysis(image.sha256 if image else None, replace(artifacts) if artifacts else Artifacts())
-            for image, artifacts in zip(images, known)
+            for image, artifacts in zip(images, known, strict=True)
         ]
         self._caption(images, analyses)
         self._ground(images, analyses)
@@ -128,7 +128,7 @@ class Detector:
         todo = _missing(analyses, "caption", images)
         with _timed(analyses, todo, self.captioner):
             captions = self.captioner.caption([images[i].image for i in todo])
-        for index, caption in zip(todo, captions):
+        for index, caption in zip(todo, captions, strict=True):
             analyses[index].artifacts.caption = caption
 
     def _ground(self, images, analyses: list[Analysis]) -> None:
@@ -137,7 +137,7 @@ class Detector:
         phrases = [object_phrases(analyses[i].artifacts.caption, limit) for i in todo]
         with _timed(analyses, todo, self.grounder):
             found = self.grounder.ground([images[i].image for i in todo], phrases)
-        for index, objects in zip(todo, found):
+        for index, objects in zip(todo, found, strict=True):
             analyses[index].artifacts.objects = objects
 
     def _embed(self, images, analyses: list[Analysis]) -> None:
@@ -152,7 +152,7 @@ class Detector:
         with _timed(analyses, todo, self.embedder):
             image_rows = self.embedder.embed_images(pictures).split(counts) if todo else []
             text_rows = self.embedder.embed_texts(texts).split(counts) if todo else []
-        for index, image_part, text_part in zip(todo, image_rows, text_rows):
+        for index, image_part, text_part in zip(todo, image_rows, text_rows, strict=True):
             embeddings = Embeddings(image_part[0], text_part[0], image_part[1:], text_part[1:])
             analyses[index].artifacts.embeddings = embeddings
 
@@ -199,7 +199,7 @@ def _timed(analyses: list[Analysis], todo: list[int], stage: Stage):
 def _evidence(artifacts: Artifacts) -> list[DetectedObject]:
     objects = artifacts.objects or []
     distances = eq.magnitudes(artifacts.features.objects).tolist() if objects else []
-    return [DetectedObject(o.phrase, o.box, o.score, d) for o, d in zip(objects, distances)]
+    return [DetectedObject(o.phrase, o.box, o.score, d) for o, d in zip(objects, distances, strict=True)]
 
 
 def _digest(text: str) -> str:

@@ -82,7 +82,7 @@ def _detect(detector: Detector, decoded: list[tuple[ScanRow, DecodedImage]]) -> 
     if not decoded:
         return
     detections = detector.detect([image for _, image in decoded])
-    for (row, _), detection in zip(decoded, detections):
+    for (row, _), detection in zip(decoded, detections, strict=True):
         row.detection = detection
 
 

@@ -96,7 +96,7 @@ def _prompt(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
 def _token_phrases(offsets: torch.Tensor, attention: torch.Tensor, spans: list[tuple[int, int]]) -> list[int]:
     """For each token, the index of the phrase it belongs to, or -1 (special tokens, dots, padding)."""
     owners = []
-    for (start, end), attended in zip(offsets.tolist(), attention.tolist()):
+    for (start, end), attended in zip(offsets.tolist(), attention.tolist(), strict=True):
         owner = -1
         if attended and end > start:
             owner = next((i for i, (s, e) in enumerate(spans) if s <= start and end <= e), -1)
