@@ -57,8 +57,13 @@ class Head:
 
     @property
     def version(self) -> str:
-        """`head:<hash>` of weights and metadata: any retrain or re-threshold is a new version."""
-        digest = hashlib.sha256(json.dumps(asdict(self.metadata), sort_keys=True).encode())
+        """`head:<hash>` of everything that decides a score: weights, inputs, w1/w2, threshold.
+
+        The training summary is left out (it holds wall-clock times), so retraining identically gives the
+        same version, while any change of weights or threshold gives a new one.
+        """
+        scoring = {key: value for key, value in asdict(self.metadata).items() if key != "training"}
+        digest = hashlib.sha256(json.dumps(scoring, sort_keys=True).encode())
         for name, tensor in sorted(self.module.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -17,7 +17,8 @@ from PIL import Image, ImageOps
 
 from pipeline.errors import ImageError
 
-DEFAULT_MAX_PIXELS = 40_000_000  # ~7300x5500: above phone cameras, well under Pillow's 89M bomb warning
+# ~7300x5500: above phone cameras, well under Pillow's 89M bomb guard (which also caps any larger setting).
+DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 PAD_COLOR = (124, 116, 104)  # the ImageNet/CLIP mean: padding normalises to about zero in every model
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, the way most viewers show them
@@ -102,7 +103,7 @@ def _open_checked(data: bytes, image_format: str, max_pixels: int) -> Image.Imag
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise _too_many_pixels(None, max_pixels) from error
         except Exception as error:  # Pillow raises several types for a damaged header
-            raise ImageError(f"The {image_format} header is damaged: {error}", code="image.corrupt") from error
+            raise _damaged(image_format, "header") from error
         if image.width * image.height > max_pixels:
             raise _too_many_pixels(image, max_pixels)
         if image.width < 1 or image.height < 1:
@@ -116,15 +117,23 @@ def _open_checked(data: bytes, image_format: str, max_pixels: int) -> Image.Imag
                 raise ImageError(
                     f"The {image_format} file is truncated (incomplete upload?).", code="image.truncated"
                 ) from error
-            raise ImageError(f"The {image_format} data is damaged: {error}", code="image.corrupt") from error
+            raise _damaged(image_format, "data") from error
         except Exception as error:
-            raise ImageError(f"The {image_format} data is damaged: {error}", code="image.corrupt") from error
+            raise _damaged(image_format, "data") from error
     return image
 
 
+def _damaged(image_format: str, part: str) -> ImageError:
+    # Pillow's own text can hold object addresses; a stable message serves logs and users better.
+    return ImageError(f"The {image_format} {part} is damaged and cannot be decoded.", code="image.corrupt")
+
+
 def _too_many_pixels(image: Image.Image | None, max_pixels: int) -> ImageError:
-    size = f"{image.width}x{image.height} pixels" if image is not None else "more pixels than Pillow allows"
-    return ImageError(f"The image is {size}; the limit is {max_pixels:,} pixels.", code="image.too_large")
+    if image is None:  # refused by Pillow's own bomb guard before the header reached us
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS)
+        return ImageError(f"The image has more than {limit:,} pixels.", code="image.too_large")
+    size = f"{image.width}x{image.height}"
+    return ImageError(f"The image is {size} pixels; the limit is {max_pixels:,} pixels.", code="image.too_large")
 
 
 def _orient(image: Image.Image) -> Image.Image:
@@ -139,9 +148,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return Image.fromarray(_to_uint8(np.asarray(image)), mode="L").convert("RGB")
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif mode in ("LA", "PA", "La", "RGBa"):
+    colour_keyed = mode in ("P", "L", "RGB") and "transparency" in image.info  # transparent palette entry or key
+    if colour_keyed or mode in ("LA", "PA", "La", "RGBa"):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         canvas = Image.new("RGB", image.size, BACKGROUND)

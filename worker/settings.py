@@ -24,5 +24,7 @@ class Settings(BaseSettings):
     head: Path | None = Field(None, description="Head weights (.safetensors) used to score.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
     batch_size: int = Field(8, ge=1, le=512, description="Images per model batch.")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image accepted, in pixels.")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, le=89_478_485, description="Largest image accepted, in pixels (Pillow caps it)."
+    )
     max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="Largest image file accepted, in bytes.")

@@ -18,6 +18,9 @@ class Stage(ABC):
     # Bump when a code change alters this stage's outputs for the same model and parameters: the version
     # string changes with it, so artifacts stored under the old behaviour are not reused.
     implementation: ClassVar[int] = 1
+    # Parameters that change speed or memory but not results; kept out of the version so tuning them
+    # does not throw away stored artifacts.
+    runtime_params: ClassVar[frozenset[str]] = frozenset({"batch_size"})
 
     def __init__(self, model: LocatedModel, device: torch.device):
         self.located = model
@@ -30,7 +33,9 @@ class Stage(ABC):
     @property
     def version(self) -> str:
         """`stage:source@revision|k=v,...`: everything that decides this stage's output."""
-        params = ",".join(f"{key}={value}" for key, value in sorted(self.params.items()))
+        params = ",".join(
+            f"{key}={value}" for key, value in sorted(self.params.items()) if key not in self.runtime_params
+        )
         return f"{self.name}:{self.located.spec.source}@{self.located.revision}|impl={self.implementation},{params}"
 
     @property

@@ -1,0 +1,57 @@
+"""Profiles and the model store: clear errors for unknown or missing models; tiny models built offline."""
+
+import hashlib
+
+import pytest
+
+from pipeline.errors import ModelUnavailableError, ProfileError
+from pipeline.profiles import PROFILES, get_profile
+from pipeline.store import ModelStore
+
+
+def test_profiles_cover_paper_small_and_tiny():
+    assert {"paper", "small", "tiny"} <= set(PROFILES)
+    paper = get_profile("paper")
+    assert paper.caption.repo_id == "Salesforce/blip2-opt-2.7b"
+    assert paper.embed.params["quick_gelu"] is True
+    assert get_profile("tiny").meaningless_scores and not paper.meaningless_scores
+
+
+def test_unknown_profile_names_the_known_ones():
+    with pytest.raises(ProfileError, match="paper, small, tiny"):
+        get_profile("huge")
+
+
+def test_missing_model_offline_names_it_and_how_to_get_it(tmp_path):
+    store = ModelStore(tmp_path, allow_download=False)
+    with pytest.raises(ModelUnavailableError) as missing:
+        store.locate(get_profile("paper").caption)
+    error = missing.value
+    assert error.code == "model.missing" and not error.permanent
+    assert "Salesforce/blip2-opt-2.7b" in error.message and "item models pull" in error.message
+    assert str(tmp_path) in error.message
+
+
+def test_hf_hub_offline_turns_downloads_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not ModelStore(tmp_path, allow_download=True).allow_download
+
+
+def test_tiny_models_are_generated_deterministically(tmp_path):
+    spec = get_profile("tiny").embed
+    first = ModelStore(tmp_path / "a").locate(spec)
+    second = ModelStore(tmp_path / "b").locate(spec)
+    digest = [
+        hashlib.sha256((m.path / "open_clip_model.safetensors").read_bytes()).hexdigest() for m in (first, second)
+    ]
+    assert digest[0] == digest[1]
+    assert first.revision == second.revision == "seed0.g1"
+    assert not any(p.name.startswith(".") for p in (tmp_path / "a").iterdir())  # no staging folder left behind
+
+
+def test_present_model_is_not_rebuilt(tiny_store):
+    spec = get_profile("tiny").caption
+    located = tiny_store.locate(spec)
+    stamp = (located.path / "model.safetensors").stat().st_mtime_ns
+    assert tiny_store.locate(spec).path == located.path
+    assert (located.path / "model.safetensors").stat().st_mtime_ns == stamp
