@@ -13,10 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import tiny
 from pipeline.errors import ModelUnavailableError
 from pipeline.profiles import ModelSpec
 
+MANIFEST = "item_model.json"  # in every model folder: what it holds, and at which revision
 DEFAULT_MODEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "item" / "models"
 
 
@@ -37,7 +37,7 @@ class ModelStore:
         return self.model_dir / spec.name
 
     def is_present(self, spec: ModelSpec) -> bool:
-        return (self.folder(spec) / tiny.MANIFEST).is_file()
+        return (self.folder(spec) / MANIFEST).is_file()
 
     def locate(self, spec: ModelSpec) -> LocatedModel:
         """The local folder of `spec`, generating or downloading it first when allowed."""
@@ -48,10 +48,12 @@ class ModelStore:
                 self.pull(spec)
             else:
                 raise self._missing(spec)
-        manifest = json.loads((self.folder(spec) / tiny.MANIFEST).read_text())
+        manifest = json.loads((self.folder(spec) / MANIFEST).read_text())
         return LocatedModel(spec, self.folder(spec), _revision(spec, manifest))
 
     def generate(self, spec: ModelSpec) -> Path:
+        from pipeline import tiny  # imports torch and transformers: only when a model must be built
+
         folder = self.folder(spec)
         folder.parent.mkdir(parents=True, exist_ok=True)
         return tiny.build(spec.name, folder, spec.tiny_seed)
@@ -69,7 +71,7 @@ class ModelStore:
         except Exception as error:
             raise self._missing(spec, reason=f"download failed: {error}") from error
         manifest = {"name": spec.name, "repo_id": spec.repo_id, "revision": commit}
-        (folder / tiny.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return folder
 
     def _missing(self, spec: ModelSpec, reason: str = "downloads are off") -> ModelUnavailableError:
@@ -77,7 +79,7 @@ class ModelStore:
         return ModelUnavailableError(
             f"Model {spec.name!r} ({spec.source}) is not in {folder.parent} and {reason}. Get it with "
             f"`item models pull --profile PROFILE --model-dir {folder.parent}` where the hub is reachable, or download "
-            f"{spec.repo_id} into {folder} and write {tiny.MANIFEST} there (see README, 'Models').",
+            f"{spec.repo_id} into {folder} and write {MANIFEST} there (see README, 'Models').",
             code="model.missing",
         )
 

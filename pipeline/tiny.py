@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.store import MANIFEST
+
 # Words the tiny tokenizers know as whole tokens. Caption-like vocabulary keeps random captions readable.
 CAPTION_WORDS = tuple(
     """
@@ -28,7 +30,6 @@ CAPTION_WORDS = tuple(
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MANIFEST = "item_model.json"
 GENERATOR_VERSION = 1
 
 

@@ -39,13 +39,17 @@ def main() -> None:
 
 
 def _quiet_libraries() -> None:
-    """Model libraries log loading chatter and progress bars; ours are the ones the user asked for."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger().setLevel(logging.ERROR)
-    import transformers
+    """Model libraries log loading chatter and progress bars; ours are the ones the user asked for.
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    Set through their environment variables, so `item --help` does not pay for importing them.
+    """
+    for name, value in (
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
+        os.environ.setdefault(name, value)
+    logging.getLogger().setLevel(logging.ERROR)
 
 
 def _settings(**overrides) -> Settings:
