@@ -124,9 +124,11 @@ def _detector(settings: Settings, offline: bool):
     if settings.head is None:
         raise _fail(ValueError("No head given: pass --head PATH or set ITEM_HEAD (`item demo` trains a tiny one)."))
     try:
-        return Detector(
-            get_profile(settings.profile), _store(settings, offline), Head.load(settings.head), settings.device
-        )
+        profile, head = get_profile(settings.profile), Head.load(settings.head)
+        detector = Detector(profile, _store(settings, offline), head, settings.device)
+        with err.status(f"loading the {profile.name} models…"):
+            detector.load()  # now, so a broken model is one clear error rather than a failure mid-scan
+        return detector
     except (ItemError, ValueError) as error:
         raise _fail(error) from None
 

@@ -67,7 +67,14 @@ class Grounder(Stage):
             results[index] = self._pick(probabilities[row], boxes[row], token_phrase, phrases[index], image)
         return results
 
-    def _pick(self, probabilities, boxes, token_phrase, image_phrases, image) -> list[GroundedObject]:
+    def _pick(
+        self,
+        probabilities: torch.Tensor,  # (queries, text tokens)
+        boxes: torch.Tensor,  # (queries, 4), cx cy w h relative to the square canvas
+        token_phrase: list[int],
+        image_phrases: list[str],
+        image: Image.Image,
+    ) -> list[GroundedObject]:
         side = max(image.width, image.height)
         found = []
         for phrase_index, phrase in enumerate(image_phrases):

@@ -108,6 +108,17 @@ def test_setup_errors_exit_2_with_a_clear_message(env, demo, args, message):
     assert message in result.stderr
 
 
+def test_a_model_that_does_not_load_is_a_setup_error(env, demo, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(env["ITEM_MODEL_DIR"], models)
+    (models / "tiny-blip2" / "model.safetensors").write_bytes(b"not a safetensors file")
+    broken = {**env, "ITEM_MODEL_DIR": str(models)}
+    result = run(broken, "scan", "-p", "tiny", "--head", str(demo[0] / "head.safetensors"), "x.png", check_exit=2)
+    assert "model.load_failed" in result.stderr and "caption" in result.stderr
+
+
 def test_models_list_json(env):
     rows = [json.loads(line) for line in run(env, "models", "list", "--json").stdout.splitlines()]
     tiny = [row for row in rows if row["profile"] == "tiny"]
