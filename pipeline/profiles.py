@@ -22,6 +22,9 @@ class ModelSpec:
     revision: str = "main"
     tiny_seed: int | None = None  # set for generated models: built offline from this seed
     params: dict[str, Any] = field(default_factory=dict)
+    # open_clip models: (built-in architecture, pretrained tag), used to write `open_clip_config.json` into a
+    # downloaded folder whose hub repo lacks one (timm's OpenAI CLIP repos hold only the weights).
+    open_clip: tuple[str, str] | None = None
 
     @property
     def generated(self) -> bool:
@@ -70,6 +73,7 @@ PROFILES: dict[str, Profile] = {
                 "timm/vit_large_patch14_clip_224.openai",
                 # OpenAI's CLIP was trained with QuickGELU; open_clip's default GELU silently skews embeddings.
                 params={"quick_gelu": True, "batch_size": 64},
+                open_clip=("ViT-L-14-quickgelu", "openai"),
             ),
         ),
         Profile(
@@ -83,6 +87,7 @@ PROFILES: dict[str, Profile] = {
                 "clip-vit-b-16-openai",
                 "timm/vit_base_patch16_clip_224.openai",
                 params={"quick_gelu": True, "batch_size": 128},
+                open_clip=("ViT-B-16-quickgelu", "openai"),
             ),
         ),
         Profile(

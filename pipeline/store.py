@@ -16,6 +16,10 @@ from pathlib import Path
 from pipeline.errors import ModelUnavailableError
 from pipeline.profiles import ModelSpec
 
+# What to fetch from the hub: open_clip's own files from CLIP repos (timm's repos also hold a timm-only
+# image tower), and no pickled weights from transformers repos, which all publish safetensors.
+OPEN_CLIP_FILES = ["open_clip_*", "*.json", "*.txt"]
+PICKLED_FILES = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5"]
 MANIFEST = "item_model.json"  # in every model folder: what it holds, and at which revision
 DEFAULT_MODEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "item" / "models"
 
@@ -67,9 +71,12 @@ class ModelStore:
         folder = self.folder(spec)
         try:
             commit = HfApi().model_info(spec.repo_id, revision=spec.revision).sha
-            snapshot_download(spec.repo_id, revision=commit, local_dir=folder)
+            files = {"allow_patterns": OPEN_CLIP_FILES} if spec.open_clip else {"ignore_patterns": PICKLED_FILES}
+            snapshot_download(spec.repo_id, revision=commit, local_dir=folder, **files)
         except Exception as error:
             raise self._missing(spec, reason=f"download failed: {error}") from error
+        if spec.open_clip:
+            write_open_clip_config(folder, *spec.open_clip)
         manifest = {"name": spec.name, "repo_id": spec.repo_id, "revision": commit}
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return folder
@@ -88,3 +95,21 @@ def _revision(spec: ModelSpec, manifest: dict) -> str:
     if spec.generated:
         return f"seed{manifest['seed']}.g{manifest['generator_version']}"
     return str(manifest.get("revision") or spec.revision)[:12]
+
+
+def write_open_clip_config(folder: Path, architecture: str, pretrained_tag: str) -> None:
+    """Gives an open_clip folder the `open_clip_config.json` its `local-dir:` loader needs, if it lacks one,
+    from open_clip's built-in architecture config and the preprocessing of its pretrained tag."""
+    target = folder / "open_clip_config.json"
+    if target.is_file():
+        return
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(architecture)
+    if model_cfg is None:
+        raise ValueError(f"open_clip has no built-in architecture {architecture!r}.")
+    tag_cfg = open_clip.get_pretrained_cfg(architecture, pretrained_tag)
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    preprocess = {key: tag_cfg[key] for key in keys if key in tag_cfg}
+    preprocess["image_size"] = model_cfg["vision_cfg"]["image_size"]
+    target.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2) + "\n")

@@ -55,3 +55,25 @@ def test_present_model_is_not_rebuilt(tiny_store):
     stamp = (located.path / "model.safetensors").stat().st_mtime_ns
     assert tiny_store.locate(spec).path == located.path
     assert (located.path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_open_clip_config_is_written_for_weight_only_clip_repos(tmp_path):
+    import json
+
+    from pipeline.store import write_open_clip_config
+
+    architecture, tag = get_profile("paper").embed.open_clip
+    write_open_clip_config(tmp_path, architecture, tag)
+    config = json.loads((tmp_path / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["quick_gelu"] is True and config["model_cfg"]["embed_dim"] == 768
+    assert config["model_cfg"]["vision_cfg"]["patch_size"] == 14
+    assert config["preprocess_cfg"]["image_size"] == 224
+    assert config["preprocess_cfg"]["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+
+
+def test_an_existing_open_clip_config_is_kept(tmp_path):
+    from pipeline.store import write_open_clip_config
+
+    (tmp_path / "open_clip_config.json").write_text("{}")
+    write_open_clip_config(tmp_path, "ViT-L-14-quickgelu", "openai")
+    assert (tmp_path / "open_clip_config.json").read_text() == "{}"
