@@ -98,20 +98,23 @@ def scan(
     settings = _settings(profile=profile, head=head, model_dir=model_dir, device=device, batch_size=batch_size)
     detector = _detector(settings, offline)
     files = collect_files(paths)
-    rows = []
+    table, failed = _scan_table(detector), 0
     with _progress(len(files), "scanning") as bar:
         task = bar.add_task("scan", total=len(files))
         limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_image_bytes}
         for row in run_scan(files, detector, batch_size=settings.batch_size, **limits):
-            rows.append(row)
             bar.advance(task)
+            failed += row.error is not None
             if as_json:
                 print(json.dumps(row.to_dict()), flush=True)
+            else:
+                _add_scan_row(table, row)  # display cells only: rows and their tensors are not kept
     if not as_json:
-        _print_scan_table(rows, detector)
-    failed = sum(row.error is not None for row in rows)
+        out.print(table)
+        if detector.profile.meaningless_scores:
+            err.print("[yellow]note[/] the tiny profile's models are random: these scores show the plumbing only.")
     if failed:
-        err.print(f"{failed} of {len(rows)} files could not be checked.")
+        err.print(f"{failed} of {len(files)} files could not be checked.")
     raise typer.Exit(1 if failed else 0)
 
 
@@ -133,22 +136,22 @@ def _detector(settings: Settings, offline: bool):
         raise _fail(error) from None
 
 
-def _print_scan_table(rows, detector) -> None:
+def _scan_table(detector) -> Table:
     table = Table(title=f"ITEM scan · profile {detector.profile.name} · {detector.pipeline_version.id}")
     for column in ("file", "verdict", "p(fake)", "objects", "caption / error"):
         table.add_column(column, overflow="fold")
-    for row in rows:
-        if row.error:
-            message = f"[red]{escape(row.error.code)}[/] {escape(row.error.message)}"
-            table.add_row(escape(str(row.path)), "[red]error[/]", "", "", message)
-        else:
-            d = row.detection
-            style = "magenta" if d.verdict == "fake" else "green"
-            cells = (f"[{style}]{d.verdict}[/]", f"{d.p_fake:.3f}", str(d.object_count), escape(d.caption))
-            table.add_row(escape(str(row.path)), *cells)
-    out.print(table)
-    if detector.profile.meaningless_scores:
-        err.print("[yellow]note[/] the tiny profile's models are random: these scores show the plumbing only.")
+    return table
+
+
+def _add_scan_row(table: Table, row) -> None:
+    if row.error:
+        message = f"[red]{escape(row.error.code)}[/] {escape(row.error.message)}"
+        table.add_row(escape(str(row.path)), "[red]error[/]", "", "", message)
+        return
+    d = row.detection
+    style = "magenta" if d.verdict == "fake" else "green"
+    cells = (f"[{style}]{d.verdict}[/]", f"{d.p_fake:.3f}", str(d.object_count), escape(d.caption))
+    table.add_row(escape(str(row.path)), *cells)
 
 
 @app.command()
