@@ -1,30 +1,70 @@
 """One typed settings object, read from `ITEM_`-prefixed environment variables (and a `.env` file).
 
-With nothing set, everything runs embedded on this machine: models under the user cache, in-process
-execution. Command-line options override these values for one run.
+With nothing set, everything runs embedded on this machine: models under the user cache, a SQLite ledger in
+a local file, in-process execution. Given a broker and a database URL, the same commands use Redis and
+Postgres. Command-line options override these values for one run; the Celery config is derived from here.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.store import DEFAULT_MODEL_DIR
 
+DATA_HOME = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "item"
+DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"
+CHECK_QUEUE = "item.checks"
+CHECK_TASK = "item.check"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ITEM_", env_nested_delimiter="__", env_file=".env", extra="ignore")
 
+    # models
     profile: str = Field("paper", description="Model profile: paper, small or tiny.")
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Where model folders live (and are downloaded to).")
     allow_download: bool = Field(True, description="Fetch missing models from the Hugging Face hub.")
     head: Path | None = Field(None, description="Head weights (.safetensors) used to score.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+
+    # inputs
     batch_size: int = Field(8, ge=1, le=512, description="Images per model batch.")
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, le=89_478_485, description="Largest image accepted, in pixels (Pillow caps it)."
     )
     max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="Largest image file accepted, in bytes.")
+    max_b64_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest inline (base64) image, decoded bytes.")
+    allowed_path_roots: list[Path] = Field(
+        default_factory=list, description="Folders whose files may be checked by `path`; empty refuses all paths."
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, description="Whole-download time limit for image URLs.")
+    fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each one re-checked).")
+
+    # the service
+    database_url: str = Field(DEFAULT_DATABASE_URL, description="Ledger: postgresql+psycopg://... or sqlite:///...")
+    broker_url: str | None = Field(None, description="redis://host:port/db; unset runs checks in-process.")
+    queue_prefix: str = Field("", description="Prefix for queue and key names, so deployments can share a Redis.")
+    batch_max_wait_s: float = Field(0.2, ge=0, description="How long a worker waits to fill a batch.")
+    check_time_budget_s: float = Field(300.0, gt=0, description="Longest a single check may run before it is ended.")
+    max_attempts: int = Field(5, ge=1, description="Tries before a transiently failing check ends as failed.")
+    retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt, with jitter.")
+    retry_backoff_max_s: float = Field(300.0, gt=0, description="Longest retry delay.")
+    reconcile_after_s: float = Field(900.0, gt=0, description="A check queued/running this long is re-enqueued.")
+    reconcile_interval_s: float = Field(60.0, gt=0, description="How often workers run the reconciler.")
+    visibility_timeout_s: float = Field(3600.0, gt=0, description="Redis redelivers unacked messages after this.")
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_a_check(self) -> Settings:
+        # A message redelivered while its first delivery still runs would check the image twice at once.
+        if self.visibility_timeout_s <= self.check_time_budget_s:
+            raise ValueError("visibility_timeout_s must be longer than check_time_budget_s")
+        return self
+
+    @property
+    def check_queue(self) -> str:
+        return f"{self.queue_prefix}{CHECK_QUEUE}"
