@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +24,9 @@ from worker.settings import Settings
 
 app = typer.Typer(help="ITEM: detect AI-generated images by image-text misalignment.", no_args_is_help=True)
 models_app = typer.Typer(help="List and fetch the models of a profile.", no_args_is_help=True)
+db_app = typer.Typer(help="Migrate the ledger database.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(db_app, name="db")
 out = Console()
 err = Console(stderr=True)
 
@@ -253,6 +256,154 @@ def models_pull(profile: ProfileOpt = None, model_dir: ModelDirOpt = None) -> No
         except ItemError as error:
             raise _fail(error) from None
     out.print(f"profile {settings.profile} ready in {store.model_dir}")
+
+
+# ---------------------------------------------------------------------- the service
+
+
+@app.command()
+def submit(
+    inputs: Annotated[list[str], typer.Argument(help="Image files or http(s) URLs.")],
+    external_id: Annotated[
+        list[str] | None, typer.Option("--external-id", "-e", help="One per input; default: the input itself.")
+    ] = None,
+    by_path: Annotated[bool, typer.Option(help="Send local files by path (worker shares the disk).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record checks in the ledger, then queue them (or, with no ITEM_BROKER_URL, run them here)."""
+    from pipeline.errors import ItemError
+    from worker.client import image_from
+    from worker.client import submit as submit_checks
+
+    ids = external_id or inputs
+    if len(ids) != len(inputs):
+        raise _fail(ValueError(f"{len(inputs)} inputs but {len(ids)} --external-id values."))
+    try:
+        items = [(eid, image_from(ref, by_path=by_path)) for eid, ref in zip(ids, inputs, strict=True)]
+        submissions = submit_checks(_settings(), items)
+    except ItemError as error:
+        raise _fail(error) from None
+    for s in submissions:
+        if as_json:
+            print(json.dumps({"check_id": s.check_id, "external_id": s.external_id, "created": s.created}))
+        else:
+            out.print(f"{s.check_id}  {escape(s.external_id)}{'' if s.created else '  (exists)'}", soft_wrap=True)
+
+
+@app.command()
+def status(
+    check_ids: Annotated[list[str] | None, typer.Argument(help="Check ids; none: counts by status.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One line per check (status, verdict, error), or the number of checks in each status."""
+    from worker.ledger.store import Ledger
+
+    ledger = Ledger(_settings().database_url)
+    with ledger.session() as session:
+        if not check_ids:
+            counts = ledger.count_by_status(session)
+            print(json.dumps(counts) if as_json else "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+            return
+        rows = [ledger.get_check(session, check_id) for check_id in check_ids]
+    missing = [cid for cid, row in zip(check_ids, rows, strict=True) if row is None]
+    _print_checks([row for row in rows if row is not None], as_json)
+    if missing:
+        err.print(f"no such check: {', '.join(missing)}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def results(
+    status_: Annotated[str | None, typer.Option("--status", help="queued, running, done, rejected, failed.")] = None,
+    verdict: Annotated[str | None, typer.Option(help="real or fake.")] = None,
+    since: Annotated[datetime | None, typer.Option(help="Created at or after (ISO time, UTC).")] = None,
+    until: Annotated[datetime | None, typer.Option(help="Created before (ISO time, UTC).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Checks from the ledger, newest first, filtered."""
+    from worker.client import checks
+
+    rows = checks(_settings(), status=status_, verdict=verdict, since=_utc(since), until=_utc(until), limit=limit)
+    _print_checks(rows, as_json)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+def _print_checks(rows, as_json: bool) -> None:
+    from worker.client import check_dict
+
+    if as_json:
+        for row in rows:
+            print(json.dumps(check_dict(row)))
+        return
+    table = Table()
+    for column in ("check", "external id", "status", "verdict", "p(fake)", "error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        p_fake = "" if row.p_fake is None else f"{row.p_fake:.3f}"
+        table.add_row(row.id, escape(row.external_id), row.status, row.verdict or "", p_fake, row.error_code or "")
+    out.print(table)
+
+
+@app.command()
+def worker(
+    beat: Annotated[bool, typer.Option(help="Also run the periodic reconciler in this worker.")] = True,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Processes [env ITEM_WORKER_CONCURRENCY].")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Start a Celery worker on the `item.checks` queue (needs ITEM_BROKER_URL and a migrated ledger)."""
+    settings = _settings()
+    if not settings.broker_url:
+        raise _fail(ValueError("ITEM_BROKER_URL is not set: a worker needs a broker (redis://...)."))
+    from worker.celery_app import app as celery_app
+    from worker.settings import CHECK_QUEUE
+
+    argv = ["worker", f"--queues={CHECK_QUEUE}", f"--loglevel={loglevel}", "--pool=prefork", "--without-mingle"]
+    argv += [f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip"]
+    celery_app.worker_main(argv + (["--beat"] if beat else []))
+
+
+@app.command()
+def reconcile() -> None:
+    """Re-queue checks stuck queued/running past ITEM_RECONCILE_AFTER_S (workers also do this periodically)."""
+    from pipeline.errors import ItemError
+    from worker.runtime import build_service
+    from worker.tasks import send_check
+
+    try:
+        count = build_service(_settings(), enqueue=send_check).reconcile()
+    except ItemError as error:
+        raise _fail(error) from None
+    out.print(f"re-queued {count} stuck checks")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    from worker.ledger import migrate
+
+    migrate.upgrade(_settings().database_url, revision)
+    out.print(f"ledger at {migrate.current(_settings().database_url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")]) -> None:
+    """Undo migrations down to REVISION."""
+    from worker.ledger import migrate
+
+    migrate.downgrade(_settings().database_url, revision)
+    out.print(f"ledger at {migrate.current(_settings().database_url)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the ledger's migration revision."""
+    from worker.ledger import migrate
+
+    out.print(str(migrate.current(_settings().database_url)))
 
 
 def _profile(name: str):

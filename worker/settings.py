@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     # the service
     database_url: str = Field(DEFAULT_DATABASE_URL, description="Ledger: postgresql+psycopg://... or sqlite:///...")
     broker_url: str | None = Field(None, description="redis://host:port/db; unset runs checks in-process.")
-    queue_prefix: str = Field("", description="Prefix for queue and key names, so deployments can share a Redis.")
+    redis_key_prefix: str = Field("", description="Prefix of every Redis key, so deployments can share a Redis.")
+    worker_concurrency: int = Field(1, ge=1, description="Worker processes per `item worker` (one per GPU).")
     batch_max_wait_s: float = Field(0.2, ge=0, description="How long a worker waits to fill a batch.")
     check_time_budget_s: float = Field(300.0, gt=0, description="Longest a single check may run before it is ended.")
     max_attempts: int = Field(5, ge=1, description="Tries before a transiently failing check ends as failed.")
@@ -63,8 +64,7 @@ class Settings(BaseSettings):
         # A message redelivered while its first delivery still runs would check the image twice at once.
         if self.visibility_timeout_s <= self.check_time_budget_s:
             raise ValueError("visibility_timeout_s must be longer than check_time_budget_s")
+        # A check running within its budget must not look stuck to the reconciler.
+        if self.reconcile_after_s <= self.check_time_budget_s:
+            raise ValueError("reconcile_after_s must be longer than check_time_budget_s")
         return self
-
-    @property
-    def check_queue(self) -> str:
-        return f"{self.queue_prefix}{CHECK_QUEUE}"

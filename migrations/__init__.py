@@ -1,0 +1,1 @@
+"""Alembic migrations of the ledger (`worker.ledger.models`); run them with `worker.ledger.migrate`."""

@@ -1,0 +1,94 @@
+"""Ledger databases for integration tests: a fresh one per test module, on SQLite and on PostgreSQL.
+
+PostgreSQL is a documented requirement of these tests (`ITEM_TEST_POSTGRES_URL`, default a local server with
+trust auth): when it cannot be reached the tests fail, saying so, rather than skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from worker.ledger import migrate
+from worker.ledger.models import ArtifactRow, BlobRow, CheckRow, ImageRow, PipelineVersionRow
+from worker.ledger.store import Ledger
+
+POSTGRES_URL = os.environ.get("ITEM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+BACKENDS = ("sqlite", "postgres")
+
+
+@contextmanager
+def temporary_postgres_database(server_url: str = POSTGRES_URL) -> Iterator[str]:
+    """Creates `item_test_<hex>` on the server of `server_url`, yields its URL, and drops it afterwards."""
+    name = f"item_test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    unreachable = None
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as error:
+        unreachable = error.orig
+    if unreachable is not None:
+        admin.dispose()
+        pytest.fail(
+            f"PostgreSQL is required for the integration tests and is not reachable at {_shown(server_url)} "
+            f"(set ITEM_TEST_POSTGRES_URL): {unreachable}",
+            pytrace=False,
+        )
+    try:
+        yield sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def _shown(url: str) -> str:
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+@contextmanager
+def temporary_database(backend: str, folder: Path) -> Iterator[str]:
+    """A fresh, empty database URL of `backend` ("sqlite": a file in `folder`; "postgres": a new database)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{folder / 'ledger.sqlite3'}"
+        return
+    with temporary_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty (unmigrated) PostgreSQL database for this test module."""
+    with temporary_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def database_url(request, tmp_path_factory) -> Iterator[str]:
+    """A fresh, empty (unmigrated) database for this test module, once per backend."""
+    with temporary_database(request.param, tmp_path_factory.mktemp(f"ledger-{request.param}")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def migrated_ledger(database_url) -> Iterator[Ledger]:
+    migrate.upgrade(database_url)
+    ledger = Ledger(database_url)
+    yield ledger
+    ledger.dispose()
+
+
+@pytest.fixture
+def ledger(migrated_ledger) -> Ledger:
+    """The module's migrated ledger, emptied, so each test starts from no rows."""
+    with migrated_ledger.session() as session:
+        for model in (CheckRow, ArtifactRow, BlobRow, ImageRow, PipelineVersionRow):
+            session.execute(sa.delete(model))
+    return migrated_ledger

@@ -1,0 +1,44 @@
+"""The Celery application, derived from the settings: JSON only, late acks, one message at a time.
+
+`celery -A worker.celery_app worker` and `item worker` both use `app` below. Messages in any other
+serializer are refused by `accept_content`, so a pickle message can never execute code here.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings
+
+RECONCILE_TASK = "item.reconcile"
+GRACE_S = 30  # between the soft limit (the batch is ended cleanly) and the hard one (the process is killed)
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("item", broker=settings.broker_url or "memory://", include=["worker.tasks"])
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.redis_key_prefix:
+        transport["global_keyprefix"] = settings.redis_key_prefix
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        event_serializer="json",
+        task_ignore_result=True,  # the ledger is the record; there is no result backend
+        task_acks_late=True,  # a message is acked after its check is stored, not when it arrives
+        task_reject_on_worker_lost=True,  # a worker process killed mid-batch puts its message back
+        worker_prefetch_multiplier=1,  # long GPU work: never hoard messages another worker could take
+        worker_concurrency=settings.worker_concurrency,
+        task_default_queue=CHECK_QUEUE,
+        task_routes={CHECK_TASK: {"queue": CHECK_QUEUE}, RECONCILE_TASK: {"queue": CHECK_QUEUE}},
+        task_soft_time_limit=settings.check_time_budget_s,
+        task_time_limit=settings.check_time_budget_s + GRACE_S,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        beat_schedule={"reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s}},
+    )
+    return app
+
+
+app = make_celery(Settings())

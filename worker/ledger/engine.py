@@ -1,0 +1,62 @@
+"""Engines for the ledger, set up so the same code behaves the same on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalize_url(url: str | sa.URL) -> sa.URL:
+    """Plain `postgresql://` (and `postgres://`) URLs get psycopg 3, the driver installed, not psycopg2."""
+    parsed = sa.make_url(url) if isinstance(url, str) else url
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str | sa.URL, *, foreign_keys: bool = True) -> sa.Engine:
+    """An engine with liveness checks on checkout; for SQLite also the setup several processes need.
+
+    `foreign_keys=False` is for migrations: SQLite batch migrations copy and drop tables, which enforced
+    foreign keys would refuse.
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sa.create_engine(parsed, pool_pre_ping=True)
+    _make_parent_folder(parsed)
+    engine = sa.create_engine(parsed, pool_pre_ping=True)
+    _configure_sqlite(engine, foreign_keys=foreign_keys)
+    return engine
+
+
+def _make_parent_folder(url: sa.URL) -> None:
+    """SQLite creates the file but not its folder (the default ledger lives under ~/.local/share/item)."""
+    database = url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _configure_sqlite(engine: sa.Engine, *, foreign_keys: bool) -> None:
+    """WAL lets readers run beside the one writer; the busy timeout makes writers wait instead of failing.
+
+    Every transaction starts with BEGIN IMMEDIATE, taking the write lock up front. With the driver's default
+    deferred BEGIN, a transaction that reads and then writes fails at once with "database is locked" when
+    another process wrote in between (the busy timeout does not apply to that case); with IMMEDIATE it waits.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # the driver emits no BEGIN of its own; `_on_begin` does
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

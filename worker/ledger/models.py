@@ -1,0 +1,165 @@
+"""The ledger's tables as SQLAlchemy 2 typed models. The migrations in `migrations/versions` must match them.
+
+Types are chosen so one schema means the same thing on PostgreSQL and SQLite: timestamps go through
+`UTCDateTime` (SQLite keeps no time zone), statuses are stored as plain strings (no native enum to migrate),
+and constraints carry names from one naming convention, so later migrations can refer to them on both.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend.
+
+    PostgreSQL stores `timestamptz`; SQLite stores text without a zone, so values are converted to UTC before
+    they are written (keeping string comparisons in WHERE clauses correct) and get UTC attached when read.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the ledger stores timezone-aware UTC times only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class CheckStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    rejected = "rejected"
+    failed = "failed"
+
+
+TERMINAL_STATUSES = frozenset({CheckStatus.done, CheckStatus.rejected, CheckStatus.failed})
+ARTIFACT_KINDS = ("caption", "ground", "embed", "features")
+
+# Stored as VARCHAR (no native enum type, no CHECK constraint): adding a status later is then a code change only.
+_STATUS = sa.Enum(
+    CheckStatus, native_enum=False, create_constraint=False, length=16, values_callable=lambda e: [m.value for m in e]
+)
+_NULLABLE_JSON = sa.JSON(none_as_null=True)  # Python None → SQL NULL, not the JSON literal 'null'
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class PipelineVersionRow(Base):
+    """The models and head a check was scored with; checks refer to it so results stay attributable."""
+
+    __tablename__ = "pipeline_versions"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)  # PipelineVersion.id, "pv-<16 hex>"
+    profile: Mapped[str] = mapped_column(sa.String(64))
+    caption: Mapped[str] = mapped_column(sa.Text)
+    ground: Mapped[str] = mapped_column(sa.Text)
+    embed: Mapped[str] = mapped_column(sa.Text)
+    head: Mapped[str] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ImageRow(Base):
+    """What was decoded from a set of bytes; artifacts and checks refer to images by the bytes' sha256."""
+
+    __tablename__ = "images"
+
+    sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    n_bytes: Mapped[int] = mapped_column(sa.Integer)
+    width: Mapped[int] = mapped_column(sa.Integer)
+    height: Mapped[int] = mapped_column(sa.Integer)
+    format: Mapped[str] = mapped_column(sa.String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BlobRow(Base):
+    """Original bytes of inline (base64) submissions, so a check whose message Redis loses can be re-run."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+
+
+class ArtifactRow(Base):
+    """One stage's output for one image under one version key; see `worker.ledger.artifacts` for the encoding.
+
+    Version keys can be long, so the key is `version_hash` (a sha256 prefix) and the full key is kept in
+    `version`, which reads check against.
+    """
+
+    __tablename__ = "artifacts"
+
+    sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    version_hash: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    version: Mapped[str] = mapped_column(sa.Text)
+    payload: Mapped[dict] = mapped_column(sa.JSON)
+    vectors: Mapped[bytes | None] = mapped_column(sa.LargeBinary)  # float32 little-endian rows
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CheckRow(Base):
+    """One moderation request: a platform's id for an image under one pipeline version, and its outcome."""
+
+    __tablename__ = "checks"
+    __table_args__ = (
+        sa.UniqueConstraint("external_id", "pipeline_version_id"),  # what makes submitting idempotent
+        sa.Index(None, "status", "updated_at"),  # the reconciler's scan for stuck checks
+        sa.Index(None, "image_sha256"),  # answering duplicate bytes from an earlier check
+        sa.Index(None, "finished_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
+    external_id: Mapped[str] = mapped_column(sa.String(512))
+    pipeline_version_id: Mapped[str] = mapped_column(sa.String(64), sa.ForeignKey("pipeline_versions.id"))
+    source: Mapped[dict] = mapped_column(sa.JSON)  # {"url": ...} | {"path": ...} | {"blob": sha256}
+    image_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    status: Mapped[CheckStatus] = mapped_column(_STATUS, default=CheckStatus.queued)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(sa.String(128))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    p_fake: Mapped[float | None] = mapped_column(sa.Float)
+    verdict: Mapped[str | None] = mapped_column(sa.String(16))
+    threshold: Mapped[float | None] = mapped_column(sa.Float)
+    object_count: Mapped[int | None] = mapped_column(sa.Integer)
+    caption: Mapped[str | None] = mapped_column(sa.Text)
+    objects: Mapped[list | None] = mapped_column(_NULLABLE_JSON)  # [{phrase, box, score, misalignment}]
+    timings_ms: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

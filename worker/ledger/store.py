@@ -1,0 +1,306 @@
+"""The ledger's repository: every read and write the service makes, as short methods over a session.
+
+Writes are safe to repeat, because Redis may deliver a message twice or a reconciler may re-send it:
+inserts are INSERT ... ON CONFLICT DO NOTHING, and status changes are conditional UPDATEs that never leave a
+terminal status. So a check has one row, and its first result is the one that stays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.imaging import DecodedImage
+from pipeline.results import Artifacts, PipelineVersion
+from worker.ledger import artifacts as codec
+from worker.ledger.engine import make_engine
+from worker.ledger.models import (
+    TERMINAL_STATUSES,
+    ArtifactRow,
+    BlobRow,
+    CheckRow,
+    CheckStatus,
+    ImageRow,
+    PipelineVersionRow,
+    new_id,
+    utcnow,
+)
+
+_ACTIVE = (CheckStatus.queued, CheckStatus.running)
+_NOT_TERMINAL = CheckRow.status.not_in(sorted(TERMINAL_STATUSES))
+_MAX_EXTERNAL_ID = CheckRow.__table__.c.external_id.type.length
+_IN_CHUNK = 500  # sha256s per IN (...) list
+
+
+class Ledger:
+    """One database: an engine, a session factory, and the operations on checks, images and artifacts."""
+
+    def __init__(self, database_url: str):
+        self.engine = make_engine(database_url)
+        # Rows stay readable after commit: callers hand them on after the session is closed.
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed when the block ends, rolled back if it raises."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def dispose(self) -> None:
+        """Closes the pooled connections (tests and short-lived commands)."""
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ pipeline versions
+
+    def ensure_pipeline_version(self, session: Session, version: PipelineVersion, profile: str) -> None:
+        """Registers the version once; later calls (every worker start) change nothing."""
+        row = {"id": version.id, "profile": profile, **version.stages, "created_at": utcnow()}
+        session.execute(_insert(session, PipelineVersionRow).values(row).on_conflict_do_nothing())
+
+    # ------------------------------------------------------------------ checks
+
+    def create_check(
+        self, session: Session, *, external_id: str, pipeline_version_id: str, source: dict
+    ) -> tuple[CheckRow, bool]:
+        """The check for (external_id, version), and whether this call created it.
+
+        Race-safe without locks: of two concurrent inserts, one wins and the other's ON CONFLICT DO NOTHING
+        waits for it, then the SELECT reads the winner's row.
+        """
+        if len(external_id) > _MAX_EXTERNAL_ID:  # PostgreSQL would refuse it and SQLite keep it: refuse on both
+            raise ValueError(f"external_id is {len(external_id)} characters; the limit is {_MAX_EXTERNAL_ID}")
+        now = utcnow()
+        values = {
+            "id": new_id(),
+            "external_id": external_id,
+            "pipeline_version_id": pipeline_version_id,
+            "source": source,
+            "status": CheckStatus.queued,
+            "attempts": 0,
+            "created_at": now,
+            "enqueued_at": now,
+            "updated_at": now,
+        }
+        statement = (
+            _insert(session, CheckRow)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["external_id", "pipeline_version_id"])
+            .returning(CheckRow.id)
+        )
+        created = session.execute(statement).scalar_one_or_none() is not None
+        check = self.find_check(session, external_id, pipeline_version_id)
+        if check is None:  # cannot happen: the row was inserted or conflicted with a committed one
+            raise RuntimeError(f"check {external_id!r} under {pipeline_version_id} vanished after insert")
+        return check, created
+
+    def get_check(self, session: Session, check_id: str) -> CheckRow | None:
+        return session.scalars(_fresh(sa.select(CheckRow).where(CheckRow.id == check_id))).one_or_none()
+
+    def find_check(self, session: Session, external_id: str, pipeline_version_id: str) -> CheckRow | None:
+        query = sa.select(CheckRow).where(
+            CheckRow.external_id == external_id, CheckRow.pipeline_version_id == pipeline_version_id
+        )
+        return session.scalars(_fresh(query)).one_or_none()
+
+    def mark_running(self, session: Session, check_id: str) -> CheckRow | None:
+        """Claims the check for a run; None (and no change) when it is already finished."""
+        now = utcnow()
+        values = {"status": CheckStatus.running, "attempts": CheckRow.attempts + 1, "started_at": now}
+        return _transition(session, check_id, CheckRow.status.in_(_ACTIVE), values)
+
+    def mark_queued(
+        self, session: Session, check_id: str, *, error_code: str | None = None, error_message: str | None = None
+    ) -> CheckRow | None:
+        """Back to queued for a retry, recording why (an error left as None keeps the one already stored)."""
+        values: dict = {"status": CheckStatus.queued, "enqueued_at": utcnow()}
+        if error_code is not None:
+            values["error_code"] = error_code
+        if error_message is not None:
+            values["error_message"] = error_message
+        return _transition(session, check_id, CheckRow.status.in_(_ACTIVE), values)
+
+    def finish_done(
+        self,
+        session: Session,
+        check_id: str,
+        *,
+        image_sha256: str | None,
+        p_fake: float,
+        verdict: str,
+        threshold: float,
+        caption: str | None,
+        objects: list[dict],
+        object_count: int,
+        timings_ms: dict | None,
+    ) -> bool:
+        """Stores the result unless the check already ended; returns whether it did (the first result stays).
+
+        A retry's error is cleared: a done check's error columns would only mislead.
+        """
+        values = {
+            "status": CheckStatus.done,
+            "image_sha256": image_sha256,
+            "p_fake": p_fake,
+            "verdict": verdict,
+            "threshold": threshold,
+            "caption": caption,
+            "objects": objects,
+            "object_count": object_count,
+            "timings_ms": timings_ms,
+            "error_code": None,
+            "error_message": None,
+            "finished_at": utcnow(),
+        }
+        return _transition(session, check_id, _NOT_TERMINAL, values) is not None
+
+    def finish_rejected(self, session: Session, check_id: str, code: str, message: str) -> bool:
+        """The input can never succeed (not an image, too large, refused URL); same first-write-wins rule."""
+        return self._finish_with_error(session, check_id, CheckStatus.rejected, code, message)
+
+    def finish_failed(self, session: Session, check_id: str, code: str, message: str) -> bool:
+        """Retries are used up; same first-write-wins rule."""
+        return self._finish_with_error(session, check_id, CheckStatus.failed, code, message)
+
+    def _finish_with_error(self, session: Session, check_id: str, status: CheckStatus, code: str, message: str) -> bool:
+        values = {"status": status, "error_code": code, "error_message": message, "finished_at": utcnow()}
+        return _transition(session, check_id, _NOT_TERMINAL, values) is not None
+
+    def stuck_checks(self, session: Session, older_than: timedelta, limit: int = 500) -> list[CheckRow]:
+        """Queued or running checks untouched for `older_than`, oldest first: their messages were probably lost."""
+        query = (
+            sa.select(CheckRow)
+            .where(CheckRow.status.in_(_ACTIVE), CheckRow.updated_at < utcnow() - older_than)
+            .order_by(CheckRow.updated_at, CheckRow.id)
+            .limit(limit)
+        )
+        return list(session.scalars(_fresh(query)))
+
+    def list_checks(
+        self,
+        session: Session,
+        *,
+        status: str | None = None,
+        verdict: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[CheckRow]:
+        """Checks newest first; `since` is inclusive and `until` exclusive, both on created_at."""
+        query = sa.select(CheckRow).order_by(CheckRow.created_at.desc(), CheckRow.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(CheckRow.status == CheckStatus(status))  # ValueError names a bad status
+        if verdict is not None:
+            query = query.where(CheckRow.verdict == verdict)
+        if since is not None:
+            query = query.where(CheckRow.created_at >= since)
+        if until is not None:
+            query = query.where(CheckRow.created_at < until)
+        return list(session.scalars(_fresh(query)))
+
+    def count_by_status(self, session: Session) -> dict[str, int]:
+        """Checks per status, every status present (zero included) so dashboards see stable keys."""
+        counts = {status.value: 0 for status in CheckStatus}
+        rows = session.execute(sa.select(CheckRow.status, sa.func.count()).group_by(CheckRow.status))
+        for status, count in rows:
+            counts[CheckStatus(status).value] = count
+        return counts
+
+    def done_check_for_image(self, session: Session, sha256: str, pipeline_version_id: str) -> CheckRow | None:
+        """The first finished check of these bytes under this version: its answer serves duplicates."""
+        query = (
+            sa.select(CheckRow)
+            .where(
+                CheckRow.image_sha256 == sha256,
+                CheckRow.pipeline_version_id == pipeline_version_id,
+                CheckRow.status == CheckStatus.done,
+            )
+            .order_by(CheckRow.finished_at, CheckRow.id)
+            .limit(1)
+        )
+        return session.scalars(_fresh(query)).first()
+
+    # ------------------------------------------------------------------ images and blobs
+
+    def upsert_image(self, session: Session, image: DecodedImage) -> None:
+        """Records the decoded image once; the same bytes always decode the same, so nothing to update."""
+        values = {
+            "sha256": image.sha256,
+            "n_bytes": image.n_bytes,
+            "width": image.width,
+            "height": image.height,
+            "format": image.format,
+            "created_at": utcnow(),
+        }
+        session.execute(_insert(session, ImageRow).values(values).on_conflict_do_nothing())
+
+    def put_blob(self, session: Session, sha256: str, data: bytes) -> None:
+        session.execute(_insert(session, BlobRow).values(sha256=sha256, data=data).on_conflict_do_nothing())
+
+    def get_blob(self, session: Session, sha256: str) -> bytes | None:
+        return session.scalar(sa.select(BlobRow.data).where(BlobRow.sha256 == sha256))
+
+    # ------------------------------------------------------------------ artifacts
+
+    def load_artifacts(self, session: Session, sha256s: list[str], versions: dict[str, str]) -> dict[str, Artifacts]:
+        """For every sha256, the artifacts stored under exactly these version keys (kinds not stored stay None)."""
+        found = {sha256: Artifacts() for sha256 in sha256s}
+        wanted = {(kind, codec.version_hash(version)): version for kind, version in versions.items()}
+        if not found or not wanted:
+            return found
+        key_match = sa.or_(*(sa.and_(ArtifactRow.kind == k, ArtifactRow.version_hash == h) for k, h in wanted))
+        unique = list(found)
+        for start in range(0, len(unique), _IN_CHUNK):
+            query = sa.select(ArtifactRow).where(ArtifactRow.sha256.in_(unique[start : start + _IN_CHUNK]), key_match)
+            for row in session.scalars(query):
+                if row.version == wanted[(row.kind, row.version_hash)]:  # a hash-prefix collision is not a match
+                    codec.set_field(found[row.sha256], row.kind, codec.decode(row.kind, row.payload, row.vectors))
+        return found
+
+    def save_artifacts(self, session: Session, sha256: str, artifacts: Artifacts, versions: dict[str, str]) -> None:
+        """Stores each artifact present under its version key; one already stored is left as it is."""
+        now, rows = utcnow(), []
+        for kind, version in versions.items():
+            value = codec.get_field(artifacts, kind)
+            if value is None:
+                continue
+            payload, vectors = codec.encode(kind, value)
+            key = {"sha256": sha256, "kind": kind, "version_hash": codec.version_hash(version)}
+            rows.append({**key, "version": version, "payload": payload, "vectors": vectors, "created_at": now})
+        if rows:
+            session.execute(_insert(session, ArtifactRow).values(rows).on_conflict_do_nothing())
+
+
+def _insert(session: Session, model: type) -> postgresql.Insert | sqlite.Insert:
+    """The dialect's INSERT, which has ON CONFLICT DO NOTHING (the generic one does not)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    if dialect == "sqlite":
+        return sqlite.insert(model)
+    raise NotImplementedError(f"the ledger runs on PostgreSQL or SQLite, not {dialect}")
+
+
+def _fresh(query: sa.Select) -> sa.Select:
+    """Reads overwrite rows already in the session: another process may have changed them since."""
+    return query.execution_options(populate_existing=True)
+
+
+def _transition(session: Session, check_id: str, condition: sa.ColumnElement[bool], values: dict) -> CheckRow | None:
+    """One conditional UPDATE: applies `values` only while the check meets `condition` (a status test).
+
+    The condition is checked by the database in the same statement, so two workers finishing the same check
+    cannot both win; the loser gets None and changes nothing.
+    """
+    statement = (
+        sa.update(CheckRow)
+        .where(CheckRow.id == check_id, condition)
+        .values(**values, updated_at=utcnow())
+        .returning(CheckRow)
+        .execution_options(populate_existing=True)
+    )
+    return session.scalars(statement).one_or_none()

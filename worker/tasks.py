@@ -1,0 +1,65 @@
+"""Celery tasks: thin. Each builds nothing itself; it calls the process's `CheckService` and returns.
+
+The service (ledger engine, models) is built once per worker process, after the fork, in
+`worker_process_init`: CUDA must never be touched in the parent that forks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from worker.celery_app import RECONCILE_TASK, app
+from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings
+
+log = logging.getLogger("item.worker")
+_service = None
+
+# Database and broker outages: the message itself is retried (the ledger cannot be updated meanwhile).
+# Only connection-level errors: a programming error retried would just fail again, forever.
+_INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, BrokerError, ConnectionError, TimeoutError)
+
+
+def service():
+    global _service
+    if _service is None:
+        from worker.runtime import build_service
+
+        _service = build_service(Settings(), enqueue=send_check)
+    return _service
+
+
+@worker_process_init.connect
+def _load_models_after_fork(**_) -> None:
+    service().detector.load()
+
+
+def send_check(kwargs: dict, countdown: float = 0.0) -> None:
+    app.send_task(CHECK_TASK, kwargs=kwargs, queue=CHECK_QUEUE, countdown=countdown or None)
+
+
+@app.task(
+    name=CHECK_TASK,
+    bind=True,
+    autoretry_for=_INFRASTRUCTURE_ERRORS,
+    retry_backoff=2,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=20,
+)
+def check(self, external_id: str, image: dict, check_id: str | None = None) -> None:
+    svc = service()
+    try:
+        svc.receive(external_id, image, check_id)
+    except SoftTimeLimitExceeded:
+        log.error("check batch ran past its time budget; its checks will be retried")
+        svc.fail_batch_on_timeout(svc.current_batch)
+
+
+@app.task(name=RECONCILE_TASK)
+def reconcile() -> int:
+    return service().reconcile()
