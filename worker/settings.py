@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Whole-download time limit for image URLs.")
     fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each one re-checked).")
+    fetch_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Networks exempt from the private-address refusal (an internal image CDN, say), as CIDRs.",
+    )
 
     # the service
     database_url: str = Field(DEFAULT_DATABASE_URL, description="Ledger: postgresql+psycopg://... or sqlite:///...")

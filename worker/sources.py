@@ -79,11 +79,15 @@ def read_path(value: str, settings: Settings) -> bytes:
 
 
 def fetch(value: str, settings: Settings) -> bytes:
-    from worker.fetch import fetch_url
+    import ipaddress
 
+    from worker.fetch import AddressPolicy, fetch_url
+
+    allowed = tuple(ipaddress.ip_network(network) for network in settings.fetch_allowed_networks)
     return fetch_url(
         value,
         max_bytes=settings.max_image_bytes,
         timeout_s=settings.fetch_timeout_s,
         max_redirects=settings.fetch_max_redirects,
+        policy=AddressPolicy(allowed=allowed),
     )

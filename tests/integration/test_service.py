@@ -1,0 +1,91 @@
+"""The check service in-process on a real ledger (both databases): reuse, duplicates, memory pressure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.detector import Detector
+from pipeline.profiles import get_profile
+from tests.conftest import encode, noise_image, random_head
+from worker.service import CheckService
+from worker.settings import Settings
+
+
+class SmallGpu(Detector):
+    """The real tiny detector on a pretend GPU that runs out of memory above `capacity` images per batch.
+
+    Out-of-memory cannot happen on this machine's CPU, so it is injected here; everything else is real.
+    """
+
+    capacity = 2
+    batches: list[int]
+
+    def detect(self, images, known=None):
+        self.batches.append(len(images))
+        if len(images) > self.capacity:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().detect(images, known)
+
+
+@pytest.fixture
+def service(ledger, tiny_store, tmp_path):
+    detector = SmallGpu(get_profile("tiny"), tiny_store, device="cpu")
+    detector.batches = []
+    detector.use_head(random_head(detector))
+    settings = Settings(batch_size=8, batch_max_wait_s=0, allowed_path_roots=[tmp_path], database_url="sqlite://")
+    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown: None)
+    svc.register_version()
+    return svc
+
+
+def _submit(service: CheckService, folder, seeds: list[int]) -> list[str]:
+    ids = []
+    for seed in seeds:
+        path = folder / f"{seed}.png"
+        path.write_bytes(encode(noise_image(seed)))
+        service.receive(f"ext-{seed}", {"path": str(path)})
+        with service.ledger.session() as session:
+            ids.append(service.ledger.find_check(session, f"ext-{seed}", service.version_id).id)
+    return ids
+
+
+def test_out_of_memory_halves_the_batch_and_everything_finishes(service, tmp_path):
+    # given eight checks waiting, claimed as one batch
+    with service.ledger.session() as session:
+        for seed in range(8):
+            (tmp_path / f"{seed}.png").write_bytes(encode(noise_image(seed)))
+            service.ledger.create_check(
+                session,
+                external_id=f"ext-{seed}",
+                pipeline_version_id=service.version_id,
+                source={"path": str(tmp_path / f"{seed}.png")},
+            )
+    # when one message arrives
+    service.receive("ext-0", {"path": str(tmp_path / "0.png")})
+    # then the batch of 8 was split until it fit, and all eight are done
+    assert service.detector.batches == [8, 4, 2, 2, 4, 2, 2]  # 8 fails, each half fails, each quarter fits
+    assert sum(n for n in service.detector.batches if n <= SmallGpu.capacity) == 8
+    with service.ledger.session() as session:
+        rows = [service.ledger.find_check(session, f"ext-{seed}", service.version_id) for seed in range(8)]
+    assert {row.status for row in rows} == {"done"}
+
+
+def test_stored_artifacts_are_reused_for_new_checks_of_the_same_bytes(service, tmp_path):
+    first = _submit(service, tmp_path, [1])
+    calls = len(service.detector.batches)
+    path = tmp_path / "copy.png"
+    path.write_bytes((tmp_path / "1.png").read_bytes())
+    service.receive("ext-copy", {"path": str(path)})
+    assert len(service.detector.batches) == calls  # answered from the ledger: no model run at all
+    with service.ledger.session() as session:
+        copy = service.ledger.find_check(session, "ext-copy", service.version_id)
+        original = service.ledger.get_check(session, first[0])
+    assert copy.status == "done" and copy.p_fake == original.p_fake and copy.timings_ms == {"reused": 0.0}
+
+
+def test_a_malformed_message_still_gets_a_terminal_ledger_row(service):
+    service.receive("ext-bad", {"url": "http://a/", "b64": "AAAA"})
+    with service.ledger.session() as session:
+        row = service.ledger.find_check(session, "ext-bad", service.version_id)
+    assert row.status == "rejected" and row.error_code == "source.invalid"

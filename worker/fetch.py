@@ -1,0 +1,470 @@
+"""Downloads an image by URL for a server that sits inside a private network, without becoming a way into it.
+
+A URL sent by a platform is untrusted input: pointed at 169.254.169.254, 10.x.x.x or localhost, a naive fetch
+would read cloud credentials or poke internal services for the sender (SSRF). So every hop of a fetch, each
+redirect included, is checked the same way: the URL's shape, then every address its host resolves to against an
+`AddressPolicy`. The connection is then made to exactly the address that was checked, never by name again, so a
+DNS server cannot answer differently the second time (rebinding); `Host` and TLS still use the name. Size and
+time are capped for the whole fetch, redirects included. No cookies or credentials are sent, and proxy settings
+in the environment are ignored: a proxy would connect by name, out of reach of these checks.
+
+Every refusal is a `FetchError` with a stable code; `permanent` says whether trying again can ever help:
+
+    url.invalid             permanent  cannot be parsed: bad port, bad IPv6 literal, whitespace or control chars
+    url.refused             permanent  not http(s), has user:password@, no host, or resolves to a blocked address
+    url.unresolvable        permanent  DNS says the name does not exist or has no address
+    url.too_many_redirects  permanent  more than `max_redirects` redirects
+    url.too_large           permanent  the body is (or says it will be) over `max_bytes`
+    url.http_4xx            permanent  except 408, 425 and 429, which ask the client to come back later
+    url.http_5xx            transient
+    url.http_status         permanent  any other answer that is neither 2xx nor a usable redirect
+    url.tls                 permanent  the server's certificate does not verify for the host name
+    url.connection          transient  refused, reset, unreachable, DNS failing for now, body cut short, TLS errors
+    url.timeout             transient  the whole fetch took longer than `timeout_s`
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import io
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, NamedTuple
+from urllib.parse import quote, urljoin, urlsplit
+
+from pipeline.errors import ItemError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[..., Sequence[tuple[Any, ...]]]
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# The server asks to be asked again later: retrying these can succeed, unlike the rest of 4xx.
+RETRYABLE_4XX = frozenset({408, 425, 429})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_CHUNK = 64 * 1024
+_PRINTABLE_ASCII = "".join(map(chr, range(0x21, 0x7F)))  # quote() with these safe encodes only non-ASCII
+_NAME_NOT_FOUND = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+# Why each range is refused. The first match names the reason, so a narrower range comes before a wider one.
+_BLOCKED_RANGES = {
+    "0.0.0.0/8": "an unspecified ('this network') address",
+    "10.0.0.0/8": "a private address",
+    "100.64.0.0/10": "a carrier-grade NAT address",
+    "127.0.0.0/8": "a loopback address",
+    "169.254.0.0/16": "a link-local address",  # cloud metadata services live here
+    "172.16.0.0/12": "a private address",
+    "192.0.0.0/24": "an IETF protocol assignment",
+    "192.0.2.0/24": "a documentation address",
+    "192.88.99.0/24": "a 6to4 relay address",
+    "192.168.0.0/16": "a private address",
+    "198.18.0.0/15": "a benchmarking address",
+    "198.51.100.0/24": "a documentation address",
+    "203.0.113.0/24": "a documentation address",
+    "224.0.0.0/4": "a multicast address",
+    "255.255.255.255/32": "the broadcast address",
+    "240.0.0.0/4": "a reserved address",
+    "::/128": "the unspecified address",
+    "::1/128": "a loopback address",
+    "64:ff9b:1::/48": "a local-use NAT64 address",
+    "100::/64": "a discard-only address",
+    # Teredo hides the IPv4 addresses it carries behind an obfuscation; nothing legitimate serves images there.
+    "2001::/32": "a Teredo tunnel address",
+    "2001:2::/48": "a benchmarking address",
+    "2001:db8::/32": "a documentation address",
+    "3fff::/20": "a documentation address",
+    "fc00::/7": "a private (unique local) address",
+    "fe80::/10": "a link-local address",
+    "fec0::/10": "a site-local address",
+    "ff00::/8": "a multicast address",
+}
+_REASONS: dict[IPNetwork, str] = {ipaddress.ip_network(cidr): why for cidr, why in _BLOCKED_RANGES.items()}
+DEFAULT_BLOCKED: tuple[IPNetwork, ...] = tuple(_REASONS)
+
+# IPv6 ranges whose low 32 bits are an IPv4 address that the packet ends up at (mapped and 6to4 have properties).
+_CARRYING_IPV4 = tuple(map(ipaddress.ip_network, ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")))
+
+
+def _package_version() -> str:
+    try:
+        return version("item-moderation")
+    except PackageNotFoundError:
+        return "0"
+
+
+USER_AGENT = f"item-moderation/{_package_version()}"
+
+
+class FetchError(ItemError):
+    """An image URL may not, or could not, be downloaded. `code` and `permanent` are set per case (see above)."""
+
+    code = "url.invalid"
+
+    def __init__(self, message: str, *, code: str, permanent: bool = True):
+        super().__init__(message, code=code)
+        self.permanent = permanent
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, NAT64, compatible, translated), where it carries one.
+
+    Connecting to such an address reaches that IPv4 host, so it must be judged as that host.
+    """
+    if address.version == 4:
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in network for network in _CARRYING_IPV4):
+        return ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    return None
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which addresses a fetch may connect to: anything outside `blocked`, plus whatever `allowed` lets through.
+
+    `allowed` holds deliberate exceptions (tests, an internal image store) and wins over `blocked`, but only for
+    the address as resolved: an IPv6 address carrying an allowed IPv4 one (::ffff:127.0.0.1) is still judged by
+    that IPv4 address against `blocked`, since such forms are how filters get dodged, not how exceptions are used.
+    """
+
+    blocked: tuple[IPNetwork, ...] = DEFAULT_BLOCKED
+    allowed: tuple[IPNetwork, ...] = ()
+
+    def check(self, address: IPAddress, *, host: str | None = None) -> None:
+        """Raises `url.refused` unless `address` may be connected to; `host` is the name it came from."""
+        if any(address in network for network in self.allowed):
+            return
+        carried = embedded_ipv4(address)
+        reason = self.refusal(address)
+        if reason is None and carried is not None and (carried_reason := self.refusal(carried)) is not None:
+            reason = f"an address carrying {carried}, {carried_reason}"
+        if reason is not None:
+            name = host or str(address)
+            subject = f"{name} is" if name == str(address) else f"{name} resolves to {address},"
+            raise FetchError(f"Refused: {subject} {reason}.", code="url.refused")
+
+    def refusal(self, address: IPAddress) -> str | None:
+        """Why `address` is blocked (ignoring `allowed`), or None."""
+        for network in self.blocked:
+            if address in network:
+                return f"{_REASONS.get(network, 'a blocked address')} ({network})"
+        return None
+
+
+DEFAULT_POLICY = AddressPolicy()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One URL taken apart into what the request needs; `host` is ASCII (IDNA), without IPv6 brackets."""
+
+    scheme: str
+    host: str
+    port: int
+    request_path: str
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
+
+    @property
+    def shown(self) -> str:
+        """The URL for messages, without its query, which may carry signatures or tokens."""
+        return f"{self.scheme}://{self.host_header}{self.request_path.split('?', 1)[0]}"
+
+
+def parse_target(url: str) -> Target:
+    """Checks the URL's shape (http(s), a host, no credentials) and returns what the request needs."""
+    if any(char <= " " or char == "\x7f" for char in url):
+        raise FetchError("The URL contains whitespace or control characters.", code="url.invalid")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise FetchError(f"The URL cannot be parsed: {error}.", code="url.invalid") from None
+    if parts.scheme not in DEFAULT_PORTS:
+        raise FetchError(
+            f"Only http and https URLs are fetched, not {parts.scheme or 'scheme-less'} ones.", code="url.refused"
+        )
+    if "@" in parts.netloc:
+        raise FetchError("URLs with credentials (user:password@) are refused.", code="url.refused")
+    if not parts.hostname:
+        raise FetchError("The URL has no host.", code="url.refused")
+    if port == 0:
+        raise FetchError("The URL's port is 0.", code="url.invalid")
+    path = quote(parts.path or "/", safe=_PRINTABLE_ASCII)
+    query = f"?{quote(parts.query, safe=_PRINTABLE_ASCII)}" if parts.query else ""
+    return Target(parts.scheme, _ascii_host(parts.hostname), port or DEFAULT_PORTS[parts.scheme], path + query)
+
+
+def _ascii_host(hostname: str) -> str:
+    if ":" in hostname:  # an IPv6 literal
+        return hostname
+    try:
+        return hostname.encode("idna").decode("ascii")
+    except UnicodeError as error:
+        raise FetchError(f"The URL's host {hostname!r} is not a valid name: {error}.", code="url.invalid") from None
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """The time left for the whole fetch: every blocking call gets only what is left, never a fresh timeout."""
+
+    timeout_s: float
+    deadline: float
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.exceeded()
+        return left
+
+    def exceeded(self) -> FetchError:
+        return FetchError(f"The download took longer than {self.timeout_s:g} s.", code="url.timeout", permanent=False)
+
+
+class _Redirect(NamedTuple):
+    location: str
+
+
+def fetch_url(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout_s: float,
+    max_redirects: int = 3,
+    policy: AddressPolicy = DEFAULT_POLICY,
+    resolve: Resolver = socket.getaddrinfo,
+) -> bytes:
+    """The body of `url`, with every hop checked and connected to by checked address; raises `FetchError`.
+
+    `resolve` has `socket.getaddrinfo`'s signature; tests inject fake names through it.
+    """
+    budget = _Budget(timeout_s, time.monotonic() + timeout_s)
+    first = parse_target(url)
+    for hop in range(max_redirects + 1):
+        with _naming_the_origin(first if hop else None):
+            outcome = _fetch_once(parse_target(url), policy, resolve, max_bytes, budget)
+        if not isinstance(outcome, _Redirect):
+            return outcome
+        url = urljoin(url, outcome.location)
+    raise FetchError(f"{first.shown} redirects more than {max_redirects} times.", code="url.too_many_redirects")
+
+
+@contextmanager
+def _naming_the_origin(first: Target | None) -> Iterator[None]:
+    """A refusal met after a redirect names the URL it came from: that is the one the caller knows."""
+    try:
+        yield
+    except FetchError as error:
+        if first is None:
+            raise
+        message = f"{error.message} (redirected from {first.shown})"
+        raise FetchError(message, code=error.code, permanent=error.permanent) from error
+
+
+def _fetch_once(
+    target: Target, policy: AddressPolicy, resolve: Resolver, max_bytes: int, budget: _Budget
+) -> bytes | _Redirect:
+    with _network_errors(target, budget):
+        addresses = checked_addresses(target, policy, resolve, budget)
+        with _open(target, addresses, budget) as sock:
+            connection = http.client.HTTPConnection(target.host, target.port)
+            connection.sock = _DeadlineSocket(sock, budget)  # already connected: http.client never connects itself
+            _send_get(connection, target)
+            return _outcome(connection.getresponse(), target, max_bytes)
+
+
+@contextmanager
+def _network_errors(target: Target, budget: _Budget) -> Iterator[None]:
+    """Turns what DNS, sockets, TLS and http.client raise into FetchErrors that say whether a retry can help."""
+    try:
+        yield
+    except TimeoutError:
+        raise budget.exceeded() from None
+    except socket.gaierror as error:
+        if error.errno in _NAME_NOT_FOUND:
+            raise FetchError(f"{target.host} does not resolve: {error.strerror}.", code="url.unresolvable") from error
+        raise FetchError(
+            f"Looking up {target.host} failed: {error.strerror}.", code="url.connection", permanent=False
+        ) from error
+    except ssl.SSLCertVerificationError as error:
+        raise FetchError(f"{target.shown}: TLS certificate refused: {error.verify_message}.", code="url.tls") from error
+    except (OSError, http.client.HTTPException) as error:
+        raise FetchError(
+            f"Fetching {target.shown} failed: {str(error) or type(error).__name__}.",
+            code="url.connection",
+            permanent=False,
+        ) from error
+
+
+def checked_addresses(
+    target: Target, policy: AddressPolicy, resolve: Resolver, budget: _Budget
+) -> list[tuple[int, tuple[Any, ...]]]:
+    """Every (family, sockaddr) the host resolves to, each one checked.
+
+    One blocked address refuses the whole host: which of several addresses a connection would use is up to the
+    resolver's order and the network, so all of them must be safe.
+    """
+    infos = _resolve_within(target, resolve, budget)
+    if not infos:
+        raise FetchError(f"{target.host} resolves to no address.", code="url.unresolvable")
+    for *_, sockaddr in infos:
+        # Literal hosts in any form inet_aton accepts (2130706433, 0x7f.1) come back canonical from the resolver.
+        policy.check(ipaddress.ip_address(sockaddr[0].split("%", 1)[0]), host=target.host)
+    return list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in infos))
+
+
+def _resolve_within(target: Target, resolve: Resolver, budget: _Budget) -> Sequence[tuple[Any, ...]]:
+    """getaddrinfo takes no timeout, so the lookup runs on a daemon thread that is abandoned when it is late."""
+    outcome: list[Any] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            outcome.append(resolve(target.host, target.port, type=socket.SOCK_STREAM))
+        except Exception as error:  # raised again on the caller's thread
+            outcome.append(error)
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name=f"resolve {target.host}", daemon=True).start()
+    if not done.wait(budget.left()):
+        raise budget.exceeded()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _open(target: Target, addresses: list[tuple[int, tuple[Any, ...]]], budget: _Budget) -> socket.socket:
+    """A connected socket to a checked address, TLS-wrapped for https with the certificate checked for the name."""
+    sock = _connect(addresses, budget)
+    if target.scheme == "http":
+        return sock
+    try:
+        sock.settimeout(budget.left())
+        return _tls_context().wrap_socket(sock, server_hostname=target.host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _connect(addresses: list[tuple[int, tuple[Any, ...]]], budget: _Budget) -> socket.socket:
+    """Tries each checked address in turn, as socket.create_connection would, but only those."""
+    error: OSError = OSError("no address to connect to")
+    for family, sockaddr in addresses:
+        timeout = budget.left()
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as failure:
+            sock.close()
+            error = failure
+    raise error
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+class _DeadlineSocket:
+    """The socket http.client is given: every send and receive gets only the time left in the budget.
+
+    A plain socket timeout restarts with each recv, so a server dripping one byte at a time could hold a fetch
+    open for ever. Closing is left to `_fetch_once`, which owns the socket: http.client closes "its" socket as
+    soon as a `Connection: close` response starts, while the body is still to be read.
+    """
+
+    def __init__(self, sock: socket.socket, budget: _Budget):
+        self._sock = sock
+        self._budget = budget
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(self._budget.left())
+        self._sock.sendall(data)
+
+    def recv_into(self, buffer: Any) -> int:
+        self._sock.settimeout(self._budget.left())
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def close(self) -> None:
+        pass
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: _DeadlineSocket):
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._sock.recv_into(buffer)
+
+
+def _send_get(connection: http.client.HTTPConnection, target: Target) -> None:
+    # http.client would derive Host from the address it was given; it must be the name (and no ":443").
+    connection.putrequest("GET", target.request_path, skip_host=True)
+    for name, value in (
+        ("Host", target.host_header),
+        ("User-Agent", USER_AGENT),
+        ("Accept", "image/*"),
+        ("Connection", "close"),
+    ):
+        connection.putheader(name, value)
+    connection.endheaders()
+
+
+def _outcome(response: http.client.HTTPResponse, target: Target, max_bytes: int) -> bytes | _Redirect:
+    status = response.status
+    location = response.getheader("Location")
+    if status in REDIRECT_STATUSES and location:
+        return _Redirect(location.strip())
+    if 200 <= status < 300:
+        return _read_capped(response, target, max_bytes)
+    raise _status_error(status, response.reason, target)
+
+
+def _read_capped(response: http.client.HTTPResponse, target: Target, max_bytes: int) -> bytes:
+    """The body, refused as soon as it is (or says it will be) over `max_bytes`, so a huge one is never held."""
+    if response.length is not None and response.length > max_bytes:
+        raise _too_large(target, max_bytes, f"says it is {response.length:,} bytes")
+    declared, body = response.length, bytearray()
+    while chunk := response.read(min(_CHUNK, max_bytes + 1 - len(body))):
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(target, max_bytes, "is larger")
+    if declared is not None and len(body) < declared:  # read(amt) returns short at EOF instead of raising
+        raise http.client.IncompleteRead(bytes(body), declared - len(body))
+    return bytes(body)
+
+
+def _too_large(target: Target, max_bytes: int, what: str) -> FetchError:
+    return FetchError(f"{target.shown} {what}; the limit is {max_bytes:,} bytes.", code="url.too_large")
+
+
+def _status_error(status: int, reason: str, target: Target) -> FetchError:
+    answer = f"{target.shown} answered HTTP {status} {reason[:100]}".rstrip() + "."
+    if 400 <= status < 500:
+        return FetchError(answer, code="url.http_4xx", permanent=status not in RETRYABLE_4XX)
+    if 500 <= status < 600:
+        return FetchError(answer, code="url.http_5xx", permanent=False)
+    return FetchError(answer, code="url.http_status")
