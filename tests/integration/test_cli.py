@@ -130,3 +130,29 @@ def test_models_list_json(env):
 @pytest.mark.parametrize("command", [[], ["scan"], ["demo"], ["models", "pull"]])
 def test_help_everywhere(env, command):
     assert "Usage" in run(env, *command, "--help").stdout
+
+
+def test_embedded_mode_without_a_broker(env, demo, tmp_path):
+    """No services: `item submit` runs the check in-process into a SQLite ledger file."""
+    ledger = tmp_path / "ledger.sqlite3"
+    local = {
+        **env,
+        "ITEM_DATABASE_URL": f"sqlite:///{ledger}",
+        "ITEM_PROFILE": "tiny",
+        "ITEM_HEAD": str(demo[0] / "head.safetensors"),
+    }
+    local.pop("ITEM_BROKER_URL", None)
+    run(local, "db", "upgrade")
+    image = tmp_path / "upload.png"
+    image.write_bytes(encode(noise_image(5)))
+    submitted = json.loads(run(local, "submit", "--json", "-e", "upload-5", str(image)).stdout)
+    status = json.loads(run(local, "status", "--json", submitted["check_id"]).stdout)
+    assert status["status"] == "done" and status["external_id"] == "upload-5" and status["verdict"] in ("real", "fake")
+
+
+def test_db_commands_upgrade_and_downgrade_a_sqlite_ledger(env, tmp_path):
+    local = {**env, "ITEM_DATABASE_URL": f"sqlite:///{tmp_path / 'l.sqlite3'}"}
+    assert run(local, "db", "current").stdout.strip() == "None"
+    head = run(local, "db", "upgrade").stdout.split()[-1]
+    assert head != "None" and run(local, "db", "current").stdout.strip() == head
+    assert run(local, "db", "downgrade", "base").stdout.strip().endswith("None")

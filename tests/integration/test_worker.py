@@ -162,3 +162,25 @@ def test_private_urls_are_refused(stack, worker, url):
 def test_path_outside_the_allowed_roots_is_refused(stack, worker):
     row = next(iter(stack.wait_terminal([stack.submit("/etc/hostname", "--by-path")[0]["check_id"]]).values()))
     assert row.status == "rejected" and row.error_code == "source.path_refused"
+
+
+def test_results_filter_by_status_and_verdict(stack, worker):
+    submitted = stack.submit(str(stack.image(70)), str(stack.image(71)))
+    stack.wait_terminal([s["check_id"] for s in submitted])
+    done = [
+        json.loads(line) for line in run_item(stack.env, "results", "--status", "done", "--json").stdout.splitlines()
+    ]
+    assert {s["check_id"] for s in submitted} <= {row["id"] for row in done}
+    assert all(row["status"] == "done" for row in done)
+    verdict = done[0]["verdict"]
+    same = run_item(stack.env, "results", "--verdict", verdict, "--json").stdout.splitlines()
+    assert all(json.loads(line)["verdict"] == verdict for line in same)
+    future = run_item(stack.env, "results", "--since", "2999-01-01T00:00:00", "--json").stdout
+    assert future.strip() == ""
+
+
+def test_status_counts_and_reconcile_command(stack, worker):
+    counts = json.loads(run_item(stack.env, "status", "--json").stdout)
+    assert set(counts) == {"queued", "running", "done", "rejected", "failed"} and counts["done"] >= 1
+    assert "re-queued 0 stuck checks" in run_item(stack.env, "reconcile").stdout
+    assert run_item(stack.env, "status", "no-such-check", check_exit=1).stderr.startswith("no such check")
