@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-import sqlalchemy as sa
-
 from pipeline.detector import Detector
 from pipeline.errors import ItemError
 from pipeline.imaging import DecodedImage, decode_image
@@ -100,34 +98,12 @@ class CheckService:
         return claimed
 
     def _claim_once(self, check_id: str | None, limit: int) -> list[CheckRow]:
-        stale = datetime.now(UTC) - timedelta(seconds=self.settings.check_time_budget_s)
-        claimable = sa.or_(
-            CheckRow.status == CheckStatus.queued,
-            sa.and_(CheckRow.status == CheckStatus.running, CheckRow.updated_at < stale),  # its worker died
-        )
-        order = [CheckRow.created_at]
-        if check_id:  # the message's own check first, then the oldest waiting ones
-            order.insert(0, (CheckRow.id == check_id).desc())
-        candidates = (
-            sa.select(CheckRow.id)
-            .where(CheckRow.pipeline_version_id == self.version_id, claimable)
-            .order_by(*order)
-            .limit(limit)
-        )
+        # A running check untouched for a whole time budget belongs to a worker that died.
+        stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.check_time_budget_s)
         with self.ledger.session() as session:
-            if session.bind.dialect.name == "postgresql":
-                candidates = candidates.with_for_update(skip_locked=True)
-            # A materialised CTE picks the ids once: as a plain IN (subquery), Postgres may re-run the
-            # subquery while updating and claim far more than `limit` rows (seen: 12 for a limit of 4).
-            picked = candidates.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
-            now = datetime.now(UTC)
-            claimed = session.scalars(
-                sa.update(CheckRow)
-                .where(CheckRow.id.in_(sa.select(picked.c.id)), claimable)
-                .values(status=CheckStatus.running, attempts=CheckRow.attempts + 1, started_at=now, updated_at=now)
-                .returning(CheckRow)
-            ).all()
-        return list(claimed)
+            return self.ledger.claim(
+                session, pipeline_version_id=self.version_id, limit=limit, stale_before=stale_before, first=check_id
+            )
 
     # ------------------------------------------------------------------ running
 

@@ -189,17 +189,23 @@ def test_create_check_needs_a_registered_version(ledger):
 # ---------------------------------------------------------------------- status changes
 
 
-def test_mark_running_counts_attempts_and_ignores_finished_checks(ledger):
+def _claim(ledger: Ledger, session, check_id: str, *, stale_before: datetime | None = None) -> list[CheckRow]:
+    stale_before = stale_before or datetime.now(UTC) - timedelta(hours=1)
+    return ledger.claim(session, pipeline_version_id=VERSION.id, limit=1, stale_before=stale_before, first=check_id)
+
+
+def test_claim_counts_attempts_and_ignores_finished_checks(ledger):
     _register(ledger)
     check = _create(ledger, "run-1")
     with ledger.session() as session:
-        running = ledger.mark_running(session, check.id)
+        [running] = _claim(ledger, session, check.id)
         assert running.status == CheckStatus.running and running.attempts == 1 and running.started_at is not None
-        assert ledger.mark_running(session, check.id).attempts == 2  # a redelivery while running: a new attempt
+        assert _claim(ledger, session, check.id) == []  # running and fresh: someone holds it
+        future = datetime.now(UTC) + timedelta(seconds=1)
+        assert _claim(ledger, session, check.id, stale_before=future)[0].attempts == 2  # its worker died
         assert ledger.finish_done(session, check.id, **_result())
-        assert ledger.mark_running(session, check.id) is None
+        assert _claim(ledger, session, check.id, stale_before=future) == []
         assert ledger.mark_queued(session, check.id, error_code="x", error_message="y") is None
-        assert ledger.mark_running(session, "no-such-id") is None
     after = _get(ledger, check.id)
     assert (after.status, after.attempts, after.error_code) == (CheckStatus.done, 2, None)
 
@@ -208,10 +214,10 @@ def test_mark_queued_records_the_last_error(ledger):
     _register(ledger)
     check = _create(ledger, "retry-1")
     with ledger.session() as session:
-        ledger.mark_running(session, check.id)
+        _claim(ledger, session, check.id)
         queued = ledger.mark_queued(session, check.id, error_code="fetch.timeout", error_message="slow server")
         assert queued.status == CheckStatus.queued and queued.error_code == "fetch.timeout"
-        ledger.mark_running(session, check.id)
+        _claim(ledger, session, check.id)
         kept = ledger.mark_queued(session, check.id)  # no new error: the last one stays
     assert (kept.error_code, kept.error_message, kept.attempts) == ("fetch.timeout", "slow server", 2)
     assert kept.enqueued_at >= check.enqueued_at
@@ -221,7 +227,7 @@ def test_finish_done_twice_keeps_the_first_result(ledger):
     _register(ledger)
     check = _create(ledger, "done-1")
     with ledger.session() as session:
-        ledger.mark_running(session, check.id)
+        _claim(ledger, session, check.id)
         ledger.mark_queued(session, check.id, error_code="gpu.out_of_memory", error_message="oom")
         assert ledger.finish_done(session, check.id, **_result(0.8))
     with ledger.session() as session:
@@ -252,7 +258,7 @@ def test_stuck_checks_are_old_queued_or_running_ones(ledger):
     _register(ledger)
     old_queued, old_running, fresh, old_done = (_create(ledger, f"stuck-{i}") for i in range(4))
     with ledger.session() as session:
-        ledger.mark_running(session, old_running.id)
+        _claim(ledger, session, old_running.id)
         ledger.finish_done(session, old_done.id, **_result())
     for check in (old_queued, old_running, old_done):
         _age(ledger, check.id, timedelta(hours=1))
@@ -297,8 +303,8 @@ def test_count_by_status(ledger):
     checks = [_create(ledger, f"count-{i}") for i in range(5)]
     with ledger.session() as session:
         assert ledger.count_by_status(session) == {"queued": 5, "running": 0, "done": 0, "rejected": 0, "failed": 0}
-        ledger.mark_running(session, checks[0].id)
-        ledger.mark_running(session, checks[1].id)
+        _claim(ledger, session, checks[0].id)
+        _claim(ledger, session, checks[1].id)
         ledger.finish_done(session, checks[1].id, **_result())
         ledger.finish_failed(session, checks[2].id, "x", "y")
         counts = ledger.count_by_status(session)
@@ -313,7 +319,7 @@ def test_done_check_for_image_answers_duplicates(ledger):
     with ledger.session() as session:
         assert ledger.done_check_for_image(session, image.sha256, VERSION.id) is None
         ledger.upsert_image(session, image)
-        ledger.mark_running(session, first.id)  # running, not done: not an answer yet
+        _claim(ledger, session, first.id)  # running, not done: not an answer yet
         ledger.finish_done(session, other_version.id, **_result(image_sha256=image.sha256))
         assert ledger.done_check_for_image(session, image.sha256, VERSION.id) is None
         ledger.finish_done(session, first.id, **_result(0.7, image_sha256=image.sha256))

@@ -107,11 +107,54 @@ class Ledger:
         )
         return session.scalars(_fresh(query)).one_or_none()
 
-    def mark_running(self, session: Session, check_id: str) -> CheckRow | None:
-        """Claims the check for a run; None (and no change) when it is already finished."""
+    def claim(
+        self,
+        session: Session,
+        *,
+        pipeline_version_id: str,
+        limit: int,
+        stale_before: datetime,
+        first: str | None = None,
+    ) -> list[CheckRow]:
+        """Takes up to `limit` checks of one pipeline version for a batch: running, attempts + 1.
+
+        Claimable are queued checks, and running ones untouched since `stale_before` (their worker died).
+        `first` (the check whose message arrived) is taken first when claimable. On Postgres, rows another
+        worker is claiming are skipped, never waited for, so two workers never share a check.
+        """
+        claimable = sa.or_(
+            CheckRow.status == CheckStatus.queued,
+            sa.and_(CheckRow.status == CheckStatus.running, CheckRow.updated_at < stale_before),
+        )
+        order = [CheckRow.created_at]
+        if first:
+            order.insert(0, (CheckRow.id == first).desc())
+        candidates = (
+            sa.select(CheckRow.id)
+            .where(CheckRow.pipeline_version_id == pipeline_version_id, claimable)
+            .order_by(*order)
+            .limit(limit)
+        )
+        if session.bind.dialect.name == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        # A materialised CTE picks the ids once: as a plain IN (subquery), Postgres may re-run the subquery
+        # while updating and claim far more than `limit` rows (seen: 12 for a limit of 4).
+        picked = candidates.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
         now = utcnow()
-        values = {"status": CheckStatus.running, "attempts": CheckRow.attempts + 1, "started_at": now}
-        return _transition(session, check_id, CheckRow.status.in_(_ACTIVE), values)
+        values = {
+            "status": CheckStatus.running,
+            "attempts": CheckRow.attempts + 1,
+            "started_at": now,
+            "updated_at": now,
+        }
+        statement = (
+            sa.update(CheckRow)
+            .where(CheckRow.id.in_(sa.select(picked.c.id)), claimable)
+            .values(**values)
+            .returning(CheckRow)
+            .execution_options(populate_existing=True)
+        )
+        return list(session.scalars(statement).all())
 
     def mark_queued(
         self, session: Session, check_id: str, *, error_code: str | None = None, error_message: str | None = None
