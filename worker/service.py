@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from pipeline.detector import Detector
 from pipeline.errors import ItemError
 from pipeline.imaging import DecodedImage, decode_image
@@ -28,6 +31,11 @@ from worker.settings import Settings
 log = logging.getLogger("item.worker")
 
 Enqueue = Callable[[dict, float], None]  # (task kwargs, countdown seconds) → sends an `item.check` message
+
+
+# Database and broker outages: nothing can be recorded, so the message itself is retried. Only connection-level
+# errors: a programming error retried would just fail again, forever.
+INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, BrokerError, ConnectionError, TimeoutError)
 
 
 class TransientError(ItemError):
@@ -76,10 +84,11 @@ class CheckService:
             try:
                 source = sources.to_stored(image, self.settings, partial(self.ledger.put_blob, session))
             except ItemError as error:  # malformed message from a foreign client: still gets a ledger row
-                check, _ = self.ledger.create_check(
+                check, created = self.ledger.create_check(
                     session, external_id=external_id, pipeline_version_id=self.version_id, source={"invalid": True}
                 )
-                self.ledger.finish_rejected(session, check.id, error.code, error.message)
+                if created:  # never reject an earlier, valid check that happens to share the external id
+                    self.ledger.finish_rejected(session, check.id, error.code, error.message)
                 return None
             check, _ = self.ledger.create_check(
                 session, external_id=external_id, pipeline_version_id=self.version_id, source=source
@@ -102,7 +111,12 @@ class CheckService:
         stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.check_time_budget_s)
         with self.ledger.session() as session:
             return self.ledger.claim(
-                session, pipeline_version_id=self.version_id, limit=limit, stale_before=stale_before, first=check_id
+                session,
+                pipeline_version_id=self.version_id,
+                limit=limit,
+                stale_before=stale_before,
+                max_attempts=self.settings.max_attempts,
+                first=check_id,
             )
 
     # ------------------------------------------------------------------ running
@@ -123,9 +137,15 @@ class CheckService:
         if todo:
             try:
                 self._detect_and_store(todo, decoded)
+            except INFRASTRUCTURE_ERRORS:
+                raise  # the ledger is unreachable: the message itself is retried
             except ItemError as error:
                 for check in todo:
                     self._fail_one(check, error)
+            except Exception as error:  # a bug or a model crash: retried, and failed once attempts run out
+                log.exception("batch of %d checks crashed", len(todo))
+                for check in todo:
+                    self._fail_one(check, TransientError(f"Internal error: {error!r}", code="check.internal_error"))
 
     def _decode(self, check: CheckRow) -> DecodedImage:
         data = self._load_bytes(check.source)

@@ -10,18 +10,13 @@ import logging
 
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
-from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker.celery_app import RECONCILE_TASK, app
+from worker.service import INFRASTRUCTURE_ERRORS
 from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings
 
 log = logging.getLogger("item.worker")
 _service = None
-
-# Database and broker outages: the message itself is retried (the ledger cannot be updated meanwhile).
-# Only connection-level errors: a programming error retried would just fail again, forever.
-_INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, BrokerError, ConnectionError, TimeoutError)
 
 
 def service():
@@ -45,7 +40,7 @@ def send_check(kwargs: dict, countdown: float = 0.0) -> None:
 @app.task(
     name=CHECK_TASK,
     bind=True,
-    autoretry_for=_INFRASTRUCTURE_ERRORS,
+    autoretry_for=INFRASTRUCTURE_ERRORS,
     retry_backoff=2,
     retry_backoff_max=300,
     retry_jitter=True,

@@ -203,6 +203,12 @@ def test_claim_counts_attempts_and_ignores_finished_checks(ledger):
         assert _claim(ledger, session, check.id) == []  # running and fresh: someone holds it
         future = datetime.now(UTC) + timedelta(seconds=1)
         assert _claim(ledger, session, check.id, stale_before=future)[0].attempts == 2  # its worker died
+        assert (
+            ledger.claim(
+                session, pipeline_version_id=VERSION.id, limit=1, stale_before=future, max_attempts=2, first=check.id
+            )
+            == []
+        )  # attempts used up: left for the reconciler to fail
         assert ledger.finish_done(session, check.id, **_result())
         assert _claim(ledger, session, check.id, stale_before=future) == []
         assert ledger.mark_queued(session, check.id, error_code="x", error_message="y") is None

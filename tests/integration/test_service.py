@@ -89,3 +89,36 @@ def test_a_malformed_message_still_gets_a_terminal_ledger_row(service):
     with service.ledger.session() as session:
         row = service.ledger.find_check(session, "ext-bad", service.version_id)
     assert row.status == "rejected" and row.error_code == "source.invalid"
+
+
+def test_a_malformed_message_never_rejects_an_earlier_valid_check(service, tmp_path):
+    with service.ledger.session() as session:
+        check, _ = service.ledger.create_check(
+            session, external_id="ext-shared", pipeline_version_id=service.version_id, source={"url": "http://a/"}
+        )
+    service.receive("ext-shared", {"url": "http://a/", "path": "/x"})  # two sources: malformed
+    with service.ledger.session() as session:
+        assert service.ledger.get_check(session, check.id).status == "queued"
+
+
+class CrashingModel(SmallGpu):
+    def detect(self, images, known=None):
+        raise RuntimeError("model kernel crashed")
+
+
+def test_a_crashing_model_is_retried_then_failed(ledger, tiny_store, tmp_path):
+    detector = CrashingModel(get_profile("tiny"), tiny_store, device="cpu")
+    detector.use_head(random_head(detector))
+    sent: list[dict] = []
+    settings = Settings(max_attempts=2, batch_max_wait_s=0, allowed_path_roots=[tmp_path], database_url="sqlite://")
+    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown: sent.append(kwargs))
+    svc.register_version()
+    (tmp_path / "a.png").write_bytes(encode(noise_image(3)))
+    svc.receive("ext-crash", {"path": str(tmp_path / "a.png")})
+    with ledger.session() as session:
+        row = ledger.find_check(session, "ext-crash", svc.version_id)
+    assert row.status == "queued" and row.error_code == "check.internal_error" and len(sent) == 1
+    svc.receive(**sent[0])  # the retry
+    with ledger.session() as session:
+        row = ledger.get_check(session, row.id)
+    assert row.status == "failed" and row.attempts == 2 and "model kernel crashed" in row.error_message

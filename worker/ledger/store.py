@@ -114,18 +114,23 @@ class Ledger:
         pipeline_version_id: str,
         limit: int,
         stale_before: datetime,
+        max_attempts: int | None = None,
         first: str | None = None,
     ) -> list[CheckRow]:
         """Takes up to `limit` checks of one pipeline version for a batch: running, attempts + 1.
 
         Claimable are queued checks, and running ones untouched since `stale_before` (their worker died).
         `first` (the check whose message arrived) is taken first when claimable. On Postgres, rows another
-        worker is claiming are skipped, never waited for, so two workers never share a check.
+        worker is claiming are skipped, never waited for, so two workers never share a check. Checks that used
+        up `max_attempts` are left for the reconciler to fail: an image that kills its worker every time must
+        not be claimed forever.
         """
         claimable = sa.or_(
             CheckRow.status == CheckStatus.queued,
             sa.and_(CheckRow.status == CheckStatus.running, CheckRow.updated_at < stale_before),
         )
+        if max_attempts is not None:
+            claimable = sa.and_(claimable, CheckRow.attempts < max_attempts)
         order = [CheckRow.created_at]
         if first:
             order.insert(0, (CheckRow.id == first).desc())
