@@ -22,6 +22,7 @@ from tests.conftest import encode, noise_image, random_head
 from worker.ledger import migrate
 from worker.ledger.models import CheckRow
 from worker.ledger.store import Ledger
+from worker.runtime import build_service
 from worker.settings import Settings
 
 ITEM = Path(sys.executable).parent / "item"
@@ -135,6 +136,8 @@ def make_stack(postgres_url: str, tiny_store, folder: Path, **overrides: str):
     }
     migrate.upgrade(postgres_url)
     client = redis.Redis.from_url(REDIS_URL)
-    yield Stack(env, Ledger(postgres_url), client, prefix, folder)
+    stack = Stack(env, Ledger(postgres_url), client, prefix, folder)
+    build_service(stack.settings, enqueue=lambda kwargs, countdown: None)  # registers the pipeline version,
+    yield stack  # as a first worker would, so tests may submit before any worker runs
     for key in client.scan_iter(f"{prefix}*"):
         client.delete(key)
