@@ -37,6 +37,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         beat_schedule={"reconcile": {"task": RECONCILE_TASK, "schedule": settings.reconcile_interval_s}},
+        # In memory: the default scheduler keeps a shelve (pickle) file in the working directory, and a
+        # reconcile every minute needs no memory of past runs.
+        beat_scheduler="celery.beat:Scheduler",
     )
     return app
 
