@@ -358,12 +358,55 @@ def worker(
     settings = _settings()
     if not settings.broker_url:
         raise _fail(ValueError("ITEM_BROKER_URL is not set: a worker needs a broker (redis://...)."))
+    from worker import exporter, logs
+
+    logs.configure(settings.log_format, loglevel.upper())
+    exporter.prepare_multiprocess_dir(settings)  # before anything imports the metrics: children inherit it
     from worker.celery_app import app as celery_app
     from worker.settings import CHECK_QUEUE
 
+    if settings.metrics_port:
+        exporter.serve(settings)
     argv = ["worker", f"--queues={CHECK_QUEUE}", f"--loglevel={loglevel}", "--pool=prefork", "--without-mingle"]
     argv += [f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip"]
     celery_app.worker_main(argv + (["--beat"] if beat else []))
+
+
+@app.command()
+def metrics(
+    port: Annotated[int | None, typer.Option(help="Port [env ITEM_METRICS_PORT].")] = None,
+) -> None:
+    """Serve /metrics for the worker processes of this host (their ITEM_METRICS_DIR) until interrupted."""
+    import time
+
+    from worker import exporter
+
+    settings = _settings(metrics_port=port)
+    if settings.metrics_dir is None:
+        raise _fail(ValueError("Set ITEM_METRICS_DIR to the folder the workers of this host write to."))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics_dir)
+    exporter.serve(settings)
+    out.print(f"serving http://{settings.metrics_addr}:{settings.metrics_port}/metrics", soft_wrap=True)
+    while True:
+        time.sleep(3600)
+
+
+@app.command()
+def health(
+    as_json: JsonOpt = False,
+    load_models: Annotated[bool, typer.Option(help="Also load every model (slow; proves the weights load).")] = False,
+) -> None:
+    """Database reachable and migrated, broker reachable, models loadable: exit 0, else 1 (a container probe)."""
+    from worker.health import check_health
+
+    report = check_health(_settings(), load_models=load_models)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        for name, part in report["checks"].items():
+            mark = "[green]ok[/]" if part["ok"] else "[red]FAIL[/]"
+            out.print(f"{mark} {name}: {escape(part['detail'])}", soft_wrap=True)
+    raise typer.Exit(0 if report["ok"] else 1)
 
 
 @app.command()

@@ -23,7 +23,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from pipeline.detector import Detector
 from pipeline.errors import ItemError
 from pipeline.imaging import DecodedImage, decode_image
-from worker import sources
+from worker import metrics, sources
 from worker.ledger.models import CheckRow, CheckStatus
 from worker.ledger.store import Ledger
 from worker.settings import Settings
@@ -71,6 +71,8 @@ class CheckService:
             log.warning("check %s is for %s; this worker runs %s", check.id, check.pipeline_version_id, self.version_id)
             return
         batch = self.claim(check.id)
+        if batch:
+            metrics.claimed(len(batch), [row.enqueued_at or row.created_at for row in batch])
         if not any(row.id == check.id for row in batch):
             # Another worker's batch holds it: look again once that batch must have ended.
             self.enqueue(_message(check), self.settings.check_time_budget_s)
@@ -89,6 +91,7 @@ class CheckService:
                 )
                 if created:  # never reject an earlier, valid check that happens to share the external id
                     self.ledger.finish_rejected(session, check.id, error.code, error.message)
+                    metrics.finished("rejected", error.code, check.created_at)
                 return None
             check, _ = self.ledger.create_check(
                 session, external_id=external_id, pipeline_version_id=self.version_id, source=source
@@ -172,10 +175,11 @@ class CheckService:
             for check in batch:
                 image = decoded[check.id]
                 done = self.ledger.done_check_for_image(session, image.sha256, self.version_id)
+                metrics.DUPLICATE_BYTES.labels("miss" if done is None else "hit").inc()
                 if done is None:
                     todo.append(check)
                     continue
-                self.ledger.finish_done(session, check.id, **_result_of(done), timings_ms={"reused": 0.0})
+                self._done(session, check, {**_result_of(done), "timings_ms": {"reused": 0.0}})
         return todo
 
     def _detect_and_store(self, todo: list[CheckRow], decoded: dict[str, DecodedImage]) -> None:
@@ -183,6 +187,7 @@ class CheckService:
         versions = self.detector.artifact_versions
         with self.ledger.session() as session:
             known = self.ledger.load_artifacts(session, [image.sha256 for image in unique], versions)
+        _count_reuse(known, unique)
         detections = self._detect(unique, [known.get(image.sha256) for image in unique])
         by_sha = {d.sha256: d for d in detections}
         with self.ledger.session() as session:  # one transaction: artifacts and results land together
@@ -190,8 +195,10 @@ class CheckService:
                 self.ledger.upsert_image(session, image)
                 self.ledger.save_artifacts(session, image.sha256, by_sha[image.sha256].artifacts, versions)
             for check in todo:
-                d = by_sha[decoded[check.id].sha256]
-                self.ledger.finish_done(session, check.id, **_result_of_detection(d))
+                self._done(session, check, _result_of_detection(by_sha[decoded[check.id].sha256]))
+        for detection in detections:
+            metrics.stage_times(detection.timings_ms)
+        metrics.gpu_memory()
 
     def _detect(self, images: list[DecodedImage], known: list) -> list:
         """Runs the models; on GPU out-of-memory, halves the batch instead of failing it."""
@@ -211,20 +218,37 @@ class CheckService:
     # ------------------------------------------------------------------ failures
 
     def _fail_one(self, check: CheckRow, error: ItemError) -> None:
-        if error.permanent:
-            with self.ledger.session() as session:
-                self.ledger.finish_rejected(session, check.id, error.code, error.message)
+        if not error.permanent:
+            self.retry_later(check, error.code, error.message)
             return
-        self.retry_later(check, error.code, error.message)
+        with self.ledger.session() as session:
+            if self.ledger.finish_rejected(session, check.id, error.code, error.message):
+                metrics.finished("rejected", error.code, check.created_at)
+                log.info("check rejected: %s", error.message, extra=_about(check, code=error.code))
 
     def retry_later(self, check: CheckRow, code: str, message: str) -> None:
         """Back to queued with exponential backoff and jitter, or `failed` once attempts are used up."""
+        if check.attempts >= self.settings.max_attempts:
+            self._failed(check, code, message)
+            return
         with self.ledger.session() as session:
-            if check.attempts >= self.settings.max_attempts:
-                self.ledger.finish_failed(session, check.id, code, message)
-                return
             self.ledger.mark_queued(session, check.id, error_code=code, error_message=message)
-        self.enqueue(_message(check), self.backoff(check.attempts))
+        delay = self.backoff(check.attempts)
+        metrics.RETRIES.labels(code).inc()
+        log.info("check retried in %.1fs: %s", delay, message, extra=_about(check, code=code))
+        self.enqueue(_message(check), delay)
+
+    def _done(self, session, check: CheckRow, result: dict) -> None:
+        if self.ledger.finish_done(session, check.id, **result):
+            metrics.finished("done", None, check.created_at)
+            metrics.scored(self.version_id, result["p_fake"], result["verdict"] == "fake")
+            log.info("check done: %s %.3f", result["verdict"], result["p_fake"], extra=_about(check))
+
+    def _failed(self, check: CheckRow, code: str, message: str) -> None:
+        with self.ledger.session() as session:
+            if self.ledger.finish_failed(session, check.id, code, message):
+                metrics.finished("failed", code, check.created_at)
+                log.warning("check failed: %s", message, extra=_about(check, code=code))
 
     def backoff(self, attempts: int) -> float:
         delay = min(self.settings.retry_backoff_max_s, self.settings.retry_backoff_s * 2 ** max(0, attempts - 1))
@@ -251,13 +275,11 @@ class CheckService:
             ]
         for check in stuck:
             if check.attempts >= self.settings.max_attempts:
-                with self.ledger.session() as session:
-                    self.ledger.finish_failed(session, check.id, "check.stuck", "No worker finished this check.")
+                self._failed(check, "check.stuck", "No worker finished this check.")
                 continue
             with self.ledger.session() as session:
-                self.ledger.mark_queued(
-                    session, check.id, error_code=check.error_code, error_message=check.error_message
-                )
+                self.ledger.mark_queued(session, check.id)  # keeps the last error
+            log.info("stuck check re-queued", extra=_about(check))
             self.enqueue(_message(check), 0.0)
         return len(stuck)
 
@@ -267,6 +289,19 @@ TERMINAL = frozenset({CheckStatus.done, CheckStatus.rejected, CheckStatus.failed
 
 def _message(check: CheckRow) -> dict:
     return {"external_id": check.external_id, "image": check.source, "check_id": check.id}
+
+
+def _about(check: CheckRow, **fields) -> dict:
+    """The `extra` of every log line about a check: which check, for which upload."""
+    return {"check_id": check.id, "external_id": check.external_id, **fields}
+
+
+def _count_reuse(known: dict, images: list[DecodedImage]) -> None:
+    for image in images:
+        artifacts = known.get(image.sha256)
+        for artifact in ("caption", "objects", "embeddings", "features"):
+            hit = artifacts is not None and getattr(artifacts, artifact) is not None
+            metrics.ARTIFACT_REUSE.labels(artifact, "hit" if hit else "miss").inc()
 
 
 def _result_of(done: CheckRow) -> dict:

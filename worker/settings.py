@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often workers run the reconciler.")
     visibility_timeout_s: float = Field(3600.0, gt=0, description="Redis redelivers unacked messages after this.")
 
+    # operations
+    metrics_port: int = Field(9808, ge=0, le=65535, description="Port of the /metrics endpoint of `item worker`.")
+    metrics_addr: str = Field("0.0.0.0", description="Address the metrics endpoint listens on.")
+    metrics_dir: Path | None = Field(None, description="Folder for the worker processes' metric files.")
+    log_format: str = Field("json", pattern="^(json|text)$", description="Worker log lines: json or text.")
+
     @model_validator(mode="after")
     def _visibility_outlasts_a_check(self) -> Settings:
         # A message redelivered while its first delivery still runs would check the image twice at once.

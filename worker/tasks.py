@@ -7,10 +7,12 @@ The service (ledger engine, models) is built once per worker process, after the 
 from __future__ import annotations
 
 import logging
+import os
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
+from worker import metrics
 from worker.celery_app import RECONCILE_TASK, app
 from worker.service import INFRASTRUCTURE_ERRORS
 from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings
@@ -30,7 +32,19 @@ def service():
 
 @worker_process_init.connect
 def _load_models_after_fork(**_) -> None:
-    service().detector.load()
+    detector = service().detector
+    detector.load()
+    stages = (detector.captioner, detector.grounder, detector.embedder)
+    metrics.models_loaded({stage.name: stage.load_seconds or 0.0 for stage in stages})
+
+
+@worker_process_shutdown.connect
+def _forget_metrics_of_dead_process(pid: int | None = None, **_) -> None:
+    # Live gauges (workers ready, GPU memory) must stop counting a process that is gone.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())
 
 
 def send_check(kwargs: dict, countdown: float = 0.0) -> None:

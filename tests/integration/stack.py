@@ -71,10 +71,10 @@ class Stack:
 class Worker:
     """`item worker` in its own process group, so a test can SIGKILL the whole tree at once."""
 
-    def __init__(self, stack: Stack, name: str):
+    def __init__(self, stack: Stack, name: str, concurrency: int = 1):
         self.log = stack.folder / f"{name}.log"
         self.process = subprocess.Popen(
-            [str(ITEM), "worker", "--concurrency", "1", "--loglevel", "INFO"],
+            [str(ITEM), "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
             env=stack.env,
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
@@ -132,6 +132,8 @@ def make_stack(postgres_url: str, tiny_store, folder: Path, **overrides: str):
         "ITEM_RETRY_BACKOFF_S": "0.5",
         "ITEM_ALLOWED_PATH_ROOTS": json.dumps([str(folder)]),
         "HF_HUB_OFFLINE": "1",
+        "ITEM_METRICS_PORT": "0",  # off unless a test asks for it
+        "ITEM_METRICS_DIR": str(folder / "metrics"),
         **overrides,
     }
     migrate.upgrade(postgres_url)

@@ -228,6 +228,17 @@ class Ledger:
         )
         return list(session.scalars(_fresh(query)))
 
+    def count_stuck(self, session: Session, older_than: timedelta) -> dict[str, int]:
+        """How many checks `stuck_checks` would find, per status (for the metrics endpoint, at every scrape)."""
+        query = (
+            sa.select(CheckRow.status, sa.func.count())
+            .where(CheckRow.status.in_(_ACTIVE), CheckRow.updated_at < utcnow() - older_than)
+            .group_by(CheckRow.status)
+        )
+        counts = {str(status): 0 for status in _ACTIVE}
+        counts.update({str(status): int(n) for status, n in session.execute(query)})
+        return counts
+
     def list_checks(
         self,
         session: Session,

@@ -1,0 +1,122 @@
+"""Prometheus metrics: every metric defined once, here, and correct under Celery's prefork pool.
+
+Worker processes write their samples to files in `PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess
+mode); the exporter that `item worker` (or `item metrics`) runs aggregates every process's files at scrape time,
+and adds what is read fresh at scrape (queue depth, stuck checks). No label holds an id, URL or hash: the
+`pipeline_version` label is the short version id, of which a deployment has a handful.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+CHECKS = Counter(
+    "item_checks_total", "Checks that reached a final status, by status and error code.", ["status", "code"]
+)
+RETRIES = Counter("item_retries_total", "Checks sent back to the queue to be tried again, by error code.", ["code"])
+STAGE_SECONDS = Histogram(
+    "item_stage_seconds",
+    "Time per image in each pipeline stage (a batch's time shared by its images).",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+)
+CHECK_LATENCY = Histogram(
+    "item_check_latency_seconds", "From submission to result, for checks that finished.", buckets=LATENCY_BUCKETS
+)
+QUEUE_WAIT = Histogram(
+    "item_queue_wait_seconds", "From (re-)queueing to being claimed by a worker.", buckets=LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram("item_batch_size", "Checks per claimed batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+MODEL_LOAD_SECONDS = Gauge(
+    "item_model_load_seconds", "How long each stage's model took to load.", ["stage"], multiprocess_mode="max"
+)
+ARTIFACT_REUSE = Counter(
+    "item_artifact_reuse_total",
+    "Stored artifacts found (hit) or computed (miss), per artifact.",
+    ["artifact", "outcome"],
+)
+DUPLICATE_BYTES = Counter(
+    "item_duplicate_bytes_total",
+    "Images whose bytes were already checked under the same pipeline version.",
+    ["outcome"],
+)
+SCORES = Histogram(
+    "item_score",
+    "P(AI-generated) of finished checks, per pipeline version.",
+    ["pipeline_version"],
+    buckets=SCORE_BUCKETS,
+)
+FLAGGED = Counter("item_flagged_total", "Finished checks judged fake, per pipeline version.", ["pipeline_version"])
+WORKER_READY = Gauge("item_worker_ready", "Worker processes with their models loaded.", multiprocess_mode="livesum")
+GPU_MEMORY = Gauge(
+    "item_gpu_memory_bytes", "GPU memory held by torch in worker processes.", ["kind"], multiprocess_mode="livesum"
+)
+# Read from Redis and the ledger at scrape time by the exporter (see worker/exporter.py).
+QUEUE_DEPTH_NAME = "item_queue_depth"
+STUCK_NAME = "item_checks_stuck"
+
+METRIC_NAMES = frozenset(
+    {
+        "item_checks_total",
+        "item_retries_total",
+        "item_stage_seconds",
+        "item_check_latency_seconds",
+        "item_queue_wait_seconds",
+        "item_batch_size",
+        "item_model_load_seconds",
+        "item_artifact_reuse_total",
+        "item_duplicate_bytes_total",
+        "item_score",
+        "item_flagged_total",
+        "item_worker_ready",
+        "item_gpu_memory_bytes",
+        QUEUE_DEPTH_NAME,
+        STUCK_NAME,
+    }
+)
+
+
+def finished(status: str, code: str | None, created_at: datetime | None) -> None:
+    CHECKS.labels(status, code or "").inc()
+    if created_at is not None:
+        CHECK_LATENCY.observe(max(0.0, (datetime.now(UTC) - created_at).total_seconds()))
+
+
+def scored(pipeline_version: str, p_fake: float, fake: bool) -> None:
+    SCORES.labels(pipeline_version).observe(p_fake)
+    if fake:
+        FLAGGED.labels(pipeline_version).inc()
+
+
+def claimed(batch_size: int, waited_since: list[datetime | None]) -> None:
+    BATCH_SIZE.observe(batch_size)
+    now = datetime.now(UTC)
+    for moment in waited_since:
+        if moment is not None:
+            QUEUE_WAIT.observe(max(0.0, (now - moment).total_seconds()))
+
+
+def stage_times(timings_ms: dict[str, float]) -> None:
+    for stage, ms in timings_ms.items():
+        if ms > 0:
+            STAGE_SECONDS.labels(stage).observe(ms / 1000)
+
+
+def models_loaded(load_seconds: dict[str, float]) -> None:
+    for stage, seconds in load_seconds.items():
+        MODEL_LOAD_SECONDS.labels(stage).set(seconds)
+    WORKER_READY.set(1)
+
+
+def gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        GPU_MEMORY.labels("allocated").set(torch.cuda.memory_allocated())
+        GPU_MEMORY.labels("reserved").set(torch.cuda.memory_reserved())
