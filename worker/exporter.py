@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,8 +25,9 @@ def prepare_multiprocess_dir(settings: Settings) -> Path:
     """An empty folder for this host's metric files, exported as PROMETHEUS_MULTIPROC_DIR before any process
     imports prometheus_client's metrics (the mode is fixed at import)."""
     folder = Path(settings.metrics_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"item-metrics-{os.getpid()}")
-    shutil.rmtree(folder, ignore_errors=True)  # samples of processes that no longer exist would be summed
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):  # samples of processes that no longer exist would be summed
+        stale.unlink()  # the files, not the folder: it may be a mounted volume
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     return folder
 
