@@ -132,7 +132,7 @@ class CheckService:
             try:
                 decoded[check.id] = self._decode(check)
             except ItemError as error:
-                self._fail_one(check, error)
+                self._fail_one(check, error, stage="decode")
         todo = self._answer_known_bytes([c for c in batch if c.id in decoded], decoded)
         images = len({decoded[c.id].sha256 for c in todo})
         # One line per batch, in a fixed shape: operators grep it, and the tests count model runs with it.
@@ -144,11 +144,12 @@ class CheckService:
                 raise  # the ledger is unreachable: the message itself is retried
             except ItemError as error:
                 for check in todo:
-                    self._fail_one(check, error)
+                    self._fail_one(check, error, stage="models")
             except Exception as error:  # a bug or a model crash: retried, and failed once attempts run out
                 log.exception("batch of %d checks crashed", len(todo))
+                crash = TransientError(f"Internal error: {error!r}", code="check.internal_error")
                 for check in todo:
-                    self._fail_one(check, TransientError(f"Internal error: {error!r}", code="check.internal_error"))
+                    self._fail_one(check, crash, stage="models")
 
     def _decode(self, check: CheckRow) -> DecodedImage:
         data = self._load_bytes(check.source)
@@ -217,38 +218,38 @@ class CheckService:
 
     # ------------------------------------------------------------------ failures
 
-    def _fail_one(self, check: CheckRow, error: ItemError) -> None:
+    def _fail_one(self, check: CheckRow, error: ItemError, stage: str) -> None:
         if not error.permanent:
-            self.retry_later(check, error.code, error.message)
+            self.retry_later(check, error.code, error.message, stage)
             return
         with self.ledger.session() as session:
             if self.ledger.finish_rejected(session, check.id, error.code, error.message):
                 metrics.finished("rejected", error.code, check.created_at)
-                log.info("check rejected: %s", error.message, extra=_about(check, code=error.code))
+                log.info("check rejected: %s", error.message, extra=_about(check, stage, code=error.code))
 
-    def retry_later(self, check: CheckRow, code: str, message: str) -> None:
+    def retry_later(self, check: CheckRow, code: str, message: str, stage: str) -> None:
         """Back to queued with exponential backoff and jitter, or `failed` once attempts are used up."""
         if check.attempts >= self.settings.max_attempts:
-            self._failed(check, code, message)
+            self._failed(check, code, message, stage)
             return
         with self.ledger.session() as session:
             self.ledger.mark_queued(session, check.id, error_code=code, error_message=message)
         delay = self.backoff(check.attempts)
         metrics.RETRIES.labels(code).inc()
-        log.info("check retried in %.1fs: %s", delay, message, extra=_about(check, code=code))
+        log.info("check retried in %.1fs: %s", delay, message, extra=_about(check, stage, code=code))
         self.enqueue(_message(check), delay)
 
     def _done(self, session, check: CheckRow, result: dict) -> None:
         if self.ledger.finish_done(session, check.id, **result):
             metrics.finished("done", None, check.created_at)
             metrics.scored(self.version_id, result["p_fake"], result["verdict"] == "fake")
-            log.info("check done: %s %.3f", result["verdict"], result["p_fake"], extra=_about(check))
+            log.info("check done: %s %.3f", result["verdict"], result["p_fake"], extra=_about(check, "store"))
 
-    def _failed(self, check: CheckRow, code: str, message: str) -> None:
+    def _failed(self, check: CheckRow, code: str, message: str, stage: str) -> None:
         with self.ledger.session() as session:
             if self.ledger.finish_failed(session, check.id, code, message):
                 metrics.finished("failed", code, check.created_at)
-                log.warning("check failed: %s", message, extra=_about(check, code=code))
+                log.warning("check failed: %s", message, extra=_about(check, stage, code=code))
 
     def backoff(self, attempts: int) -> float:
         delay = min(self.settings.retry_backoff_max_s, self.settings.retry_backoff_s * 2 ** max(0, attempts - 1))
@@ -260,7 +261,7 @@ class CheckService:
             rows = [self.ledger.get_check(session, check_id) for check_id in batch_ids]
         for check in rows:
             if check is not None and check.status == CheckStatus.running:
-                self.retry_later(check, "check.timeout", "The check ran past its time budget.")
+                self.retry_later(check, "check.timeout", "The check ran past its time budget.", "batch")
 
     # ------------------------------------------------------------------ reconciling
 
@@ -275,11 +276,11 @@ class CheckService:
             ]
         for check in stuck:
             if check.attempts >= self.settings.max_attempts:
-                self._failed(check, "check.stuck", "No worker finished this check.")
+                self._failed(check, "check.stuck", "No worker finished this check.", "reconcile")
                 continue
             with self.ledger.session() as session:
                 self.ledger.mark_queued(session, check.id)  # keeps the last error
-            log.info("stuck check re-queued", extra=_about(check))
+            log.info("stuck check re-queued", extra=_about(check, "reconcile"))
             self.enqueue(_message(check), 0.0)
         return len(stuck)
 
@@ -291,9 +292,9 @@ def _message(check: CheckRow) -> dict:
     return {"external_id": check.external_id, "image": check.source, "check_id": check.id}
 
 
-def _about(check: CheckRow, **fields) -> dict:
-    """The `extra` of every log line about a check: which check, for which upload."""
-    return {"check_id": check.id, "external_id": check.external_id, **fields}
+def _about(check: CheckRow, stage: str, **fields) -> dict:
+    """The `extra` of every log line about a check: which check, for which upload, at which stage."""
+    return {"check_id": check.id, "external_id": check.external_id, "stage": stage, **fields}
 
 
 def _count_reuse(known: dict, images: list[DecodedImage]) -> None:

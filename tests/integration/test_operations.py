@@ -91,7 +91,7 @@ def test_log_lines_about_a_check_carry_its_ids(stack, worked):
     lines = [json.loads(line) for line in worker.log.read_text().splitlines() if line.startswith("{")]
     done = [line for line in lines if line["message"].startswith("check done")]
     assert {line["check_id"] for line in done} >= set(rows)
-    assert all(line["external_id"] and line["level"] == "info" for line in done)
+    assert all(line["external_id"] and line["stage"] == "store" and line["level"] == "info" for line in done)
 
 
 def test_health_passes_on_a_working_stack(stack, worked):
