@@ -41,6 +41,7 @@ class Detector:
         self.grounder = Grounder(store.locate(profile.ground), self.device)
         self.embedder = Embedder(store.locate(profile.embed), self.device)
         self.head: Head | None = None
+        self._pipeline_version: PipelineVersion | None = None
         if head is not None:
             self.use_head(head)
 
@@ -61,13 +62,15 @@ class Detector:
 
     @property
     def pipeline_version(self) -> PipelineVersion:
-        if self.head is None:
+        if self._pipeline_version is None:
             raise ValueError("A pipeline version needs a head; load one with use_head().")
-        return PipelineVersion(**self.stage_versions, head=self.head.version)
+        return self._pipeline_version
 
     def use_head(self, head: Head) -> None:
         head.check_compatible(self.stage_versions)
         self.head = head
+        # Computed once: hashing the head's weights costs ~1 ms, and the worker asks for the version per check.
+        self._pipeline_version = PipelineVersion(**self.stage_versions, head=head.version)
 
     def load(self) -> None:
         """Loads every model now rather than on first use (a worker does this once, before serving)."""
