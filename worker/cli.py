@@ -122,17 +122,14 @@ def scan(
 
 
 def _detector(settings: Settings, offline: bool):
-    from pipeline.detector import Detector
     from pipeline.errors import ItemError
-    from pipeline.head import Head
-    from pipeline.profiles import get_profile
+    from worker.runtime import build_detector
 
-    if settings.head is None:
-        raise _fail(ValueError("No head given: pass --head PATH or set ITEM_HEAD (`item demo` trains a tiny one)."))
     try:
-        profile, head = get_profile(settings.profile), Head.load(settings.head)
-        detector = Detector(profile, _store(settings, offline), head, settings.device)
-        with err.status(f"loading the {profile.name} models…"):
+        detector = build_detector(
+            settings.model_copy(update={"allow_download": settings.allow_download and not offline})
+        )
+        with err.status(f"loading the {detector.profile.name} models…"):
             detector.load()  # now, so a broken model is one clear error rather than a failure mid-scan
         return detector
     except (ItemError, ValueError) as error:

@@ -17,24 +17,25 @@ from worker.settings import Settings
 
 def build_detector(settings: Settings) -> Detector:
     if settings.head is None:
-        raise HeadError("No head configured: set ITEM_HEAD to a .safetensors head.", code="head.missing")
+        message = "No head given: set ITEM_HEAD (or pass --head to `item scan`); `item demo` trains a tiny one."
+        raise HeadError(message, code="head.missing")
     store = ModelStore(settings.model_dir, allow_download=settings.allow_download)
     return Detector(get_profile(settings.profile), store, Head.load(settings.head), settings.device)
 
 
-def build_service(settings: Settings, enqueue: Enqueue, detector: Detector | None = None) -> CheckService:
-    service = CheckService(settings, Ledger(settings.database_url), detector or build_detector(settings), enqueue)
+def build_service(settings: Settings, enqueue: Enqueue) -> CheckService:
+    service = CheckService(settings, Ledger(settings.database_url), build_detector(settings), enqueue)
     service.register_version()
     return service
 
 
-def run_in_process(settings: Settings, messages: list[dict], detector: Detector | None = None) -> CheckService:
+def run_in_process(settings: Settings, messages: list[dict]) -> CheckService:
     """The embedded mode (no broker): each message, and every retry it asks for, runs here and now.
 
     Retry delays are honoured but capped at a few seconds: a person is waiting at the terminal.
     """
     pending: deque[tuple[dict, float]] = deque((message, 0.0) for message in messages)
-    service = build_service(settings, lambda kwargs, countdown: pending.append((kwargs, countdown)), detector)
+    service = build_service(settings, lambda kwargs, countdown: pending.append((kwargs, countdown)))
     while pending:
         message, countdown = pending.popleft()
         time.sleep(min(countdown, 5.0))
