@@ -65,7 +65,7 @@ PROFILES: dict[str, Profile] = {
         Profile(
             name="paper",
             description="The paper's models: BLIP-2 OPT-2.7b, Grounding DINO base (for GLIP-L), "
-            "CLIP ViT-L/14 OpenAI. About 16 GB of GPU memory.",
+            "CLIP ViT-L/14 OpenAI. Weights alone ~10 GB on GPU (estimated from parameter counts).",
             caption=ModelSpec("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", params=_CAPTION_PARAMS),
             ground=ModelSpec("grounding-dino-base", "IDEA-Research/grounding-dino-base", params=_GROUND_PARAMS),
             embed=ModelSpec(
@@ -78,7 +78,8 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             name="small",
-            description="For GPUs under 8 GB: BLIP base captioner, Grounding DINO tiny, CLIP ViT-B/16 OpenAI.",
+            description="For smaller GPUs: BLIP base captioner, Grounding DINO tiny, CLIP ViT-B/16 OpenAI "
+            "(weights ~2 GB, estimated).",
             caption=ModelSpec(
                 "blip-image-captioning-base", "Salesforce/blip-image-captioning-base", params=_CAPTION_PARAMS
             ),
