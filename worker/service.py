@@ -24,7 +24,7 @@ from pipeline.detector import Detector
 from pipeline.errors import ItemError
 from pipeline.imaging import DecodedImage, decode_image
 from worker import metrics, sources
-from worker.ledger.models import CheckRow, CheckStatus
+from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus
 from worker.ledger.store import Ledger
 from worker.settings import Settings
 
@@ -65,7 +65,7 @@ class CheckService:
     def receive(self, external_id: str, image: dict, check_id: str | None = None) -> None:
         """Handles one `item.check` message: make sure the check exists, then run a batch that includes it."""
         check = self._ensure_check(external_id, image, check_id)
-        if check is None or check.status in TERMINAL:
+        if check is None or check.status in TERMINAL_STATUSES:
             return
         if check.pipeline_version_id != self.version_id:
             log.warning("check %s is for %s; this worker runs %s", check.id, check.pipeline_version_id, self.version_id)
@@ -283,9 +283,6 @@ class CheckService:
             log.info("stuck check re-queued", extra=_about(check, "reconcile"))
             self.enqueue(_message(check), 0.0)
         return len(stuck)
-
-
-TERMINAL = frozenset({CheckStatus.done, CheckStatus.rejected, CheckStatus.failed})
 
 
 def _message(check: CheckRow) -> dict:

@@ -64,7 +64,6 @@ class CheckStatus(StrEnum):
 
 
 TERMINAL_STATUSES = frozenset({CheckStatus.done, CheckStatus.rejected, CheckStatus.failed})
-ARTIFACT_KINDS = ("caption", "ground", "embed", "features")
 
 # Stored as VARCHAR (no native enum type, no CHECK constraint): adding a status later is then a code change only.
 _STATUS = sa.Enum(
