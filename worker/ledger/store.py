@@ -15,9 +15,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline import codec
 from pipeline.imaging import DecodedImage
 from pipeline.results import Artifacts, PipelineVersion
-from worker.ledger import artifacts as codec
 from worker.ledger.engine import make_engine
 from worker.ledger.models import (
     TERMINAL_STATUSES,

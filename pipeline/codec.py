@@ -1,4 +1,5 @@
-"""Artifacts ↔ ledger rows: pure functions, one pair per kind, exact round trips (n = 0 included).
+"""Artifacts ↔ stored form (a JSON payload plus optional float32 bytes): one pair per kind, exact round trips
+(n = 0 included). The worker's ledger and the on-disk feature cache both store artifacts this way.
 
 Tensors are stored as one float32 little-endian matrix per artifact rather than as JSON numbers: compact,
 exact, and independent of the machine that wrote them. The payload records the shape, so a zero-object
