@@ -26,7 +26,7 @@ from pipeline.results import Analysis, Artifacts, DetectedObject, Detection, Emb
 from pipeline.stages.base import Stage
 from pipeline.stages.caption import Captioner
 from pipeline.stages.embed import Embedder
-from pipeline.stages.ground import Grounder
+from pipeline.stages.ground import make_grounder
 from pipeline.store import ModelStore
 
 FEATURES_VERSION = "misalign:eq3-7,no_object=global"
@@ -38,7 +38,7 @@ class Detector:
         self.profile = profile
         self.device = resolve_device(device)
         self.captioner = Captioner(store.locate(profile.caption), self.device)
-        self.grounder = Grounder(store.locate(profile.ground), self.device)
+        self.grounder = make_grounder(store.locate(profile.ground), self.device)
         self.embedder = Embedder(store.locate(profile.embed), self.device)
         self.head: Head | None = None
         self._pipeline_version: PipelineVersion | None = None

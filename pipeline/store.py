@@ -21,7 +21,9 @@ from pipeline.profiles import ModelSpec
 OPEN_CLIP_FILES = ["open_clip_*", "*.json", "*.txt"]
 PICKLED_FILES = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5"]
 MANIFEST = "item_model.json"  # in every model folder: what it holds, and at which revision
-DEFAULT_MODEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "item" / "models"
+CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "item"
+DEFAULT_MODEL_DIR = CACHE_ROOT / "models"
+DEFAULT_FEATURE_DIR = CACHE_ROOT / "features"  # see pipeline.features: cached artifacts of datasets
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,12 @@ class ModelStore:
         return self.model_dir / spec.name
 
     def is_present(self, spec: ModelSpec) -> bool:
-        return (self.folder(spec) / MANIFEST).is_file()
+        return not spec.weights or (self.folder(spec) / MANIFEST).is_file()
 
     def locate(self, spec: ModelSpec) -> LocatedModel:
         """The local folder of `spec`, generating or downloading it first when allowed."""
+        if not spec.weights:
+            return LocatedModel(spec, self.folder(spec), "builtin")
         if not self.is_present(spec):
             if spec.generated:
                 self.generate(spec)
@@ -64,6 +68,8 @@ class ModelStore:
 
     def pull(self, spec: ModelSpec) -> Path:
         """Downloads `spec` into the model directory, pinned to the commit the hub resolves now."""
+        if not spec.weights:
+            return self.folder(spec)
         if spec.generated:
             return self.generate(spec)
         from huggingface_hub import HfApi, snapshot_download

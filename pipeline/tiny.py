@@ -243,8 +243,10 @@ def build_embed_model(directory: Path, seed: int) -> None:
 
 BUILDERS = {
     "tiny-blip2": build_caption_model,
+    "tiny-blip2-alt": build_caption_model,  # same architecture, another seed: a second captioner for ablations
     "tiny-grounding-dino": build_ground_model,
     "tiny-clip-quickgelu": build_embed_model,
+    "tiny-clip-quickgelu-alt": build_embed_model,
 }
 
 

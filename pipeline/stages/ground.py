@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.imaging import letterbox
 from pipeline.stages.base import Stage
+from pipeline.store import LocatedModel
 
 
 @dataclass(frozen=True)
@@ -119,3 +120,29 @@ def _to_pixels(box: torch.Tensor, side: int, width: int, height: int):
     if x1 - x0 < 1 or y1 - y0 < 1:
         return None  # the box lies in the padding, or is under a pixel: nothing to crop
     return (round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2))
+
+
+class WholeImageGrounder(Stage):
+    """Grounding turned off (an ablation): every phrase is placed on the whole image, with full confidence.
+
+    The local misalignment then compares each object phrase with the whole picture, so the difference to the
+    real grounder measures what localisation adds, rather than what the phrases add.
+    """
+
+    name = "ground"
+
+    def _load(self) -> None:
+        """Nothing to load: this stage runs no model."""
+
+    def ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[GroundedObject]]:
+        limit = int(self.params["max_objects"])
+        found = []
+        for image, wanted in zip(images, phrases, strict=True):
+            whole = (0.0, 0.0, float(image.width), float(image.height))
+            found.append([GroundedObject(phrase, whole, 1.0) for phrase in wanted[:limit]])
+        return found
+
+
+def make_grounder(located: LocatedModel, device: torch.device) -> Grounder | WholeImageGrounder:
+    """The grounding stage for a model spec: Grounding DINO, or the whole-image stand-in when grounding is off."""
+    return Grounder(located, device) if located.spec.weights else WholeImageGrounder(located, device)

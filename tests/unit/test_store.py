@@ -77,3 +77,43 @@ def test_an_existing_open_clip_config_is_kept(tmp_path):
     (tmp_path / "open_clip_config.json").write_text("{}")
     write_open_clip_config(tmp_path, "ViT-L-14-quickgelu", "openai")
     assert (tmp_path / "open_clip_config.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------ swapped profiles (ablations)
+
+
+def test_a_swapped_profile_has_a_canonical_name_and_the_swapped_specs():
+    swapped = get_profile("tiny + clip=tiny-clip-quickgelu-alt + ground=off")
+    assert swapped.name == "tiny+ground=whole-image+embed=tiny-clip-quickgelu-alt"  # stage order, canonical names
+    assert get_profile(swapped.name) == swapped
+    assert swapped.caption == get_profile("tiny").caption
+    assert swapped.embed.name == "tiny-clip-quickgelu-alt" and swapped.meaningless_scores
+
+
+def test_swapping_in_the_same_model_gives_the_base_profile():
+    assert get_profile("paper+embed=clip-vit-l-14-openai") == get_profile("paper")
+
+
+def test_grounding_off_keeps_the_base_profiles_limits():
+    assert get_profile("paper+ground=off").ground.params == {"max_objects": 8, "max_phrases": 8}
+    assert get_profile("tiny+ground=off").ground.params == {"max_objects": 4, "max_phrases": 4}
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("tiny+colour=blue", "'colour' is not a stage"),
+        ("tiny+embed=clip-vit-h", "Unknown embed model 'clip-vit-h'"),
+        ("huge+embed=clip-rn50-openai", "Unknown model profile 'huge'"),
+    ],
+)
+def test_bad_swaps_name_what_is_accepted(name, message):
+    with pytest.raises(ProfileError, match=message):
+        get_profile(name)
+
+
+def test_grounding_off_needs_no_model_and_is_its_own_stage_version(tiny_store):
+    spec = get_profile("tiny+ground=off").ground
+    assert tiny_store.is_present(spec) and not (tiny_store.model_dir / spec.name).exists()
+    located = tiny_store.locate(spec)
+    assert located.revision == "builtin"
