@@ -65,7 +65,7 @@ def scan(
             started = time.perf_counter()
             row = ScanRow(path)
             try:
-                image = decode_image(_read(path, max_bytes), max_pixels=max_pixels, max_bytes=max_bytes)
+                image = decode_image(read_file(path, max_bytes), max_pixels=max_pixels, max_bytes=max_bytes)
                 decoded.append((row, image))
             except ItemError as error:
                 row.error = error
@@ -86,7 +86,8 @@ def _detect(detector: Detector, decoded: list[tuple[ScanRow, DecodedImage]]) -> 
         row.detection = detection
 
 
-def _read(path: Path, max_bytes: int) -> bytes:
+def read_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of an image file, or an ItemError with a stable code (too large, missing, unreadable)."""
     try:
         if path.stat().st_size > max_bytes:
             raise ItemError(f"{path} is larger than {max_bytes:,} bytes.", code="image.too_large")

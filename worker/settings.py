@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from pipeline.store import DEFAULT_MODEL_DIR
+from pipeline.store import DEFAULT_FEATURE_DIR, DEFAULT_MODEL_DIR
 
 DATA_HOME = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "item"
 DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"
@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     # models
     profile: str = Field("paper", description="Model profile: paper, small or tiny.")
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Where model folders live (and are downloaded to).")
+    feature_dir: Path = Field(
+        DEFAULT_FEATURE_DIR, description="Cache of dataset artifacts for `item features|train|eval|calibrate`."
+    )
     allow_download: bool = Field(True, description="Fetch missing models from the Hugging Face hub.")
     head: Path | None = Field(None, description="Head weights (.safetensors) used to score.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
