@@ -8,6 +8,9 @@ demo shows that a signal survives the whole pipeline, not that detection works.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageFilter
 
@@ -50,3 +53,19 @@ def _patterned(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     pixels = np.where(mask[..., None] == 1, light, dark).astype(np.float64)
     pixels += rng.normal(0, 40, pixels.shape)
     return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def write_benchmark(
+    folder: Path, groups: Sequence[str] = ("gen-a", "gen-b"), per_class: int = 8, seed: int = 0, fmt: str = "PNG"
+) -> Path:
+    """A labelled set in the benchmark layout (`folder/<group>/0_real|1_fake/`): smooth images as real,
+    patterned as fake, for trying `item train|eval|calibrate` offline."""
+    suffix = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}[fmt]
+    for group_index, group in enumerate(groups):
+        for label, (family, subfolder) in enumerate(zip(FAMILIES, ("0_real", "1_fake"), strict=True)):
+            target = folder / group / subfolder
+            target.mkdir(parents=True, exist_ok=True)
+            for index in range(per_class):
+                image_seed = seed * 1_000_003 + group_index * 100_003 + label * 10_007 + index
+                make_image(family, image_seed).save(target / f"{family}-{index:04d}.{suffix}", fmt)
+    return folder

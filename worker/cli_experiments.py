@@ -1,0 +1,593 @@
+"""`item features | train | eval | calibrate`: the paper's experiments, and a platform's own, one command each.
+
+All four share one path: list a dataset, extract (or reuse) its features, then train, score or calibrate on
+them. Model swaps for ablations are options (`--caption-model`, `--clip-model`, `--no-grounding`) that end up
+in the profile name and the stage versions, so cached features and heads never mix across them. Files that
+cannot be read are reported and skipped; they never stop a run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from worker.cli import JsonOpt, ModelDirOpt, OfflineOpt, _fail, _progress, _settings, _store, app, err, out
+
+DataArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Dataset folders (0_real/1_fake per generator, or real/ fake/) or CSV manifests (path,label[,group])."
+    ),
+]
+CaptionOpt = Annotated[str | None, typer.Option("--caption-model", help="Swap the captioner (ablation).")]
+ClipOpt = Annotated[str | None, typer.Option("--clip-model", help="Swap the CLIP backbone (ablation).")]
+GroundingOpt = Annotated[
+    bool, typer.Option("--grounding/--no-grounding", help="--no-grounding compares phrases with the whole image.")
+]
+ReencodeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reencode",
+        help="Re-encode every image alike before extraction, e.g. jpeg:95 (format-bias guard). "
+        "eval and calibrate default to the head's own setting.",
+    ),
+]
+CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Feature cache [env ITEM_FEATURE_DIR].")]
+LedgerCacheOpt = Annotated[
+    bool, typer.Option("--cache-in-ledger", help="Cache in the ledger (ITEM_DATABASE_URL), shared with the worker.")
+]
+HeadOpt = Annotated[Path, typer.Option("--head", help="Head .safetensors to evaluate.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per model batch.")]
+
+
+@app.command()
+def features(
+    data: DataArg,
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Model profile (paper, small, tiny).")] = None,
+    caption_model: CaptionOpt = None,
+    clip_model: ClipOpt = None,
+    grounding: GroundingOpt = True,
+    reencode: ReencodeOpt = None,
+    model_dir: ModelDirOpt = None,
+    cache_dir: CacheDirOpt = None,
+    cache_in_ledger: LedgerCacheOpt = False,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Extract and cache the features of datasets (resumable), so train and eval start at once."""
+    settings = _settings(
+        profile=profile, model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device
+    )
+    dataset = _dataset(data)
+    name = _ablation(settings.profile, caption_model, clip_model, grounding)
+    extracted = _extract(dataset.samples, _detector(name, settings, offline), settings, cache_in_ledger, reencode)
+    summary = {"profile": name, **_extraction_summary(extracted, dataset), "groups": _group_counts(extracted)}
+    _finish(summary, as_json, lambda: _print_groups(extracted, f"features · {name}"))
+
+
+@app.command()
+def train(
+    data: DataArg,
+    head_out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the head (.safetensors + .json).")],
+    val: Annotated[list[Path] | None, typer.Option("--val", help="Validation dataset(s); default: a split.")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0, max=0.9, help="Held out per generator and class.")] = 0.1,
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Model profile (paper, small, tiny).")] = None,
+    caption_model: CaptionOpt = None,
+    clip_model: ClipOpt = None,
+    grounding: GroundingOpt = True,
+    representation: Annotated[
+        str, typer.Option(help="both (Eq. 8), global (D_g only) or local (D_l only): the Fig. 5 ablation.")
+    ] = "both",
+    w1: Annotated[float | None, typer.Option(help="Weight of D_g (default 1; 0 with --representation local).")] = None,
+    w2: Annotated[float | None, typer.Option(help="Weight of D_l (default 1; 0 with --representation global).")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 50,
+    lr: Annotated[float, typer.Option(min=0)] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(min=0)] = 1e-3,
+    train_batch_size: Annotated[int, typer.Option(min=1, help="Feature vectors per optimiser step.")] = 64,
+    hidden: Annotated[int, typer.Option(min=1, help="Hidden width of the MLP head.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the training: same data + seed, same head.")] = 0,
+    reencode: ReencodeOpt = None,
+    model_dir: ModelDirOpt = None,
+    cache_dir: CacheDirOpt = None,
+    cache_in_ledger: LedgerCacheOpt = False,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the MLP head on cached features, the paper's way by default (AdamW, 50 epochs, lr/wd 1e-3)."""
+    from pipeline.datasets import split
+    from pipeline.head import HeadMetadata
+    from pipeline.training import TrainConfig
+
+    settings = _settings(
+        profile=profile, model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device
+    )
+    weights = _weights(representation, w1, w2)
+    name = _ablation(settings.profile, caption_model, clip_model, grounding)
+    dataset = _dataset(data)
+    detector = _detector(name, settings, offline)
+    extracted = _extract(dataset.samples, detector, settings, cache_in_ledger, reencode)
+    if val:
+        train_set, val_set = extracted, _extract(_dataset(val).samples, detector, settings, cache_in_ledger, reencode)
+    else:
+        train_set, val_set = _split(extracted, split, val_fraction, seed)
+    _need_both_classes(train_set)
+    config = TrainConfig(epochs, lr, weight_decay, train_batch_size, hidden, seed)
+    dim = int(train_set.global_.shape[1])
+    metadata = HeadMetadata(name, detector.stage_versions, dim, w1=weights[0], w2=weights[1])
+    head = _fit(train_set, val_set, metadata, config)
+    head.metadata.training.update(
+        datasets=[str(path) for path in data],
+        validation_source=[str(path) for path in val] if val else f"split {val_fraction:g} (seed {seed})",
+        representation=representation,
+        input_transform=_transform(reencode).id,
+        features=_extraction_summary(extracted, dataset),
+    )
+    weights_path = head.save(head_out)
+    summary = {"head": str(weights_path), "version": head.version, "profile": name, **head.metadata.training}
+    _finish(summary, as_json, lambda: _print_training(head, weights_path, train_set, val_set))
+
+
+@app.command("eval")
+def evaluate(
+    data: DataArg,
+    head_path: HeadOpt,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for tables, scores and plots.")] = Path(
+        "item-eval"
+    ),
+    perturb: Annotated[bool, typer.Option("--perturb", help="Also score the paper's perturbations (Fig. 4).")] = False,
+    perturbations: Annotated[str, typer.Option(help="Which ones, comma-separated.")] = "noise,blur,jpeg",
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="PR/ROC curves and t-SNE as PNG.")] = True,
+    tsne_max: Annotated[int, typer.Option(min=10, help="At most this many images in the t-SNE plot.")] = 2000,
+    reencode: ReencodeOpt = None,
+    model_dir: ModelDirOpt = None,
+    cache_dir: CacheDirOpt = None,
+    cache_in_ledger: LedgerCacheOpt = False,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """ACC and AP per generator and on average (paper Tables I-III), as a table, CSV and Markdown, with plots."""
+    from pipeline import evaluation
+    from pipeline.features import format_bias_warning
+
+    settings = _settings(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
+    head = _head(head_path)
+    reencode = _head_reencode(head, reencode)
+    dataset = _dataset(data)
+    detector = _detector(head.metadata.profile, settings, offline, head)
+    extracted = _extract(dataset.samples, detector, settings, cache_in_ledger, reencode)
+    if not len(extracted.samples):
+        raise _fail(ValueError("No readable images to evaluate."))
+    report = evaluation.evaluate(extracted, head)
+    written = _write_eval(report, out_dir, head, plots, tsne_max)
+    robustness = []
+    if perturb:
+        kinds = _kinds(perturbations)
+        robustness = _robustness(dataset.samples, detector, settings, cache_in_ledger, head, reencode, kinds, report)
+        written.update(_write_robustness(robustness, out_dir, plots))
+    warning = format_bias_warning(extracted, _transform(reencode))
+    summary = {
+        "head": str(head_path),
+        "head_version": head.version,
+        "threshold": head.metadata.threshold,
+        "input_transform": _transform(reencode).id,
+        "metrics": [row.to_dict() for row in report.rows()],
+        "robustness": [row.to_dict() for row in robustness],
+        "features": _extraction_summary(extracted, dataset),
+        "format_warning": warning,
+        "files": {key: str(path) for key, path in written.items()},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2, default=str) + "\n")
+    _finish(summary, as_json, lambda: _print_eval(report, robustness, written, warning))
+
+
+@app.command()
+def calibrate(
+    real: Annotated[Path, typer.Argument(help="Known-real images: a folder, or the real half of a dataset.")],
+    head_path: Annotated[Path, typer.Option("--head", help="Head to calibrate.")],
+    target_fpr: Annotated[float, typer.Option(min=0, max=0.5, help="Share of real images it may flag.")] = 0.01,
+    head_out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write it; default: in place.")] = None,
+    reencode: ReencodeOpt = None,
+    model_dir: ModelDirOpt = None,
+    cache_dir: CacheDirOpt = None,
+    cache_in_ledger: LedgerCacheOpt = False,
+    batch_size: BatchOpt = None,
+    device: DeviceOpt = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set the head's threshold so at most --target-fpr of known-real images are flagged; store it in the head."""
+    from pipeline.calibration import calibrate as calibrate_head
+    from pipeline.calibration import real_samples
+    from pipeline.errors import ItemError
+    from pipeline.evaluation import score
+
+    settings = _settings(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
+    head = _head(head_path)
+    reencode = _head_reencode(head, reencode)
+    try:
+        samples = real_samples(real)
+    except ItemError as error:
+        raise _fail(error) from None
+    detector = _detector(head.metadata.profile, settings, offline, head)
+    extracted = _extract(samples, detector, settings, cache_in_ledger, reencode)
+    if not len(extracted.samples):
+        raise _fail(ValueError(f"None of the {len(samples)} files under {real} could be read."))
+    try:
+        calibrated, report = calibrate_head(head, score(extracted, head), target_fpr)
+    except ValueError as error:
+        raise _fail(error) from None
+    weights_path = calibrated.save(head_out or head_path)
+    summary = {"head": str(weights_path), "version": calibrated.version, **report.to_dict()}
+    _finish(summary, as_json, lambda: _print_calibration(report, weights_path, calibrated.version))
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+
+
+def _dataset(paths: list[Path]):
+    from pipeline.datasets import load_datasets
+    from pipeline.errors import ItemError
+
+    try:
+        dataset = load_datasets(paths)
+    except ItemError as error:
+        raise _fail(error) from None
+    for problem in dataset.problems[:10]:
+        err.print(f"[yellow]skipped[/] {escape(problem.where)}: {escape(problem.reason)}")
+    if len(dataset.problems) > 10:
+        err.print(f"[yellow]skipped[/] … and {len(dataset.problems) - 10} more entries")
+    return dataset
+
+
+def _ablation(profile: str, caption_model: str | None, clip_model: str | None, grounding: bool) -> str:
+    from pipeline.errors import ItemError
+    from pipeline.profiles import get_profile, with_models
+
+    try:
+        swaps = {"caption": caption_model, "embed": clip_model, "ground": None if grounding else "off"}
+        return with_models(get_profile(profile), **swaps).name
+    except ItemError as error:
+        raise _fail(error) from None
+
+
+def _detector(profile_name: str, settings, offline: bool, head=None):
+    from pipeline.detector import Detector
+    from pipeline.errors import ItemError
+    from pipeline.profiles import get_profile
+
+    try:
+        detector = Detector(get_profile(profile_name), _store(settings, offline), head, settings.device)
+    except (ItemError, ValueError) as error:
+        raise _fail(error) from None
+    if detector.profile.meaningless_scores:
+        err.print("[yellow]note[/] the tiny profile's models are random: figures show the plumbing only.")
+    return detector
+
+
+def _head(path: Path):
+    from pipeline.errors import ItemError
+    from pipeline.head import Head
+
+    try:
+        return Head.load(path)
+    except ItemError as error:
+        raise _fail(error) from None
+
+
+def _transform(text: str | None):
+    from pipeline.transforms import parse_transform
+
+    try:
+        return parse_transform(text or "none")
+    except ValueError as error:
+        raise _fail(error) from None
+
+
+def _head_reencode(head, reencode: str | None) -> str:
+    """The input transform to evaluate with: the one the head was trained with, unless asked otherwise."""
+    trained = head.metadata.training.get("input_transform", "none")
+    if reencode is None:
+        return trained
+    if _transform(reencode).id != trained:
+        err.print(f"[yellow]note[/] the head was trained on inputs {trained!r}; evaluating on {reencode!r}.")
+    return reencode
+
+
+def _cache(settings, in_ledger: bool):
+    if in_ledger:
+        from worker.ledger.cache import LedgerCache
+        from worker.ledger.store import Ledger
+
+        return LedgerCache(Ledger(settings.database_url))
+    from pipeline.features import DiskCache
+
+    return DiskCache(settings.feature_dir)
+
+
+def _extract(samples, detector, settings, in_ledger: bool, reencode: str | None, label: str = "features"):
+    from pipeline.errors import ItemError
+    from pipeline.features import extract
+
+    transform = _transform(reencode)
+    if transform.steps:
+        label = f"{label} ({transform.id})"
+    with _progress(len(samples), label) as bar:
+        task = bar.add_task(label, total=len(samples))
+        try:
+            extracted = extract(
+                samples,
+                detector,
+                _cache(settings, in_ledger),
+                transform=transform,
+                batch_size=settings.batch_size,
+                max_pixels=settings.max_pixels,
+                max_bytes=settings.max_image_bytes,
+                progress=lambda n: bar.advance(task, n),
+            )
+        except ItemError as error:
+            raise _fail(error) from None
+    _report_failures(extracted.failures, len(samples))
+    return extracted
+
+
+def _report_failures(failures, total: int) -> None:
+    if not failures:
+        return
+    codes = ", ".join(f"{count} {code}" for code, count in Counter(f.code for f in failures).most_common())
+    err.print(f"[yellow]{len(failures)} of {total} files could not be read and were skipped[/] ({codes})")
+    for failure in failures[:5]:
+        err.print(f"  {escape(str(failure.path))}: {escape(failure.message)}")
+
+
+def _extraction_summary(extracted, dataset) -> dict:
+    return {
+        "images": len(extracted.samples),
+        "computed": extracted.computed,
+        "reused": extracted.reused,
+        "unreadable": len(extracted.failures),
+        "unreadable_by_code": dict(Counter(f.code for f in extracted.failures)),
+        "skipped_entries": len(dataset.problems),
+    }
+
+
+def _group_counts(extracted) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for sample in extracted.samples:
+        row = counts.setdefault(sample.group, {"real": 0, "fake": 0})
+        row["fake" if sample.label else "real"] += 1
+    return counts
+
+
+def _split(extracted, split, val_fraction: float, seed: int):
+    train_samples, val_samples = split(extracted.samples, val_fraction, seed)
+    position = {id(sample): index for index, sample in enumerate(extracted.samples)}
+    rows = [position[id(sample)] for sample in train_samples], [position[id(sample)] for sample in val_samples]
+    return extracted.subset(rows[0]), extracted.subset(rows[1])
+
+
+def _need_both_classes(train_set) -> None:
+    present = set(train_set.labels.tolist())
+    if present != {0, 1}:
+        missing = "fake" if 0 in present else "real"
+        raise _fail(ValueError(f"The training data has no readable {missing} images; a head needs both classes."))
+
+
+def _weights(representation: str, w1: float | None, w2: float | None) -> tuple[float, float]:
+    defaults = {"both": (1.0, 1.0), "global": (1.0, 0.0), "local": (0.0, 1.0)}
+    if representation not in defaults:
+        raise _fail(ValueError(f"--representation must be one of {', '.join(defaults)}, not {representation!r}."))
+    d1, d2 = defaults[representation]
+    return (d1 if w1 is None else w1), (d2 if w2 is None else w2)
+
+
+def _fit(train_set, val_set, metadata, config):
+    from pipeline.training import train_head
+
+    w1, w2 = metadata.w1, metadata.w2
+    validation = (val_set.representation(w1, w2), val_set.labels) if len(val_set.samples) else None
+    with _progress(config.epochs, "training") as bar:
+        task = bar.add_task("training", total=config.epochs)
+
+        def show(epoch) -> None:
+            text = f"loss {epoch.train_loss:.4f}"
+            if epoch.val_accuracy is not None:
+                text += f" · val acc {epoch.val_accuracy:.1%} AP {epoch.val_ap:.3f}"
+            bar.update(task, advance=1, description=f"training · {text}")
+
+        return train_head(
+            train_set.representation(w1, w2), train_set.labels, metadata, config, validation=validation, on_epoch=show
+        )
+
+
+def _kinds(text: str) -> list[str]:
+    from pipeline.transforms import PAPER_PERTURBATIONS
+
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in PAPER_PERTURBATIONS]
+    if unknown or not kinds:
+        raise _fail(ValueError(f"--perturbations takes a list of {', '.join(PAPER_PERTURBATIONS)}; got {text!r}."))
+    return kinds
+
+
+def _robustness(samples, detector, settings, in_ledger, head, reencode, kinds, report):
+    from pipeline import evaluation
+
+    base = _transform(reencode)
+    grid = evaluation.perturbation_grid(kinds)
+    with _progress(len(samples) * len(grid), "perturbations") as bar:
+        task = bar.add_task("perturbations", total=len(samples) * len(grid))
+
+        def on_level(kind: str, level: float):
+            bar.update(task, description=f"perturbations · {kind} {level:g}")
+            return lambda n: bar.advance(task, n)
+
+        rows = evaluation.robustness(
+            samples,
+            detector,
+            _cache(settings, in_ledger),
+            head,
+            base=base,
+            kinds=kinds,
+            on_level=on_level,
+            batch_size=settings.batch_size,
+            max_pixels=settings.max_pixels,
+            max_bytes=settings.max_image_bytes,
+        )
+    return [evaluation.clean_row(report, base), *rows]
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def _write_eval(report, out_dir: Path, head, plots: bool, tsne_max: int) -> dict[str, Path]:
+    from pipeline import evaluation
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "metrics_csv": (out_dir / "metrics.csv", evaluation.metrics_csv(report.rows())),
+        "metrics_md": (
+            out_dir / "metrics.md",
+            evaluation.paper_table(report) + "\n" + evaluation.long_table(report.rows()),
+        ),
+        "scores_csv": (out_dir / "scores.csv", evaluation.scores_csv(report)),
+    }
+    for path, text in files.values():
+        path.write_text(text)
+    written = {key: path for key, (path, _) in files.items()}
+    if plots:
+        written.update(_plot_eval(report, out_dir, tsne_max, head))
+    return written
+
+
+def _plot_eval(report, out_dir: Path, tsne_max: int, head) -> dict[str, Path]:
+    from pipeline import plots
+
+    labels, groups = report.labels, report.features.groups
+    curves = {"all": (labels, report.scores)}
+    for group in dict.fromkeys(groups):
+        rows = [index for index, name in enumerate(groups) if name == group]
+        curves[group] = (labels[rows], report.scores[rows])
+    written = {"pr_png": out_dir / "pr.png", "roc_png": out_dir / "roc.png", "tsne_png": out_dir / "tsne.png"}
+    plots.plot_curves(curves, written["pr_png"], written["roc_png"])
+    rows = list(range(len(labels)))
+    if len(rows) > tsne_max:
+        rows = sorted(random.Random(0).sample(rows, tsne_max))  # a fixed sample: the same plot on every run
+    representation = report.features.subset(rows).representation(head.metadata.w1, head.metadata.w2)
+    points = plots.tsne_2d(representation.numpy(), seed=0)
+    plots.plot_embedding(points, labels[rows], written["tsne_png"], "t-SNE of the misalignment representation D")
+    return written
+
+
+def _write_robustness(rows, out_dir: Path, plots_on: bool) -> dict[str, Path]:
+    from pipeline import evaluation
+
+    written = {"robustness_csv": out_dir / "robustness.csv", "robustness_md": out_dir / "robustness.md"}
+    written["robustness_csv"].write_text(evaluation.robustness_csv(rows))
+    written["robustness_md"].write_text(evaluation.robustness_table(rows))
+    if plots_on:
+        from pipeline import plots
+
+        by_kind: dict[str, list[tuple[float, float]]] = {}
+        for row in rows[1:]:
+            by_kind.setdefault(row.kind, []).append((row.level, row.average_precision))
+        written["robustness_png"] = out_dir / "robustness.png"
+        plots.plot_robustness(by_kind, rows[0].average_precision, written["robustness_png"])
+    return written
+
+
+def _finish(summary: dict, as_json: bool, show) -> None:
+    if as_json:
+        print(json.dumps(_finite(summary), default=str))
+    else:
+        show()
+
+
+def _finite(value):
+    """NaN (AP of a one-class group) as null: JSON has no NaN, and strict parsers reject it."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _print_groups(extracted, title: str) -> None:
+    table = Table(title=title)
+    for column in ("group", "real", "fake"):
+        table.add_column(column, justify="right" if column != "group" else "left")
+    for group, counts in _group_counts(extracted).items():
+        table.add_row(group, str(counts["real"]), str(counts["fake"]))
+    out.print(table)
+    out.print(
+        f"{len(extracted.samples)} images: {extracted.computed} computed, {extracted.reused} from the cache, "
+        f"{len(extracted.failures)} unreadable"
+    )
+
+
+def _print_training(head, weights_path: Path, train_set, val_set) -> None:
+    summary = head.metadata.training
+    out.print(
+        f"trained on {len(train_set.samples)} images ({int(train_set.labels.sum())} fake) for "
+        f"{summary['epochs']} epochs: final loss {summary['final_loss']:.4f}, "
+        f"train accuracy {summary['train_accuracy']:.1%}"
+    )
+    if "validation" in summary:
+        val = summary["validation"]
+        out.print(
+            f"validation ({len(val_set.samples)} images): accuracy {val['accuracy']:.1%}, "
+            f"AP {val['average_precision']:.4f}, loss {val['loss']:.4f}"
+        )
+    out.print(f"head written to {weights_path} ({head.version})", soft_wrap=True)
+
+
+def _print_eval(report, robustness, written: dict[str, Path], warning: str | None) -> None:
+    table = Table(title=f"ITEM evaluation · threshold {report.threshold:g}")
+    for column in ("group", "images", "real", "fake", "ACC %", "AP %", "real ACC %", "fake ACC %"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for row in report.rows():
+        figures = (row.accuracy, row.average_precision, row.real_accuracy, row.fake_accuracy)
+        table.add_row(row.group, str(row.n), str(row.n_real), str(row.n_fake), *map(_percent, figures))
+    out.print(table)
+    if robustness:
+        rtable = Table(title="robustness (paper Fig. 4)")
+        for column in ("perturbation", "level", "images", "ACC %", "AP %"):
+            rtable.add_column(column, justify="left" if column == "perturbation" else "right")
+        for row in robustness:
+            level = "" if row.level is None else f"{row.level:g}"
+            rtable.add_row(row.kind, level, str(row.n), _percent(row.accuracy), _percent(row.average_precision))
+        out.print(rtable)
+    if warning:
+        err.print(f"[yellow]format bias[/] {escape(warning)}")
+    for path in written.values():
+        out.print(f"wrote {path}", soft_wrap=True)
+
+
+def _print_calibration(report, weights_path: Path, version: str) -> None:
+    out.print(
+        f"threshold {report.previous_threshold:g} → {report.threshold:.6g}: flags {report.false_positives} of "
+        f"{report.n_real} real images ({report.fpr:.2%}; target {report.target_fpr:.2%}; "
+        f"95% upper bound {report.fpr_upper_95:.2%})"
+    )
+    for warning in report.warnings:
+        err.print(f"[yellow]warning[/] {escape(warning)}")
+    out.print(f"head written to {weights_path} ({version})", soft_wrap=True)
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value != value else f"{100 * value:.2f}"
