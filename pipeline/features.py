@@ -222,7 +222,7 @@ class _Item:
     sha256: str = ""
     format: str = ""
     image: DecodedImage | None = None
-    artifacts: Artifacts | None = None
+    features: tuple[torch.Tensor, torch.Tensor, int] | None = None  # D_g, D_l, object count
     failure: Failure | None = None
 
 
@@ -255,8 +255,8 @@ def extract(
             reused += len(readable) - len(missing)
             for item in batch:
                 if item.failure is None:
-                    item.artifacts = known[item.sha256]
-                    item.data = item.image = None  # keep the features only: datasets can be large
+                    item.features = _parts(known[item.sha256])
+                    item.data = item.image = None  # keep D_g and D_l only: datasets can be large
                     kept.append(item)
                 else:
                     failures.append(item.failure)
@@ -296,19 +296,21 @@ def _analyze(detector: Detector, cache: ArtifactCache, versions, items: list[_It
     return len(items)
 
 
+def _parts(artifacts: Artifacts) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """D_g, D_l (Eq. 7, with the no-object rule) and the object count: all that training and scoring need."""
+    features = artifacts.features
+    return features.global_, eq.local_misalignment(features.objects, features.global_), features.objects.shape[0]
+
+
 def _feature_set(items: list[_Item], failures, computed: int, reused: int, detector: Detector) -> FeatureSet:
-    dim = items[0].artifacts.features.global_.shape[-1] if items else detector.embedder.dim
-    global_rows = [item.artifacts.features.global_ for item in items]
-    local_rows = [
-        eq.local_misalignment(item.artifacts.features.objects, item.artifacts.features.global_) for item in items
-    ]
+    dim = items[0].features[0].shape[-1] if items else detector.embedder.dim
     return FeatureSet(
         samples=[item.sample for item in items],
         sha256s=[item.sha256 for item in items],
         formats=[item.format for item in items],
-        global_=torch.stack(global_rows) if items else torch.empty(0, dim),
-        local=torch.stack(local_rows) if items else torch.empty(0, dim),
-        n_objects=torch.tensor([item.artifacts.features.objects.shape[0] for item in items], dtype=torch.long),
+        global_=torch.stack([item.features[0] for item in items]) if items else torch.empty(0, dim),
+        local=torch.stack([item.features[1] for item in items]) if items else torch.empty(0, dim),
+        n_objects=torch.tensor([item.features[2] for item in items], dtype=torch.long),
         failures=failures,
         computed=computed,
         reused=reused,
