@@ -93,7 +93,7 @@ def paper_table(report: EvalReport, method: str = "ITEM (this head)") -> str:
     columns = [*report.groups, report.mean]
     header = "| Method | " + " | ".join(f"{row.group} ACC | {row.group} AP" for row in columns) + " |"
     rule = "|---|" + "---:|---:|" * len(columns)
-    cells = " | ".join(f"{_percent(row.accuracy)} | {_percent(row.average_precision)}" for row in columns)
+    cells = " | ".join(f"{percent(row.accuracy)} | {percent(row.average_precision)}" for row in columns)
     return "\n".join([header, rule, f"| {method} | {cells} |"]) + "\n"
 
 
@@ -106,12 +106,13 @@ def long_table(rows: Sequence[GroupMetrics]) -> str:
     for row in rows:
         figures = (row.accuracy, row.average_precision, row.real_accuracy, row.fake_accuracy)
         lines.append(
-            f"| {row.group} | {row.n} | {row.n_real} | {row.n_fake} | " + " | ".join(map(_percent, figures)) + " |"
+            f"| {row.group} | {row.n} | {row.n_real} | {row.n_fake} | " + " | ".join(map(percent, figures)) + " |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _percent(value: float) -> str:
+def percent(value: float) -> str:
+    """A rate as a percentage with two decimals, as the paper's tables print it; `n/a` where undefined."""
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
@@ -205,7 +206,5 @@ def robustness_table(rows: Sequence[RobustnessRow]) -> str:
     lines = ["| perturbation | level | images | ACC % | AP % |", "|---|---:|---:|---:|---:|"]
     for row in rows:
         level = "" if row.level is None else f"{row.level:g}"
-        lines.append(
-            f"| {row.kind} | {level} | {row.n} | {_percent(row.accuracy)} | {_percent(row.average_precision)} |"
-        )
+        lines.append(f"| {row.kind} | {level} | {row.n} | {percent(row.accuracy)} | {percent(row.average_precision)} |")
     return "\n".join(lines) + "\n"

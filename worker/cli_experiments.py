@@ -11,14 +11,21 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from worker.cli import JsonOpt, ModelDirOpt, OfflineOpt, _fail, _progress, _settings, _store, app, err, out
+from worker.settings import Settings
+
+if TYPE_CHECKING:  # imported for real inside the commands: `item --help` should not load torch
+    from pipeline.detector import Detector
+    from pipeline.features import ArtifactCache
+    from pipeline.transforms import Chain
 
 DataArg = Annotated[
     list[Path],
@@ -70,7 +77,8 @@ def features(
     )
     dataset = _dataset(data)
     name = _ablation(settings.profile, caption_model, clip_model, grounding)
-    extracted = _extract(dataset.samples, _detector(name, settings, offline), settings, cache_in_ledger, reencode)
+    run = _Run.start(settings, _detector(name, settings, offline), cache_in_ledger, _transform(reencode))
+    extracted = run.extract(dataset.samples)
     summary = {"profile": name, **_extraction_summary(extracted, dataset), "groups": _group_counts(extracted)}
     _finish(summary, as_json, lambda: _print_groups(extracted, f"features · {name}"))
 
@@ -116,22 +124,22 @@ def train(
     weights = _weights(representation, w1, w2)
     name = _ablation(settings.profile, caption_model, clip_model, grounding)
     dataset = _dataset(data)
-    detector = _detector(name, settings, offline)
-    extracted = _extract(dataset.samples, detector, settings, cache_in_ledger, reencode)
+    run = _Run.start(settings, _detector(name, settings, offline), cache_in_ledger, _transform(reencode))
+    extracted = run.extract(dataset.samples)
     if val:
-        train_set, val_set = extracted, _extract(_dataset(val).samples, detector, settings, cache_in_ledger, reencode)
+        train_set, val_set = extracted, run.extract(_dataset(val).samples)
     else:
         train_set, val_set = _split(extracted, split, val_fraction, seed)
     _need_both_classes(train_set)
     config = TrainConfig(epochs, lr, weight_decay, train_batch_size, hidden, seed)
     dim = int(train_set.global_.shape[1])
-    metadata = HeadMetadata(name, detector.stage_versions, dim, w1=weights[0], w2=weights[1])
+    metadata = HeadMetadata(name, run.detector.stage_versions, dim, w1=weights[0], w2=weights[1])
     head = _fit(train_set, val_set, metadata, config)
     head.metadata.training.update(
         datasets=[str(path) for path in data],
         validation_source=[str(path) for path in val] if val else f"split {val_fraction:g} (seed {seed})",
         representation=representation,
-        input_transform=_transform(reencode).id,
+        input_transform=run.transform.id,
         features=_extraction_summary(extracted, dataset),
     )
     weights_path = head.save(head_out)
@@ -164,26 +172,24 @@ def evaluate(
     from pipeline.features import format_bias_warning
 
     settings = _settings(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
-    head = _head(head_path)
-    reencode = _head_reencode(head, reencode)
+    head, run = _head_run(head_path, settings, offline, cache_in_ledger, reencode)
+    kinds = _kinds(perturbations) if perturb else []  # checked now, not after a long extraction
     dataset = _dataset(data)
-    detector = _detector(head.metadata.profile, settings, offline, head)
-    extracted = _extract(dataset.samples, detector, settings, cache_in_ledger, reencode)
+    extracted = run.extract(dataset.samples)
     if not len(extracted.samples):
         raise _fail(ValueError("No readable images to evaluate."))
     report = evaluation.evaluate(extracted, head)
     written = _write_eval(report, out_dir, head, plots, tsne_max)
     robustness = []
-    if perturb:
-        kinds = _kinds(perturbations)
-        robustness = _robustness(dataset.samples, detector, settings, cache_in_ledger, head, reencode, kinds, report)
+    if kinds:
+        robustness = _robustness(run, dataset.samples, head, kinds, report)
         written.update(_write_robustness(robustness, out_dir, plots))
-    warning = format_bias_warning(extracted, _transform(reencode))
+    warning = format_bias_warning(extracted, run.transform)
     summary = {
         "head": str(head_path),
         "head_version": head.version,
         "threshold": head.metadata.threshold,
-        "input_transform": _transform(reencode).id,
+        "input_transform": run.transform.id,
         "metrics": [row.to_dict() for row in report.rows()],
         "robustness": [row.to_dict() for row in robustness],
         "features": _extraction_summary(extracted, dataset),
@@ -216,14 +222,12 @@ def calibrate(
     from pipeline.evaluation import score
 
     settings = _settings(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
-    head = _head(head_path)
-    reencode = _head_reencode(head, reencode)
     try:
         samples = real_samples(real)
     except ItemError as error:
         raise _fail(error) from None
-    detector = _detector(head.metadata.profile, settings, offline, head)
-    extracted = _extract(samples, detector, settings, cache_in_ledger, reencode)
+    head, run = _head_run(head_path, settings, offline, cache_in_ledger, reencode)
+    extracted = run.extract(samples)
     if not len(extracted.samples):
         raise _fail(ValueError(f"None of the {len(samples)} files under {real} could be read."))
     try:
@@ -297,51 +301,60 @@ def _transform(text: str | None):
         raise _fail(error) from None
 
 
-def _head_reencode(head, reencode: str | None) -> str:
-    """The input transform to evaluate with: the one the head was trained with, unless asked otherwise."""
+def _head_run(head_path: Path, settings, offline: bool, in_ledger: bool, reencode: str | None):
+    """The head and an extraction run with its models and, unless told otherwise, its input transform."""
+    head = _head(head_path)
     trained = head.metadata.training.get("input_transform", "none")
-    if reencode is None:
-        return trained
-    if _transform(reencode).id != trained:
-        err.print(f"[yellow]note[/] the head was trained on inputs {trained!r}; evaluating on {reencode!r}.")
-    return reencode
+    transform = _transform(reencode or trained)
+    if transform.id != trained:
+        err.print(f"[yellow]note[/] the head was trained on inputs {trained!r}; scoring {transform.id!r}.")
+    return head, _Run.start(settings, _detector(head.metadata.profile, settings, offline, head), in_ledger, transform)
 
 
-def _cache(settings, in_ledger: bool):
-    if in_ledger:
-        from worker.ledger.cache import LedgerCache
-        from worker.ledger.store import Ledger
+@dataclass
+class _Run:
+    """What every extraction of one command shares: settings, models, one cache, the input transform."""
 
-        return LedgerCache(Ledger(settings.database_url))
-    from pipeline.features import DiskCache
+    settings: Settings
+    detector: Detector
+    cache: ArtifactCache
+    transform: Chain
 
-    return DiskCache(settings.feature_dir)
+    @classmethod
+    def start(cls, settings, detector, in_ledger: bool, transform) -> _Run:
+        if in_ledger:
+            from worker.ledger.cache import LedgerCache
+            from worker.ledger.store import Ledger
 
+            return cls(settings, detector, LedgerCache(Ledger(settings.database_url)), transform)
+        from pipeline.features import DiskCache
 
-def _extract(samples, detector, settings, in_ledger: bool, reencode: str | None, label: str = "features"):
-    from pipeline.errors import ItemError
-    from pipeline.features import extract
+        return cls(settings, detector, DiskCache(settings.feature_dir), transform)
 
-    transform = _transform(reencode)
-    if transform.steps:
-        label = f"{label} ({transform.id})"
-    with _progress(len(samples), label) as bar:
-        task = bar.add_task(label, total=len(samples))
-        try:
-            extracted = extract(
-                samples,
-                detector,
-                _cache(settings, in_ledger),
-                transform=transform,
-                batch_size=settings.batch_size,
-                max_pixels=settings.max_pixels,
-                max_bytes=settings.max_image_bytes,
-                progress=lambda n: bar.advance(task, n),
-            )
-        except ItemError as error:
-            raise _fail(error) from None
-    _report_failures(extracted.failures, len(samples))
-    return extracted
+    def limits(self) -> dict:
+        """`extract`'s batch size and input limits, from the settings."""
+        return {
+            "batch_size": self.settings.batch_size,
+            "max_pixels": self.settings.max_pixels,
+            "max_bytes": self.settings.max_image_bytes,
+        }
+
+    def extract(self, samples):
+        from pipeline.errors import ItemError
+        from pipeline.features import extract
+
+        label = f"features ({self.transform.id})" if self.transform.steps else "features"
+        with _progress(len(samples), label) as bar:
+            task = bar.add_task(label, total=len(samples))
+            progress = lambda n: bar.advance(task, n)  # noqa: E731
+            try:
+                extracted = extract(
+                    samples, self.detector, self.cache, transform=self.transform, progress=progress, **self.limits()
+                )
+            except ItemError as error:
+                raise _fail(error) from None
+        _report_failures(extracted.failures, len(samples))
+        return extracted
 
 
 def _report_failures(failures, total: int) -> None:
@@ -414,19 +427,21 @@ def _fit(train_set, val_set, metadata, config):
 
 
 def _kinds(text: str) -> list[str]:
-    from pipeline.transforms import PAPER_PERTURBATIONS
+    from pipeline.evaluation import perturbation_grid
 
     kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
-    unknown = [kind for kind in kinds if kind not in PAPER_PERTURBATIONS]
-    if unknown or not kinds:
-        raise _fail(ValueError(f"--perturbations takes a list of {', '.join(PAPER_PERTURBATIONS)}; got {text!r}."))
+    try:
+        if not kinds:
+            raise ValueError("--perturbations needs at least one of noise, blur, jpeg.")
+        perturbation_grid(kinds)
+    except ValueError as error:
+        raise _fail(error) from None
     return kinds
 
 
-def _robustness(samples, detector, settings, in_ledger, head, reencode, kinds, report):
+def _robustness(run: _Run, samples, head, kinds, report):
     from pipeline import evaluation
 
-    base = _transform(reencode)
     grid = evaluation.perturbation_grid(kinds)
     with _progress(len(samples) * len(grid), "perturbations") as bar:
         task = bar.add_task("perturbations", total=len(samples) * len(grid))
@@ -436,18 +451,9 @@ def _robustness(samples, detector, settings, in_ledger, head, reencode, kinds, r
             return lambda n: bar.advance(task, n)
 
         rows = evaluation.robustness(
-            samples,
-            detector,
-            _cache(settings, in_ledger),
-            head,
-            base=base,
-            kinds=kinds,
-            on_level=on_level,
-            batch_size=settings.batch_size,
-            max_pixels=settings.max_pixels,
-            max_bytes=settings.max_image_bytes,
+            samples, run.detector, run.cache, head, base=run.transform, kinds=kinds, on_level=on_level, **run.limits()
         )
-    return [evaluation.clean_row(report, base), *rows]
+    return [evaluation.clean_row(report, run.transform), *rows]
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -557,12 +563,14 @@ def _print_training(head, weights_path: Path, train_set, val_set) -> None:
 
 
 def _print_eval(report, robustness, written: dict[str, Path], warning: str | None) -> None:
+    from pipeline.evaluation import percent
+
     table = Table(title=f"ITEM evaluation · threshold {report.threshold:g}")
     for column in ("group", "images", "real", "fake", "ACC %", "AP %", "real ACC %", "fake ACC %"):
         table.add_column(column, justify="left" if column == "group" else "right")
     for row in report.rows():
         figures = (row.accuracy, row.average_precision, row.real_accuracy, row.fake_accuracy)
-        table.add_row(row.group, str(row.n), str(row.n_real), str(row.n_fake), *map(_percent, figures))
+        table.add_row(row.group, str(row.n), str(row.n_real), str(row.n_fake), *map(percent, figures))
     out.print(table)
     if robustness:
         rtable = Table(title="robustness (paper Fig. 4)")
@@ -570,7 +578,7 @@ def _print_eval(report, robustness, written: dict[str, Path], warning: str | Non
             rtable.add_column(column, justify="left" if column == "perturbation" else "right")
         for row in robustness:
             level = "" if row.level is None else f"{row.level:g}"
-            rtable.add_row(row.kind, level, str(row.n), _percent(row.accuracy), _percent(row.average_precision))
+            rtable.add_row(row.kind, level, str(row.n), percent(row.accuracy), percent(row.average_precision))
         out.print(rtable)
     if warning:
         err.print(f"[yellow]format bias[/] {escape(warning)}")
@@ -587,7 +595,3 @@ def _print_calibration(report, weights_path: Path, version: str) -> None:
     for warning in report.warnings:
         err.print(f"[yellow]warning[/] {escape(warning)}")
     out.print(f"head written to {weights_path} ({version})", soft_wrap=True)
-
-
-def _percent(value: float) -> str:
-    return "n/a" if value != value else f"{100 * value:.2f}"
