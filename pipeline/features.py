@@ -264,7 +264,7 @@ def extract(
     finally:
         threads.shutdown()
         cache.flush()
-    return _feature_set(kept, failures, computed, reused, detector)
+    return _feature_set(kept, failures, computed, reused)
 
 
 def _read(item: _Item, max_bytes: int) -> None:
@@ -302,8 +302,8 @@ def _parts(artifacts: Artifacts) -> tuple[torch.Tensor, torch.Tensor, int]:
     return features.global_, eq.local_misalignment(features.objects, features.global_), features.objects.shape[0]
 
 
-def _feature_set(items: list[_Item], failures, computed: int, reused: int, detector: Detector) -> FeatureSet:
-    dim = items[0].features[0].shape[-1] if items else detector.embedder.dim
+def _feature_set(items: list[_Item], failures, computed: int, reused: int) -> FeatureSet:
+    dim = items[0].features[0].shape[-1] if items else 0  # no readable image: no width, and no model to ask
     return FeatureSet(
         samples=[item.sample for item in items],
         sha256s=[item.sha256 for item in items],
