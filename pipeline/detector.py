@@ -101,6 +101,7 @@ class Detector:
                 timings_ms={**analysis.timings_ms, "head": head_ms},
                 pipeline_version=version,
                 artifacts=analysis.artifacts,
+                computed=analysis.computed,
             )
             for analysis, p_fake in zip(analyses, probabilities, strict=True)
         ]
@@ -197,6 +198,8 @@ def _timed(analyses: list[Analysis], todo: list[int], stage: Stage):
     touched = set(todo)
     for index, analysis in enumerate(analyses):
         analysis.timings_ms[stage.name] = share if index in touched else 0.0
+        if index in touched:
+            analysis.computed.append(stage.name)
 
 
 def _evidence(artifacts: Artifacts) -> list[DetectedObject]:

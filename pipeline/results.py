@@ -46,6 +46,7 @@ class Analysis:
     sha256: str | None
     artifacts: Artifacts
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage; 0 where an artifact was reused
+    computed: list[str] = field(default_factory=list)  # the model stages that ran for this image, in order
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Detection:
     timings_ms: dict[str, float]
     pipeline_version: PipelineVersion
     artifacts: Artifacts
+    computed: list[str] = field(default_factory=list)  # the model stages that ran (the rest reused artifacts)
 
     @property
     def verdict(self) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings
+from worker.settings import CHECK_QUEUE, CHECK_TASK, RESCORE_QUEUE, Settings
+
+QUEUES = (CHECK_QUEUE, RESCORE_QUEUE)  # in priority order
 
 RECONCILE_TASK = "item.reconcile"
 GRACE_S = 30  # between the soft limit (the batch is ended cleanly) and the hard one (the process is killed)
@@ -16,7 +18,9 @@ GRACE_S = 30  # between the soft limit (the batch is ended cleanly) and the hard
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("item", broker=settings.broker_url or "memory://", include=["worker.tasks"])
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    # "priority": a worker takes from the first of its queues that has a message (kombu's default rotates through
+    # them), so re-score messages are read only while no fresh upload waits.
+    transport = {"visibility_timeout": settings.visibility_timeout_s, "queue_order_strategy": "priority"}
     if settings.redis_key_prefix:
         transport["global_keyprefix"] = settings.redis_key_prefix
     app.conf.update(

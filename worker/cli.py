@@ -350,8 +350,16 @@ def worker(
     beat: Annotated[bool, typer.Option(help="Also run the periodic reconciler in this worker.")] = True,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Processes [env ITEM_WORKER_CONCURRENCY].")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    queues: Annotated[
+        list[str] | None,
+        typer.Option("--queue", "-Q", help="Queues to read, first first (default: item.checks, then item.rescore)."),
+    ] = None,
 ) -> None:
-    """Start a Celery worker on the `item.checks` queue (needs ITEM_BROKER_URL and a migrated ledger)."""
+    """Start a Celery worker on the check queues (needs ITEM_BROKER_URL and a migrated ledger).
+
+    It reads `item.checks` and, only while that is empty, `item.rescore`; `--queue item.rescore` makes a worker
+    that only re-scores (on a spare GPU, say).
+    """
     settings = _settings()
     if not settings.broker_url:
         raise _fail(ValueError("ITEM_BROKER_URL is not set: a worker needs a broker (redis://...)."))
@@ -359,12 +367,13 @@ def worker(
 
     logs.configure(settings.log_format, loglevel.upper())
     exporter.prepare_multiprocess_dir(settings)  # before anything imports the metrics: children inherit it
+    from worker.celery_app import QUEUES
     from worker.celery_app import app as celery_app
-    from worker.settings import CHECK_QUEUE
 
     if settings.metrics_port:
         exporter.serve(settings)
-    argv = ["worker", f"--queues={CHECK_QUEUE}", f"--loglevel={loglevel}", "--pool=prefork", "--without-mingle"]
+    chosen = ",".join(queues or QUEUES)  # in this order: fresh checks before re-scores
+    argv = ["worker", f"--queues={chosen}", f"--loglevel={loglevel}", "--pool=prefork", "--without-mingle"]
     argv += [f"--concurrency={concurrency or settings.worker_concurrency}", "--without-gossip"]
     celery_app.worker_main(argv + (["--beat"] if beat else []))
 

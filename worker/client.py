@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from pipeline.errors import ItemError
-from worker import sources
-from worker.ledger.models import CheckRow, PipelineVersionRow
+from worker import delivery, sources
+from worker.ledger.models import CheckRow
 from worker.ledger.store import Ledger
 from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings
 
@@ -28,7 +26,9 @@ class Submission:
 
 
 def image_from(reference: str, *, by_path: bool = False) -> dict:
-    """The task's `image` object for a URL, or a local file (sent inline, or by path for shared disks)."""
+    """The task's `image` object for an s3:// reference, a URL, or a local file (inline, or by path)."""
+    if reference.startswith("s3://"):
+        return {"s3": sources.parse_s3_uri(reference)}
     if "://" in reference:  # any URL goes to the worker, which refuses schemes other than http(s)
         return {"url": reference}
     path = Path(reference)
@@ -40,10 +40,14 @@ def image_from(reference: str, *, by_path: bool = False) -> dict:
         raise ItemError(f"{reference} cannot be read: {error}", code="file.unreadable") from None
 
 
-def submit(settings: Settings, items: list[tuple[str, dict]]) -> list[Submission]:
-    """Submits (external_id, image) pairs. With a broker they are queued; without one they run here, now."""
+def submit(settings: Settings, items: list[tuple[str, dict]], *, callback_url: str | None = None) -> list[Submission]:
+    """Submits (external_id, image) pairs. With a broker they are queued; without one they run here, now.
+
+    With `callback_url`, each result is also POSTed there, signed with ITEM_CALLBACK_SECRET.
+    """
+    callback_url = delivery.checked_callback_url(callback_url)
     if not settings.broker_url:
-        return _run_here(settings, items)
+        return _run_here(settings, items, callback_url)
     ledger = Ledger(settings.database_url)
     version_id = active_version_id(ledger)
     messages, submissions = [], []
@@ -51,31 +55,34 @@ def submit(settings: Settings, items: list[tuple[str, dict]]) -> list[Submission
         for external_id, image in items:
             source = sources.to_stored(image, settings, partial(ledger.put_blob, session))
             check, created = ledger.create_check(
-                session, external_id=external_id, pipeline_version_id=version_id, source=source
+                session,
+                external_id=external_id,
+                pipeline_version_id=version_id,
+                source=source,
+                callback_url=callback_url,
             )
             submissions.append(Submission(check.id, external_id, created))
             if created:
                 messages.append({"external_id": external_id, "image": source, "check_id": check.id})
-    _send(settings, messages)  # after commit: a worker must find the row the message names
+    send(settings, messages, CHECK_QUEUE)  # after commit: a worker must find the row the message names
     return submissions
 
 
 def active_version_id(ledger: Ledger) -> str:
-    """The pipeline version new checks are made for: the one most recently registered by a worker."""
+    """The pipeline version new checks are made for: the one most recently activated (see `item versions`)."""
     with ledger.session() as session:
-        version = session.scalar(
-            sa.select(PipelineVersionRow.id).order_by(PipelineVersionRow.created_at.desc()).limit(1)
-        )
+        version = ledger.active_version(session)
     if version is None:
         raise ItemError(
             "No pipeline version is registered yet: start a worker (`item worker`) once, so checks know which "
             "models and head will score them.",
             code="version.none",
         )
-    return version
+    return version.id
 
 
-def _send(settings: Settings, messages: list[dict]) -> None:
+def send(settings: Settings, messages: list[dict], queue: str) -> None:
+    """Sends `item.check` messages on one queue, over one broker connection."""
     if not messages:
         return
     from worker.celery_app import make_celery
@@ -83,13 +90,14 @@ def _send(settings: Settings, messages: list[dict]) -> None:
     app = make_celery(settings)
     with app.producer_or_acquire() as producer:
         for kwargs in messages:
-            app.send_task(CHECK_TASK, kwargs=kwargs, queue=CHECK_QUEUE, producer=producer)
+            app.send_task(CHECK_TASK, kwargs=kwargs, queue=queue, producer=producer)
 
 
-def _run_here(settings: Settings, items: list[tuple[str, dict]]) -> list[Submission]:
+def _run_here(settings: Settings, items: list[tuple[str, dict]], callback_url: str | None) -> list[Submission]:
     from worker.runtime import run_in_process
 
-    service = run_in_process(settings, [{"external_id": e, "image": i} for e, i in items])
+    messages = [{"external_id": e, "image": i, "callback_url": callback_url} for e, i in items]
+    service = run_in_process(settings, messages)
     with service.ledger.session() as session:
         rows = [service.ledger.find_check(session, external_id, service.version_id) for external_id, _ in items]
     return [Submission(row.id, row.external_id, True) for row in rows if row is not None]
@@ -119,6 +127,8 @@ def check_dict(row: CheckRow) -> dict:
         "image_sha256",
         "pipeline_version_id",
         "timings_ms",
+        "rescore_of",
+        "callback_url",
     )
     result = {field: getattr(row, field) for field in fields}
     for moment in ("created_at", "started_at", "finished_at"):

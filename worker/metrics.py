@@ -41,6 +41,16 @@ ARTIFACT_REUSE = Counter(
     "Stored artifacts found (hit) or computed (miss), per artifact.",
     ["artifact", "outcome"],
 )
+STAGE_IMAGES = Counter(
+    "item_stage_images_total",
+    "Images each model stage actually ran on (stored artifacts spare the rest), per stage.",
+    ["stage"],
+)
+DELIVERIES = Counter(
+    "item_deliveries_total",
+    "Result deliveries attempted, per target kind (callback, stream) and outcome (delivered, retried, failed).",
+    ["target", "outcome"],
+)
 DUPLICATE_BYTES = Counter(
     "item_duplicate_bytes_total",
     "Images whose bytes were already checked under the same pipeline version.",
@@ -71,6 +81,8 @@ METRIC_NAMES = frozenset(
         "item_batch_size",
         "item_model_load_seconds",
         "item_artifact_reuse_total",
+        "item_stage_images_total",
+        "item_deliveries_total",
         "item_duplicate_bytes_total",
         "item_score",
         "item_flagged_total",
@@ -106,6 +118,11 @@ def stage_times(timings_ms: dict[str, float]) -> None:
     for stage, ms in timings_ms.items():
         if ms > 0:
             STAGE_SECONDS.labels(stage).observe(ms / 1000)
+
+
+def stage_runs(computed: list[str]) -> None:
+    for stage in computed:
+        STAGE_IMAGES.labels(stage).inc()
 
 
 def models_loaded(load_seconds: dict[str, float]) -> None:

@@ -35,7 +35,7 @@ def run_in_process(settings: Settings, messages: list[dict]) -> CheckService:
     Retry delays are honoured but capped at a few seconds: a person is waiting at the terminal.
     """
     pending: deque[tuple[dict, float]] = deque((message, 0.0) for message in messages)
-    service = build_service(settings, lambda kwargs, countdown: pending.append((kwargs, countdown)))
+    service = build_service(settings, lambda kwargs, countdown, queue: pending.append((kwargs, countdown)))
     while pending:
         message, countdown = pending.popleft()
         time.sleep(min(countdown, 5.0))

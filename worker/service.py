@@ -23,14 +23,16 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from pipeline.detector import Detector
 from pipeline.errors import ItemError
 from pipeline.imaging import DecodedImage, decode_image
-from worker import metrics, sources
-from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus
+from pipeline.results import Artifacts
+from worker import delivery, metrics, sources
+from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus, Priority
 from worker.ledger.store import Ledger
-from worker.settings import Settings
+from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings
 
 log = logging.getLogger("item.worker")
 
-Enqueue = Callable[[dict, float], None]  # (task kwargs, countdown seconds) → sends an `item.check` message
+# (task kwargs, countdown seconds, queue) → sends an `item.check` message
+Enqueue = Callable[[dict, float, str], None]
 
 
 # Database and broker outages: nothing can be recorded, so the message itself is retried. Only connection-level
@@ -62,9 +64,9 @@ class CheckService:
 
     # ------------------------------------------------------------------ receiving
 
-    def receive(self, external_id: str, image: dict, check_id: str | None = None) -> None:
+    def receive(self, external_id: str, image: dict, check_id: str | None = None, callback_url: str | None = None):
         """Handles one `item.check` message: make sure the check exists, then run a batch that includes it."""
-        check = self._ensure_check(external_id, image, check_id)
+        check = self._ensure_check(external_id, image, check_id, callback_url)
         if check is None or check.status in TERMINAL_STATUSES:
             return
         if check.pipeline_version_id != self.version_id:
@@ -74,42 +76,61 @@ class CheckService:
         if batch:
             metrics.claimed(len(batch), [row.enqueued_at or row.created_at for row in batch])
         if not any(row.id == check.id for row in batch):
-            # Another worker's batch holds it: look again once that batch must have ended.
-            self.enqueue(_message(check), self.settings.check_time_budget_s)
+            self._look_again(check.id)
         if batch:
             self.run_batch(batch)
 
-    def _ensure_check(self, external_id: str, image: dict, check_id: str | None) -> CheckRow | None:
+    def _look_again(self, check_id: str) -> None:
+        """This message's check was not in the batch: fresh checks went first, or another worker holds it."""
+        with self.ledger.session() as session:
+            check = self.ledger.get_check(session, check_id)
+        if check is None or check.status in TERMINAL_STATUSES:
+            return
+        # Still queued: it only waited behind other work, so its turn comes with the next message. Running: another
+        # worker's batch holds it, so look again once that batch must have ended.
+        later = 0.0 if check.status == CheckStatus.queued else self.settings.check_time_budget_s
+        self.enqueue(_message(check), later, queue_of(check))
+
+    def _ensure_check(
+        self, external_id: str, image: dict, check_id: str | None, callback_url: str | None
+    ) -> CheckRow | None:
         with self.ledger.session() as session:
             if check_id:
                 return self.ledger.get_check(session, check_id)
+            create = partial(
+                self.ledger.create_check, session, external_id=external_id, pipeline_version_id=self.version_id
+            )
             try:
                 source = sources.to_stored(image, self.settings, partial(self.ledger.put_blob, session))
+                callback_url = delivery.checked_callback_url(callback_url)
             except ItemError as error:  # malformed message from a foreign client: still gets a ledger row
-                check, created = self.ledger.create_check(
-                    session, external_id=external_id, pipeline_version_id=self.version_id, source={"invalid": True}
-                )
+                check, created = create(source={"invalid": True})
                 if created:  # never reject an earlier, valid check that happens to share the external id
-                    self.ledger.finish_rejected(session, check.id, error.code, error.message)
+                    self._finished(session, self.ledger.finish_rejected(session, check.id, error.code, error.message))
                     metrics.finished("rejected", error.code, check.created_at)
                 return None
-            check, _ = self.ledger.create_check(
-                session, external_id=external_id, pipeline_version_id=self.version_id, source=source
-            )
+            check, _ = create(source=source, callback_url=callback_url)
             return check
 
     # ------------------------------------------------------------------ claiming
 
     def claim(self, check_id: str) -> list[CheckRow]:
-        """This check plus up to batch_size - 1 queued ones, waiting up to batch_max_wait_s to fill the batch."""
+        """A batch for this worker, fresh uploads first; the arriving check is in it when its priority's turn came.
+
+        Fresh checks: up to batch_size, waiting up to batch_max_wait_s to fill the batch. With no fresh check
+        waiting, re-scores: up to rescore_batch_size at once (their stored artifacts make them cheap), no waiting.
+        """
         deadline = time.monotonic() + self.settings.batch_max_wait_s
-        claimed = self._claim_once(check_id, self.settings.batch_size)
-        while len(claimed) < self.settings.batch_size and time.monotonic() < deadline:
+        size = self.settings.batch_size
+        claimed = self._claim_once(check_id, size, Priority.fresh)
+        if not claimed:
+            return self._claim_once(check_id, self.settings.rescore_batch_size, Priority.rescore)
+        while len(claimed) < size and time.monotonic() < deadline:
             time.sleep(0.05)
-            claimed += self._claim_once(None, self.settings.batch_size - len(claimed))
+            claimed += self._claim_once(None, size - len(claimed), Priority.fresh)
         return claimed
 
-    def _claim_once(self, check_id: str | None, limit: int) -> list[CheckRow]:
+    def _claim_once(self, check_id: str | None, limit: int, priority: int = Priority.fresh) -> list[CheckRow]:
         # A running check untouched for a whole time budget belongs to a worker that died.
         stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.check_time_budget_s)
         with self.ledger.session() as session:
@@ -120,26 +141,36 @@ class CheckService:
                 stale_before=stale_before,
                 max_attempts=self.settings.max_attempts,
                 first=check_id,
+                priority=priority,
             )
 
     # ------------------------------------------------------------------ running
 
     def run_batch(self, batch: list[CheckRow]) -> None:
-        """Decodes, answers duplicates from the ledger, runs the models on the rest, stores everything."""
+        """Answers what stored results and artifacts can, decodes the rest, runs the models, stores everything.
+
+        A check whose bytes were seen before (a re-score) skips decoding, and even fetching, when its features are
+        stored under this pipeline's stages: only the head runs for it.
+        """
         self.current_batch = [check.id for check in batch]
-        decoded: dict[str, DecodedImage] = {}
+        images: dict[str, DecodedImage | None] = {}  # by check id; None: stored features stand in for pixels
+        stored = self._stored_artifacts(batch)
         for check in batch:
+            if _has_features(stored.get(check.image_sha256)):
+                images[check.id] = None
+                continue
             try:
-                decoded[check.id] = self._decode(check)
+                images[check.id] = self._decode(check)
             except ItemError as error:
                 self._fail_one(check, error, stage="decode")
-        todo = self._answer_known_bytes([c for c in batch if c.id in decoded], decoded)
-        images = len({decoded[c.id].sha256 for c in todo})
+        ready = [check for check in batch if check.id in images]
+        todo = self._answer_known_bytes(ready, {c.id: _sha_of(c, images[c.id]) for c in ready})
+        pixels = len({images[c.id].sha256 for c in todo if images[c.id] is not None})
         # One line per batch, in a fixed shape: operators grep it, and the tests count model runs with it.
-        log.info("batch checks=%d model_images=%d undecodable=%d", len(batch), images, len(batch) - len(decoded))
+        log.info("batch checks=%d model_images=%d undecodable=%d", len(batch), pixels, len(batch) - len(ready))
         if todo:
             try:
-                self._detect_and_store(todo, decoded)
+                self._detect_and_store(todo, images)
             except INFRASTRUCTURE_ERRORS:
                 raise  # the ledger is unreachable: the message itself is retried
             except ItemError as error:
@@ -151,31 +182,32 @@ class CheckService:
                 for check in todo:
                     self._fail_one(check, crash, stage="models")
 
+    def _stored_artifacts(self, batch: list[CheckRow]) -> dict[str, Artifacts]:
+        """Artifacts under this pipeline's keys for the checks whose image is already known (re-scores)."""
+        known = sorted({check.image_sha256 for check in batch if check.image_sha256})
+        if not known:
+            return {}
+        with self.ledger.session() as session:
+            return self.ledger.load_artifacts(session, known, self.detector.artifact_versions)
+
     def _decode(self, check: CheckRow) -> DecodedImage:
-        data = self._load_bytes(check.source)
-        return decode_image(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_image_bytes)
+        data = sources.load(check.source, self.settings, self._get_blob)
+        image = decode_image(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_image_bytes)
+        if check.image_sha256 and image.sha256 != check.image_sha256:
+            # A URL or object that changed since it was checked: these are other bytes, scored as they are now.
+            log.info("image changed since its earlier check", extra=_about(check, "decode"))
+        return image
 
-    def _load_bytes(self, source: dict) -> bytes:
-        kind, value = sources.validate(source)
-        if kind == "blob":
-            with self.ledger.session() as session:
-                data = self.ledger.get_blob(session, value)
-            if data is None:
-                raise sources.SourceError(f"Stored image {value} is gone.", code="source.blob_missing")
-            return data
-        if kind == "url":
-            return sources.fetch(value, self.settings)
-        if kind == "path":
-            return sources.read_path(value, self.settings)
-        return sources.decode_b64(value, self.settings)
+    def _get_blob(self, sha256: str) -> bytes | None:
+        with self.ledger.session() as session:
+            return self.ledger.get_blob(session, sha256)
 
-    def _answer_known_bytes(self, batch: list[CheckRow], decoded: dict[str, DecodedImage]) -> list[CheckRow]:
+    def _answer_known_bytes(self, batch: list[CheckRow], sha_by_check: dict[str, str]) -> list[CheckRow]:
         """Bytes already checked under this pipeline version get that answer; returns the checks still to run."""
         todo = []
         with self.ledger.session() as session:
             for check in batch:
-                image = decoded[check.id]
-                done = self.ledger.done_check_for_image(session, image.sha256, self.version_id)
+                done = self.ledger.done_check_for_image(session, sha_by_check[check.id], self.version_id)
                 metrics.DUPLICATE_BYTES.labels("miss" if done is None else "hit").inc()
                 if done is None:
                     todo.append(check)
@@ -183,22 +215,26 @@ class CheckService:
                 self._done(session, check, {**_result_of(done), "timings_ms": {"reused": 0.0}})
         return todo
 
-    def _detect_and_store(self, todo: list[CheckRow], decoded: dict[str, DecodedImage]) -> None:
-        unique = list({decoded[c.id].sha256: decoded[c.id] for c in todo}.values())  # same bytes twice: once
+    def _detect_and_store(self, todo: list[CheckRow], images: dict[str, DecodedImage | None]) -> None:
+        sha_by_check = {check.id: _sha_of(check, images[check.id]) for check in todo}
+        unique = {sha: images[check_id] for check_id, sha in sha_by_check.items()}  # same bytes twice: once
         versions = self.detector.artifact_versions
         with self.ledger.session() as session:
-            known = self.ledger.load_artifacts(session, [image.sha256 for image in unique], versions)
-        _count_reuse(known, unique)
-        detections = self._detect(unique, [known.get(image.sha256) for image in unique])
-        by_sha = {d.sha256: d for d in detections}
+            known = self.ledger.load_artifacts(session, list(unique), versions)
+        _count_reuse(known, list(unique))
+        shas = list(unique)
+        detections = self._detect([unique[sha] for sha in shas], [known[sha] for sha in shas])
+        by_sha = {sha: detection for sha, detection in zip(shas, detections, strict=True)}
         with self.ledger.session() as session:  # one transaction: artifacts and results land together
-            for image in unique:
-                self.ledger.upsert_image(session, image)
-                self.ledger.save_artifacts(session, image.sha256, by_sha[image.sha256].artifacts, versions)
+            for sha, image in unique.items():
+                if image is not None:
+                    self.ledger.upsert_image(session, image)
+                self.ledger.save_artifacts(session, sha, by_sha[sha].artifacts, versions)
             for check in todo:
-                self._done(session, check, _result_of_detection(by_sha[decoded[check.id].sha256]))
+                self._done(session, check, _result_of_detection(by_sha[sha_by_check[check.id]], sha_by_check[check.id]))
         for detection in detections:
             metrics.stage_times(detection.timings_ms)
+            metrics.stage_runs(detection.computed)
         metrics.gpu_memory()
 
     def _detect(self, images: list[DecodedImage], known: list) -> list:
@@ -223,7 +259,7 @@ class CheckService:
             self.retry_later(check, error.code, error.message, stage)
             return
         with self.ledger.session() as session:
-            if self.ledger.finish_rejected(session, check.id, error.code, error.message):
+            if self._finished(session, self.ledger.finish_rejected(session, check.id, error.code, error.message)):
                 metrics.finished("rejected", error.code, check.created_at)
                 log.info("check rejected: %s", error.message, extra=_about(check, stage, code=error.code))
 
@@ -237,19 +273,26 @@ class CheckService:
         delay = self.backoff(check.attempts)
         metrics.RETRIES.labels(code).inc()
         log.info("check retried in %.1fs: %s", delay, message, extra=_about(check, stage, code=code))
-        self.enqueue(_message(check), delay)
+        self.enqueue(_message(check), delay, queue_of(check))
 
     def _done(self, session, check: CheckRow, result: dict) -> None:
-        if self.ledger.finish_done(session, check.id, **result):
+        if self._finished(session, self.ledger.finish_done(session, check.id, **result)):
             metrics.finished("done", None, check.created_at)
             metrics.scored(self.version_id, result["p_fake"], result["verdict"] == "fake")
             log.info("check done: %s %.3f", result["verdict"], result["p_fake"], extra=_about(check, "store"))
 
     def _failed(self, check: CheckRow, code: str, message: str, stage: str) -> None:
         with self.ledger.session() as session:
-            if self.ledger.finish_failed(session, check.id, code, message):
+            if self._finished(session, self.ledger.finish_failed(session, check.id, code, message)):
                 metrics.finished("failed", code, check.created_at)
                 log.warning("check failed: %s", message, extra=_about(check, stage, code=code))
+
+    def _finished(self, session, row: CheckRow | None) -> CheckRow | None:
+        """A check just ended (row is None if it had ended before): its result is queued for delivery, in the
+        same transaction, so a stored outcome always has its deliveries."""
+        if row is not None:
+            delivery.record_outcome(session, row, self.settings)
+        return row
 
     def backoff(self, attempts: int) -> float:
         delay = min(self.settings.retry_backoff_max_s, self.settings.retry_backoff_s * 2 ** max(0, attempts - 1))
@@ -281,7 +324,7 @@ class CheckService:
             with self.ledger.session() as session:
                 self.ledger.mark_queued(session, check.id)  # keeps the last error
             log.info("stuck check re-queued", extra=_about(check, "reconcile"))
-            self.enqueue(_message(check), 0.0)
+            self.enqueue(_message(check), 0.0, queue_of(check))
         return len(stuck)
 
 
@@ -289,14 +332,27 @@ def _message(check: CheckRow) -> dict:
     return {"external_id": check.external_id, "image": check.source, "check_id": check.id}
 
 
+def queue_of(check: CheckRow) -> str:
+    """Re-scores travel on their own queue, which workers read only when the fresh one is empty."""
+    return RESCORE_QUEUE if check.priority == Priority.rescore else CHECK_QUEUE
+
+
+def _has_features(artifacts: Artifacts | None) -> bool:
+    return artifacts is not None and artifacts.features is not None
+
+
+def _sha_of(check: CheckRow, image: DecodedImage | None) -> str:
+    return image.sha256 if image is not None else check.image_sha256
+
+
 def _about(check: CheckRow, stage: str, **fields) -> dict:
     """The `extra` of every log line about a check: which check, for which upload, at which stage."""
     return {"check_id": check.id, "external_id": check.external_id, "stage": stage, **fields}
 
 
-def _count_reuse(known: dict, images: list[DecodedImage]) -> None:
-    for image in images:
-        artifacts = known.get(image.sha256)
+def _count_reuse(known: dict, shas: list[str]) -> None:
+    for sha in shas:
+        artifacts = known.get(sha)
         for artifact in ("caption", "objects", "embeddings", "features"):
             hit = artifacts is not None and getattr(artifacts, artifact) is not None
             metrics.ARTIFACT_REUSE.labels(artifact, "hit" if hit else "miss").inc()
@@ -307,10 +363,10 @@ def _result_of(done: CheckRow) -> dict:
     return {field: getattr(done, field) for field in fields}
 
 
-def _result_of_detection(d) -> dict:
+def _result_of_detection(d, sha256: str) -> dict:
     as_dict = d.to_dict()
     return {
-        "image_sha256": d.sha256,
+        "image_sha256": sha256,
         "p_fake": d.p_fake,
         "verdict": d.verdict,
         "threshold": d.threshold,

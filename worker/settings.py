@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -19,6 +19,7 @@ from pipeline.store import DEFAULT_FEATURE_DIR, DEFAULT_MODEL_DIR
 DATA_HOME = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "item"
 DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"
 CHECK_QUEUE = "item.checks"
+RESCORE_QUEUE = "item.rescore"  # consumed after CHECK_QUEUE: fresh uploads keep their latency during a rescore
 CHECK_TASK = "item.check"
 
 
@@ -51,6 +52,15 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Networks exempt from the private-address refusal (an internal image CDN, say), as CIDRs.",
     )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint for `s3` sources (MinIO, Ceph...); unset: AWS's own."
+    )
+    s3_region: str = Field("us-east-1", description="Region of the S3 sources.")
+    s3_access_key_id: str | None = Field(None, description="S3 credentials; unset: boto3's own chain (env, role).")
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key, with s3_access_key_id.")
+    s3_allowed_buckets: list[str] = Field(
+        default_factory=list, description="Buckets checks may read; empty: any the credentials can read."
+    )
 
     # the service
     database_url: str = Field(DEFAULT_DATABASE_URL, description="Ledger: postgresql+psycopg://... or sqlite:///...")
@@ -65,6 +75,27 @@ class Settings(BaseSettings):
     reconcile_after_s: float = Field(900.0, gt=0, description="A check queued/running this long is re-enqueued.")
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often workers run the reconciler.")
     visibility_timeout_s: float = Field(3600.0, gt=0, description="Redis redelivers unacked messages after this.")
+    rescore_batch_size: int = Field(
+        64, ge=1, le=4096, description="Checks per batch when re-scoring (stored artifacts make them cheap)."
+    )
+
+    # result delivery
+    callback_secret: SecretStr | None = Field(
+        None, description="Shared secret that signs callback bodies (HMAC-SHA256); callbacks need one."
+    )
+    callback_timeout_s: float = Field(5.0, gt=0, description="Whole-request time limit of one callback POST.")
+    callback_allowed_networks: list[str] = Field(
+        default_factory=list, description="Networks exempt from the private-address refusal for callbacks (CIDRs)."
+    )
+    results_stream: str | None = Field(
+        None, description="Redis stream every result is added to (XADD), e.g. item:results; unset: none."
+    )
+    results_stream_url: str | None = Field(None, description="Redis of the results stream; unset: the broker's.")
+    results_stream_maxlen: int = Field(1_000_000, ge=1, description="Approximate cap on the stream's length.")
+    delivery_max_attempts: int = Field(8, ge=1, description="Tries before a delivery is recorded as failed.")
+    delivery_backoff_s: float = Field(2.0, gt=0, description="First delivery retry delay; doubles per attempt.")
+    delivery_backoff_max_s: float = Field(600.0, gt=0, description="Longest delivery retry delay.")
+    delivery_poll_s: float = Field(1.0, gt=0, description="How often a worker looks for deliveries that are due.")
 
     # operations
     metrics_port: int = Field(9808, ge=0, le=65535, description="Port of the /metrics endpoint of `item worker`.")

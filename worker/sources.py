@@ -39,6 +39,27 @@ def validate(image: Any) -> tuple[str, str]:
     return kind, image[kind]
 
 
+def load(source: dict, settings: Settings, get_blob: Callable[[str], bytes | None]) -> bytes:
+    """The bytes a stored source names: a blob from the ledger, a URL, an allowed local path or inline base64."""
+    kind, value = validate(source)
+    if kind == "blob":
+        data = get_blob(value)
+        if data is None:
+            raise SourceError(f"Stored image {value} is gone.", code="source.blob_missing")
+        return data
+    if kind == "url":
+        return fetch(value, settings)
+    if kind == "path":
+        return read_path(value, settings)
+    return decode_b64(value, settings)
+
+
+def parse_s3_uri(uri: str) -> dict:
+    """{"bucket", "key"} of an s3://bucket/key reference. (Being written.)"""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return {"bucket": bucket, "key": key}
+
+
 def to_stored(image: dict, settings: Settings, put_blob: Callable[[str, bytes], None]) -> dict:
     """The source as recorded on a check: inline bytes are put away as a blob and named by their sha256."""
     kind, value = validate(image)

@@ -15,7 +15,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from worker import metrics
 from worker.celery_app import RECONCILE_TASK, app
 from worker.service import INFRASTRUCTURE_ERRORS
-from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings
+from worker.settings import CHECK_TASK, Settings
 
 log = logging.getLogger("item.worker")
 _service = None
@@ -47,8 +47,8 @@ def _forget_metrics_of_dead_process(pid: int | None = None, **_) -> None:
         multiprocess.mark_process_dead(pid or os.getpid())
 
 
-def send_check(kwargs: dict, countdown: float = 0.0) -> None:
-    app.send_task(CHECK_TASK, kwargs=kwargs, queue=CHECK_QUEUE, countdown=countdown or None)
+def send_check(kwargs: dict, countdown: float, queue: str) -> None:
+    app.send_task(CHECK_TASK, kwargs=kwargs, queue=queue, countdown=countdown or None)
 
 
 @app.task(
@@ -60,10 +60,10 @@ def send_check(kwargs: dict, countdown: float = 0.0) -> None:
     retry_jitter=True,
     max_retries=20,
 )
-def check(self, external_id: str, image: dict, check_id: str | None = None) -> None:
+def check(self, external_id: str, image: dict, check_id: str | None = None, callback_url: str | None = None) -> None:
     svc = service()
     try:
-        svc.receive(external_id, image, check_id)
+        svc.receive(external_id, image, check_id, callback_url)
     except SoftTimeLimitExceeded:
         log.error("check batch ran past its time budget; its checks will be retried")
         svc.fail_batch_on_timeout(svc.current_batch)

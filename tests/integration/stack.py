@@ -140,7 +140,7 @@ def make_stack(postgres_url: str, tiny_store, folder: Path, **overrides: str):
     migrate.upgrade(postgres_url)
     client = redis.Redis.from_url(REDIS_URL)
     stack = Stack(env, Ledger(postgres_url), client, prefix, folder)
-    build_service(stack.settings, enqueue=lambda kwargs, countdown: None)  # registers the pipeline version,
+    build_service(stack.settings, enqueue=lambda kwargs, countdown, queue: None)  # registers the pipeline version,
     yield stack  # as a first worker would, so tests may submit before any worker runs
     for key in client.scan_iter(f"{prefix}*"):
         client.delete(key)

@@ -18,7 +18,7 @@ def service(ledger, tiny_store):
     detector = Detector(get_profile("tiny"), tiny_store, device="cpu")
     detector.use_head(random_head(detector))
     settings = Settings(batch_size=4, batch_max_wait_s=0, database_url="sqlite://")
-    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown: None)
+    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown, queue: None)
     svc.register_version()
     return svc
 

@@ -10,7 +10,7 @@ from worker.ledger import migrate
 from worker.ledger.engine import make_engine
 from worker.ledger.models import Base
 
-TABLES = {"pipeline_versions", "images", "blobs", "artifacts", "checks"}
+TABLES = {"pipeline_versions", "images", "blobs", "artifacts", "checks", "deliveries"}
 
 
 def _tables(url: str) -> set[str]:
@@ -34,7 +34,7 @@ def _drift(url: str) -> list:
 def test_upgrade_creates_the_tables(database_url):
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current(database_url) == migrate.head() == "0001"
+    assert migrate.current(database_url) == migrate.head() == "0002"
     assert migrate.is_up_to_date(database_url)
 
 
@@ -75,3 +75,38 @@ def test_current_of_a_missing_sqlite_file_creates_nothing(tmp_path):
     url = f"sqlite:///{tmp_path / 'absent' / 'ledger.sqlite3'}"
     assert migrate.current(url) is None
     assert not (tmp_path / "absent").exists()
+
+
+def test_0002_keeps_existing_checks_and_activates_existing_versions(database_url):
+    """A ledger in use upgrades in place: rows survive, the newest version stays the active one, and back."""
+    migrate.downgrade(database_url, "base")
+    migrate.upgrade(database_url, "0001")
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO pipeline_versions (id, profile, caption, ground, embed, head, created_at) "
+                    "VALUES ('pv-old', 'tiny', 'c', 'g', 'e', 'h', '2026-01-01 00:00:00+00:00')"
+                )
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO checks (id, external_id, pipeline_version_id, source, status, attempts, created_at, "
+                    "updated_at) VALUES ('c1', 'post-1', 'pv-old', '{}', 'done', 1, "
+                    "'2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00')"
+                )
+            )
+        migrate.upgrade(database_url)
+        with engine.connect() as connection:
+            version = connection.execute(sa.text("SELECT created_at, activated_at FROM pipeline_versions")).one()
+            check = connection.execute(sa.text("SELECT priority, rescore_of, callback_url FROM checks")).one()
+        assert version.activated_at == version.created_at
+        assert tuple(check) == (0, None, None)
+        migrate.downgrade(database_url, "0001")
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT external_id FROM checks")).scalar_one() == "post-1"
+        assert "deliveries" not in _tables(database_url)
+    finally:
+        engine.dispose()
+        migrate.upgrade(database_url)

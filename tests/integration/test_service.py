@@ -34,7 +34,7 @@ def service(ledger, tiny_store, tmp_path):
     detector.batches = []
     detector.use_head(random_head(detector))
     settings = Settings(batch_size=8, batch_max_wait_s=0, allowed_path_roots=[tmp_path], database_url="sqlite://")
-    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown: None)
+    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown, queue: None)
     svc.register_version()
     return svc
 
@@ -111,7 +111,7 @@ def test_a_crashing_model_is_retried_then_failed(ledger, tiny_store, tmp_path):
     detector.use_head(random_head(detector))
     sent: list[dict] = []
     settings = Settings(max_attempts=2, batch_max_wait_s=0, allowed_path_roots=[tmp_path], database_url="sqlite://")
-    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown: sent.append(kwargs))
+    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown, queue: sent.append(kwargs))
     svc.register_version()
     (tmp_path / "a.png").write_bytes(encode(noise_image(3)))
     svc.receive("ext-crash", {"path": str(tmp_path / "a.png")})

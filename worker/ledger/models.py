@@ -55,6 +55,13 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class Priority:
+    """Claim order: lower first. Fresh uploads always go before re-scores of what was already checked."""
+
+    fresh = 0
+    rescore = 1
+
+
 class CheckStatus(StrEnum):
     queued = "queued"
     running = "running"
@@ -65,10 +72,22 @@ class CheckStatus(StrEnum):
 
 TERMINAL_STATUSES = frozenset({CheckStatus.done, CheckStatus.rejected, CheckStatus.failed})
 
-# Stored as VARCHAR (no native enum type, no CHECK constraint): adding a status later is then a code change only.
-_STATUS = sa.Enum(
-    CheckStatus, native_enum=False, create_constraint=False, length=16, values_callable=lambda e: [m.value for m in e]
-)
+
+class DeliveryStatus(StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"  # attempts used up, or a target that can never work; the last error is kept
+
+
+def _string_enum(enum: type[StrEnum]) -> sa.Enum:
+    # Stored as VARCHAR (no native enum type, no CHECK constraint): adding a status later is a code change only.
+    return sa.Enum(
+        enum, native_enum=False, create_constraint=False, length=16, values_callable=lambda e: [m.value for m in e]
+    )
+
+
+_STATUS = _string_enum(CheckStatus)
+_DELIVERY_STATUS = _string_enum(DeliveryStatus)
 _NULLABLE_JSON = sa.JSON(none_as_null=True)  # Python None → SQL NULL, not the JSON literal 'null'
 
 
@@ -88,6 +107,8 @@ class PipelineVersionRow(Base):
     embed: Mapped[str] = mapped_column(sa.Text)
     head: Mapped[str] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The most recently activated version is the one new checks (and re-scores) are made for.
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class ImageRow(Base):
@@ -139,6 +160,8 @@ class CheckRow(Base):
         sa.Index(None, "status", "updated_at"),  # the reconciler's scan for stuck checks
         sa.Index(None, "image_sha256"),  # answering duplicate bytes from an earlier check
         sa.Index(None, "finished_at"),
+        sa.Index(None, "pipeline_version_id", "status", "priority", "created_at"),  # claiming a batch
+        sa.Index(None, "rescore_of"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
@@ -157,8 +180,37 @@ class CheckRow(Base):
     caption: Mapped[str | None] = mapped_column(sa.Text)
     objects: Mapped[list | None] = mapped_column(_NULLABLE_JSON)  # [{phrase, box, score, misalignment}]
     timings_ms: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)
+    priority: Mapped[int] = mapped_column(sa.SmallInteger, default=Priority.fresh, server_default="0")
+    rescore_of: Mapped[str | None] = mapped_column(sa.String(36))  # the earlier check this one re-scores
+    callback_url: Mapped[str | None] = mapped_column(sa.Text)  # where the result is POSTed, signed
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class DeliveryRow(Base):
+    """One result to push to one target (a callback URL or the results stream): an outbox row.
+
+    Written in the same transaction as the check's outcome, so a result is never stored without its delivery;
+    a worker's deliverer thread sends it later, retrying with backoff, and records a delivery that keeps failing.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("check_id", "target"),  # one delivery per check and target, however often it ends
+        sa.Index(None, "status", "next_attempt_at"),  # the deliverer's scan for due deliveries
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
+    check_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("checks.id"))
+    target: Mapped[str] = mapped_column(sa.Text)  # "stream" or the callback URL
+    status: Mapped[DeliveryStatus] = mapped_column(_DELIVERY_STATUS, default=DeliveryStatus.pending)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    body: Mapped[dict] = mapped_column(sa.JSON)  # the result as sent: the same bytes on every retry
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -27,6 +27,7 @@ from worker.ledger.models import (
     CheckStatus,
     ImageRow,
     PipelineVersionRow,
+    Priority,
     new_id,
     utcnow,
 )
@@ -57,15 +58,65 @@ class Ledger:
 
     # ------------------------------------------------------------------ pipeline versions
 
-    def ensure_pipeline_version(self, session: Session, version: PipelineVersion, profile: str) -> None:
-        """Registers the version once; later calls (every worker start) change nothing."""
-        row = {"id": version.id, "profile": profile, **version.stages, "created_at": utcnow()}
-        session.execute(_insert(session, PipelineVersionRow).values(row).on_conflict_do_nothing())
+    def ensure_pipeline_version(self, session: Session, version: PipelineVersion, profile: str) -> bool:
+        """Registers the version once, as the active one; later calls (every worker start) change nothing.
+
+        Returns whether this call registered it. A version registered earlier keeps its activation state, so a
+        worker restarted on an old head does not take new checks away from the version an operator activated.
+        """
+        now = utcnow()
+        row = {"id": version.id, "profile": profile, **version.stages, "created_at": now, "activated_at": now}
+        statement = _insert(session, PipelineVersionRow).values(row).on_conflict_do_nothing()
+        return session.execute(statement.returning(PipelineVersionRow.id)).scalar_one_or_none() is not None
+
+    def activate_version(self, session: Session, version_id: str) -> PipelineVersionRow | None:
+        """Makes a registered version the one new checks are made for (a rollback, or a staged rollout)."""
+        statement = (
+            sa.update(PipelineVersionRow)
+            .where(PipelineVersionRow.id == version_id)
+            .values(activated_at=utcnow())
+            .returning(PipelineVersionRow)
+        )
+        return session.scalars(statement).one_or_none()
+
+    def active_version(self, session: Session) -> PipelineVersionRow | None:
+        """The most recently activated version: new checks and re-scores are made for it."""
+        query = (
+            sa.select(PipelineVersionRow)
+            .where(PipelineVersionRow.activated_at.is_not(None))
+            .order_by(PipelineVersionRow.activated_at.desc(), PipelineVersionRow.id)
+            .limit(1)
+        )
+        return session.scalars(query).one_or_none()
+
+    def versions(self, session: Session) -> list[PipelineVersionRow]:
+        """Every registered version, oldest first."""
+        query = sa.select(PipelineVersionRow).order_by(PipelineVersionRow.created_at, PipelineVersionRow.id)
+        return list(session.scalars(query))
+
+    def checks_per_version(self, session: Session) -> dict[str, dict[str, int]]:
+        """{version id: {status: count}} over all checks."""
+        query = sa.select(CheckRow.pipeline_version_id, CheckRow.status, sa.func.count()).group_by(
+            CheckRow.pipeline_version_id, CheckRow.status
+        )
+        counts: dict[str, dict[str, int]] = {}
+        for version_id, status, count in session.execute(query):
+            counts.setdefault(version_id, {})[CheckStatus(status).value] = count
+        return counts
 
     # ------------------------------------------------------------------ checks
 
     def create_check(
-        self, session: Session, *, external_id: str, pipeline_version_id: str, source: dict
+        self,
+        session: Session,
+        *,
+        external_id: str,
+        pipeline_version_id: str,
+        source: dict,
+        callback_url: str | None = None,
+        priority: int = Priority.fresh,
+        rescore_of: str | None = None,
+        image_sha256: str | None = None,
     ) -> tuple[CheckRow, bool]:
         """The check for (external_id, version), and whether this call created it.
 
@@ -80,6 +131,10 @@ class Ledger:
             "external_id": external_id,
             "pipeline_version_id": pipeline_version_id,
             "source": source,
+            "callback_url": callback_url,
+            "priority": priority,
+            "rescore_of": rescore_of,
+            "image_sha256": image_sha256,
             "status": CheckStatus.queued,
             "attempts": 0,
             "created_at": now,
@@ -116,14 +171,16 @@ class Ledger:
         stale_before: datetime,
         max_attempts: int | None = None,
         first: str | None = None,
+        priority: int | None = None,
     ) -> list[CheckRow]:
         """Takes up to `limit` checks of one pipeline version for a batch: running, attempts + 1.
 
         Claimable are queued checks, and running ones untouched since `stale_before` (their worker died).
-        `first` (the check whose message arrived) is taken first when claimable. On Postgres, rows another
-        worker is claiming are skipped, never waited for, so two workers never share a check. Checks that used
-        up `max_attempts` are left for the reconciler to fail: an image that kills its worker every time must
-        not be claimed forever.
+        Lower priorities go first (fresh uploads before re-scores); within one, `first` (the check whose message
+        arrived) is taken first when claimable, then the oldest. `priority` limits the claim to one priority.
+        On Postgres, rows another worker is claiming are skipped, never waited for, so two workers never share a
+        check. Checks that used up `max_attempts` are left for the reconciler to fail: an image that kills its
+        worker every time must not be claimed forever.
         """
         claimable = sa.or_(
             CheckRow.status == CheckStatus.queued,
@@ -131,9 +188,11 @@ class Ledger:
         )
         if max_attempts is not None:
             claimable = sa.and_(claimable, CheckRow.attempts < max_attempts)
-        order = [CheckRow.created_at]
+        if priority is not None:
+            claimable = sa.and_(claimable, CheckRow.priority == priority)
+        order = [CheckRow.priority, CheckRow.created_at]
         if first:
-            order.insert(0, (CheckRow.id == first).desc())
+            order.insert(1, (CheckRow.id == first).desc())
         candidates = (
             sa.select(CheckRow.id)
             .where(CheckRow.pipeline_version_id == pipeline_version_id, claimable)
@@ -185,8 +244,10 @@ class Ledger:
         objects: list[dict],
         object_count: int,
         timings_ms: dict | None,
-    ) -> bool:
-        """Stores the result unless the check already ended; returns whether it did (the first result stays).
+    ) -> CheckRow | None:
+        """Stores the result unless the check already ended; returns the finished row if it did, else None.
+
+        The first result stays.
 
         A retry's error is cleared: a done check's error columns would only mislead.
         """
@@ -204,19 +265,21 @@ class Ledger:
             "error_message": None,
             "finished_at": utcnow(),
         }
-        return _transition(session, check_id, _NOT_TERMINAL, values) is not None
+        return _transition(session, check_id, _NOT_TERMINAL, values)
 
-    def finish_rejected(self, session: Session, check_id: str, code: str, message: str) -> bool:
+    def finish_rejected(self, session: Session, check_id: str, code: str, message: str) -> CheckRow | None:
         """The input can never succeed (not an image, too large, refused URL); same first-write-wins rule."""
         return self._finish_with_error(session, check_id, CheckStatus.rejected, code, message)
 
-    def finish_failed(self, session: Session, check_id: str, code: str, message: str) -> bool:
+    def finish_failed(self, session: Session, check_id: str, code: str, message: str) -> CheckRow | None:
         """Retries are used up; same first-write-wins rule."""
         return self._finish_with_error(session, check_id, CheckStatus.failed, code, message)
 
-    def _finish_with_error(self, session: Session, check_id: str, status: CheckStatus, code: str, message: str) -> bool:
+    def _finish_with_error(
+        self, session: Session, check_id: str, status: CheckStatus, code: str, message: str
+    ) -> CheckRow | None:
         values = {"status": status, "error_code": code, "error_message": message, "finished_at": utcnow()}
-        return _transition(session, check_id, _NOT_TERMINAL, values) is not None
+        return _transition(session, check_id, _NOT_TERMINAL, values)
 
     def stuck_checks(self, session: Session, older_than: timedelta, limit: int = 500) -> list[CheckRow]:
         """Queued or running checks untouched for `older_than`, oldest first: their messages were probably lost."""
