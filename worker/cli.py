@@ -260,14 +260,20 @@ def models_pull(profile: ProfileOpt = None, model_dir: ModelDirOpt = None) -> No
 
 @app.command()
 def submit(
-    inputs: Annotated[list[str], typer.Argument(help="Image files or http(s) URLs.")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, http(s) URLs or s3://bucket/key.")],
     external_id: Annotated[
         list[str] | None, typer.Option("--external-id", "-e", help="One per input; default: the input itself.")
     ] = None,
     by_path: Annotated[bool, typer.Option(help="Send local files by path (worker shares the disk).")] = False,
+    callback_url: Annotated[
+        str | None, typer.Option(help="POST each result here, signed with ITEM_CALLBACK_SECRET.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Record checks in the ledger, then queue them (or, with no ITEM_BROKER_URL, run them here)."""
+    """Record checks in the ledger, then queue them (or, with no ITEM_BROKER_URL, run them here).
+
+    Inputs are image files, http(s) URLs, or s3://bucket/key objects (read with the ITEM_S3_* settings).
+    """
     from pipeline.errors import ItemError
     from worker.client import image_from
     from worker.client import submit as submit_checks
@@ -277,7 +283,7 @@ def submit(
         raise _fail(ValueError(f"{len(inputs)} inputs but {len(ids)} --external-id values."))
     try:
         items = [(eid, image_from(ref, by_path=by_path)) for eid, ref in zip(ids, inputs, strict=True)]
-        submissions = submit_checks(_settings(), items)
+        submissions = submit_checks(_settings(), items, callback_url=callback_url)
     except ItemError as error:
         raise _fail(error) from None
     for s in submissions:
