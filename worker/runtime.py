@@ -29,15 +29,29 @@ def build_service(settings: Settings, enqueue: Enqueue) -> CheckService:
     return service
 
 
-def run_in_process(settings: Settings, messages: list[dict]) -> CheckService:
-    """The embedded mode (no broker): each message, and every retry it asks for, runs here and now.
+class InProcess:
+    """The embedded mode (no broker): messages, and every retry they ask for, run here and now.
 
     Retry delays are honoured but capped at a few seconds: a person is waiting at the terminal.
     """
-    pending: deque[tuple[dict, float]] = deque((message, 0.0) for message in messages)
-    service = build_service(settings, lambda kwargs, countdown, queue: pending.append((kwargs, countdown)))
-    while pending:
-        message, countdown = pending.popleft()
-        time.sleep(min(countdown, 5.0))
-        service.receive(**message)
-    return service
+
+    def __init__(self, settings: Settings):
+        self.pending: deque[tuple[dict, float]] = deque()
+        self.service = build_service(settings, self._enqueue)
+
+    def _enqueue(self, kwargs: dict, countdown: float, queue: str) -> None:
+        self.pending.append((kwargs, countdown))
+
+    def run(self, messages: list[dict]) -> None:
+        self.pending.extend((message, 0.0) for message in messages)
+        while self.pending:
+            message, countdown = self.pending.popleft()
+            time.sleep(min(countdown, 5.0))
+            self.service.receive(**message)
+
+
+def run_in_process(settings: Settings, messages: list[dict]) -> CheckService:
+    """Runs `messages` through a service built here (see `InProcess`); returns the service."""
+    runner = InProcess(settings)
+    runner.run(messages)
+    return runner.service
