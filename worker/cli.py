@@ -471,8 +471,9 @@ def _profile(name: str):
         raise _fail(error) from None
 
 
-# The experiment commands (features, train, eval, calibrate) live in their own module and register on `app`.
-from worker import cli_experiments  # noqa: E402, F401
+# The experiment commands (features, train, eval, calibrate) and `versions`/`rescore` live in their own modules
+# and register on `app`.
+from worker import cli_experiments, cli_rescore  # noqa: E402, F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from pipeline import codec
 from pipeline.imaging import DecodedImage
@@ -33,6 +34,34 @@ from worker.ledger.models import (
 )
 
 _ACTIVE = (CheckStatus.queued, CheckStatus.running)
+
+
+@dataclass(frozen=True)
+class RescoreSelection:
+    """Which finished checks a re-score takes; every field left None selects everything."""
+
+    from_version: str | None = None  # only checks scored under this pipeline version
+    since: datetime | None = None  # created at or after
+    until: datetime | None = None  # created before
+    verdict: str | None = None  # real or fake
+    min_score: float | None = None  # p_fake at or above
+    max_score: float | None = None  # p_fake at or below
+    external_ids: tuple[str, ...] | None = None  # only these (from a file)
+
+    def conditions(self) -> list[sa.ColumnElement[bool]]:
+        checks = CheckRow
+        tests = [
+            (self.from_version, lambda v: checks.pipeline_version_id == v),
+            (self.since, lambda v: checks.created_at >= v),
+            (self.until, lambda v: checks.created_at < v),
+            (self.verdict, lambda v: checks.verdict == v),
+            (self.min_score, lambda v: checks.p_fake >= v),
+            (self.max_score, lambda v: checks.p_fake <= v),
+            (self.external_ids, lambda v: checks.external_id.in_(v)),
+        ]
+        return [condition(value) for value, condition in tests if value is not None]
+
+
 _NOT_TERMINAL = CheckRow.status.not_in(sorted(TERMINAL_STATUSES))
 _MAX_EXTERNAL_ID = CheckRow.__table__.c.external_id.type.length
 _IN_CHUNK = 500  # sha256s per IN (...) list
@@ -345,6 +374,99 @@ class Ledger:
             .limit(1)
         )
         return session.scalars(_fresh(query)).first()
+
+    # ------------------------------------------------------------------ re-scoring
+
+    def rescore_candidates(
+        self,
+        session: Session,
+        *,
+        target_version_id: str,
+        selection: RescoreSelection,
+        after_external_id: str | None,
+        limit: int,
+    ) -> list[CheckRow]:
+        """A page of finished checks to re-score under the target version, one per external id (its newest).
+
+        Ordered by external id, so pages follow each other by keyset (`after_external_id`) however many millions
+        there are; within an id, the most recently finished check comes first and the rest of its rows are dropped.
+        """
+        query = (
+            sa.select(CheckRow)
+            .where(CheckRow.status == CheckStatus.done, CheckRow.pipeline_version_id != target_version_id)
+            .order_by(CheckRow.external_id, CheckRow.finished_at.desc(), CheckRow.id)
+            .limit(limit)
+        )
+        for condition in selection.conditions():
+            query = query.where(condition)
+        if after_external_id is not None:
+            query = query.where(CheckRow.external_id > after_external_id)
+        newest: dict[str, CheckRow] = {}
+        for row in session.scalars(_fresh(query)):
+            newest.setdefault(row.external_id, row)
+        return list(newest.values())
+
+    def create_rescores(
+        self, session: Session, earlier: list[CheckRow], version_id: str
+    ) -> tuple[dict[str, CheckRow], set[str]]:
+        """Re-score checks of `earlier` under `version_id`, by external id, and the ids of those this call made.
+
+        Ones that exist already (an earlier run, or a fresh upload under the new version) are kept as they are.
+
+        The new check keeps the source, the callback and the image's sha256 (so stored artifacts are found without
+        fetching the image), and points back at the check it re-scores.
+        """
+        if not earlier:
+            return {}
+        now = utcnow()
+        rows = [
+            {
+                "id": new_id(),
+                "external_id": check.external_id,
+                "pipeline_version_id": version_id,
+                "source": check.source,
+                "callback_url": check.callback_url,
+                "image_sha256": check.image_sha256,
+                "priority": Priority.rescore,
+                "rescore_of": check.id,
+                "status": CheckStatus.queued,
+                "attempts": 0,
+                "created_at": now,
+                "enqueued_at": now,
+                "updated_at": now,
+            }
+            for check in earlier
+        ]
+        statement = (
+            _insert(session, CheckRow)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["external_id", "pipeline_version_id"])
+            .returning(CheckRow.id)
+        )
+        created = set(session.scalars(statement))
+        ids = [check.external_id for check in earlier]
+        query = sa.select(CheckRow).where(CheckRow.pipeline_version_id == version_id, CheckRow.external_id.in_(ids))
+        return {row.external_id: row for row in session.scalars(_fresh(query))}, created
+
+    def verdict_changes(self, session: Session, check_ids: list[str]) -> list[tuple[str, str]]:
+        """(earlier verdict, new verdict) of each finished re-score among `check_ids` and the check it re-scores."""
+        earlier = aliased(CheckRow)
+        pairs = []
+        for start in range(0, len(check_ids), _IN_CHUNK):
+            query = (
+                sa.select(earlier.verdict, CheckRow.verdict)
+                .join(earlier, earlier.id == CheckRow.rescore_of)
+                .where(CheckRow.id.in_(check_ids[start : start + _IN_CHUNK]), CheckRow.status == CheckStatus.done)
+            )
+            pairs += [tuple(row) for row in session.execute(query)]
+        return pairs
+
+    def checks_by_id(self, session: Session, check_ids: list[str]) -> list[CheckRow]:
+        rows = []
+        for start in range(0, len(check_ids), _IN_CHUNK):
+            query = sa.select(CheckRow).where(CheckRow.id.in_(check_ids[start : start + _IN_CHUNK]))
+            rows += session.scalars(_fresh(query))
+        return rows
 
     # ------------------------------------------------------------------ images and blobs
 
