@@ -72,11 +72,11 @@ class Stack:
 class Worker:
     """`item worker` in its own process group, so a test can SIGKILL the whole tree at once."""
 
-    def __init__(self, stack: Stack, name: str, concurrency: int = 1):
+    def __init__(self, stack: Stack, name: str, concurrency: int = 1, env: dict[str, str] | None = None):
         self.log = stack.folder / f"{name}.log"
         self.process = subprocess.Popen(
             [str(ITEM), "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
-            env=stack.env,
+            env=env or stack.env,
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
