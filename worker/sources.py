@@ -1,4 +1,10 @@
-"""Where a check's image comes from: exactly one of `url`, `b64` or `path` (the task contract), or a stored blob.
+"""Where a check's image comes from: exactly one of `url`, `b64`, `path` or `s3` (the task contract), or a stored blob.
+
+    url    an http(s) URL, fetched with the SSRF checks of `worker.fetch`
+    b64    the image's bytes in base64, at most ITEM_MAX_B64_BYTES
+    path   a file under one of ITEM_ALLOWED_PATH_ROOTS
+    s3     {"bucket": ..., "key": ...} in the store of the ITEM_S3_* settings (the string "s3://bucket/key" is
+           accepted too, and recorded as the object)
 
 Inline bytes are kept in the ledger (as a blob, by sha256) when a check is created, so the message can be
 lost and the check still re-run; the source recorded on the check then names the blob, not the bytes.
@@ -9,6 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +24,13 @@ from typing import Any
 from pipeline.errors import ItemError
 from worker.settings import Settings
 
-SOURCE_KINDS = ("url", "b64", "path")
+SOURCE_KINDS = ("url", "b64", "path", "s3")
+S3_MAX_KEY_BYTES = 1024  # S3's own limit, in UTF-8 bytes
+# S3's bucket naming rules: 3-63 lowercase letters, digits, dots and hyphens, a letter or digit at either end.
+# (AWS also reserves a few prefixes and suffixes; those are left to the store, since S3-compatible ones differ.)
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+SourceValue = str | dict[str, str]  # a string, or the {"bucket", "key"} of an s3 source
 
 
 class SourceError(ItemError):
@@ -25,22 +39,78 @@ class SourceError(ItemError):
     code = "source.invalid"
 
 
-def validate(image: Any) -> tuple[str, str]:
-    """Checks the shape of the task's `image` argument; returns (kind, value)."""
+def validate(image: Any) -> tuple[str, SourceValue]:
+    """Checks the shape of the task's `image` argument; returns (kind, value), an s3 value as {"bucket", "key"}."""
+    one_of = ", ".join(SOURCE_KINDS)
     if not isinstance(image, dict):
-        raise SourceError("`image` must be an object with exactly one of: url, b64, path.")
+        raise SourceError(f"`image` must be an object with exactly one of: {one_of}.")
     # Present means not None: an empty b64 string is an (empty) image, refused later as image.empty.
     given = [kind for kind in (*SOURCE_KINDS, "blob") if image.get(kind) is not None]
     if len(given) != 1:
-        raise SourceError(f"`image` must have exactly one of url, b64, path; it has {given or 'none of them'}.")
+        raise SourceError(f"`image` must have exactly one of {one_of}; it has {given or 'none of them'}.")
     kind = given[0]
+    if kind == "s3":
+        return kind, s3_object(image[kind])
     if not isinstance(image[kind], str):
         raise SourceError(f"`image.{kind}` must be a string.")
     return kind, image[kind]
 
 
+def s3_object(value: Any) -> dict[str, str]:
+    """The {"bucket", "key"} an `image.s3` value names: that object itself, or an "s3://bucket/key" string."""
+    if isinstance(value, str):
+        return parse_s3_uri(value)
+    if not isinstance(value, dict) or set(value) != {"bucket", "key"}:
+        raise SourceError('`image.s3` must be {"bucket": ..., "key": ...} or "s3://bucket/key".')
+    return _checked_s3(value["bucket"], value["key"])
+
+
+def parse_s3_uri(uri: str) -> dict[str, str]:
+    """{"bucket", "key"} of an s3://bucket/key reference; the key is taken as written (no %-decoding), as the
+    AWS command line does."""
+    if not isinstance(uri, str) or uri[:5].lower() != "s3://":
+        raise SourceError(f"{_shown(uri)} is not an s3://bucket/key reference.")
+    bucket, slash, key = uri[5:].partition("/")
+    if not slash:
+        raise SourceError(f"{_shown(uri)} names no key: s3://bucket/key.")
+    return _checked_s3(bucket, key)
+
+
+def _checked_s3(bucket: Any, key: Any) -> dict[str, str]:
+    if not isinstance(bucket, str) or not _is_bucket_name(bucket):
+        raise SourceError(
+            f"S3 bucket {_shown(bucket)} is not a valid bucket name (3-63 lowercase letters, digits, dots and hyphens)."
+        )
+    if not isinstance(key, str) or not key:
+        raise SourceError(f"The S3 key in bucket {bucket!r} must be a non-empty string.")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800": no S3 key can hold it
+        raise SourceError(f"The S3 key in bucket {bucket!r} is not valid Unicode.") from None
+    if size > S3_MAX_KEY_BYTES:
+        raise SourceError(f"The S3 key in bucket {bucket!r} is {size:,} bytes; S3 keys are at most 1,024.")
+    return {"bucket": bucket, "key": key}
+
+
+def _shown(value: Any) -> str:
+    """A value from a message, as an error message may quote it: a foreign client's junk can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _is_bucket_name(name: str) -> bool:
+    if not _BUCKET_NAME.fullmatch(name) or ".." in name:
+        return False
+    try:
+        ipaddress.IPv4Address(name)  # "192.168.5.4" matches the pattern but is refused by S3
+    except ValueError:
+        return True
+    return False
+
+
 def load(source: dict, settings: Settings, get_blob: Callable[[str], bytes | None]) -> bytes:
-    """The bytes a stored source names: a blob from the ledger, a URL, an allowed local path or inline base64."""
+    """The bytes a stored source names: a blob from the ledger, a URL, an allowed local path, an S3 object or
+    inline base64."""
     kind, value = validate(source)
     if kind == "blob":
         data = get_blob(value)
@@ -51,17 +121,14 @@ def load(source: dict, settings: Settings, get_blob: Callable[[str], bytes | Non
         return fetch(value, settings)
     if kind == "path":
         return read_path(value, settings)
+    if kind == "s3":
+        return read_s3(value, settings)
     return decode_b64(value, settings)
 
 
-def parse_s3_uri(uri: str) -> dict:
-    """{"bucket", "key"} of an s3://bucket/key reference. (Being written.)"""
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return {"bucket": bucket, "key": key}
-
-
 def to_stored(image: dict, settings: Settings, put_blob: Callable[[str, bytes], None]) -> dict:
-    """The source as recorded on a check: inline bytes are put away as a blob and named by their sha256."""
+    """The source as recorded on a check: inline bytes are put away as a blob and named by their sha256; an s3
+    source is recorded as {"bucket", "key"}, whichever form it came in."""
     kind, value = validate(image)
     if kind != "b64":
         return {kind: value}
@@ -112,3 +179,9 @@ def fetch(value: str, settings: Settings) -> bytes:
         max_redirects=settings.fetch_max_redirects,
         policy=AddressPolicy(allowed=allowed),
     )
+
+
+def read_s3(value: dict[str, str], settings: Settings) -> bytes:
+    from worker.s3 import read_object  # boto3 is imported only by workers that meet an s3 source
+
+    return read_object(value["bucket"], value["key"], settings)
