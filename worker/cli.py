@@ -321,13 +321,26 @@ def results(
     verdict: Annotated[str | None, typer.Option(help="real or fake.")] = None,
     since: Annotated[datetime | None, typer.Option(help="Created at or after (ISO time, UTC).")] = None,
     until: Annotated[datetime | None, typer.Option(help="Created before (ISO time, UTC).")] = None,
+    external_id: Annotated[
+        str | None, typer.Option("--external-id", "-e", help="One upload: its check under every version.")
+    ] = None,
+    version: Annotated[str | None, typer.Option(help="Only checks scored under this pipeline version.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
     as_json: JsonOpt = False,
 ) -> None:
-    """Checks from the ledger, newest first, filtered."""
+    """Checks from the ledger, newest first, filtered. After a re-score, each version keeps its own result."""
     from worker.client import checks
 
-    rows = checks(_settings(), status=status_, verdict=verdict, since=_utc(since), until=_utc(until), limit=limit)
+    rows = checks(
+        _settings(),
+        status=status_,
+        verdict=verdict,
+        since=_utc(since),
+        until=_utc(until),
+        external_id=external_id,
+        pipeline_version_id=version,
+        limit=limit,
+    )
     _print_checks(rows, as_json)
 
 

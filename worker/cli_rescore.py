@@ -126,7 +126,7 @@ def versions_register(
     version = detector.pipeline_version
     ledger = Ledger(settings.database_url)
     with ledger.session() as session:
-        created = ledger.ensure_pipeline_version(session, version, detector.profile.name)
+        created = ledger.ensure_pipeline_version(session, version, detector.profile.name, activate=activate)
         if activate and not created:
             ledger.activate_version(session, version.id)
     result = {"id": version.id, "profile": detector.profile.name, "registered": created, "active": activate}
@@ -316,7 +316,7 @@ class _RescoreProgress:
         )
         self.task = None
         self.finished_before = 0
-        self.last_line = 0.0
+        self.last_line = time.monotonic()  # the first line comes after LOG_EVERY_S: short runs print none
 
     def __enter__(self):
         self.bar.__enter__()

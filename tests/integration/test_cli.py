@@ -156,3 +156,39 @@ def test_db_commands_upgrade_and_downgrade_a_sqlite_ledger(env, tmp_path):
     head = run(local, "db", "upgrade").stdout.split()[-1]
     assert head != "None" and run(local, "db", "current").stdout.strip() == head
     assert run(local, "db", "downgrade", "base").stdout.strip().endswith("None")
+
+
+def test_versions_and_rescore_in_embedded_mode(env, demo, tmp_path):
+    """A new head, registered then activated, re-scores what the old one checked; both results stay readable."""
+    from dataclasses import replace
+
+    from pipeline.head import Head
+
+    old_head = Head.load(demo[0] / "head.safetensors")
+    new_head = Head(old_head.module, replace(old_head.metadata, threshold=0.01)).save(tmp_path / "new.safetensors")
+    local = {**env, "ITEM_DATABASE_URL": f"sqlite:///{tmp_path / 'l.sqlite3'}", "ITEM_PROFILE": "tiny"}
+    local.pop("ITEM_BROKER_URL", None)
+    old = {**local, "ITEM_HEAD": str(demo[0] / "head.safetensors")}
+    new = {**local, "ITEM_HEAD": str(new_head)}
+    run(local, "db", "upgrade")
+    images = [tmp_path / f"{seed}.png" for seed in range(3)]
+    for seed, image in enumerate(images):
+        image.write_bytes(encode(noise_image(seed)))
+    run(old, "submit", *map(str, images))
+
+    registered = json.loads(run(new, "versions", "register", "--no-activate", "--json").stdout)
+    refused = run(new, "rescore", check_exit=2)
+    assert "version.not_active" in refused.stderr and registered["id"] in refused.stderr
+    run(local, "versions", "activate", registered["id"])
+
+    summary = json.loads(run(new, "rescore", "--json").stdout)
+    assert (summary["selected"], summary["created"], summary["statuses"]["done"]) == (3, 3, 3)
+    assert summary["flipped_to_real"] == 0  # a threshold of 0.01 can only turn verdicts to fake
+    versions = [json.loads(line) for line in run(local, "versions", "--json").stdout.splitlines()]
+    assert [(v["active"], v["checks"].get("done")) for v in versions] == [(False, 3), (True, 3)]
+    assert versions[0]["changed"] is None and list(versions[1]["changed"]) == ["head"]
+    per_version = [
+        json.loads(line) for line in run(local, "results", "--json", "-e", str(images[0])).stdout.splitlines()
+    ]
+    assert {row["pipeline_version_id"] for row in per_version} == {versions[0]["id"], versions[1]["id"]}
+    assert json.loads(run(new, "rescore", "--json").stdout)["created"] == 0

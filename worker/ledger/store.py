@@ -87,14 +87,17 @@ class Ledger:
 
     # ------------------------------------------------------------------ pipeline versions
 
-    def ensure_pipeline_version(self, session: Session, version: PipelineVersion, profile: str) -> bool:
-        """Registers the version once, as the active one; later calls (every worker start) change nothing.
+    def ensure_pipeline_version(
+        self, session: Session, version: PipelineVersion, profile: str, *, activate: bool = True
+    ) -> bool:
+        """Registers the version once, as the active one unless told not to; later calls change nothing.
 
         Returns whether this call registered it. A version registered earlier keeps its activation state, so a
         worker restarted on an old head does not take new checks away from the version an operator activated.
         """
         now = utcnow()
-        row = {"id": version.id, "profile": profile, **version.stages, "created_at": now, "activated_at": now}
+        activated = now if activate else None
+        row = {"id": version.id, "profile": profile, **version.stages, "created_at": now, "activated_at": activated}
         statement = _insert(session, PipelineVersionRow).values(row).on_conflict_do_nothing()
         return session.execute(statement.returning(PipelineVersionRow.id)).scalar_one_or_none() is not None
 
@@ -339,10 +342,16 @@ class Ledger:
         verdict: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        external_id: str | None = None,
+        pipeline_version_id: str | None = None,
         limit: int = 100,
     ) -> list[CheckRow]:
         """Checks newest first; `since` is inclusive and `until` exclusive, both on created_at."""
         query = sa.select(CheckRow).order_by(CheckRow.created_at.desc(), CheckRow.id.desc()).limit(limit)
+        if external_id is not None:
+            query = query.where(CheckRow.external_id == external_id)
+        if pipeline_version_id is not None:
+            query = query.where(CheckRow.pipeline_version_id == pipeline_version_id)
         if status is not None:
             query = query.where(CheckRow.status == CheckStatus(status))  # ValueError names a bad status
         if verdict is not None:
