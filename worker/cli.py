@@ -484,9 +484,9 @@ def _profile(name: str):
         raise _fail(error) from None
 
 
-# The experiment commands (features, train, eval, calibrate) and `versions`/`rescore` live in their own modules
-# and register on `app`.
-from worker import cli_experiments, cli_rescore  # noqa: E402, F401
+# The experiment commands (features, train, eval, calibrate), `versions`/`rescore` and `deliveries` live in their
+# own modules and register on `app`.
+from worker import cli_delivery, cli_experiments, cli_rescore  # noqa: E402, F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,21 +1,521 @@
 """Pushing results back to platforms: signed callbacks and a results stream, from an outbox in the ledger.
 
-(Being written: the interface below is what the service calls.)
+When a check ends (done, rejected or failed), `record_outcome` writes one `deliveries` row per target in the
+same transaction: the check's callback URL, if it has one, and "stream" if `ITEM_RESULTS_STREAM` is set. A
+`Deliverer` thread in every worker process claims due rows with a lease (SKIP LOCKED on Postgres, like checks),
+sends them, and records the outcome. Sending never happens on the thread that runs checks, and no database
+transaction is held while a receiver is slow, so a dead or hanging receiver never holds up moderation.
+
+Delivery is at least once: a worker that dies between sending and recording sends again once the lease ends.
+Receivers deduplicate on `X-Item-Delivery`, the same on every attempt of one delivery.
+
+What a platform receives:
+
+- Callback: `POST <callback_url>` with the body `{"event": "check.finished", "check": {...}}` (the check as
+  `item status --json` shows it) as canonical JSON (sorted keys, no spaces), and the headers
+  `Content-Type: application/json`, `X-Item-Timestamp` (Unix seconds), `X-Item-Signature`
+  (`v1=<hex HMAC-SHA256(secret, f"{timestamp}." + body)>`), `X-Item-Delivery` (the delivery id) and
+  `User-Agent`. Any 2xx answer counts as delivered; redirects are not followed. Verify with `verify` below.
+- Stream: `XADD <ITEM_RESULTS_STREAM> MAXLEN ~ <ITEM_RESULTS_STREAM_MAXLEN> * check_id <id> external_id <id>
+  delivery_id <id> body <canonical JSON>`. The stream name is used as given: `ITEM_REDIS_KEY_PREFIX` is not
+  applied, since the name is the platform's interface, not one of this service's internal keys.
+
+Errors, as "code: message" in `last_error`:
+
+    callback.invalid     permanent  at submission: the callback URL is not http(s), has credentials, is too long...
+    callback.no_secret   permanent  no ITEM_CALLBACK_SECRET: callbacks are never sent unsigned
+    stream.unconfigured  permanent  a stream delivery with no ITEM_RESULTS_STREAM or no Redis to send it to
+    stream.error         transient  Redis refused or could not be reached
+    url.invalid, url.refused, url.unresolvable   permanent  (see worker/fetch.py)
+    anything else (url.http_5xx, url.http_4xx, url.timeout, url.connection...)  transient: retried with backoff
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import random
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.ledger.models import CheckRow
+from pipeline.errors import ItemError
+from worker import metrics
+from worker.fetch import AddressPolicy, FetchError, parse_target, post
+from worker.ledger.models import CheckRow, DeliveryRow, DeliveryStatus, new_id, utcnow
 from worker.settings import Settings
+
+if TYPE_CHECKING:  # the store imports torch (through the artifact codec): receivers importing `verify` need neither
+    from worker.ledger.store import Ledger
+
+log = logging.getLogger("item.delivery")
+
+STREAM_TARGET = "stream"  # the `target` of a results-stream delivery; any other target is a callback URL
+EVENT = "check.finished"
+MAX_CALLBACK_URL = 2048
+SIGNATURE_VERSION = "v1"
+SIGNATURE_TOLERANCE_S = 300
+PASS_LIMIT = 50  # deliveries claimed per pass
+SENDS_AT_ONCE = 8  # one slow receiver must not make every other delivery of the pass wait for it
+
+# A target that can never work: retrying would only delay the `failed` an operator needs to see.
+PERMANENT_CODES = frozenset(
+    {"url.invalid", "url.refused", "url.unresolvable", "callback.invalid", "callback.no_secret", "stream.unconfigured"}
+)
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+
+
+class CallbackError(ItemError):
+    """A callback URL that can never be called: refused when the check is submitted. Permanent."""
+
+    code = "callback.invalid"
+
+
+class DeliveryError(ItemError):
+    """A delivery attempt that failed; `permanent` says whether another attempt could succeed."""
+
+    code = "delivery.error"
+
+    def __init__(self, message: str, *, code: str, permanent: bool):
+        super().__init__(message, code=code)
+        self.permanent = permanent
+
+
+# ---------------------------------------------------------------------- submission and outbox
 
 
 def checked_callback_url(url: str | None) -> str | None:
-    """The callback URL if its shape is acceptable (http(s), a host, no credentials); raises ItemError if not."""
+    """The callback URL if its shape is acceptable (http(s), a host, no credentials); raises CallbackError if not.
+
+    Only the shape: where the host resolves is checked at every send, since DNS answers may change by then.
+    """
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url:
+        raise CallbackError("The callback URL must be a non-empty string.")
+    if len(url) > MAX_CALLBACK_URL:
+        raise CallbackError(f"The callback URL is {len(url):,} characters long; the limit is {MAX_CALLBACK_URL:,}.")
+    try:
+        parse_target(url)
+    except FetchError as error:
+        raise CallbackError(f"Callback URL refused: {error.message}") from None
     return url
 
 
 def record_outcome(session: Session, check: CheckRow, settings: Settings) -> int:
-    """Queues the finished check's result for every configured target, in the caller's transaction."""
-    return 0
+    """Queues the finished check's result for every configured target, in the caller's transaction.
+
+    Returns how many deliveries were added; a check that ends twice (it cannot, but a retried transaction might
+    try) adds none the second time.
+    """
+    targets = [check.callback_url] if check.callback_url else []
+    if settings.results_stream:
+        targets.append(STREAM_TARGET)
+    if not targets:
+        return 0
+    from worker.ledger.store import _insert
+
+    now, body = utcnow(), result_body(check)
+    rows = [
+        {
+            "id": new_id(),
+            "check_id": check.id,
+            "target": target,
+            "status": DeliveryStatus.pending,
+            "attempts": 0,
+            "body": body,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for target in targets
+    ]
+    statement = (
+        _insert(session, DeliveryRow)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["check_id", "target"])
+        .returning(DeliveryRow.id)
+    )
+    return len(session.execute(statement).all())
+
+
+def result_body(check: CheckRow) -> dict:
+    """What every target receives: the check as platforms read it everywhere else."""
+    from worker.client import check_dict  # imported here: the client imports this module
+
+    return {"event": EVENT, "check": json.loads(json.dumps(check_dict(check)))}  # plain JSON types only
+
+
+def canonical(body: dict) -> bytes:
+    """The bytes sent and signed: one encoding of the stored body, so every retry sends the same bytes."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+# ---------------------------------------------------------------------- signatures
+
+
+def sign(secret: bytes, timestamp: int, body: bytes) -> str:
+    """The `X-Item-Signature` value: `v1=` and the hex HMAC-SHA256 of `f"{timestamp}."` + body under `secret`."""
+    digest = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"{SIGNATURE_VERSION}={digest}"
+
+
+def verify(
+    secret: bytes | str,
+    body: bytes,
+    timestamp_header: str | None,
+    signature_header: str | None,
+    *,
+    tolerance_s: float = SIGNATURE_TOLERANCE_S,
+    now: float | None = None,
+) -> bool:
+    """Whether a callback really comes from this service: what a platform's receiver calls, before parsing.
+
+    `body` must be the raw request bytes (not re-encoded JSON); the headers are `X-Item-Timestamp` and
+    `X-Item-Signature` as received (None when missing). False for a wrong secret, a changed body, a timestamp
+    more than `tolerance_s` away from `now` (a replayed request), or malformed headers. The signature header may
+    list several `v1=` values separated by commas; one match is enough.
+
+        from worker.delivery import verify
+        if not verify(SECRET, request.body, request.headers.get("X-Item-Timestamp"),
+                      request.headers.get("X-Item-Signature")):
+            return 401
+    """
+    if not isinstance(timestamp_header, str) or not isinstance(signature_header, str):
+        return False
+    if not _TIMESTAMP.fullmatch(timestamp_header.strip()):
+        return False
+    timestamp = int(timestamp_header)
+    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+        return False
+    key = secret.encode() if isinstance(secret, str) else secret
+    expected = sign(key, timestamp, body).encode()
+    offered = [part.strip().encode() for part in signature_header.split(",")]
+    # Every value is compared, each in constant time, so the time taken says nothing about the right one.
+    return any([hmac.compare_digest(expected, value) for value in offered if value.startswith(b"v1=")])
+
+
+# ---------------------------------------------------------------------- the outbox, read and written
+
+
+def claim_due(session: Session, limit: int, lease: timedelta) -> list[DeliveryRow]:
+    """Takes up to `limit` pending deliveries that are due: attempts + 1, hidden from others for `lease`.
+
+    The lease replaces a status: a sender that dies leaves its rows to come due again when it ends. On Postgres
+    rows another deliverer is claiming are skipped, never waited for, so no two deliverers take the same row.
+    """
+    now = utcnow()
+    due = sa.and_(DeliveryRow.status == DeliveryStatus.pending, DeliveryRow.next_attempt_at <= now)
+    candidates = sa.select(DeliveryRow.id).where(due).order_by(DeliveryRow.next_attempt_at).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    # Materialised, as in Ledger.claim: Postgres may otherwise re-run the subquery and take more than `limit`.
+    picked = candidates.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
+    statement = (
+        sa.update(DeliveryRow)
+        .where(DeliveryRow.id.in_(sa.select(picked.c.id)), due)
+        .values(next_attempt_at=now + lease, attempts=DeliveryRow.attempts + 1, updated_at=now)
+        .returning(DeliveryRow)
+        .execution_options(populate_existing=True)
+    )
+    return list(session.scalars(statement).all())
+
+
+def _record(session: Session, claimed: DeliveryRow, values: dict) -> bool:
+    """Writes an attempt's outcome unless the row moved on meanwhile (its lease ran out and it was re-claimed)."""
+    statement = (
+        sa.update(DeliveryRow)
+        .where(
+            DeliveryRow.id == claimed.id,
+            DeliveryRow.status == DeliveryStatus.pending,
+            DeliveryRow.attempts == claimed.attempts,
+        )
+        .values(**values, updated_at=utcnow())
+    )
+    return session.execute(statement).rowcount == 1
+
+
+def list_deliveries(session: Session, *, status: str | None = None, limit: int = 100) -> list[DeliveryRow]:
+    """Deliveries newest first, optionally of one status."""
+    query = sa.select(DeliveryRow).order_by(DeliveryRow.created_at.desc(), DeliveryRow.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(DeliveryRow.status == DeliveryStatus(status))
+    return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+def retry_failed(session: Session, ids: list[str] | None = None) -> list[str]:
+    """Failed deliveries (all, or those of `ids`) back to pending, attempts reset, due now; returns their ids."""
+    condition = DeliveryRow.status == DeliveryStatus.failed
+    if ids is not None:
+        condition = sa.and_(condition, DeliveryRow.id.in_(ids))
+    now = utcnow()
+    statement = (
+        sa.update(DeliveryRow)
+        .where(condition)
+        .values(status=DeliveryStatus.pending, attempts=0, next_attempt_at=now, updated_at=now)
+        .returning(DeliveryRow.id)
+    )
+    return list(session.scalars(statement))
+
+
+def delivery_dict(row: DeliveryRow) -> dict:
+    """A delivery as `item deliveries list --json` shows it (the target without its query)."""
+    return {
+        "id": row.id,
+        "check_id": row.check_id,
+        "kind": target_kind(row.target),
+        "target": shown_target(row.target),
+        "status": DeliveryStatus(row.status).value,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        **{moment: _as_time(getattr(row, moment)) for moment in ("created_at", "next_attempt_at", "delivered_at")},
+    }
+
+
+def _as_time(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def target_kind(target: str) -> str:
+    return "stream" if target == STREAM_TARGET else "callback"
+
+
+def shown_target(target: str) -> str:
+    """The target for logs and tables: a URL without its query, which may hold a token."""
+    if target == STREAM_TARGET:
+        return target
+    try:
+        return parse_target(target).shown
+    except FetchError:
+        return "(invalid URL)"
+
+
+# ---------------------------------------------------------------------- sending
+
+
+class Deliverer:
+    """Sends due deliveries: `deliver_due` for one pass, `start` to run passes on a daemon thread."""
+
+    def __init__(self, settings: Settings, ledger: Ledger):
+        self.settings = settings
+        self.ledger = ledger
+        allowed = tuple(ipaddress.ip_network(network) for network in settings.callback_allowed_networks)
+        self.policy = AddressPolicy(allowed=allowed)
+        self._stream_client: Any = None
+        self._client_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ passes
+
+    def deliver_due(self, limit: int = PASS_LIMIT) -> int:
+        """One pass: claims up to `limit` due deliveries, sends them, records each outcome; returns how many."""
+        with self.ledger.session() as session:
+            claimed = claim_due(session, limit, self._lease(limit))
+        if not claimed:
+            return 0
+        with ThreadPoolExecutor(min(SENDS_AT_ONCE, len(claimed)), thread_name_prefix="item-delivery") as pool:
+            list(pool.map(self.attempt, claimed))  # list(): re-raises what an attempt raised (the ledger is down)
+        return len(claimed)
+
+    def deliver_all_due(self) -> int:
+        """Passes until nothing is due right now, then returns how many were attempted (the embedded mode).
+
+        Retries scheduled for later stay pending. A failure is logged, never raised: the checks themselves are
+        stored, and the outbox keeps their results for the next run.
+        """
+        attempted = 0
+        try:
+            while passed := self.deliver_due():
+                attempted += passed
+        except Exception:
+            log.warning("delivering results failed; they stay in the ledger's outbox", exc_info=True)
+        return attempted
+
+    def _lease(self, limit: int) -> timedelta:
+        # Long enough for every send of the pass to end: rounds of SENDS_AT_ONCE, each within its time limits
+        # (a Redis connect and a command may each take callback_timeout_s), and a margin for the ledger.
+        rounds = -(-limit // SENDS_AT_ONCE)
+        return timedelta(seconds=rounds * (2 * self.settings.callback_timeout_s + 5) + 30)
+
+    def attempt(self, row: DeliveryRow) -> str:
+        """Sends one claimed delivery and records the outcome: "delivered", "retried" or "failed".
+
+        Once `stop` was called, a delivery not yet sent is handed back instead ("released"): due again at once for
+        another process, rather than hidden until its lease ends.
+        """
+        if self._stopping.is_set():
+            with self.ledger.session() as session:
+                _record(session, row, {"attempts": row.attempts - 1, "next_attempt_at": utcnow()})
+            return "released"
+        try:
+            self._send(row)
+        except ItemError as error:
+            return self._failed_attempt(row, error.code, error.message)
+        except Exception as error:  # a bug, not the receiver: kept and retried rather than lost
+            log.exception("delivery %s of check %s crashed", row.id, row.check_id)
+            return self._failed_attempt(row, "delivery.internal_error", f"Internal error: {error!r}")
+        delivered = {"status": DeliveryStatus.delivered, "delivered_at": utcnow(), "last_error": None}
+        self._finish(row, "delivered", delivered)
+        return "delivered"
+
+    def _failed_attempt(self, row: DeliveryRow, code: str, message: str) -> str:
+        values: dict = {"last_error": f"{code}: {message}"}
+        if code in PERMANENT_CODES or row.attempts >= self.settings.delivery_max_attempts:
+            values["status"] = DeliveryStatus.failed
+            outcome = "failed"
+        else:
+            values["next_attempt_at"] = utcnow() + timedelta(seconds=self.backoff(row.attempts))
+            outcome = "retried"
+        self._finish(row, outcome, values, code=code, message=message)
+        return outcome
+
+    def _finish(self, row: DeliveryRow, outcome: str, values: dict, code: str | None = None, message: str = ""):
+        with self.ledger.session() as session:
+            recorded = _record(session, row, values)
+        kind = target_kind(row.target)
+        metrics.DELIVERIES.labels(kind, outcome).inc()
+        about = {"check_id": row.check_id, "external_id": _external_id(row), "stage": "deliver"}
+        if code is not None:
+            about["code"] = code
+        note = "" if recorded else " (not recorded: the delivery was taken over after its lease ran out)"
+        level = logging.WARNING if outcome == "failed" else logging.INFO
+        said = f": {code}: {message}" if code else ""
+        log.log(
+            level,
+            "delivery %s of check %s to %s %s after %d attempt(s)%s%s",
+            row.id,
+            row.check_id,
+            shown_target(row.target),
+            outcome,
+            row.attempts,
+            said,
+            note,
+            extra=about,
+        )
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the next attempt: doubling from delivery_backoff_s, capped, with ×0.5–1.5 jitter."""
+        settings = self.settings
+        delay = min(settings.delivery_backoff_max_s, settings.delivery_backoff_s * 2 ** max(0, attempts - 1))
+        return delay * random.uniform(0.5, 1.5)
+
+    # ------------------------------------------------------------------ targets
+
+    def _send(self, row: DeliveryRow) -> None:
+        if row.target == STREAM_TARGET:
+            self._add_to_stream(row)
+        else:
+            self._call_back(row)
+
+    def _call_back(self, row: DeliveryRow) -> None:
+        secret = self.settings.callback_secret
+        if secret is None or not secret.get_secret_value():
+            raise DeliveryError(
+                "No ITEM_CALLBACK_SECRET is set, and callbacks are never sent unsigned.",
+                code="callback.no_secret",
+                permanent=True,
+            )
+        body = canonical(row.body)
+        timestamp = int(time.time())  # signed afresh on every attempt: receivers refuse stale timestamps
+        headers = {
+            "Content-Type": "application/json",
+            "X-Item-Timestamp": str(timestamp),
+            "X-Item-Signature": sign(secret.get_secret_value().encode(), timestamp, body),
+            "X-Item-Delivery": row.id,  # the receiver's idempotency key: the same on every attempt
+        }  # post() adds Host, Content-Length, User-Agent and Connection
+        post(row.target, body, headers, timeout_s=self.settings.callback_timeout_s, policy=self.policy)
+
+    def _add_to_stream(self, row: DeliveryRow) -> None:
+        import redis
+
+        stream = self.settings.results_stream
+        if not stream:
+            raise DeliveryError(
+                "This delivery is for the results stream, but ITEM_RESULTS_STREAM is not set.",
+                code="stream.unconfigured",
+                permanent=True,
+            )
+        fields = {
+            "check_id": row.check_id,
+            "external_id": _external_id(row),
+            "delivery_id": row.id,
+            "body": canonical(row.body),
+        }
+        try:
+            self._stream().xadd(stream, fields, maxlen=self.settings.results_stream_maxlen, approximate=True)
+        except redis.RedisError as error:
+            raise DeliveryError(
+                f"Adding to stream {stream} failed: {error}", code="stream.error", permanent=False
+            ) from error
+
+    def _stream(self):
+        """One Redis client per deliverer (thread-safe, pooled), made on first use."""
+        import redis
+
+        url = self.settings.results_stream_url or self.settings.broker_url
+        if not url:
+            raise DeliveryError(
+                "No Redis for the results stream: set ITEM_RESULTS_STREAM_URL or ITEM_BROKER_URL.",
+                code="stream.unconfigured",
+                permanent=True,
+            )
+        with self._client_lock:
+            if self._stream_client is None:
+                timeout = self.settings.callback_timeout_s
+                self._stream_client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+            return self._stream_client
+
+    # ------------------------------------------------------------------ the thread
+
+    def start(self) -> None:
+        """Runs passes on a daemon thread every `delivery_poll_s` (at once again after a full pass) until `stop`."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="item-deliverer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Asks the thread to end after its current pass, and waits up to `timeout` for it."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        logged_at: float | None = None  # when the current run of failing passes was last logged
+        while not self._stopping.is_set():
+            try:
+                full = self.deliver_due() >= PASS_LIMIT
+                logged_at = None
+            except Exception:  # the ledger is down, say: results wait in the outbox, the thread carries on
+                logged_at = self._log_pass_failure(logged_at)
+                full = False
+            if not full:
+                self._stopping.wait(self.settings.delivery_poll_s)
+
+    @staticmethod
+    def _log_pass_failure(logged_at: float | None) -> float:
+        """The first failure of a run with its traceback, then one line a minute: an outage is not a log flood."""
+        now = time.monotonic()
+        if logged_at is None:
+            log.exception("delivery pass failed; the deliveries stay pending and are tried again")
+            return now
+        if now - logged_at >= 60:
+            log.warning("delivery passes still failing", exc_info=True)
+            return now
+        return logged_at
+
+
+def _external_id(row: DeliveryRow) -> str | None:
+    check = row.body.get("check") if isinstance(row.body, dict) else None
+    return check.get("external_id") if isinstance(check, dict) else None

@@ -21,6 +21,9 @@ Every refusal is a `FetchError` with a stable code; `permanent` says whether try
     url.tls                 permanent  the server's certificate does not verify for the host name
     url.connection          transient  refused, reset, unreachable, DNS failing for now, body cut short, TLS errors
     url.timeout             transient  the whole fetch took longer than `timeout_s`
+
+`post` sends a body (result callbacks) under the same rules: checked addresses only, one time budget for the
+whole request, no proxy. It follows no redirect: a 3xx is an answer like any other non-2xx.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -224,6 +227,7 @@ class _Budget:
 
     timeout_s: float
     deadline: float
+    what: str = "The download"  # what took too long, for the message
 
     def left(self) -> float:
         left = self.deadline - time.monotonic()
@@ -232,7 +236,7 @@ class _Budget:
         return left
 
     def exceeded(self) -> FetchError:
-        return FetchError(f"The download took longer than {self.timeout_s:g} s.", code="url.timeout", permanent=False)
+        return FetchError(f"{self.what} took longer than {self.timeout_s:g} s.", code="url.timeout", permanent=False)
 
 
 class _Redirect(NamedTuple):
@@ -287,8 +291,61 @@ def _fetch_once(
             return _outcome(connection.getresponse(), target, max_bytes)
 
 
+def post(
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout_s: float,
+    policy: AddressPolicy = DEFAULT_POLICY,
+    resolve: Resolver = socket.getaddrinfo,
+) -> int:
+    """POSTs `body` to `url`, checked and connected to exactly as `fetch_url` does; returns the 2xx status.
+
+    Any other answer raises `FetchError` (url.http_5xx, url.http_4xx, or url.http_status for 1xx/3xx: redirects
+    are not followed, since a redirected POST would need its own checks and the receiver owns its URL), its
+    message ending with the start of the response body, which is never read further. Host, Content-Length,
+    User-Agent and Connection are set here; `headers` adds the rest.
+    """
+    budget = _Budget(timeout_s, time.monotonic() + timeout_s, "The request")
+    target = parse_target(url)
+    with _network_errors(target, budget, doing="Posting to"):
+        addresses = checked_addresses(target, policy, resolve, budget)
+        with _open(target, addresses, budget) as sock:
+            connection = http.client.HTTPConnection(target.host, target.port)
+            connection.sock = _DeadlineSocket(sock, budget)
+            _send_post(connection, target, body, headers)
+            response = connection.getresponse()
+            if 200 <= response.status < 300:
+                return response.status
+            error = _status_error(response.status, response.reason, target)
+            said = _body_start(response)
+    raise FetchError(f"{error.message} {said}".rstrip(), code=error.code, permanent=error.permanent)
+
+
+def _send_post(connection: http.client.HTTPConnection, target: Target, body: bytes, headers: Mapping[str, str]) -> None:
+    connection.putrequest("POST", target.request_path, skip_host=True, skip_accept_encoding=True)
+    fixed = {"Host": target.host_header, "User-Agent": USER_AGENT, "Content-Length": str(len(body))}
+    for name, value in {**headers, **fixed, "Connection": "close"}.items():
+        connection.putheader(name, value)
+    connection.endheaders(body)
+
+
+_BODY_SHOWN = 200  # characters of an error answer kept in the message: enough for "invalid signature"
+
+
+def _body_start(response: http.client.HTTPResponse) -> str:
+    """The first characters of an error answer, printable only; empty when it cannot be read in time."""
+    try:
+        head = response.read(_BODY_SHOWN * 4)
+    except (OSError, http.client.HTTPException, FetchError):  # FetchError: the time budget ran out
+        return ""
+    text = " ".join(head.decode("utf-8", "replace").split())
+    return "".join(char for char in text if char.isprintable())[:_BODY_SHOWN]
+
+
 @contextmanager
-def _network_errors(target: Target, budget: _Budget) -> Iterator[None]:
+def _network_errors(target: Target, budget: _Budget, doing: str = "Fetching") -> Iterator[None]:
     """Turns what DNS, sockets, TLS and http.client raise into FetchErrors that say whether a retry can help."""
     try:
         yield
@@ -304,7 +361,7 @@ def _network_errors(target: Target, budget: _Budget) -> Iterator[None]:
         raise FetchError(f"{target.shown}: TLS certificate refused: {error.verify_message}.", code="url.tls") from error
     except (OSError, http.client.HTTPException) as error:
         raise FetchError(
-            f"Fetching {target.shown} failed: {str(error) or type(error).__name__}.",
+            f"{doing} {target.shown} failed: {str(error) or type(error).__name__}.",
             code="url.connection",
             permanent=False,
         ) from error

@@ -10,6 +10,7 @@ from pipeline.errors import HeadError
 from pipeline.head import Head
 from pipeline.profiles import get_profile
 from pipeline.store import ModelStore
+from worker.delivery import Deliverer
 from worker.ledger.store import Ledger
 from worker.service import CheckService, Enqueue
 from worker.settings import Settings
@@ -38,6 +39,7 @@ class InProcess:
     def __init__(self, settings: Settings):
         self.pending: deque[tuple[dict, float]] = deque()
         self.service = build_service(settings, self._enqueue)
+        self.deliverer = Deliverer(settings, self.service.ledger)
 
     def _enqueue(self, kwargs: dict, countdown: float, queue: str) -> None:
         self.pending.append((kwargs, countdown))
@@ -48,6 +50,7 @@ class InProcess:
             message, countdown = self.pending.popleft()
             time.sleep(min(countdown, 5.0))
             self.service.receive(**message)
+        self.deliverer.deliver_all_due()  # results due now; retries scheduled for later stay in the outbox
 
 
 def run_in_process(settings: Settings, messages: list[dict]) -> CheckService:

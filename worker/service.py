@@ -101,10 +101,11 @@ class CheckService:
                 self.ledger.create_check, session, external_id=external_id, pipeline_version_id=self.version_id
             )
             try:
-                source = sources.to_stored(image, self.settings, partial(self.ledger.put_blob, session))
                 callback_url = delivery.checked_callback_url(callback_url)
+                source = sources.to_stored(image, self.settings, partial(self.ledger.put_blob, session))
             except ItemError as error:  # malformed message from a foreign client: still gets a ledger row
-                check, created = create(source={"invalid": True})
+                valid_callback = error.code != "callback.invalid"  # the platform still hears of the rejection
+                check, created = create(source={"invalid": True}, callback_url=callback_url if valid_callback else None)
                 if created:  # never reject an earlier, valid check that happens to share the external id
                     self._finished(session, self.ledger.finish_rejected(session, check.id, error.code, error.message))
                     metrics.finished("rejected", error.code, check.created_at)

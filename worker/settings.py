@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     )
     results_stream_url: str | None = Field(None, description="Redis of the results stream; unset: the broker's.")
     results_stream_maxlen: int = Field(1_000_000, ge=1, description="Approximate cap on the stream's length.")
-    delivery_max_attempts: int = Field(8, ge=1, description="Tries before a delivery is recorded as failed.")
+    delivery_max_attempts: int = Field(
+        15, ge=1, description="Tries before a delivery is recorded as failed (15: about 1.5 hours of retrying)."
+    )
     delivery_backoff_s: float = Field(2.0, gt=0, description="First delivery retry delay; doubles per attempt.")
     delivery_backoff_max_s: float = Field(600.0, gt=0, description="Longest delivery retry delay.")
     delivery_poll_s: float = Field(1.0, gt=0, description="How often a worker looks for deliveries that are due.")

@@ -14,11 +14,13 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from worker import metrics
 from worker.celery_app import RECONCILE_TASK, app
+from worker.delivery import Deliverer
 from worker.service import INFRASTRUCTURE_ERRORS
 from worker.settings import CHECK_TASK, Settings
 
 log = logging.getLogger("item.worker")
 _service = None
+_deliverer = None  # this process's sender of results (callbacks, results stream)
 
 
 def service():
@@ -32,10 +34,20 @@ def service():
 
 @worker_process_init.connect
 def _load_models_after_fork(**_) -> None:
+    global _deliverer
+    _deliverer = Deliverer(service().settings, service().ledger)
+    _deliverer.start()  # its own thread: a slow callback receiver never holds up a check
     detector = service().detector
     detector.load()
     stages = (detector.captioner, detector.grounder, detector.embedder)
     metrics.models_loaded({stage.name: stage.load_seconds or 0.0 for stage in stages})
+
+
+@worker_process_shutdown.connect
+def _stop_delivery(**_) -> None:
+    # A send in flight gets to record its outcome; otherwise its lease runs out and it is sent a second time.
+    if _deliverer is not None:
+        _deliverer.stop(timeout=_deliverer.settings.callback_timeout_s + 5)
 
 
 @worker_process_shutdown.connect
