@@ -3,7 +3,8 @@
 Under Celery's prefork pool each process writes its own metric files; `MultiProcessCollector` sums them, so a
 scrape sees the work of every process, not of whichever one answered. Queue depth and stuck checks are not
 events any process observes: they are read from Redis and the ledger at scrape time, and a scrape still
-answers (without them) when either is down.
+answers (without them) when either is down. Queue depth covers both queues, fresh checks (`item.checks`) and
+re-scores (`item.rescore`), read in one round trip.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from worker.settings import CHECK_QUEUE, Settings
+from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings
 
 # prometheus_client and worker.metrics are imported inside functions: prometheus_client picks its
 # in-memory or multiprocess mode when first imported, which must come after prepare_multiprocess_dir().
 
 log = logging.getLogger("item.metrics")
+
+QUEUES = (CHECK_QUEUE, RESCORE_QUEUE)  # every queue item_queue_depth reports, by its unprefixed name
 
 
 def prepare_multiprocess_dir(settings: Settings) -> Path:
@@ -43,26 +46,30 @@ class ScrapeTimeCollector:
         from worker.metrics import QUEUE_DEPTH_NAME, STUCK_NAME
 
         depth = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Messages waiting in the broker, per queue.", labels=["queue"])
-        waiting = self._queue_depth()
-        if waiting is not None:
-            depth.add_metric([CHECK_QUEUE], waiting)
+        for queue, waiting in self._queue_depth().items():
+            depth.add_metric([queue], waiting)
         yield depth
         stuck = GaugeMetricFamily(STUCK_NAME, "Checks queued/running past the reconcile threshold.", labels=["status"])
         for status, count in self._stuck().items():
             stuck.add_metric([status], count)
         yield stuck
 
-    def _queue_depth(self) -> int | None:
+    def _queue_depth(self) -> dict[str, int]:
+        """Messages waiting per queue, all read in one round trip: all queues or, when Redis fails, none."""
         if not self.settings.broker_url:
-            return None
+            return {}
         try:
             import redis
 
             client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
-            return int(client.llen(f"{self.settings.redis_key_prefix}{CHECK_QUEUE}"))
+            with client.pipeline(transaction=False) as pipe:
+                for queue in QUEUES:
+                    pipe.llen(f"{self.settings.redis_key_prefix}{queue}")
+                lengths = pipe.execute()
+            return {queue: int(length) for queue, length in zip(QUEUES, lengths, strict=True)}
         except Exception as error:  # a scrape must answer even when Redis does not
             log.warning("queue depth unavailable: %s", error)
-            return None
+            return {}
 
     def _stuck(self) -> dict[str, int]:
         try:

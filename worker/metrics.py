@@ -67,6 +67,11 @@ WORKER_READY = Gauge("item_worker_ready", "Worker processes with their models lo
 GPU_MEMORY = Gauge(
     "item_gpu_memory_bytes", "GPU memory held by torch in worker processes.", ["kind"], multiprocess_mode="livesum"
 )
+# Every series an alert takes increase() of exists from the start at 0: increase() cannot see a series' first sample.
+for _target in ("callback", "stream"):
+    for _outcome in ("delivered", "retried", "failed"):
+        DELIVERIES.labels(_target, _outcome)
+
 # Read from Redis and the ledger at scrape time by the exporter (see worker/exporter.py).
 QUEUE_DEPTH_NAME = "item_queue_depth"
 STUCK_NAME = "item_checks_stuck"

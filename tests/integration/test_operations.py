@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.stack import Worker, make_stack, run_item
+from worker.exporter import ScrapeTimeCollector
 from worker.metrics import METRIC_NAMES
 
 
@@ -72,7 +73,31 @@ def test_metrics_add_up_the_work_of_every_process(stack, worked):
     flagged = samples.get(("item_flagged_total", (("pipeline_version", version),)), 0)
     assert flagged == sum(row.verdict == "fake" for row in rows.values())
     assert samples[("item_queue_depth", (("queue", "item.checks"),))] == 0
+    assert samples[("item_queue_depth", (("queue", "item.rescore"),))] == 0
     assert samples[("item_checks_stuck", (("status", "running"),))] == 0
+
+
+def test_queue_depth_reports_both_queues_under_the_key_prefix(stack):
+    # given messages waiting in both queues under a key prefix no worker reads
+    prefix = f"{stack.prefix}depth:"
+    stack.redis.rpush(f"{prefix}item.checks", *["fresh"] * 3)
+    stack.redis.rpush(f"{prefix}item.rescore", *["rescore"] * 5)
+    try:
+        # when the exporter collects with that prefix
+        settings = stack.settings.model_copy(update={"redis_key_prefix": prefix})
+        families = {family.name: family for family in ScrapeTimeCollector(settings).collect()}
+        # then each queue is reported by its unprefixed name, with its own length
+        depth = {sample.labels["queue"]: sample.value for sample in families["item_queue_depth"].samples}
+        assert depth == {"item.checks": 3, "item.rescore": 5}
+    finally:
+        stack.redis.delete(f"{prefix}item.checks", f"{prefix}item.rescore")
+
+
+def test_queue_depth_is_left_out_when_redis_does_not_answer(stack):
+    settings = stack.settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    families = {family.name: family for family in ScrapeTimeCollector(settings).collect()}
+    assert families["item_queue_depth"].samples == []  # absent, so ItemQueueDepthMissing can fire
+    assert "item_checks_stuck" in families  # the scrape still answers
 
 
 def test_exposition_names_and_promtool(stack, worked):

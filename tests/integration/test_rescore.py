@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -215,3 +216,21 @@ def test_fresh_checks_are_claimed_before_rescores(ledger, tiny_store, checked, t
     with ledger.session() as session:
         assert ledger.get_check(session, fresh.id).status == CheckStatus.done
     assert CHECK_QUEUE != RESCORE_QUEUE
+
+
+def test_a_long_rescore_backlog_is_not_stuck_but_a_dead_workers_rescore_is(ledger, tiny_store, checked, tmp_path):
+    import sqlalchemy as sa
+
+    from worker.ledger.models import CheckRow
+
+    new, _ = _upgraded(ledger, tiny_store, tmp_path)
+    run = rescore.queue(ledger, RescoreSelection(), lambda messages: None, version_id=new.service.version_id)
+    waiting, dead = list(run.statuses)[:2]
+    with ledger.session() as session:
+        old = datetime.now(UTC) - timedelta(hours=2)
+        session.execute(sa.update(CheckRow).where(CheckRow.rescore_of.is_not(None)).values(updated_at=old))
+        session.execute(sa.update(CheckRow).where(CheckRow.id == dead).values(status="running", updated_at=old))
+        stuck = {row.id for row in ledger.stuck_checks(session, timedelta(hours=1))}
+        counts = ledger.count_stuck(session, timedelta(hours=1))
+    assert waiting not in stuck and dead in stuck  # queued behind fresh uploads is normal; running that long is not
+    assert counts == {"queued": 0, "running": 1}

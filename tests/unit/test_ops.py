@@ -173,6 +173,8 @@ def test_the_alerts_asked_for_exist():
         "ItemWorkerDown": "up",
         "ItemNoWorkerReady": "item_worker_ready",
         "ItemChecksSlow": "item_check_latency_seconds_bucket",
+        "ItemRescoreBacklogStalled": "item_queue_depth",
+        "ItemDeliveriesFailing": "item_deliveries_total",
     }
     for alert, metric in expected_metrics.items():
         assert re.search(rf"\b{metric}\b", rules.get(alert, "")), alert

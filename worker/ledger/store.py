@@ -63,6 +63,12 @@ class RescoreSelection:
 
 
 _NOT_TERMINAL = CheckRow.status.not_in(sorted(TERMINAL_STATUSES))
+# Unfinished checks the reconciler may look at. A queued re-score is left out: waiting behind fresh uploads for
+# hours is its job, and rerunning `item rescore` re-sends whatever is still queued.
+_STUCK = sa.or_(
+    CheckRow.status == CheckStatus.running,
+    sa.and_(CheckRow.status == CheckStatus.queued, CheckRow.priority == Priority.fresh),
+)
 _MAX_EXTERNAL_ID = CheckRow.__table__.c.external_id.type.length
 _IN_CHUNK = 500  # sha256s per IN (...) list
 
@@ -314,10 +320,13 @@ class Ledger:
         return _transition(session, check_id, _NOT_TERMINAL, values)
 
     def stuck_checks(self, session: Session, older_than: timedelta, limit: int = 500) -> list[CheckRow]:
-        """Queued or running checks untouched for `older_than`, oldest first: their messages were probably lost."""
+        """Checks untouched for `older_than`, oldest first: their messages were probably lost.
+
+        Running ones of any kind (a worker died on them) and queued fresh ones; not queued re-scores (see _STUCK).
+        """
         query = (
             sa.select(CheckRow)
-            .where(CheckRow.status.in_(_ACTIVE), CheckRow.updated_at < utcnow() - older_than)
+            .where(_STUCK, CheckRow.updated_at < utcnow() - older_than)
             .order_by(CheckRow.updated_at, CheckRow.id)
             .limit(limit)
         )
@@ -327,7 +336,7 @@ class Ledger:
         """How many checks `stuck_checks` would find, per status (for the metrics endpoint, at every scrape)."""
         query = (
             sa.select(CheckRow.status, sa.func.count())
-            .where(CheckRow.status.in_(_ACTIVE), CheckRow.updated_at < utcnow() - older_than)
+            .where(_STUCK, CheckRow.updated_at < utcnow() - older_than)
             .group_by(CheckRow.status)
         )
         counts = {str(status): 0 for status in _ACTIVE}
