@@ -20,6 +20,7 @@ from functools import partial
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from pipeline import codec
 from pipeline.detector import Detector
 from pipeline.errors import ItemError
 from pipeline.imaging import DecodedImage, decode_image
@@ -171,7 +172,7 @@ class CheckService:
         log.info("batch checks=%d model_images=%d undecodable=%d", len(batch), pixels, len(batch) - len(ready))
         if todo:
             try:
-                self._detect_and_store(todo, images)
+                self._detect_and_store(todo, images, stored)
             except INFRASTRUCTURE_ERRORS:
                 raise  # the ledger is unreachable: the message itself is retried
             except ItemError as error:
@@ -216,12 +217,15 @@ class CheckService:
                 self._done(session, check, {**_result_of(done), "timings_ms": {"reused": 0.0}})
         return todo
 
-    def _detect_and_store(self, todo: list[CheckRow], images: dict[str, DecodedImage | None]) -> None:
+    def _detect_and_store(
+        self, todo: list[CheckRow], images: dict[str, DecodedImage | None], stored: dict[str, Artifacts]
+    ) -> None:
         sha_by_check = {check.id: _sha_of(check, images[check.id]) for check in todo}
         unique = {sha: images[check_id] for check_id, sha in sha_by_check.items()}  # same bytes twice: once
         versions = self.detector.artifact_versions
+        known = {sha: stored[sha] for sha in unique if sha in stored}
         with self.ledger.session() as session:
-            known = self.ledger.load_artifacts(session, list(unique), versions)
+            known |= self.ledger.load_artifacts(session, [sha for sha in unique if sha not in known], versions)
         _count_reuse(known, list(unique))
         shas = list(unique)
         detections = self._detect([unique[sha] for sha in shas], [known[sha] for sha in shas])
@@ -230,7 +234,8 @@ class CheckService:
             for sha, image in unique.items():
                 if image is not None:
                     self.ledger.upsert_image(session, image)
-                self.ledger.save_artifacts(session, sha, by_sha[sha].artifacts, versions)
+                new = {kind: key for kind, key in versions.items() if codec.get_field(known[sha], kind) is None}
+                self.ledger.save_artifacts(session, sha, by_sha[sha].artifacts, new)  # what was loaded is stored
             for check in todo:
                 self._done(session, check, _result_of_detection(by_sha[sha_by_check[check.id]], sha_by_check[check.id]))
         for detection in detections:
