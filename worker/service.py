@@ -208,8 +208,9 @@ class CheckService:
         """Bytes already checked under this pipeline version get that answer; returns the checks still to run."""
         todo = []
         with self.ledger.session() as session:
+            answers = self.ledger.done_checks_for_images(session, list(sha_by_check.values()), self.version_id)
             for check in batch:
-                done = self.ledger.done_check_for_image(session, sha_by_check[check.id], self.version_id)
+                done = answers.get(sha_by_check[check.id])
                 metrics.DUPLICATE_BYTES.labels("miss" if done is None else "hit").inc()
                 if done is None:
                     todo.append(check)

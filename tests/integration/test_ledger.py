@@ -317,21 +317,22 @@ def test_count_by_status(ledger):
     assert counts == {"queued": 2, "running": 1, "done": 1, "rejected": 0, "failed": 1}
 
 
-def test_done_check_for_image_answers_duplicates(ledger):
+def test_done_checks_for_images_answers_duplicates(ledger):
     _register(ledger, VERSION, OTHER_VERSION)
     image = decoded(1)
     first, second = _create(ledger, "dup-1"), _create(ledger, "dup-2")
     other_version = _create(ledger, "dup-3", OTHER_VERSION)
     with ledger.session() as session:
-        assert ledger.done_check_for_image(session, image.sha256, VERSION.id) is None
+        assert ledger.done_checks_for_images(session, [image.sha256], VERSION.id) == {}
         ledger.upsert_image(session, image)
         _claim(ledger, session, first.id)  # running, not done: not an answer yet
         ledger.finish_done(session, other_version.id, **_result(image_sha256=image.sha256))
-        assert ledger.done_check_for_image(session, image.sha256, VERSION.id) is None
+        assert ledger.done_checks_for_images(session, [image.sha256], VERSION.id) == {}
         ledger.finish_done(session, first.id, **_result(0.7, image_sha256=image.sha256))
         ledger.finish_done(session, second.id, **_result(0.2, image_sha256=image.sha256))
-        answer = ledger.done_check_for_image(session, image.sha256, VERSION.id)
-    assert answer.id == first.id and answer.p_fake == 0.7
+        answers = ledger.done_checks_for_images(session, [image.sha256, "f" * 64, image.sha256], VERSION.id)
+    assert list(answers) == [image.sha256]  # bytes never checked have no answer
+    assert answers[image.sha256].id == first.id and answers[image.sha256].p_fake == 0.7
 
 
 # ---------------------------------------------------------------------- images, blobs, artifacts
