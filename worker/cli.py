@@ -356,11 +356,12 @@ def _print_checks(rows, as_json: bool) -> None:
             print(json.dumps(check_dict(row)))
         return
     table = Table()
-    for column in ("check", "external id", "status", "verdict", "p(fake)", "error"):
+    for column in ("check", "external id", "version", "status", "verdict", "p(fake)", "error"):
         table.add_column(column, overflow="fold")
     for row in rows:
         p_fake = "" if row.p_fake is None else f"{row.p_fake:.3f}"
-        table.add_row(row.id, escape(row.external_id), row.status, row.verdict or "", p_fake, row.error_code or "")
+        cells = (row.pipeline_version_id, row.status, row.verdict or "", p_fake, row.error_code or "")
+        table.add_row(row.id, escape(row.external_id), *cells)
     out.print(table)
 
 

@@ -38,6 +38,9 @@ def deliveries_list(
         for row in rows:
             print(json.dumps(row))
         return
+    if not rows:
+        err.print(f"no {status.value + ' ' if status else ''}deliveries")
+        return
     table = Table()
     for column in ("delivery", "check", "kind", "target", "status", "attempts", "last error", "created", "next / done"):
         table.add_column(column, overflow="fold")

@@ -280,6 +280,9 @@ def _report(summary: dict, as_json: bool) -> None:
         out.print(f"would re-score {summary['selected']} checks under {summary['version']}")
         return
     statuses = summary["statuses"]
+    if not summary["selected"]:
+        out.print(f"nothing to re-score: no finished check of another version than {summary['version']} matches")
+        return
     out.print(
         f"re-scored under {summary['version']}: {summary['selected']} selected, {summary['created']} new, "
         f"{summary['already_done']} already done, {summary['sent']} sent"
