@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -52,3 +53,24 @@ def noise_image(seed: int, width: int = 96, height: int = 72) -> Image.Image:
 
 def decoded(seed: int, width: int = 96, height: int = 72) -> DecodedImage:
     return decode_image(encode(noise_image(seed, width, height)))
+
+
+def count_stage_images(detector: Detector) -> Counter:
+    """Instruments a detector's model stages: the returned counter counts the images each one is asked to process.
+
+    Proof by what ran, not by how long it took, that stored artifacts spared a stage.
+    """
+    seen: Counter = Counter()
+    for stage, owner, name in (
+        ("caption", detector.captioner, "caption"),
+        ("ground", detector.grounder, "ground"),
+        ("embed", detector.embedder, "embed_images"),
+    ):
+        method = getattr(owner, name)
+
+        def counted(images, *rest, _stage=stage, _method=method, **kwargs):
+            seen[_stage] += len(images)
+            return _method(images, *rest, **kwargs)
+
+        setattr(owner, name, counted)
+    return seen

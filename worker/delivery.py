@@ -37,7 +37,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import random
 import re
 import threading
 import time
@@ -52,7 +51,7 @@ from pipeline.errors import ItemError
 from worker import metrics
 from worker.fetch import AddressPolicy, FetchError, parse_target, post
 from worker.ledger.models import CheckRow, DeliveryRow, DeliveryStatus, new_id, utcnow
-from worker.settings import Settings
+from worker.settings import Settings, backoff_s
 
 if TYPE_CHECKING:  # the store imports torch (through the artifact codec): receivers importing `verify` need neither
     from worker.ledger.store import Ledger
@@ -122,7 +121,7 @@ def record_outcome(session: Session, check: CheckRow, settings: Settings) -> int
         targets.append(STREAM_TARGET)
     if not targets:
         return 0
-    from worker.ledger.store import _insert
+    from worker.ledger.store import dialect_insert
 
     now, body = utcnow(), result_body(check)
     rows = [
@@ -140,7 +139,7 @@ def record_outcome(session: Session, check: CheckRow, settings: Settings) -> int
         for target in targets
     ]
     statement = (
-        _insert(session, DeliveryRow)
+        dialect_insert(session, DeliveryRow)
         .values(rows)
         .on_conflict_do_nothing(index_elements=["check_id", "target"])
         .returning(DeliveryRow.id)
@@ -405,9 +404,7 @@ class Deliverer:
 
     def backoff(self, attempts: int) -> float:
         """Seconds before the next attempt: doubling from delivery_backoff_s, capped, with ×0.5–1.5 jitter."""
-        settings = self.settings
-        delay = min(settings.delivery_backoff_max_s, settings.delivery_backoff_s * 2 ** max(0, attempts - 1))
-        return delay * random.uniform(0.5, 1.5)
+        return backoff_s(attempts, self.settings.delivery_backoff_s, self.settings.delivery_backoff_max_s)
 
     # ------------------------------------------------------------------ targets
 

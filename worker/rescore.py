@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pipeline.errors import ItemError
 from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus
@@ -139,7 +139,7 @@ def _selections(selection: RescoreSelection) -> Iterator[RescoreSelection]:
         return
     unique = sorted(set(ids))
     for start in range(0, len(unique), PAGE):
-        yield RescoreSelection(**{**selection.__dict__, "external_ids": tuple(unique[start : start + PAGE])})
+        yield replace(selection, external_ids=tuple(unique[start : start + PAGE]))
 
 
 def refresh(ledger: Ledger, run: RescoreRun) -> RescoreRun:

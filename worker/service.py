@@ -10,7 +10,6 @@ decides, results are written once, and the reconciler re-sends whatever sits unf
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pipeline.results import Artifacts
 from worker import delivery, metrics, sources
 from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus, Priority
 from worker.ledger.store import Ledger
-from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings
+from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings, backoff_s
 
 log = logging.getLogger("item.worker")
 
@@ -302,8 +301,7 @@ class CheckService:
         return row
 
     def backoff(self, attempts: int) -> float:
-        delay = min(self.settings.retry_backoff_max_s, self.settings.retry_backoff_s * 2 ** max(0, attempts - 1))
-        return delay * random.uniform(0.5, 1.5)
+        return backoff_s(attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
 
     def fail_batch_on_timeout(self, batch_ids: list[str]) -> None:
         """The batch ran past its time budget: each unfinished check is retried (or failed)."""

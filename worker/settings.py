@@ -8,6 +8,7 @@ Postgres. Command-line options override these values for one run; the Celery con
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
@@ -21,6 +22,14 @@ DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"
 CHECK_QUEUE = "item.checks"
 RESCORE_QUEUE = "item.rescore"  # consumed after CHECK_QUEUE: fresh uploads keep their latency during a rescore
 CHECK_TASK = "item.check"
+
+
+def backoff_s(attempts: int, first_s: float, max_s: float) -> float:
+    """Seconds to wait after the `attempts`-th try: doubling from `first_s`, capped at `max_s`, ×0.5–1.5 jitter.
+
+    The jitter spreads out retries that failed together (a receiver or store that went down for everyone).
+    """
+    return min(max_s, first_s * 2 ** max(0, attempts - 1)) * random.uniform(0.5, 1.5)
 
 
 class Settings(BaseSettings):
@@ -93,7 +102,7 @@ class Settings(BaseSettings):
     results_stream_url: str | None = Field(None, description="Redis of the results stream; unset: the broker's.")
     results_stream_maxlen: int = Field(1_000_000, ge=1, description="Approximate cap on the stream's length.")
     delivery_max_attempts: int = Field(
-        15, ge=1, description="Tries before a delivery is recorded as failed (15: about 1.5 hours of retrying)."
+        15, ge=1, description="Tries before a delivery is recorded as failed (15: about an hour of retrying)."
     )
     delivery_backoff_s: float = Field(2.0, gt=0, description="First delivery retry delay; doubles per attempt.")
     delivery_backoff_max_s: float = Field(600.0, gt=0, description="Longest delivery retry delay.")

@@ -19,7 +19,6 @@ import base64
 import json
 import tempfile
 import time
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from pipeline.head import Head, HeadMetadata
 from pipeline.profiles import get_profile
 from pipeline.store import DEFAULT_MODEL_DIR, ModelStore
 from pipeline.synthetic import make_image
-from tests.conftest import encode
+from tests.conftest import count_stage_images, encode
 from worker import rescore, sources
 from worker.ledger import migrate
 from worker.ledger.store import RescoreSelection
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     scratch_s = _timed(lambda: scratch.run(messages))
 
     upgraded = InProcess(settings.model_copy(update={"head": heads[1]}))
-    stage_images = _instrument(upgraded.service.detector)
+    stage_images = count_stage_images(upgraded.service.detector)
     version = upgraded.service.version_id
     outcome: dict = {}
     rescore_s = _timed(
@@ -108,24 +107,6 @@ def _submitted(runner: InProcess, settings: Settings, count: int) -> list[dict]:
             )
             messages.append({"external_id": check.external_id, "image": source, "check_id": check.id})
     return messages
-
-
-def _instrument(detector: Detector) -> Counter:
-    """Counts the images each model stage is asked to process (the proof that only the head ran)."""
-    seen: Counter = Counter()
-    for stage, owner, name in (
-        ("caption", detector.captioner, "caption"),
-        ("ground", detector.grounder, "ground"),
-        ("embed", detector.embedder, "embed_images"),
-    ):
-        method = getattr(owner, name)
-
-        def counted(images, *rest, _stage=stage, _method=method, **kwargs):
-            seen[_stage] += len(images)
-            return _method(images, *rest, **kwargs)
-
-        setattr(owner, name, counted)
-    return seen
 
 
 def _timed(work) -> float:

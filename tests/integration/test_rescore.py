@@ -15,7 +15,7 @@ import pytest
 from pipeline.detector import Detector
 from pipeline.head import Head
 from pipeline.profiles import get_profile
-from tests.conftest import encode, noise_image, random_head
+from tests.conftest import count_stage_images, encode, noise_image, random_head
 from worker import rescore
 from worker.ledger.models import CheckStatus, Priority
 from worker.ledger.store import RescoreSelection
@@ -47,23 +47,6 @@ class Harness:
             self.service.receive(**message)
 
 
-def instrument(detector: Detector) -> Counter:
-    """Counts the images each model stage is asked to process on this detector."""
-    calls: Counter = Counter()
-
-    def counting(stage: str, method):
-        def wrapper(images, *args, **kwargs):
-            calls[stage] += len(images)
-            return method(images, *args, **kwargs)
-
-        return wrapper
-
-    detector.captioner.caption = counting("caption", detector.captioner.caption)
-    detector.grounder.ground = counting("ground", detector.grounder.ground)
-    detector.embedder.embed_images = counting("embed", detector.embedder.embed_images)
-    return calls
-
-
 @pytest.fixture
 def checked(ledger, tiny_detector, tmp_path):
     """N images checked under the session's tiny detector (the old version); returns their ledger rows."""
@@ -82,7 +65,7 @@ def checked(ledger, tiny_detector, tmp_path):
 def _upgraded(ledger, tiny_store, folder, profile: str = "tiny", **head_overrides) -> tuple[Harness, Counter]:
     detector = Detector(get_profile(profile), tiny_store, device="cpu")
     detector.use_head(random_head(detector, seed=7, **head_overrides))
-    calls = instrument(detector)
+    calls = count_stage_images(detector)
     return Harness(ledger, detector, folder), calls
 
 

@@ -104,7 +104,7 @@ class Ledger:
         now = utcnow()
         activated = now if activate else None
         row = {"id": version.id, "profile": profile, **version.stages, "created_at": now, "activated_at": activated}
-        statement = _insert(session, PipelineVersionRow).values(row).on_conflict_do_nothing()
+        statement = dialect_insert(session, PipelineVersionRow).values(row).on_conflict_do_nothing()
         return session.execute(statement.returning(PipelineVersionRow.id)).scalar_one_or_none() is not None
 
     def activate_version(self, session: Session, version_id: str) -> PipelineVersionRow | None:
@@ -152,9 +152,6 @@ class Ledger:
         pipeline_version_id: str,
         source: dict,
         callback_url: str | None = None,
-        priority: int = Priority.fresh,
-        rescore_of: str | None = None,
-        image_sha256: str | None = None,
     ) -> tuple[CheckRow, bool]:
         """The check for (external_id, version), and whether this call created it.
 
@@ -163,24 +160,15 @@ class Ledger:
         """
         if len(external_id) > _MAX_EXTERNAL_ID:  # PostgreSQL would refuse it and SQLite keep it: refuse on both
             raise ValueError(f"external_id is {len(external_id)} characters; the limit is {_MAX_EXTERNAL_ID}")
-        now = utcnow()
-        values = {
-            "id": new_id(),
-            "external_id": external_id,
-            "pipeline_version_id": pipeline_version_id,
-            "source": source,
-            "callback_url": callback_url,
-            "priority": priority,
-            "rescore_of": rescore_of,
-            "image_sha256": image_sha256,
-            "status": CheckStatus.queued,
-            "attempts": 0,
-            "created_at": now,
-            "enqueued_at": now,
-            "updated_at": now,
-        }
+        values = _queued_check(
+            utcnow(),
+            external_id=external_id,
+            pipeline_version_id=pipeline_version_id,
+            source=source,
+            callback_url=callback_url,
+        )
         statement = (
-            _insert(session, CheckRow)
+            dialect_insert(session, CheckRow)
             .values(values)
             .on_conflict_do_nothing(index_elements=["external_id", "pipeline_version_id"])
             .returning(CheckRow.id)
@@ -446,25 +434,20 @@ class Ledger:
             return {}
         now = utcnow()
         rows = [
-            {
-                "id": new_id(),
-                "external_id": check.external_id,
-                "pipeline_version_id": version_id,
-                "source": check.source,
-                "callback_url": check.callback_url,
-                "image_sha256": check.image_sha256,
-                "priority": Priority.rescore,
-                "rescore_of": check.id,
-                "status": CheckStatus.queued,
-                "attempts": 0,
-                "created_at": now,
-                "enqueued_at": now,
-                "updated_at": now,
-            }
+            _queued_check(
+                now,
+                external_id=check.external_id,
+                pipeline_version_id=version_id,
+                source=check.source,
+                callback_url=check.callback_url,
+                image_sha256=check.image_sha256,
+                priority=Priority.rescore,
+                rescore_of=check.id,
+            )
             for check in earlier
         ]
         statement = (
-            _insert(session, CheckRow)
+            dialect_insert(session, CheckRow)
             .values(rows)
             .on_conflict_do_nothing(index_elements=["external_id", "pipeline_version_id"])
             .returning(CheckRow.id)
@@ -506,10 +489,10 @@ class Ledger:
             "format": image.format,
             "created_at": utcnow(),
         }
-        session.execute(_insert(session, ImageRow).values(values).on_conflict_do_nothing())
+        session.execute(dialect_insert(session, ImageRow).values(values).on_conflict_do_nothing())
 
     def put_blob(self, session: Session, sha256: str, data: bytes) -> None:
-        session.execute(_insert(session, BlobRow).values(sha256=sha256, data=data).on_conflict_do_nothing())
+        session.execute(dialect_insert(session, BlobRow).values(sha256=sha256, data=data).on_conflict_do_nothing())
 
     def get_blob(self, session: Session, sha256: str) -> bytes | None:
         return session.scalar(sa.select(BlobRow.data).where(BlobRow.sha256 == sha256))
@@ -542,10 +525,23 @@ class Ledger:
             key = {"sha256": sha256, "kind": kind, "version_hash": codec.version_hash(version)}
             rows.append({**key, "version": version, "payload": payload, "vectors": vectors, "created_at": now})
         if rows:
-            session.execute(_insert(session, ArtifactRow).values(rows).on_conflict_do_nothing())
+            session.execute(dialect_insert(session, ArtifactRow).values(rows).on_conflict_do_nothing())
 
 
-def _insert(session: Session, model: type) -> postgresql.Insert | sqlite.Insert:
+def _queued_check(now: datetime, **fields) -> dict:
+    """The row of a new check, queued now; `fields` names its upload, version and source (and re-score lineage)."""
+    return {
+        "id": new_id(),
+        "status": CheckStatus.queued,
+        "attempts": 0,
+        "created_at": now,
+        "enqueued_at": now,
+        "updated_at": now,
+        **fields,
+    }
+
+
+def dialect_insert(session: Session, model: type) -> postgresql.Insert | sqlite.Insert:
     """The dialect's INSERT, which has ON CONFLICT DO NOTHING (the generic one does not)."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
