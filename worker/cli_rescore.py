@@ -220,15 +220,15 @@ def _rescore(selection, *, limit, wait, timeout, dry_run, as_json) -> None:
         return
     send = embedded.run if embedded else (lambda messages: send_messages(settings, messages, RESCORE_QUEUE))
     with _RescoreProgress(as_json) as progress:
-        run = rescoring.queue(ledger, selection, send, version_id=version_id, limit=limit, on_page=progress.update)
-        finished_before = run.already_done
-        progress.start(run, finished_before)
+
+        def on_page(run) -> None:  # embedded, each page has just run here: read how it ended
+            progress.update(rescoring.refresh(ledger, run) if embedded else run)
+
+        run = rescoring.queue(ledger, selection, send, version_id=version_id, limit=limit, on_page=on_page)
         complete = True
         if wait and not embedded:
             complete = rescoring.watch(ledger, run, timeout_s=timeout, on_progress=progress.update)
-        elif embedded:
-            rescoring.refresh(ledger, run)
-    _report(_summary(ledger, run, finished_before, complete, waited=wait or bool(embedded)), as_json)
+    _report(_summary(ledger, run, complete, waited=wait or bool(embedded)), as_json)
 
 
 def _embedded(settings):
@@ -250,7 +250,7 @@ def _embedded(settings):
     return runner
 
 
-def _summary(ledger, run, finished_before: int, complete: bool, waited: bool) -> dict:
+def _summary(ledger, run, complete: bool, waited: bool) -> dict:
     from worker import rescore as rescoring
 
     flips = rescoring.flips(ledger, run)
@@ -264,7 +264,7 @@ def _summary(ledger, run, finished_before: int, complete: bool, waited: bool) ->
         "complete": complete and not run.pending,
         "waited": waited,
         "seconds": round(time.monotonic() - run.started, 3),
-        "rate_per_s": round(rescoring.rate(run, finished_before), 2),
+        "rate_per_s": round(rescoring.rate(run), 2),
         "flipped": flips.total,
         "flipped_to_fake": flips.to_fake,
         "flipped_to_real": flips.to_real,
@@ -318,7 +318,6 @@ class _RescoreProgress:
             transient=True,
         )
         self.task = None
-        self.finished_before = 0
         self.last_line = time.monotonic()  # the first line comes after LOG_EVERY_S: short runs print none
 
     def __enter__(self):
@@ -329,14 +328,10 @@ class _RescoreProgress:
     def __exit__(self, *exc) -> None:
         self.bar.__exit__(*exc)
 
-    def start(self, run, finished_before: int) -> None:
-        self.finished_before = finished_before
-        self.update(run)
-
     def update(self, run) -> None:
         from worker import rescore as rescoring
 
-        rate = rescoring.rate(run, self.finished_before)
+        rate = rescoring.rate(run)
         self.bar.update(self.task, total=run.total, completed=run.finished, rate=f"{rate:.1f}/s")
         if err.is_terminal or self.quiet or time.monotonic() - self.last_line < self.LOG_EVERY_S:
             return

@@ -181,7 +181,7 @@ def flips(ledger: Ledger, run: RescoreRun) -> Flips:
     return Flips(to_fake, to_real, len(pairs))
 
 
-def rate(run: RescoreRun, finished_before: int) -> float:
+def rate(run: RescoreRun) -> float:
     """Re-scores finished per second since the run started (the ones found done are not this run's work)."""
     elapsed = max(1e-9, time.monotonic() - run.started)
-    return max(0, run.finished - finished_before) / elapsed
+    return max(0, run.finished - run.already_done) / elapsed
