@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.detector import Detector
-from pipeline.head import Head, HeadMetadata
-from pipeline.imaging import DecodedImage, decode_image
-from pipeline.profiles import get_profile
-from pipeline.store import ModelStore
+from pipeline.core.detector import Detector
+from pipeline.core.head import Head, HeadMetadata
+from pipeline.core.imaging import DecodedImage, decode_image
+from pipeline.core.model_store import ModelStore
+from pipeline.core.profiles import get_profile
 
 
 @pytest.fixture(scope="session")

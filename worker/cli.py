@@ -60,7 +60,7 @@ def _settings(**overrides) -> Settings:
 
 
 def _store(settings: Settings, offline: bool):
-    from pipeline.store import ModelStore
+    from pipeline.core.model_store import ModelStore
 
     return ModelStore(settings.model_dir, allow_download=settings.allow_download and not offline)
 
@@ -95,8 +95,8 @@ def scan(
     as_json: JsonOpt = False,
 ) -> None:
     """Score images in-process and print a table (or JSON lines). Bad files get an error row."""
-    from pipeline.scan import collect_files
-    from pipeline.scan import scan as run_scan
+    from pipeline.core.files import collect_files
+    from pipeline.core.scan import scan as run_scan
 
     settings = _settings(profile=profile, head=head, model_dir=model_dir, device=device, batch_size=batch_size)
     detector = _detector(settings, offline)
@@ -122,7 +122,7 @@ def scan(
 
 
 def _detector(settings: Settings, offline: bool):
-    from pipeline.errors import ItemError
+    from pipeline.core.errors import ItemError
     from worker.runtime import build_detector
 
     try:
@@ -165,7 +165,7 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the whole method offline on the tiny profile: make data, train a head, score held-out images."""
-    from pipeline.demo import run_demo
+    from pipeline.lab.demo import run_demo
 
     settings = _settings(model_dir=model_dir)
     err.print(
@@ -208,7 +208,7 @@ def _print_demo(report) -> None:
 @models_app.command("list")
 def models_list(profile: ProfileOpt = None, model_dir: ModelDirOpt = None, as_json: JsonOpt = False) -> None:
     """Show every profile's models (or one profile's) and whether they are in the model folder."""
-    from pipeline.profiles import PROFILES
+    from pipeline.core.profiles import PROFILES
 
     settings = _settings(model_dir=model_dir)
     store = _store(settings, offline=True)
@@ -239,7 +239,7 @@ def models_list(profile: ProfileOpt = None, model_dir: ModelDirOpt = None, as_js
 @models_app.command("pull")
 def models_pull(profile: ProfileOpt = None, model_dir: ModelDirOpt = None) -> None:
     """Download (or, for tiny, generate) a profile's models into the model folder."""
-    from pipeline.errors import ItemError
+    from pipeline.core.errors import ItemError
 
     settings = _settings(profile=profile, model_dir=model_dir)
     store = _store(settings, offline=False)
@@ -274,7 +274,7 @@ def submit(
 
     Inputs are image files, http(s) URLs, or s3://bucket/key objects (read with the ITEM_S3_* settings).
     """
-    from pipeline.errors import ItemError
+    from pipeline.core.errors import ItemError
     from worker.client import image_from
     from worker.client import submit as submit_checks
 
@@ -438,7 +438,7 @@ def health(
 @app.command()
 def reconcile() -> None:
     """Re-queue checks stuck queued/running past ITEM_RECONCILE_AFTER_S (workers also do this periodically)."""
-    from pipeline.errors import ItemError
+    from pipeline.core.errors import ItemError
     from worker.runtime import build_service
     from worker.tasks import send_check
 
@@ -476,8 +476,8 @@ def db_current() -> None:
 
 
 def _profile(name: str):
-    from pipeline.errors import ItemError
-    from pipeline.profiles import get_profile
+    from pipeline.core.errors import ItemError
+    from pipeline.core.profiles import get_profile
 
     try:
         return get_profile(name)

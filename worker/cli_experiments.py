@@ -23,9 +23,9 @@ from worker.cli import JsonOpt, ModelDirOpt, OfflineOpt, _fail, _progress, _sett
 from worker.settings import Settings
 
 if TYPE_CHECKING:  # imported for real inside the commands: `item --help` should not load torch
-    from pipeline.detector import Detector
-    from pipeline.features import ArtifactCache
-    from pipeline.transforms import Chain
+    from pipeline.core.detector import Detector
+    from pipeline.lab.features import ArtifactCache
+    from pipeline.lab.transforms import Chain
 
 DataArg = Annotated[
     list[Path],
@@ -114,9 +114,9 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the MLP head on cached features, the paper's way by default (AdamW, 50 epochs, lr/wd 1e-3)."""
-    from pipeline.datasets import split
-    from pipeline.head import HeadMetadata
-    from pipeline.training import TrainConfig
+    from pipeline.core.head import HeadMetadata
+    from pipeline.lab.datasets import split
+    from pipeline.lab.training import TrainConfig
 
     settings = _settings(
         profile=profile, model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device
@@ -168,8 +168,8 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """ACC and AP per generator and on average (paper Tables I-III), as a table, CSV and Markdown, with plots."""
-    from pipeline import evaluation
-    from pipeline.features import format_bias_warning
+    from pipeline.lab import evaluation
+    from pipeline.lab.features import format_bias_warning
 
     settings = _settings(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
     head, run = _head_run(head_path, settings, offline, cache_in_ledger, reencode)
@@ -216,10 +216,10 @@ def calibrate(
     as_json: JsonOpt = False,
 ) -> None:
     """Set the head's threshold so at most --target-fpr of known-real images are flagged; store it in the head."""
-    from pipeline.calibration import calibrate as calibrate_head
-    from pipeline.calibration import real_samples
-    from pipeline.errors import ItemError
-    from pipeline.evaluation import score
+    from pipeline.core.errors import ItemError
+    from pipeline.lab.calibration import calibrate as calibrate_head
+    from pipeline.lab.calibration import real_samples
+    from pipeline.lab.evaluation import score
 
     settings = _settings(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
     try:
@@ -243,8 +243,8 @@ def calibrate(
 
 
 def _dataset(paths: list[Path]):
-    from pipeline.datasets import load_datasets
-    from pipeline.errors import ItemError
+    from pipeline.core.errors import ItemError
+    from pipeline.lab.datasets import load_datasets
 
     try:
         dataset = load_datasets(paths)
@@ -258,8 +258,8 @@ def _dataset(paths: list[Path]):
 
 
 def _ablation(profile: str, caption_model: str | None, clip_model: str | None, grounding: bool) -> str:
-    from pipeline.errors import ItemError
-    from pipeline.profiles import get_profile, with_models
+    from pipeline.core.errors import ItemError
+    from pipeline.core.profiles import get_profile, with_models
 
     try:
         swaps = {"caption": caption_model, "embed": clip_model, "ground": None if grounding else "off"}
@@ -269,9 +269,9 @@ def _ablation(profile: str, caption_model: str | None, clip_model: str | None, g
 
 
 def _detector(profile_name: str, settings, offline: bool, head=None):
-    from pipeline.detector import Detector
-    from pipeline.errors import ItemError
-    from pipeline.profiles import get_profile
+    from pipeline.core.detector import Detector
+    from pipeline.core.errors import ItemError
+    from pipeline.core.profiles import get_profile
 
     try:
         detector = Detector(get_profile(profile_name), _store(settings, offline), head, settings.device)
@@ -283,8 +283,8 @@ def _detector(profile_name: str, settings, offline: bool, head=None):
 
 
 def _head(path: Path):
-    from pipeline.errors import ItemError
-    from pipeline.head import Head
+    from pipeline.core.errors import ItemError
+    from pipeline.core.head import Head
 
     try:
         return Head.load(path)
@@ -293,7 +293,7 @@ def _head(path: Path):
 
 
 def _transform(text: str | None):
-    from pipeline.transforms import parse_transform
+    from pipeline.lab.transforms import parse_transform
 
     try:
         return parse_transform(text or "none")
@@ -327,7 +327,7 @@ class _Run:
             from worker.ledger.store import Ledger
 
             return cls(settings, detector, LedgerCache(Ledger(settings.database_url)), transform)
-        from pipeline.features import DiskCache
+        from pipeline.lab.features import DiskCache
 
         return cls(settings, detector, DiskCache(settings.feature_dir), transform)
 
@@ -340,8 +340,8 @@ class _Run:
         }
 
     def extract(self, samples):
-        from pipeline.errors import ItemError
-        from pipeline.features import extract
+        from pipeline.core.errors import ItemError
+        from pipeline.lab.features import extract
 
         label = f"features ({self.transform.id})" if self.transform.steps else "features"
         with _progress(len(samples), label) as bar:
@@ -408,7 +408,7 @@ def _weights(representation: str, w1: float | None, w2: float | None) -> tuple[f
 
 
 def _fit(train_set, val_set, metadata, config):
-    from pipeline.training import train_head
+    from pipeline.lab.training import train_head
 
     w1, w2 = metadata.w1, metadata.w2
     validation = (val_set.representation(w1, w2), val_set.labels) if len(val_set.samples) else None
@@ -427,7 +427,7 @@ def _fit(train_set, val_set, metadata, config):
 
 
 def _kinds(text: str) -> list[str]:
-    from pipeline.evaluation import perturbation_grid
+    from pipeline.lab.evaluation import perturbation_grid
 
     kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
     try:
@@ -440,7 +440,7 @@ def _kinds(text: str) -> list[str]:
 
 
 def _robustness(run: _Run, samples, head, kinds, report):
-    from pipeline import evaluation
+    from pipeline.lab import evaluation
 
     grid = evaluation.perturbation_grid(kinds)
     with _progress(len(samples) * len(grid), "perturbations") as bar:
@@ -460,7 +460,7 @@ def _robustness(run: _Run, samples, head, kinds, report):
 
 
 def _write_eval(report, out_dir: Path, head, plots: bool, tsne_max: int) -> dict[str, Path]:
-    from pipeline import evaluation
+    from pipeline.lab import evaluation
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
@@ -480,7 +480,7 @@ def _write_eval(report, out_dir: Path, head, plots: bool, tsne_max: int) -> dict
 
 
 def _plot_eval(report, out_dir: Path, tsne_max: int, head) -> dict[str, Path]:
-    from pipeline import plots
+    from pipeline.lab import plots
 
     labels, groups = report.labels, report.features.groups
     curves = {"all": (labels, report.scores)}
@@ -499,13 +499,13 @@ def _plot_eval(report, out_dir: Path, tsne_max: int, head) -> dict[str, Path]:
 
 
 def _write_robustness(rows, out_dir: Path, plots_on: bool) -> dict[str, Path]:
-    from pipeline import evaluation
+    from pipeline.lab import evaluation
 
     written = {"robustness_csv": out_dir / "robustness.csv", "robustness_md": out_dir / "robustness.md"}
     written["robustness_csv"].write_text(evaluation.robustness_csv(rows))
     written["robustness_md"].write_text(evaluation.robustness_table(rows))
     if plots_on:
-        from pipeline import plots
+        from pipeline.lab import plots
 
         by_kind: dict[str, list[tuple[float, float]]] = {}
         for row in rows[1:]:
@@ -563,7 +563,7 @@ def _print_training(head, weights_path: Path, train_set, val_set) -> None:
 
 
 def _print_eval(report, robustness, written: dict[str, Path], warning: str | None) -> None:
-    from pipeline.evaluation import percent
+    from pipeline.lab.evaluation import percent
 
     table = Table(title=f"ITEM evaluation · threshold {report.threshold:g}")
     for column in ("group", "images", "real", "fake", "ACC %", "AP %", "real ACC %", "fake ACC %"):

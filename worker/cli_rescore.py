@@ -114,7 +114,7 @@ def versions_register(
     as_json: JsonOpt = False,
 ) -> None:
     """Register the version that a profile and head make (no model is loaded), and by default activate it."""
-    from pipeline.errors import ItemError
+    from pipeline.core.errors import ItemError
     from worker.ledger.store import Ledger
     from worker.runtime import build_detector
 
@@ -140,7 +140,7 @@ def versions_register(
 @versions_app.command("activate")
 def versions_activate(version_id: Annotated[str, typer.Argument(help="A version id, pv-….")]) -> None:
     """Make a registered version the one new checks (and re-scores) are made for: a rollback, say."""
-    from pipeline.errors import ItemError
+    from pipeline.core.errors import ItemError
     from worker.ledger.store import Ledger
 
     ledger = Ledger(_settings().database_url)
@@ -177,7 +177,7 @@ def rescore(
     rerun skips what is done and re-sends what is still queued. Old results stay readable under their version.
     Without ITEM_BROKER_URL the re-scores run here, under the version ITEM_PROFILE and ITEM_HEAD describe.
     """
-    from pipeline.errors import ItemError
+    from pipeline.core.errors import ItemError
     from worker.ledger.store import RescoreSelection
 
     if verdict not in (None, "real", "fake"):
@@ -240,7 +240,7 @@ def _embedded(settings):
     with ledger.session() as session:
         active = ledger.active_version(session)
     if active is None or active.id != runner.service.version_id:
-        from pipeline.errors import ItemError
+        from pipeline.core.errors import ItemError
 
         raise ItemError(
             f"The active version is {active.id if active else 'none'}, but ITEM_PROFILE/ITEM_HEAD describe "

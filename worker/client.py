@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from pipeline.errors import ItemError
+from pipeline.core.errors import ItemError
 from worker import delivery, sources
 from worker.ledger.models import CheckRow
 from worker.ledger.store import Ledger

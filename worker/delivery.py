@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from pipeline.errors import ItemError
+from pipeline.core.errors import ItemError
 from worker import metrics
 from worker.fetch import AddressPolicy, FetchError, parse_target, post
 from worker.ledger.models import CheckRow, DeliveryRow, DeliveryStatus, new_id, utcnow

@@ -43,7 +43,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
 
-from pipeline.errors import ItemError
+from pipeline.core.errors import ItemError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from pipeline.errors import ItemError
+from pipeline.core.errors import ItemError
 from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus
 from worker.ledger.store import Ledger, RescoreSelection
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from pipeline.detector import Detector
-from pipeline.errors import HeadError
-from pipeline.head import Head
-from pipeline.profiles import get_profile
-from pipeline.store import ModelStore
+from pipeline.core.detector import Detector
+from pipeline.core.errors import HeadError
+from pipeline.core.head import Head
+from pipeline.core.model_store import ModelStore
+from pipeline.core.profiles import get_profile
 from worker.delivery import Deliverer
 from worker.ledger.store import Ledger
 from worker.service import CheckService, Enqueue

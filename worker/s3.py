@@ -31,7 +31,7 @@ import boto3
 import botocore.exceptions as boto_errors
 from botocore.config import Config
 
-from pipeline.errors import ItemError
+from pipeline.core.errors import ItemError
 from worker.settings import Settings
 
 _CHUNK = 64 * 1024

@@ -19,11 +19,11 @@ from functools import partial
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from pipeline import codec
-from pipeline.detector import Detector
-from pipeline.errors import ItemError
-from pipeline.imaging import DecodedImage, decode_image
-from pipeline.results import Artifacts
+from pipeline.core import codec
+from pipeline.core.detector import Detector
+from pipeline.core.errors import ItemError
+from pipeline.core.imaging import DecodedImage, decode_image
+from pipeline.core.results import Artifacts
 from worker import delivery, metrics, sources
 from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus, Priority
 from worker.ledger.store import Ledger

@@ -14,8 +14,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from pipeline.store import DEFAULT_FEATURE_DIR, DEFAULT_MODEL_DIR
+from pipeline.core.defaults import DEFAULT_FEATURE_DIR, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
 
 DATA_HOME = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "item"
 DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ItemError
+from pipeline.core.errors import ItemError
+from pipeline.core.files import read_image_file
 from worker.settings import Settings
 
 SOURCE_KINDS = ("url", "b64", "path", "s3")
@@ -156,14 +157,7 @@ def read_path(value: str, settings: Settings) -> bytes:
         raise SourceError(
             f"{value} is not under an allowed root (ITEM_ALLOWED_PATH_ROOTS).", code="source.path_refused"
         )
-    try:
-        if path.stat().st_size > settings.max_image_bytes:
-            raise ItemError(f"{value} is over {settings.max_image_bytes:,} bytes.", code="image.too_large")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise SourceError(f"{value} does not exist.", code="source.not_found") from None
-    except (IsADirectoryError, PermissionError) as error:
-        raise SourceError(f"{value} cannot be read: {error}", code="source.unreadable") from None
+    return read_image_file(path, settings.max_image_bytes, family="source", error=SourceError)
 
 
 def fetch(value: str, settings: Settings) -> bytes:

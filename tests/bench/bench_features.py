@@ -17,13 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.datasets import load_dataset
-from pipeline.detector import Detector
-from pipeline.features import DiskCache, extract
-from pipeline.imaging import decode_image
-from pipeline.profiles import get_profile
-from pipeline.store import DEFAULT_MODEL_DIR, ModelStore
-from pipeline.synthetic import write_benchmark
+from pipeline.core.defaults import DEFAULT_MODEL_DIR
+from pipeline.core.detector import Detector
+from pipeline.core.imaging import decode_image
+from pipeline.core.model_store import ModelStore
+from pipeline.core.profiles import get_profile
+from pipeline.lab.datasets import load_dataset
+from pipeline.lab.features import DiskCache, extract
+from pipeline.lab.synthetic import write_benchmark
 
 
 def run(args: argparse.Namespace) -> dict:

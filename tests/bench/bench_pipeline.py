@@ -18,12 +18,13 @@ import time
 
 import torch
 
-from pipeline.detector import Detector
-from pipeline.head import Head, HeadMetadata
-from pipeline.imaging import decode_image
-from pipeline.profiles import get_profile
-from pipeline.store import DEFAULT_MODEL_DIR, ModelStore
-from pipeline.synthetic import FAMILIES, make_image
+from pipeline.core.defaults import DEFAULT_MODEL_DIR
+from pipeline.core.detector import Detector
+from pipeline.core.head import Head, HeadMetadata
+from pipeline.core.imaging import decode_image
+from pipeline.core.model_store import ModelStore
+from pipeline.core.profiles import get_profile
+from pipeline.lab.synthetic import FAMILIES, make_image
 
 
 def encoded_images(n: int, size: int) -> list[bytes]:

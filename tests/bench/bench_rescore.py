@@ -22,11 +22,12 @@ import time
 from functools import partial
 from pathlib import Path
 
-from pipeline.detector import Detector
-from pipeline.head import Head, HeadMetadata
-from pipeline.profiles import get_profile
-from pipeline.store import DEFAULT_MODEL_DIR, ModelStore
-from pipeline.synthetic import make_image
+from pipeline.core.defaults import DEFAULT_MODEL_DIR
+from pipeline.core.detector import Detector
+from pipeline.core.head import Head, HeadMetadata
+from pipeline.core.model_store import ModelStore
+from pipeline.core.profiles import get_profile
+from pipeline.lab.synthetic import make_image
 from tests.conftest import count_stage_images, encode
 from worker import rescore, sources
 from worker.ledger import migrate

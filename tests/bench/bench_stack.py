@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.detector import Detector
-from pipeline.imaging import decode_image
-from pipeline.profiles import get_profile
-from pipeline.store import ModelStore
+from pipeline.core.detector import Detector
+from pipeline.core.imaging import decode_image
+from pipeline.core.model_store import ModelStore
+from pipeline.core.profiles import get_profile
 from tests.conftest import random_head
 from tests.integration.conftest import temporary_postgres_database
 from tests.integration.stack import Worker, make_stack

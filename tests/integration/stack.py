@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.detector import Detector
-from pipeline.profiles import get_profile
+from pipeline.core.detector import Detector
+from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
 from worker.ledger import migrate
 from worker.ledger.models import CheckRow

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from pipeline.detector import Detector
-from pipeline.profiles import get_profile
+from pipeline.core.detector import Detector
+from pipeline.core.profiles import get_profile
 from tests.conftest import random_head
 from worker.service import CheckService
 from worker.settings import Settings

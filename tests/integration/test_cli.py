@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.profiles import get_profile
+from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image
 
 ITEM = Path(sys.executable).parent / "item"
@@ -162,7 +162,7 @@ def test_versions_and_rescore_in_embedded_mode(env, demo, tmp_path):
     """A new head, registered then activated, re-scores what the old one checked; both results stay readable."""
     from dataclasses import replace
 
-    from pipeline.head import Head
+    from pipeline.core.head import Head
 
     old_head = Head.load(demo[0] / "head.safetensors")
     new_head = Head(old_head.module, replace(old_head.metadata, threshold=0.01)).save(tmp_path / "new.safetensors")

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, average_precision_score
 
-from pipeline.head import Head
-from pipeline.profiles import get_profile
-from pipeline.synthetic import write_benchmark
+from pipeline.core.head import Head
+from pipeline.core.profiles import get_profile
+from pipeline.lab.synthetic import write_benchmark
 from tests.integration.stack import run_item
 from tests.integration.test_cli import env as env  # noqa: F401  (the module fixture: tiny models, offline)
 

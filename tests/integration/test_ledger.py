@@ -9,8 +9,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from pipeline.results import Artifacts, Embeddings, Features, PipelineVersion
-from pipeline.stages.ground import GroundedObject
+from pipeline.core.results import Artifacts, Embeddings, Features, GroundedObject, PipelineVersion
 from tests.conftest import decoded
 from worker.ledger.models import CheckRow, CheckStatus
 from worker.ledger.store import Ledger

@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipeline.detector import Detector
-from pipeline.head import Head
-from pipeline.profiles import get_profile
+from pipeline.core.detector import Detector
+from pipeline.core.head import Head
+from pipeline.core.profiles import get_profile
 from tests.conftest import count_stage_images, encode, noise_image, random_head
 from worker import rescore
 from worker.ledger.models import CheckStatus, Priority

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.detector import Detector
-from pipeline.profiles import get_profile
+from pipeline.core.detector import Detector
+from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
 from worker.service import CheckService
 from worker.settings import Settings

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.head import Head
+from pipeline.core.head import Head
 from tests.integration.stack import Worker, make_stack, run_item
 from worker.ledger.models import Priority
 

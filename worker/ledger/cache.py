@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.results import Artifacts
+from pipeline.core.results import Artifacts
 from worker.ledger.store import Ledger
 
 

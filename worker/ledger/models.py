@@ -134,7 +134,7 @@ class BlobRow(Base):
 
 
 class ArtifactRow(Base):
-    """One stage's output for one image under one version key; see `pipeline.codec` for the encoding.
+    """One stage's output for one image under one version key; see `pipeline.core.codec` for the encoding.
 
     Version keys can be long, so the key is `version_hash` (a sha256 prefix) and the full key is kept in
     `version`, which reads check against.

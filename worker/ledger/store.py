@@ -16,9 +16,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from pipeline import codec
-from pipeline.imaging import DecodedImage
-from pipeline.results import Artifacts, PipelineVersion
+from pipeline.core import codec
+from pipeline.core.imaging import DecodedImage
+from pipeline.core.results import Artifacts, PipelineVersion
 from worker.ledger.engine import make_engine
 from worker.ledger.models import (
     TERMINAL_STATUSES,

@@ -1,0 +1,212 @@
+"""The ITEM detector: a batch of images through caption → ground → embed → misalign → head.
+
+Each step runs only for the images whose artifact for it is missing, so a caller that stored artifacts
+(the worker's ledger, a feature cache) passes them back in and pays only for what changed. Artifacts are
+keyed by `artifact_versions`, which chain each stage's version to the ones it consumed: a new captioner
+invalidates boxes and embeddings too, a new CLIP keeps captions and boxes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+
+from pipeline.core import misalignment as eq
+from pipeline.core.devices import resolve_device
+from pipeline.core.head import Head
+from pipeline.core.imaging import DecodedImage, square_crop
+from pipeline.core.model_store import ModelStore
+from pipeline.core.phrases import object_phrases
+from pipeline.core.profiles import Profile
+from pipeline.core.results import Analysis, Artifacts, DetectedObject, Detection, Embeddings, Features, PipelineVersion
+from pipeline.core.stages.base import Stage
+from pipeline.core.stages.caption import Captioner
+from pipeline.core.stages.embed import Embedder
+from pipeline.core.stages.ground import make_grounder
+
+FEATURES_VERSION = "misalign:eq3-7,no_object=global"
+_ARTIFACT_ORDER = ("caption", "objects", "embeddings", "features")  # each computed from the ones before
+
+
+class Detector:
+    def __init__(self, profile: Profile, store: ModelStore, head: Head | None = None, device: str = "auto"):
+        self.profile = profile
+        self.device = resolve_device(device)
+        self.captioner = Captioner(store.locate(profile.caption), self.device)
+        self.grounder = make_grounder(store.locate(profile.ground), self.device)
+        self.embedder = Embedder(store.locate(profile.embed), self.device)
+        self.head: Head | None = None
+        self._pipeline_version: PipelineVersion | None = None
+        if head is not None:
+            self.use_head(head)
+
+    # ------------------------------------------------------------------ versions
+
+    @property
+    def stage_versions(self) -> dict[str, str]:
+        return {stage.name: stage.version for stage in (self.captioner, self.grounder, self.embedder)}
+
+    @property
+    def artifact_versions(self) -> dict[str, str]:
+        """The key each artifact is stored under: its stage's version plus a digest of its inputs' keys."""
+        caption = self.captioner.version
+        ground = f"{self.grounder.version}|after={_digest(caption)}"
+        embed = f"{self.embedder.version}|after={_digest(ground)}"
+        features = f"{FEATURES_VERSION}|after={_digest(embed)}"
+        return {"caption": caption, "ground": ground, "embed": embed, "features": features}
+
+    @property
+    def pipeline_version(self) -> PipelineVersion:
+        if self._pipeline_version is None:
+            raise ValueError("A pipeline version needs a head; load one with use_head().")
+        return self._pipeline_version
+
+    def use_head(self, head: Head) -> None:
+        head.check_compatible(self.stage_versions)
+        self.head = head
+        # Computed once: hashing the head's weights costs ~1 ms, and the worker asks for the version per check.
+        self._pipeline_version = PipelineVersion(**self.stage_versions, head=head.version)
+
+    def load(self) -> None:
+        """Loads every model now rather than on first use (a worker does this once, before serving)."""
+        for stage in (self.captioner, self.grounder, self.embedder):
+            stage.load()
+
+    # ------------------------------------------------------------------ running
+
+    def detect(
+        self, images: Sequence[DecodedImage | None], known: Sequence[Artifacts | None] | None = None
+    ) -> list[Detection]:
+        """Scores a batch. `images[i]` may be None when `known[i]` already holds its features."""
+        if self.head is None:
+            raise ValueError("detect() needs a head; load one with use_head(), or call analyze() for features.")
+        analyses = self.analyze(images, known)
+        started = time.perf_counter()
+        features = torch.stack([self.representation(a.artifacts.features) for a in analyses]) if analyses else None
+        probabilities = self.head.predict(features).tolist() if features is not None else []
+        head_ms = (time.perf_counter() - started) * 1000 / max(1, len(analyses))
+        version = self.pipeline_version
+        return [
+            Detection(
+                sha256=analysis.sha256,
+                p_fake=p_fake,
+                threshold=self.head.metadata.threshold,
+                caption=analysis.artifacts.caption or "",
+                objects=_evidence(analysis.artifacts),
+                timings_ms={**analysis.timings_ms, "head": head_ms},
+                pipeline_version=version,
+                artifacts=analysis.artifacts,
+                computed=analysis.computed,
+            )
+            for analysis, p_fake in zip(analyses, probabilities, strict=True)
+        ]
+
+    def representation(self, features: Features) -> torch.Tensor:
+        """D for one image with the head's w1/w2 (Eq. 7-8)."""
+        w1, w2 = (self.head.metadata.w1, self.head.metadata.w2) if self.head else (eq.DEFAULT_W1, eq.DEFAULT_W2)
+        return eq.representation(features.global_, features.objects, w1, w2)
+
+    def analyze(
+        self, images: Sequence[DecodedImage | None], known: Sequence[Artifacts | None] | None = None
+    ) -> list[Analysis]:
+        """Runs the model stages that are missing for each image; returns artifacts and per-stage timings."""
+        known = known if known is not None else [None] * len(images)
+        if len(known) != len(images):
+            raise ValueError(f"{len(images)} images but {len(known)} artifact sets.")
+        analyses = [
+            Analysis(image.sha256 if image else None, replace(artifacts) if artifacts else Artifacts())
+            for image, artifacts in zip(images, known, strict=True)
+        ]
+        self._caption(images, analyses)
+        self._ground(images, analyses)
+        self._embed(images, analyses)
+        self._misalign(analyses)
+        return analyses
+
+    def _caption(self, images, analyses: list[Analysis]) -> None:
+        todo = _missing(analyses, "caption", images)
+        with _timed(analyses, todo, self.captioner):
+            captions = self.captioner.caption([images[i].image for i in todo])
+        for index, caption in zip(todo, captions, strict=True):
+            analyses[index].artifacts.caption = caption
+
+    def _ground(self, images, analyses: list[Analysis]) -> None:
+        todo = _missing(analyses, "objects", images)
+        limit = int(self.grounder.params["max_phrases"])
+        phrases = [object_phrases(analyses[i].artifacts.caption, limit) for i in todo]
+        with _timed(analyses, todo, self.grounder):
+            found = self.grounder.ground([images[i].image for i in todo], phrases)
+        for index, objects in zip(todo, found, strict=True):
+            analyses[index].artifacts.objects = objects
+
+    def _embed(self, images, analyses: list[Analysis]) -> None:
+        """One batched image forward and one text forward for all wholes and crops of the batch."""
+        todo = _missing(analyses, "embeddings", images)
+        pictures, texts, counts = [], [], []
+        for index in todo:
+            image, artifacts = images[index].image, analyses[index].artifacts
+            pictures += [image] + [square_crop(image, obj.box) for obj in artifacts.objects]
+            texts += [artifacts.caption] + [obj.phrase for obj in artifacts.objects]
+            counts.append(1 + len(artifacts.objects))
+        with _timed(analyses, todo, self.embedder):
+            image_rows = self.embedder.embed_images(pictures).split(counts) if todo else []
+            text_rows = self.embedder.embed_texts(texts).split(counts) if todo else []
+        for index, image_part, text_part in zip(todo, image_rows, text_rows, strict=True):
+            embeddings = Embeddings(image_part[0], text_part[0], image_part[1:], text_part[1:])
+            analyses[index].artifacts.embeddings = embeddings
+
+    def _misalign(self, analyses: list[Analysis]) -> None:
+        for analysis in analyses:
+            artifacts = analysis.artifacts
+            if artifacts.features is None:
+                emb = artifacts.embeddings
+                artifacts.features = Features(
+                    eq.misalignment(emb.image, emb.text), eq.misalignment(emb.object_images, emb.object_texts)
+                )
+
+
+def _missing(analyses: list[Analysis], field_name: str, images) -> list[int]:
+    """Indices that need artifact `field_name`: neither it nor anything computed from it is known."""
+    downstream = _ARTIFACT_ORDER[_ARTIFACT_ORDER.index(field_name) :]
+    todo = [
+        index
+        for index, analysis in enumerate(analyses)
+        if all(getattr(analysis.artifacts, name) is None for name in downstream)
+    ]
+    for index in todo:
+        if images[index] is None:
+            raise ValueError(f"Image {index} has no stored {field_name} and no pixels to compute it from.")
+    return todo
+
+
+@contextmanager
+def _timed(analyses: list[Analysis], todo: list[int], stage: Stage):
+    """Charges a batch's wall time to its images in equal shares; images that reused the artifact get 0.
+
+    The model is loaded first, outside the clock: a first batch should not look slow for a one-off load.
+    """
+    if todo:
+        stage.load()
+    started = time.perf_counter()
+    yield
+    share = (time.perf_counter() - started) * 1000 / max(1, len(todo))
+    touched = set(todo)
+    for index, analysis in enumerate(analyses):
+        analysis.timings_ms[stage.name] = share if index in touched else 0.0
+        if index in touched:
+            analysis.computed.append(stage.name)
+
+
+def _evidence(artifacts: Artifacts) -> list[DetectedObject]:
+    objects = artifacts.objects or []
+    distances = eq.magnitudes(artifacts.features.objects).tolist() if objects else []
+    return [DetectedObject(o.phrase, o.box, o.score, d) for o, d in zip(objects, distances, strict=True)]
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,125 @@
+"""The classification head: a two-layer MLP from the misalignment vector D to P(AI-generated).
+
+On disk a head is two files side by side: `NAME.safetensors` (weights; never pickle) and `NAME.json`
+(what it was trained on: profile, stage versions, w1/w2, widths, threshold, training summary). A head only
+makes sense on features from the exact stage versions it was trained with, so loading it next to other
+models is refused instead of silently scoring garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.core.errors import HeadError
+from pipeline.core.misalignment import DEFAULT_W1, DEFAULT_W2
+
+FORMAT_VERSION = 1
+DEFAULT_HIDDEN = 256  # the paper gives no width; 256 is ample for a 768-d input and trains in seconds
+DEFAULT_THRESHOLD = 0.5  # the paper reports accuracy at a fixed 0.5
+HEAD_STAGES = ("caption", "ground", "embed")
+
+
+def mlp(input_dim: int, hidden: int) -> nn.Sequential:
+    """Paper Eq. 9: a two-layer fully connected head with 2 outputs (real, fake)."""
+    return nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+
+@dataclass
+class HeadMetadata:
+    profile: str
+    stage_versions: dict[str, str]
+    input_dim: int
+    hidden: int = DEFAULT_HIDDEN
+    w1: float = DEFAULT_W1
+    w2: float = DEFAULT_W2
+    threshold: float = DEFAULT_THRESHOLD
+    training: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+class Head:
+    def __init__(self, module: nn.Sequential, metadata: HeadMetadata):
+        self.module = module.eval()
+        self.metadata = metadata
+
+    @classmethod
+    def create(cls, metadata: HeadMetadata, seed: int = 0) -> Head:
+        torch.manual_seed(seed)
+        return cls(mlp(metadata.input_dim, metadata.hidden), metadata)
+
+    @property
+    def version(self) -> str:
+        """`head:<hash>` of everything that decides a score: weights, inputs, w1/w2, threshold.
+
+        The training summary is left out (it holds wall-clock times), so retraining identically gives the
+        same version, while any change of weights or threshold gives a new one.
+        """
+        scoring = {key: value for key, value in asdict(self.metadata).items() if key != "training"}
+        digest = hashlib.sha256(json.dumps(scoring, sort_keys=True).encode())
+        for name, tensor in sorted(self.module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return f"head:{digest.hexdigest()[:16]}"
+
+    @torch.inference_mode()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """P(fake) for each row of D, shape (n, input_dim) → (n,)."""
+        if features.shape[0] == 0:
+            return torch.empty(0)
+        logits = self.module(features.float())
+        return logits.softmax(dim=-1)[:, 1]
+
+    def check_compatible(self, stage_versions: dict[str, str]) -> None:
+        """Refuses features from any stage version other than the ones this head was trained on."""
+        differing = [
+            f"{stage}: head has {self.metadata.stage_versions.get(stage)!r}, models are {stage_versions.get(stage)!r}"
+            for stage in HEAD_STAGES
+            if self.metadata.stage_versions.get(stage) != stage_versions.get(stage)
+        ]
+        if differing:
+            raise HeadError(
+                "This head was trained for other models than the ones loaded; retrain it or load the models "
+                f"it was trained with (profile {self.metadata.profile!r}). " + "; ".join(differing),
+                code="head.version_mismatch",
+            )
+
+    def save(self, path: Path | str) -> Path:
+        """Writes PATH.safetensors and PATH.json; returns the weights path."""
+        weights, meta = head_paths(path)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, weights)
+        meta.write_text(json.dumps(asdict(self.metadata), indent=2, sort_keys=True) + "\n")
+        return weights
+
+    @classmethod
+    def load(cls, path: Path | str) -> Head:
+        weights, meta = head_paths(path)
+        for required in (weights, meta):
+            if not required.is_file():
+                raise HeadError(f"Head file {required} does not exist.", code="head.missing")
+        try:
+            metadata = HeadMetadata(**json.loads(meta.read_text()))
+            module = mlp(metadata.input_dim, metadata.hidden)
+            module.load_state_dict(load_file(weights))
+        except Exception as error:
+            raise HeadError(f"Head {weights} is unreadable or inconsistent: {error}", code="head.corrupt") from error
+        if metadata.format_version != FORMAT_VERSION:
+            raise HeadError(f"Head {weights} has format {metadata.format_version}; expected {FORMAT_VERSION}.")
+        return cls(module, metadata)
+
+
+def head_paths(path: Path | str) -> tuple[Path, Path]:
+    """A head is named by its weights file, the shared stem, or a folder holding `head.safetensors`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "head.safetensors"
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")

@@ -1,0 +1,185 @@
+"""Untrusted bytes → an RGB image we are willing to feed the models, or a typed refusal.
+
+The order of checks matters: cheap checks on the bytes first (size, magic numbers), then the header
+(dimensions, before any pixel is decoded, so a decompression bomb costs nothing), then the full decode
+(truncation), and only then the conversions. Every refusal is an `ImageError` with a stable code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.core.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from pipeline.core.errors import ImageError
+
+PAD_COLOR = (124, 116, 104)  # the ImageNet/CLIP mean: padding normalises to about zero in every model
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, the way most viewers show them
+
+# Magic numbers of the formats we accept, mapped to the Pillow plugin allowed to open them.
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"WEBP", 8, "WEBP"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+)
+ALLOWED_FORMATS = tuple(sorted({fmt for _, _, fmt in _SIGNATURES}))
+
+# Things people upload that are not images, named so the refusal says what was received.
+_LOOKALIKES: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF", "a PDF document"),
+    (b"<svg", "an SVG drawing (vector images are not accepted)"),
+    (b"<?xml", "an XML document"),
+    (b"<!doctype html", "an HTML page"),
+    (b"<html", "an HTML page"),
+    (b"PK\x03\x04", "a ZIP archive"),
+)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB, EXIF orientation applied
+    sha256: str  # of the original bytes: identical uploads share every artifact
+    format: str  # "JPEG", "PNG", ...
+    width: int
+    height: int
+    n_bytes: int
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> DecodedImage:
+    if not data:
+        raise ImageError("The file is empty (0 bytes).", code="image.empty")
+    if len(data) > max_bytes:
+        raise ImageError(f"The file is {len(data):,} bytes; the limit is {max_bytes:,} bytes.", code="image.too_large")
+    image_format = sniff_format(data)
+    image = _open_checked(data, image_format, max_pixels)
+    image = _orient(image)
+    rgb = to_rgb(image)
+    return DecodedImage(
+        image=rgb,
+        sha256=hashlib.sha256(data).hexdigest(),
+        format=image_format,
+        width=rgb.width,
+        height=rgb.height,
+        n_bytes=len(data),
+    )
+
+
+def sniff_format(data: bytes) -> str:
+    """The format named by the file's magic number; the extension and any declared type are ignored."""
+    for magic, offset, image_format in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            if image_format == "WEBP" and not data.startswith(b"RIFF"):
+                continue
+            return image_format
+    head = data[:512].lstrip().lower()
+    for magic, what in _LOOKALIKES:
+        if head.startswith(magic.lower()) or (magic == b"<svg" and b"<svg" in head):
+            raise ImageError(f"This is {what}, not an image.", code="image.unsupported_format")
+    raise ImageError(
+        f"Unrecognised file type; accepted formats are {', '.join(ALLOWED_FORMATS)}.",
+        code="image.unsupported_format",
+    )
+
+
+def _open_checked(data: bytes, image_format: str, max_pixels: int) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=[image_format])
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise _too_many_pixels(None, max_pixels) from error
+        except Exception as error:  # Pillow raises several types for a damaged header
+            raise _damaged(image_format, "header") from error
+        if image.width * image.height > max_pixels:
+            raise _too_many_pixels(image, max_pixels)
+        if image.width < 1 or image.height < 1:
+            raise ImageError("The image has no pixels.", code="image.corrupt")
+        try:
+            image.load()  # frame 0: animated images are judged on their first frame
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise _too_many_pixels(image, max_pixels) from error
+        except OSError as error:
+            if "truncated" in str(error).lower() or "broken data stream" in str(error).lower():
+                raise ImageError(
+                    f"The {image_format} file is truncated (incomplete upload?).", code="image.truncated"
+                ) from error
+            raise _damaged(image_format, "data") from error
+        except Exception as error:
+            raise _damaged(image_format, "data") from error
+    return image
+
+
+def _damaged(image_format: str, part: str) -> ImageError:
+    # Pillow's own text can hold object addresses; a stable message serves logs and users better.
+    return ImageError(f"The {image_format} {part} is damaged and cannot be decoded.", code="image.corrupt")
+
+
+def _too_many_pixels(image: Image.Image | None, max_pixels: int) -> ImageError:
+    if image is None:  # refused by Pillow's own bomb guard before the header reached us
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS)
+        return ImageError(f"The image has more than {limit:,} pixels.", code="image.too_large")
+    size = f"{image.width}x{image.height}"
+    return ImageError(f"The image is {size} pixels; the limit is {max_pixels:,} pixels.", code="image.too_large")
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image  # a malformed EXIF block should not cost the image: keep it as stored
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Every mode to 8-bit RGB, deterministically: alpha onto white, 16-bit and float scaled, not clipped."""
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(image)), mode="L").convert("RGB")
+    colour_keyed = mode in ("P", "L", "RGB") and "transparency" in image.info  # transparent palette entry or key
+    if colour_keyed or mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        canvas = Image.new("RGB", image.size, BACKGROUND)
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """High bit depth to 8 bits by the value range the depth implies (16-bit: /257; float: [0, 1])."""
+    if pixels.dtype.kind == "f":
+        return np.clip(np.nan_to_num(pixels) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    scaled = pixels.astype(np.float64) / 257.0 + 0.5
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def letterbox(image: Image.Image) -> Image.Image:
+    """Pads to a square at the bottom/right, so relative box coordinates scale back with one factor."""
+    if image.width == image.height:
+        return image
+    side = max(image.width, image.height)
+    canvas = Image.new("RGB", (side, side), PAD_COLOR)
+    canvas.paste(image, (0, 0))
+    return canvas
+
+
+def square_crop(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """The box region, centred on a square pad, so CLIP's center-crop keeps the whole object."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+    region = image.crop((x0, y0, x1, y1))
+    side = max(region.width, region.height)
+    canvas = Image.new("RGB", (side, side), PAD_COLOR)
+    canvas.paste(region, ((side - region.width) // 2, (side - region.height) // 2))
+    return canvas

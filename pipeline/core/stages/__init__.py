@@ -1,0 +1,1 @@
+"""The model stages: small classes with a declared identity, a version string and a lazily loaded model."""

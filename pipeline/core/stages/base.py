@@ -1,0 +1,61 @@
+"""What every stage shares: a declared identity, a version string, and a model loaded once, lazily."""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from pipeline.core.errors import ModelLoadError
+from pipeline.core.model_store import LocatedModel
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    # Bump when a code change alters this stage's outputs for the same model and parameters: the version
+    # string changes with it, so artifacts stored under the old behaviour are not reused.
+    implementation: ClassVar[int] = 1
+    # Parameters that change speed or memory but not results; kept out of the version so tuning them
+    # does not throw away stored artifacts.
+    runtime_params: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+
+    def __init__(self, model: LocatedModel, device: torch.device):
+        self.located = model
+        self.params: dict[str, Any] = dict(model.spec.params)
+        self.device = device
+        self.load_seconds: float | None = None
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        """`stage:source@revision|k=v,...`: everything that decides this stage's output."""
+        params = ",".join(
+            f"{key}={value}" for key, value in sorted(self.params.items()) if key not in self.runtime_params
+        )
+        return f"{self.name}:{self.located.spec.source}@{self.located.revision}|impl={self.implementation},{params}"
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        """Loads the model on first use; later calls return at once."""
+        with self._lock:
+            if self._loaded:
+                return
+            started = time.perf_counter()
+            try:
+                self._load()
+            except Exception as error:
+                raise ModelLoadError(
+                    f"Could not load the {self.name} model from {self.located.path}: {error}"
+                ) from error
+            self.load_seconds = time.perf_counter() - started
+            self._loaded = True
+
+    @abstractmethod
+    def _load(self) -> None: ...

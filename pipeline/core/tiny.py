@@ -1,0 +1,249 @@
+"""The `tiny` profile: small random-initialised models of the real architectures, built offline.
+
+Each model is created from a config with a fixed seed, saved to a directory in the same layout the real
+checkpoints use (config + safetensors weights + tokenizer/processor files), and then loaded back by the
+stages through the very same `from_pretrained` / open_clip code as the paper models. Their scores mean
+nothing; they exist so tests, CI and `item demo` exercise the whole pipeline without downloading anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Words the tiny tokenizers know as whole tokens. Caption-like vocabulary keeps random captions readable.
+CAPTION_WORDS = tuple(
+    """
+    a an the of on in with and near next to at by under over front top side two three some man woman person
+    people child dog cat bird horse car bus truck bicycle boat train plane street road building house tree
+    grass field beach water sky cloud mountain snow table chair room wall window door bed couch plate food
+    pizza cake cup bottle book phone computer ball red blue green yellow white black brown small large old
+    young standing sitting riding holding walking playing looking parked flying lying is are there
+    """.split()
+)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+GENERATOR_VERSION = 1
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's reversible byte→unicode table: every byte gets a printable stand-in character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _byte_level_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary whose merges spell each word (with its leading space) left to right."""
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: bos 0, pad 1, eos 2, unk 3
+    vocab = {token: index for index, token in enumerate(specials)}
+    for char in _byte_alphabet():
+        vocab.setdefault(char, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = ["Ġ", *word]  # "Ġ" is the stand-in for the leading space byte
+        left = pieces[0]
+        for right in pieces[1:]:
+            merged = left + right
+            if merged not in vocab:
+                merges.append((left, right))
+                vocab[merged] = len(vocab)
+            left = merged
+    return vocab, merges
+
+
+def tiny_opt_tokenizer():
+    from transformers import GPT2Tokenizer
+
+    vocab, merges = _byte_level_bpe(CAPTION_WORDS)
+    return GPT2Tokenizer(
+        vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def tiny_bert_tokenizer():
+    from transformers import BertTokenizer
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "'"]
+    tokens += sorted(set(CAPTION_WORDS))
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    tokens += list(letters) + [f"##{c}" for c in letters]
+    return BertTokenizer(vocab={token: index for index, token in enumerate(tokens)})
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_caption_model(directory: Path, seed: int) -> None:
+    """BLIP-2 (ViT + Q-Former + OPT), a few layers of width 32."""
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
+
+    tokenizer = tiny_opt_tokenizer()
+    image_processor = BlipImageProcessor(
+        size={"height": 64, "width": 64}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
+    )
+    num_query_tokens = 4
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+    vision = Blip2VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=16,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        encoder_hidden_size=32,
+        vocab_size=len(tokenizer),
+    )
+    text = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    _prefer_whole_words(model, tokenizer)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def _prefer_whole_words(model, tokenizer) -> None:
+    """Shrink the output embeddings of single-byte tokens so a random decoder picks whole words.
+
+    Only cosmetic: it keeps the tiny profile's captions readable (and so gives the grounder phrases).
+    """
+    whole_words = {tokenizer.convert_tokens_to_ids("Ġ" + word) for word in CAPTION_WORDS}
+    with torch.no_grad():
+        embeddings = model.get_output_embeddings().weight
+        keep = torch.zeros(embeddings.shape[0], dtype=torch.bool)
+        keep[sorted(whole_words)] = True
+        keep[tokenizer.eos_token_id] = True
+        embeddings[~keep] *= 0.05
+        embeddings[tokenizer.eos_token_id] *= 0.3  # rarely end before a few words are out
+
+
+def build_ground_model(directory: Path, seed: int) -> None:
+    """Grounding DINO (Swin + BERT + deformable transformer), one or two layers each, 16 queries."""
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+
+    tokenizer = tiny_bert_tokenizer()
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 96, "longest_edge": 96})
+    processor = GroundingDinoProcessor(image_processor, tokenizer)
+    backbone = SwinConfig(
+        image_size=96,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    text = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=backbone.to_dict(),
+        text_config=text.to_dict(),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_queries=16,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=64,
+    )
+    torch.manual_seed(seed)
+    GroundingDinoForObjectDetection(config).eval().save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def build_embed_model(directory: Path, seed: int) -> None:
+    """An open_clip ViT with quick-GELU, like OpenAI's ViT-L/14, at width 32 and 64-pixel input."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    model_cfg = {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    preprocess_cfg = {"image_size": 64, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, directory / "open_clip_model.safetensors")
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+BUILDERS = {
+    "tiny-blip2": build_caption_model,
+    "tiny-blip2-alt": build_caption_model,  # same architecture, another seed: a second captioner for ablations
+    "tiny-grounding-dino": build_ground_model,
+    "tiny-clip-quickgelu": build_embed_model,
+    "tiny-clip-quickgelu-alt": build_embed_model,
+}
+
+
+def build(name: str, directory: Path, seed: int) -> None:
+    """Writes the tiny model `name`, generated from `seed`, into the (empty) folder `directory`.
+
+    The model store stages the folder and writes its manifest: see `ModelStore.generate`.
+    """
+    BUILDERS[name](Path(directory), seed)

@@ -1,0 +1,95 @@
+"""Heads on disk: safetensors + JSON, exact round trip, and refusal to score other models' features."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from pipeline.core.errors import HeadError
+from pipeline.core.head import Head, HeadMetadata, head_paths
+
+FEATURES = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+VERSIONS = {"caption": "caption:a@1", "ground": "ground:b@1", "embed": "embed:c@1"}
+
+
+def make_head(seed=0, **overrides) -> Head:
+    metadata = HeadMetadata(profile="tiny", stage_versions=VERSIONS, input_dim=32, hidden=8, **overrides)
+    return Head.create(metadata, seed=seed)
+
+
+def test_round_trip_keeps_predictions_metadata_and_version(tmp_path):
+    head = make_head(threshold=0.7, training={"epochs": 3})
+    weights = head.save(tmp_path / "h.safetensors")
+    loaded = Head.load(weights)
+    assert torch.equal(loaded.predict(FEATURES), head.predict(FEATURES))
+    assert asdict(loaded.metadata) == asdict(head.metadata)
+    assert loaded.version == head.version
+
+
+def test_files_are_safetensors_and_readable_json(tmp_path):
+    weights = make_head().save(tmp_path / "h")
+    header_length = int.from_bytes(weights.read_bytes()[:8], "little")
+    header = json.loads(weights.read_bytes()[8 : 8 + header_length])
+    assert {"0.weight", "0.bias", "2.weight", "2.bias"} <= set(header)
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    assert meta["stage_versions"] == VERSIONS and meta["w1"] == 1.0 and meta["hidden"] == 8
+
+
+def test_version_changes_with_weights_or_metadata():
+    assert make_head(seed=0).version == make_head(seed=0).version
+    assert make_head(seed=0).version != make_head(seed=1).version
+    assert make_head(threshold=0.5).version != make_head(threshold=0.6).version
+    assert make_head(training={"seconds": 1}).version == make_head(training={"seconds": 2}).version
+
+
+def test_mismatched_stage_versions_are_refused():
+    head = make_head()
+    head.check_compatible(VERSIONS)
+    with pytest.raises(HeadError) as refused:
+        head.check_compatible({**VERSIONS, "embed": "embed:other@2"})
+    assert refused.value.code == "head.version_mismatch"
+    assert "embed" in refused.value.message and "embed:other@2" in refused.value.message
+
+
+def test_detector_refuses_a_head_for_other_models(tiny_detector):
+    from tests.conftest import random_head
+
+    head = random_head(tiny_detector)
+    head.metadata.stage_versions["caption"] = "caption:Salesforce/blip2-opt-2.7b@abc"
+    with pytest.raises(HeadError, match="caption"):
+        tiny_detector.use_head(head)
+
+
+def test_missing_and_corrupt_heads_have_codes(tmp_path):
+    with pytest.raises(HeadError) as missing:
+        Head.load(tmp_path / "nothing.safetensors")
+    assert missing.value.code == "head.missing"
+    weights = make_head().save(tmp_path / "h")
+    weights.with_suffix(".json").write_text("{not json")
+    with pytest.raises(HeadError) as corrupt:
+        Head.load(weights)
+    assert corrupt.value.code == "head.corrupt"
+
+
+def test_weights_that_do_not_fit_the_metadata_are_corrupt(tmp_path):
+    weights = make_head().save(tmp_path / "h")
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    meta["hidden"] = 9
+    weights.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(HeadError) as corrupt:
+        Head.load(weights)
+    assert corrupt.value.code == "head.corrupt"
+
+
+def test_a_head_is_named_by_file_stem_or_folder(tmp_path):
+    expected = (tmp_path / "head.safetensors", tmp_path / "head.json")
+    assert head_paths(tmp_path) == expected
+    assert head_paths(tmp_path / "head") == expected
+    assert head_paths(tmp_path / "head.json") == expected
+
+
+def test_probabilities_are_softmax_of_the_fake_logit():
+    head = make_head()
+    logits = head.module(FEATURES)
+    assert torch.allclose(head.predict(FEATURES), torch.softmax(logits, dim=-1)[:, 1])

@@ -1,0 +1,382 @@
+"""Unit tests for pipeline.core.imaging: untrusted bytes to an RGB image, or a typed refusal.
+
+Every test image is generated here with Pillow/numpy; nothing is read from disk or the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import time
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.core.errors import ImageError
+from pipeline.core.imaging import (
+    ALLOWED_FORMATS,
+    BACKGROUND,
+    PAD_COLOR,
+    decode_image,
+    letterbox,
+    sniff_format,
+    square_crop,
+    to_rgb,
+)
+
+FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
+LOSSY = {"JPEG", "WEBP"}
+QUADRANTS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40))
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def quadrant_image(width: int = 48, height: int = 32) -> Image.Image:
+    """Four solid quadrants: survives lossy codecs well enough to check colours at their centres."""
+    image = Image.new("RGB", (width, height))
+    half_w, half_h = width // 2, height // 2
+    boxes = (
+        (0, 0, half_w, half_h),
+        (half_w, 0, width, half_h),
+        (0, half_h, half_w, height),
+        (half_w, half_h, width, height),
+    )
+    for colour, box in zip(QUADRANTS, boxes, strict=True):
+        image.paste(colour, box)
+    return image
+
+
+def quadrant_centres(width: int = 48, height: int = 32) -> list[tuple[int, int]]:
+    return [(width // 4 + dx * width // 2, height // 4 + dy * height // 2) for dy in (0, 1) for dx in (0, 1)]
+
+
+def refuse(data: bytes, **limits) -> ImageError:
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, **limits)
+    return caught.value
+
+
+def png_with_claimed_size(width: int, height: int) -> bytes:
+    """A real 8x8 PNG whose IHDR is rewritten to claim another size (CRC recomputed, IDAT left small)."""
+    data = encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG")
+    assert data[12:16] == b"IHDR"
+    body = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:8] + struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body)) + data[33:]
+
+
+def assert_sentence(error: ImageError) -> None:
+    message = str(error)
+    assert message == error.message
+    assert message.strip() and message[0].isupper() and " " in message
+
+
+# --- accepted formats ---------------------------------------------------------------------------------------
+
+
+def test_allowed_formats_are_the_six_sniffed_formats():
+    assert sorted(ALLOWED_FORMATS) == sorted(FORMATS)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_accepted_format_round_trips(fmt):
+    # given
+    data = encode(quadrant_image(), fmt)
+    # when
+    decoded = decode_image(data)
+    # then
+    assert sniff_format(data) == fmt
+    assert decoded.format == fmt
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.size == (48, 32) == (decoded.width, decoded.height)
+    assert decoded.sha256 == hashlib.sha256(data).hexdigest()
+    assert decoded.n_bytes == len(data)
+    tolerance = 12 if fmt in LOSSY else 0
+    for colour, xy in zip(QUADRANTS, quadrant_centres(), strict=True):
+        got = decoded.image.getpixel(xy)
+        assert max(abs(a - b) for a, b in zip(got, colour, strict=True)) <= tolerance, (xy, got, colour)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decoding_is_deterministic(fmt):
+    rng = np.random.default_rng(7)
+    data = encode(Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)), fmt)
+    first, second = decode_image(data), decode_image(data)
+    assert first.image.tobytes() == second.image.tobytes()
+    assert first.sha256 == second.sha256
+
+
+# --- refusals -----------------------------------------------------------------------------------------------
+
+
+def test_empty_bytes_are_refused():
+    error = refuse(b"")
+    assert error.code == "image.empty"
+    assert_sentence(error)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<!DOCTYPE html><html><body><img src='x.png'></body></html>",
+        b"<html><head></head></html>",
+        b'<?xml version="1.0" encoding="UTF-8"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+        b"<svg xmlns='http://www.w3.org/2000/svg'></svg>",
+        b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\n%%EOF\n",
+        b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + b"\x00" * 40,
+        b"hello, this is just some text and not an image at all\n",
+        np.random.default_rng(0).bytes(1024),
+    ],
+    ids=["html-doctype", "html", "svg-xml", "svg", "pdf", "zip", "text", "random-bytes"],
+)
+def test_non_images_are_refused_as_unsupported(data):
+    error = refuse(data)
+    assert error.code == "image.unsupported_format"
+    assert_sentence(error)
+
+
+def test_zip_archive_is_named_in_the_refusal():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("photo.png", encode(quadrant_image(), "PNG"))
+    error = refuse(buffer.getvalue())
+    assert error.code == "image.unsupported_format"
+    assert "ZIP" in str(error)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_file_is_refused_as_truncated(fmt):
+    # given: a noisy image (so the pixel data is most of the file), cut in half
+    rng = np.random.default_rng(1)
+    data = encode(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), fmt)
+    # when
+    error = refuse(data[: len(data) // 2])
+    # then
+    assert error.code == "image.truncated"
+    assert_sentence(error)
+
+
+def test_png_signature_followed_by_garbage_is_corrupt():
+    error = refuse(b"\x89PNG\r\n\x1a\n" + np.random.default_rng(2).bytes(256))
+    assert error.code == "image.corrupt"
+    assert_sentence(error)
+
+
+def test_corrupt_message_names_no_python_internals():
+    error = refuse(b"\x89PNG\r\n\x1a\n" + np.random.default_rng(2).bytes(256))
+    assert "<_io." not in str(error) and " at 0x" not in str(error)
+
+
+def test_more_pixels_than_max_pixels_is_too_large():
+    error = refuse(encode(quadrant_image(64, 64), "PNG"), max_pixels=64 * 64 - 1)
+    assert error.code == "image.too_large"
+    assert_sentence(error)
+
+
+def test_exactly_max_pixels_is_accepted():
+    assert decode_image(encode(quadrant_image(64, 64), "PNG"), max_pixels=64 * 64).width == 64
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "max_pixels"),
+    [(5_000, 5_000, 1_000_000), (100_000, 100_000, 40_000_000)],
+    ids=["over-max-pixels", "decompression-bomb"],
+)
+def test_header_size_is_refused_before_any_pixel_is_decoded(width, height, max_pixels):
+    # given: a header claiming a huge image over only 8x8 worth of pixel data; decoding it would be
+    # refused as truncated/corrupt, so too_large can only come from the header check
+    data = png_with_claimed_size(width, height)
+    # when
+    started = time.perf_counter()
+    error = refuse(data, max_pixels=max_pixels)
+    elapsed = time.perf_counter() - started
+    # then
+    assert error.code == "image.too_large"
+    assert elapsed < 1.0
+    assert_sentence(error)
+
+
+def test_claimed_size_under_the_limit_reaches_the_decoder():
+    # the patched header is not refused for its own sake: under the limit the missing pixel data is found
+    error = refuse(png_with_claimed_size(300, 300), max_pixels=1_000_000)
+    assert error.code in {"image.truncated", "image.corrupt"}
+
+
+def test_more_bytes_than_max_bytes_is_too_large():
+    data = encode(quadrant_image(), "PNG")
+    error = refuse(data, max_bytes=len(data) - 1)
+    assert error.code == "image.too_large"
+    assert str(len(data) - 1) in str(error).replace(",", "")
+    assert decode_image(data, max_bytes=len(data)).n_bytes == len(data)
+
+
+# --- conversions --------------------------------------------------------------------------------------------
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    data = encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+    decoded = decode_image(data)
+    assert decoded.image.mode == "RGB"
+    red, green, blue = decoded.image.getpixel((8, 8))
+    assert red >= 240 and green <= 15 and blue <= 15
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped():
+    # given
+    values = np.array([[0, 32896, 65535, 257 * 10]], dtype=np.uint16)
+    data = encode(Image.fromarray(values), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    # when
+    pixels = np.asarray(decode_image(data).image)
+    # then: value / 257, the same on every channel
+    assert pixels.shape == (1, 4, 3)
+    assert (pixels == pixels[..., :1]).all()
+    black, middle, white, dark = (int(v) for v in pixels[0, :, 0])
+    assert (black, white, dark) == (0, 255, 10)
+    assert abs(middle - 128) <= 1
+
+
+def test_palette_png_keeps_palette_colours():
+    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250)]
+    image = Image.new("P", (3, 1))
+    image.putpalette([channel for colour in colours for channel in colour])
+    image.putdata([0, 1, 2])
+    data = encode(image, "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "P"
+    decoded = decode_image(data).image
+    assert decoded.mode == "RGB"
+    assert [decoded.getpixel((x, 0)) for x in range(3)] == colours
+
+
+def test_palette_transparency_becomes_background():
+    colours = [(250, 10, 10), (10, 250, 10)]
+    image = Image.new("P", (2, 1))
+    image.putpalette([channel for colour in colours for channel in colour])
+    image.putdata([0, 1])
+    decoded = decode_image(encode(image, "PNG", transparency=1)).image
+    assert decoded.getpixel((0, 0)) == colours[0]
+    assert decoded.getpixel((1, 0)) == BACKGROUND != colours[1]
+
+
+def test_rgba_transparent_pixels_become_background():
+    image = Image.new("RGBA", (2, 1))
+    image.putdata([(10, 20, 30, 255), (10, 20, 30, 0)])
+    decoded = decode_image(encode(image, "PNG")).image
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((0, 0)) == (10, 20, 30)
+    assert decoded.getpixel((1, 0)) == BACKGROUND
+
+
+def test_grayscale_with_alpha_becomes_rgb_on_background():
+    image = Image.new("LA", (2, 1))
+    image.putdata([(50, 255), (50, 0)])
+    data = encode(image, "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "LA"
+    decoded = decode_image(data).image
+    assert decoded.getpixel((0, 0)) == (50, 50, 50)
+    assert decoded.getpixel((1, 0)) == BACKGROUND
+
+
+@pytest.mark.parametrize(
+    ("mode", "pixels", "key"),
+    [("L", [7, 200], 7), ("RGB", [(10, 20, 30), (1, 2, 3)], (10, 20, 30))],
+)
+def test_colour_key_transparency_becomes_background(mode, pixels, key):
+    image = Image.new(mode, (2, 1))
+    image.putdata(pixels)
+    decoded = decode_image(encode(image, "PNG", transparency=key)).image
+    assert decoded.getpixel((0, 0)) == BACKGROUND
+
+
+def test_plain_grayscale_becomes_equal_channels():
+    values = np.arange(0, 256, 16, dtype=np.uint8).reshape(2, 8)
+    pixels = np.asarray(decode_image(encode(Image.fromarray(values), "PNG")).image)
+    assert pixels.shape == (2, 8, 3)
+    for channel in range(3):
+        assert (pixels[..., channel] == values).all()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "F", "1"])
+def test_to_rgb_always_returns_rgb_of_the_same_size(mode):
+    image = Image.new(mode, (5, 3))
+    converted = to_rgb(image)
+    assert converted.mode == "RGB"
+    assert converted.size == (5, 3)
+
+
+def test_exif_orientation_is_applied():
+    # given: 40x20, left half red, right half blue, tagged "rotate 90 CW to display"
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    data = encode(image, "JPEG", exif=exif.tobytes(), quality=95)
+    # when
+    decoded = decode_image(data)
+    # then: upright, and the left half is now on top
+    assert (decoded.width, decoded.height) == (20, 40)
+    top, bottom = decoded.image.getpixel((10, 8)), decoded.image.getpixel((10, 32))
+    assert top[0] > 200 and top[2] < 50
+    assert bottom[2] > 200 and bottom[0] < 50
+
+
+def test_animated_gif_is_judged_on_its_first_frame():
+    colours = [(0, 0, 255), (255, 0, 0), (0, 255, 0)]
+    frames = [Image.new("RGB", (16, 16), colour) for colour in colours]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    decoded = decode_image(data)
+    assert decoded.format == "GIF"
+    assert set(decoded.image.getdata()) == {colours[0]}
+
+
+# --- geometry -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(48, 32), (20, 50)])
+def test_letterbox_pads_bottom_right_with_pad_colour(size):
+    # given
+    width, height = size
+    rng = np.random.default_rng(3)
+    original = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    # when
+    boxed = np.asarray(letterbox(Image.fromarray(original)))
+    # then
+    side = max(size)
+    assert boxed.shape == (side, side, 3)
+    assert (boxed[:height, :width] == original).all()
+    padding = np.ones((side, side), dtype=bool)
+    padding[:height, :width] = False
+    assert (boxed[padding] == PAD_COLOR).all()
+
+
+def test_letterbox_leaves_square_images_alone():
+    image = quadrant_image(32, 32)
+    assert letterbox(image).tobytes() == image.tobytes()
+
+
+@pytest.mark.parametrize("box", [(10, 5, 30, 13), (4, 2, 9, 30), (0, 0, 12, 12)], ids=["wide", "tall", "square"])
+def test_square_crop_centres_the_box_on_a_padded_square(box):
+    # given
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    width, height = x1 - x0, y1 - y0
+    # when
+    crop = np.asarray(square_crop(Image.fromarray(pixels), box))
+    # then
+    side = max(width, height)
+    left, top = (side - width) // 2, (side - height) // 2
+    assert crop.shape == (side, side, 3)
+    assert (crop[top : top + height, left : left + width] == pixels[y0:y1, x0:x1]).all()
+    padding = np.ones((side, side), dtype=bool)
+    padding[top : top + height, left : left + width] = False
+    assert (crop[padding] == PAD_COLOR).all()

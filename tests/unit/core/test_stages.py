@@ -1,0 +1,98 @@
+"""Each stage on the tiny profile: loaded through the real loaders, right shapes, deterministic, batch-invariant."""
+
+import pytest
+import torch
+
+from pipeline.core.stages.caption import Captioner
+from tests.conftest import noise_image
+
+BATCH = [noise_image(seed, 64 + 8 * seed, 96 - 4 * seed) for seed in range(8)]  # mixed sizes on purpose
+
+
+def test_models_load_through_the_library_loaders(tiny_detector):
+    from open_clip.transformer import QuickGELU
+    from transformers import Blip2ForConditionalGeneration, GroundingDinoForObjectDetection
+
+    tiny_detector.load()
+    assert isinstance(tiny_detector.captioner.model, Blip2ForConditionalGeneration)
+    assert isinstance(tiny_detector.grounder.model, GroundingDinoForObjectDetection)
+    activations = {type(m) for m in tiny_detector.embedder.model.modules()}
+    assert QuickGELU in activations  # OpenAI CLIP weights need QuickGELU, and the tiny twin mirrors that
+
+
+def test_versions_name_model_revision_and_parameters(tiny_detector):
+    caption = tiny_detector.captioner.version
+    assert caption.startswith("caption:item/tiny-blip2@seed0.g")
+    assert "max_new_tokens=8" in caption
+    assert "batch_size" not in tiny_detector.embedder.version  # speed knobs do not invalidate artifacts
+
+
+def test_version_changes_with_parameters(tiny_detector):
+    located = tiny_detector.captioner.located
+    changed = Captioner(located, tiny_detector.device)
+    changed.params["max_new_tokens"] = 9
+    assert changed.version != tiny_detector.captioner.version
+
+
+def test_caption_batch(tiny_detector):
+    captions = tiny_detector.captioner.caption(BATCH)
+    assert len(captions) == len(BATCH)
+    assert all(isinstance(c, str) and c == c.strip() for c in captions)
+    assert any(captions)
+    assert tiny_detector.captioner.caption(BATCH) == captions  # deterministic decoding
+    assert tiny_detector.captioner.caption([BATCH[3]]) == [captions[3]]  # batch of 1 == same image in batch of 8
+
+
+def test_ground_batch(tiny_detector):
+    phrases = [["dog", "red car"], [], ["tree"], ["sky", "man", "couch"]] * 2
+    found = tiny_detector.grounder.ground(BATCH, phrases)
+    assert len(found) == len(BATCH)
+    assert found[1] == [] and found[5] == []  # no phrases → no objects, and the model is not asked
+    limit = tiny_detector.grounder.params["max_objects"]
+    for image, image_phrases, objects in zip(BATCH, phrases, found, strict=True):
+        assert len(objects) <= min(limit, len(image_phrases))
+        for obj in objects:
+            assert obj.phrase in image_phrases
+            assert obj.score >= tiny_detector.grounder.params["box_threshold"]
+            x0, y0, x1, y1 = obj.box
+            assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
+    alone = tiny_detector.grounder.ground([BATCH[3]], [phrases[3]])[0]
+    assert [o.phrase for o in alone] == [o.phrase for o in found[3]]
+    for one, many in zip(alone, found[3], strict=True):
+        assert one.box == pytest.approx(many.box, abs=0.05)
+        assert one.score == pytest.approx(many.score, abs=1e-4)
+
+
+def test_ground_with_no_phrases_anywhere_skips_the_model(tiny_store):
+    from pipeline.core.profiles import get_profile
+    from pipeline.core.stages.ground import Grounder
+
+    grounder = Grounder(tiny_store.locate(get_profile("tiny").ground), torch.device("cpu"))
+    assert grounder.ground(BATCH[:2], [[], []]) == [[], []]
+    assert not grounder.loaded
+
+
+def test_embed_images_and_texts(tiny_detector):
+    embedder = tiny_detector.embedder
+    images = embedder.embed_images(BATCH)
+    texts = embedder.embed_texts(["a dog", "a red car on a road", ""])
+    assert images.shape == (8, embedder.dim) and texts.shape == (3, embedder.dim)
+    assert images.dtype == torch.float32 and images.device.type == "cpu"
+    assert torch.equal(embedder.embed_images(BATCH), images)
+    assert torch.allclose(embedder.embed_images([BATCH[5]])[0], images[5], atol=1e-5)
+    assert not torch.allclose(images[0], images[1])  # different images, different embeddings
+
+
+def test_embed_chunks_large_batches(tiny_detector):
+    embedder = tiny_detector.embedder
+    whole = embedder.embed_images(BATCH)
+    embedder.params["batch_size"] = 3
+    try:
+        chunked = embedder.embed_images(BATCH)
+    finally:
+        embedder.params["batch_size"] = 64
+    assert torch.allclose(whole, chunked, atol=1e-5)
+
+
+def test_embed_empty_lists(tiny_detector):
+    assert tiny_detector.embedder.embed_images([]).shape == (0, tiny_detector.embedder.dim)
