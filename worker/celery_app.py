@@ -1,7 +1,8 @@
-"""The Celery application, derived from the settings: JSON only, late acks, one message at a time.
+"""Celery applications derived from the settings: JSON only, late acks, one message at a time.
 
-`celery -A worker.celery_app worker` and `item worker` both use `app` below. Messages in any other
-serializer are refused by `accept_content`, so a pickle message can never execute code here.
+`make_celery(settings)` is the configuration alone, what a client needs to send; `worker.tasks.worker_app`
+adds the tasks for `item worker`. Messages in any other serializer are refused by `accept_content`, so a
+pickle message can never execute code here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ GRACE_S = 30  # between the soft limit (the batch is ended cleanly) and the hard
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("item", broker=settings.broker_url or "memory://", include=["worker.tasks"])
+    app = Celery("item", broker=settings.broker_url or "memory://")
     # "priority": a worker takes from the first of its queues that has a message (kombu's default rotates through
     # them), so re-score messages are read only while no fresh upload waits.
     transport = {"visibility_timeout": settings.visibility_timeout_s, "queue_order_strategy": "priority"}
@@ -35,8 +36,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_concurrency=settings.worker_concurrency,
         task_default_queue=CHECK_QUEUE,
         task_routes={CHECK_TASK: {"queue": CHECK_QUEUE}, RECONCILE_TASK: {"queue": CHECK_QUEUE}},
-        task_soft_time_limit=settings.check_time_budget_s,
-        task_time_limit=settings.check_time_budget_s + GRACE_S,
+        task_soft_time_limit=settings.batch_time_budget_s,
+        task_time_limit=settings.batch_time_budget_s + GRACE_S,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
@@ -48,4 +49,17 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-app = make_celery(Settings())
+def send_checks(app: Celery, messages: list[dict], queue: str) -> None:
+    """Sends `item.check` messages (their kwargs) on one queue, over one broker connection."""
+    with app.producer_or_acquire() as producer:
+        for kwargs in messages:
+            app.send_task(CHECK_TASK, kwargs=kwargs, queue=queue, producer=producer)
+
+
+def enqueuer(app: Celery):
+    """The service's `Enqueue` over `app`: one `item.check` message, after `countdown` seconds, on `queue`."""
+
+    def enqueue(kwargs: dict, countdown: float, queue: str) -> None:
+        app.send_task(CHECK_TASK, kwargs=kwargs, queue=queue, countdown=countdown or None)
+
+    return enqueue

@@ -1,4 +1,8 @@
-"""The Python client platforms use: write the check to the ledger first, then enqueue it.
+"""The Python client platforms use: write the check to the ledger first, then send its message.
+
+It needs a broker (`ITEM_BROKER_URL`) and loads no model library, so it starts in a blink. Without a broker the
+checks can run in this process instead: that is `worker.runtime.submit_in_process`, which `item submit` picks
+when no broker is configured.
 
 A platform in another language can skip this and send the raw Celery message (task `item.check`, queue
 `item.checks`, JSON kwargs `external_id` and `image`); the worker then creates the ledger row itself.
@@ -12,10 +16,11 @@ from functools import partial
 from pathlib import Path
 
 from pipeline.core.errors import ItemError
-from worker import delivery, sources
+from worker import sources
+from worker.callbacks import checked_callback_url
 from worker.ledger.models import CheckRow
 from worker.ledger.store import Ledger
-from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings
+from worker.settings import CHECK_QUEUE, Settings
 
 
 @dataclass(frozen=True)
@@ -41,29 +46,36 @@ def image_from(reference: str, *, by_path: bool = False) -> dict:
 
 
 def submit(settings: Settings, items: list[tuple[str, dict]], *, callback_url: str | None = None) -> list[Submission]:
-    """Submits (external_id, image) pairs. With a broker they are queued; without one they run here, now.
+    """Records (external_id, image) pairs as queued checks of the active version, then sends their messages.
 
     With `callback_url`, each result is also POSTed there, signed with ITEM_CALLBACK_SECRET.
     """
-    callback_url = delivery.checked_callback_url(callback_url)
     if not settings.broker_url:
-        return _run_here(settings, items, callback_url)
+        raise ItemError(
+            "No broker is configured (ITEM_BROKER_URL): the client queues checks for workers. "
+            "`item submit` runs them in-process instead when no broker is set.",
+            code="broker.none",
+        )
+    callback_url = checked_callback_url(callback_url)
     ledger = Ledger(settings.database_url)
-    version_id = active_version_id(ledger)
-    messages, submissions = [], []
-    with ledger.session() as session:
-        for external_id, image in items:
-            source = sources.to_stored(image, settings, partial(ledger.put_blob, session))
-            check, created = ledger.create_check(
-                session,
-                external_id=external_id,
-                pipeline_version_id=version_id,
-                source=source,
-                callback_url=callback_url,
-            )
-            submissions.append(Submission(check.id, external_id, created))
-            if created:
-                messages.append({"external_id": external_id, "image": source, "check_id": check.id})
+    try:
+        version_id = active_version_id(ledger)
+        messages, submissions = [], []
+        with ledger.session() as session:
+            for external_id, image in items:
+                source = sources.to_stored(image, settings, partial(ledger.put_blob, session))
+                check, created = ledger.create_check(
+                    session,
+                    external_id=external_id,
+                    pipeline_version_id=version_id,
+                    source=source,
+                    callback_url=callback_url,
+                )
+                submissions.append(Submission(check.id, external_id, created))
+                if created:
+                    messages.append({"external_id": external_id, "image": source, "check_id": check.id})
+    finally:
+        ledger.dispose()
     send(settings, messages, CHECK_QUEUE)  # after commit: a worker must find the row the message names
     return submissions
 
@@ -85,53 +97,15 @@ def send(settings: Settings, messages: list[dict], queue: str) -> None:
     """Sends `item.check` messages on one queue, over one broker connection."""
     if not messages:
         return
-    from worker.celery_app import make_celery
+    from worker.celery_app import make_celery, send_checks  # Celery only where a message is really sent
 
-    app = make_celery(settings)
-    with app.producer_or_acquire() as producer:
-        for kwargs in messages:
-            app.send_task(CHECK_TASK, kwargs=kwargs, queue=queue, producer=producer)
-
-
-def _run_here(settings: Settings, items: list[tuple[str, dict]], callback_url: str | None) -> list[Submission]:
-    from worker.runtime import run_in_process
-
-    messages = [{"external_id": e, "image": i, "callback_url": callback_url} for e, i in items]
-    service = run_in_process(settings, messages)
-    with service.ledger.session() as session:
-        rows = [service.ledger.find_check(session, external_id, service.version_id) for external_id, _ in items]
-    return [Submission(row.id, row.external_id, True) for row in rows if row is not None]
+    send_checks(make_celery(settings), messages, queue)
 
 
 def checks(settings: Settings, **filters) -> list[CheckRow]:
     ledger = Ledger(settings.database_url)
-    with ledger.session() as session:
-        return ledger.list_checks(session, **filters)
-
-
-def check_dict(row: CheckRow) -> dict:
-    """A check as platforms read it (`item status --json`, `item results --json`)."""
-    fields = (
-        "id",
-        "external_id",
-        "status",
-        "attempts",
-        "error_code",
-        "error_message",
-        "p_fake",
-        "verdict",
-        "threshold",
-        "caption",
-        "objects",
-        "object_count",
-        "image_sha256",
-        "pipeline_version_id",
-        "timings_ms",
-        "rescore_of",
-        "callback_url",
-    )
-    result = {field: getattr(row, field) for field in fields}
-    for moment in ("created_at", "started_at", "finished_at"):
-        value = getattr(row, moment)
-        result[moment] = value.isoformat() if value else None
-    return result
+    try:
+        with ledger.session() as session:
+            return ledger.list_checks(session, **filters)
+    finally:
+        ledger.dispose()

@@ -1,10 +1,11 @@
-"""Pushing results back to platforms: signed callbacks and a results stream, from an outbox in the ledger.
+"""Pushing results back to platforms: signed callbacks and a results stream, sent from the ledger's outbox.
 
-When a check ends (done, rejected or failed), `record_outcome` writes one `deliveries` row per target in the
-same transaction: the check's callback URL, if it has one, and "stream" if `ITEM_RESULTS_STREAM` is set. A
-`Deliverer` thread in every worker process claims due rows with a lease (SKIP LOCKED on Postgres, like checks),
-sends them, and records the outcome. Sending never happens on the thread that runs checks, and no database
-transaction is held while a receiver is slow, so a dead or hanging receiver never holds up moderation.
+When a check ends (done, rejected or failed), `worker.ledger.outbox.record_outcome` writes one `deliveries`
+row per target in the same transaction: the check's callback URL, if it has one, and "stream" if
+`ITEM_RESULTS_STREAM` is set. A `Deliverer` thread in every worker process claims due rows with a lease (SKIP
+LOCKED on Postgres, like checks), sends them, and records the outcome. Sending never happens on the thread
+that runs checks, and no database transaction is held while a receiver is slow, so a dead or hanging receiver
+never holds up moderation.
 
 Delivery is at least once: a worker that dies between sending and recording sends again once the lease ends.
 Receivers deduplicate on `X-Item-Delivery`, the same on every attempt of one delivery.
@@ -15,7 +16,8 @@ What a platform receives:
   `item status --json` shows it) as canonical JSON (sorted keys, no spaces), and the headers
   `Content-Type: application/json`, `X-Item-Timestamp` (Unix seconds), `X-Item-Signature`
   (`v1=<hex HMAC-SHA256(secret, f"{timestamp}." + body)>`), `X-Item-Delivery` (the delivery id) and
-  `User-Agent`. Any 2xx answer counts as delivered; redirects are not followed. Verify with `verify` below.
+  `User-Agent`. Any 2xx answer counts as delivered; redirects are not followed. Verify with
+  `worker.signing.verify`.
 - Stream: `XADD <ITEM_RESULTS_STREAM> MAXLEN ~ <ITEM_RESULTS_STREAM_MAXLEN> * check_id <id> external_id <id>
   delivery_id <id> body <canonical JSON>`. The stream name is used as given: `ITEM_REDIS_KEY_PREFIX` is not
   applied, since the name is the platform's interface, not one of this service's internal keys.
@@ -32,37 +34,28 @@ Errors, as "code: message" in `last_error`:
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
-import json
 import logging
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-
-import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from pipeline.core.errors import ItemError
 from worker import metrics
-from worker.fetch import AddressPolicy, FetchError, parse_target, post
-from worker.ledger.models import CheckRow, DeliveryRow, DeliveryStatus, new_id, utcnow
+from worker.fetch import AddressPolicy, post
+from worker.ledger.models import STREAM_TARGET, DeliveryRow, DeliveryStatus, utcnow
+from worker.ledger.outbox import claim_due, record_attempt
+from worker.ledger.views import shown_target, target_kind
 from worker.settings import Settings, backoff_s
+from worker.signing import canonical, sign
 
-if TYPE_CHECKING:  # the store imports torch (through the artifact codec): receivers importing `verify` need neither
+if TYPE_CHECKING:
     from worker.ledger.store import Ledger
 
 log = logging.getLogger("item.delivery")
 
-STREAM_TARGET = "stream"  # the `target` of a results-stream delivery; any other target is a callback URL
-EVENT = "check.finished"
-MAX_CALLBACK_URL = 2048
-SIGNATURE_VERSION = "v1"
-SIGNATURE_TOLERANCE_S = 300
 PASS_LIMIT = 50  # deliveries claimed per pass
 SENDS_AT_ONCE = 8  # one slow receiver must not make every other delivery of the pass wait for it
 
@@ -70,13 +63,6 @@ SENDS_AT_ONCE = 8  # one slow receiver must not make every other delivery of the
 PERMANENT_CODES = frozenset(
     {"url.invalid", "url.refused", "url.unresolvable", "callback.invalid", "callback.no_secret", "stream.unconfigured"}
 )
-_TIMESTAMP = re.compile(r"[0-9]{1,12}")
-
-
-class CallbackError(ItemError):
-    """A callback URL that can never be called: refused when the check is submitted. Permanent."""
-
-    code = "callback.invalid"
 
 
 class DeliveryError(ItemError):
@@ -87,218 +73,6 @@ class DeliveryError(ItemError):
     def __init__(self, message: str, *, code: str, permanent: bool):
         super().__init__(message, code=code)
         self.permanent = permanent
-
-
-# ---------------------------------------------------------------------- submission and outbox
-
-
-def checked_callback_url(url: str | None) -> str | None:
-    """The callback URL if its shape is acceptable (http(s), a host, no credentials); raises CallbackError if not.
-
-    Only the shape: where the host resolves is checked at every send, since DNS answers may change by then.
-    """
-    if url is None:
-        return None
-    if not isinstance(url, str) or not url:
-        raise CallbackError("The callback URL must be a non-empty string.")
-    if len(url) > MAX_CALLBACK_URL:
-        raise CallbackError(f"The callback URL is {len(url):,} characters long; the limit is {MAX_CALLBACK_URL:,}.")
-    try:
-        parse_target(url)
-    except FetchError as error:
-        raise CallbackError(f"Callback URL refused: {error.message}") from None
-    return url
-
-
-def record_outcome(session: Session, check: CheckRow, settings: Settings) -> int:
-    """Queues the finished check's result for every configured target, in the caller's transaction.
-
-    Returns how many deliveries were added; a check that ends twice (it cannot, but a retried transaction might
-    try) adds none the second time.
-    """
-    targets = [check.callback_url] if check.callback_url else []
-    if settings.results_stream:
-        targets.append(STREAM_TARGET)
-    if not targets:
-        return 0
-    from worker.ledger.store import dialect_insert
-
-    now, body = utcnow(), result_body(check)
-    rows = [
-        {
-            "id": new_id(),
-            "check_id": check.id,
-            "target": target,
-            "status": DeliveryStatus.pending,
-            "attempts": 0,
-            "body": body,
-            "next_attempt_at": now,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for target in targets
-    ]
-    statement = (
-        dialect_insert(session, DeliveryRow)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["check_id", "target"])
-        .returning(DeliveryRow.id)
-    )
-    return len(session.execute(statement).all())
-
-
-def result_body(check: CheckRow) -> dict:
-    """What every target receives: the check as platforms read it everywhere else."""
-    from worker.client import check_dict  # imported here: the client imports this module
-
-    return {"event": EVENT, "check": json.loads(json.dumps(check_dict(check)))}  # plain JSON types only
-
-
-def canonical(body: dict) -> bytes:
-    """The bytes sent and signed: one encoding of the stored body, so every retry sends the same bytes."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-# ---------------------------------------------------------------------- signatures
-
-
-def sign(secret: bytes, timestamp: int, body: bytes) -> str:
-    """The `X-Item-Signature` value: `v1=` and the hex HMAC-SHA256 of `f"{timestamp}."` + body under `secret`."""
-    digest = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"{SIGNATURE_VERSION}={digest}"
-
-
-def verify(
-    secret: bytes | str,
-    body: bytes,
-    timestamp_header: str | None,
-    signature_header: str | None,
-    *,
-    tolerance_s: float = SIGNATURE_TOLERANCE_S,
-    now: float | None = None,
-) -> bool:
-    """Whether a callback really comes from this service: what a platform's receiver calls, before parsing.
-
-    `body` must be the raw request bytes (not re-encoded JSON); the headers are `X-Item-Timestamp` and
-    `X-Item-Signature` as received (None when missing). False for a wrong secret, a changed body, a timestamp
-    more than `tolerance_s` away from `now` (a replayed request), or malformed headers. The signature header may
-    list several `v1=` values separated by commas; one match is enough.
-
-        from worker.delivery import verify
-        if not verify(SECRET, request.body, request.headers.get("X-Item-Timestamp"),
-                      request.headers.get("X-Item-Signature")):
-            return 401
-    """
-    if not isinstance(timestamp_header, str) or not isinstance(signature_header, str):
-        return False
-    if not _TIMESTAMP.fullmatch(timestamp_header.strip()):
-        return False
-    timestamp = int(timestamp_header)
-    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
-        return False
-    key = secret.encode() if isinstance(secret, str) else secret
-    expected = sign(key, timestamp, body).encode()
-    offered = [part.strip().encode() for part in signature_header.split(",")]
-    # Every value is compared, each in constant time, so the time taken says nothing about the right one.
-    return any([hmac.compare_digest(expected, value) for value in offered if value.startswith(b"v1=")])
-
-
-# ---------------------------------------------------------------------- the outbox, read and written
-
-
-def claim_due(session: Session, limit: int, lease: timedelta) -> list[DeliveryRow]:
-    """Takes up to `limit` pending deliveries that are due: attempts + 1, hidden from others for `lease`.
-
-    The lease replaces a status: a sender that dies leaves its rows to come due again when it ends. On Postgres
-    rows another deliverer is claiming are skipped, never waited for, so no two deliverers take the same row.
-    """
-    now = utcnow()
-    due = sa.and_(DeliveryRow.status == DeliveryStatus.pending, DeliveryRow.next_attempt_at <= now)
-    candidates = sa.select(DeliveryRow.id).where(due).order_by(DeliveryRow.next_attempt_at).limit(limit)
-    if session.get_bind().dialect.name == "postgresql":
-        candidates = candidates.with_for_update(skip_locked=True)
-    # Materialised, as in Ledger.claim: Postgres may otherwise re-run the subquery and take more than `limit`.
-    picked = candidates.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
-    statement = (
-        sa.update(DeliveryRow)
-        .where(DeliveryRow.id.in_(sa.select(picked.c.id)), due)
-        .values(next_attempt_at=now + lease, attempts=DeliveryRow.attempts + 1, updated_at=now)
-        .returning(DeliveryRow)
-        .execution_options(populate_existing=True)
-    )
-    return list(session.scalars(statement).all())
-
-
-def _record(session: Session, claimed: DeliveryRow, values: dict) -> bool:
-    """Writes an attempt's outcome unless the row moved on meanwhile (its lease ran out and it was re-claimed)."""
-    statement = (
-        sa.update(DeliveryRow)
-        .where(
-            DeliveryRow.id == claimed.id,
-            DeliveryRow.status == DeliveryStatus.pending,
-            DeliveryRow.attempts == claimed.attempts,
-        )
-        .values(**values, updated_at=utcnow())
-    )
-    return session.execute(statement).rowcount == 1
-
-
-def list_deliveries(session: Session, *, status: str | None = None, limit: int = 100) -> list[DeliveryRow]:
-    """Deliveries newest first, optionally of one status."""
-    query = sa.select(DeliveryRow).order_by(DeliveryRow.created_at.desc(), DeliveryRow.id.desc()).limit(limit)
-    if status is not None:
-        query = query.where(DeliveryRow.status == DeliveryStatus(status))
-    return list(session.scalars(query.execution_options(populate_existing=True)))
-
-
-def retry_failed(session: Session, ids: list[str] | None = None) -> list[str]:
-    """Failed deliveries (all, or those of `ids`) back to pending, attempts reset, due now; returns their ids."""
-    condition = DeliveryRow.status == DeliveryStatus.failed
-    if ids is not None:
-        condition = sa.and_(condition, DeliveryRow.id.in_(ids))
-    now = utcnow()
-    statement = (
-        sa.update(DeliveryRow)
-        .where(condition)
-        .values(status=DeliveryStatus.pending, attempts=0, next_attempt_at=now, updated_at=now)
-        .returning(DeliveryRow.id)
-    )
-    return list(session.scalars(statement))
-
-
-def delivery_dict(row: DeliveryRow) -> dict:
-    """A delivery as `item deliveries list --json` shows it (the target without its query)."""
-    return {
-        "id": row.id,
-        "check_id": row.check_id,
-        "kind": target_kind(row.target),
-        "target": shown_target(row.target),
-        "status": DeliveryStatus(row.status).value,
-        "attempts": row.attempts,
-        "last_error": row.last_error,
-        **{moment: _as_time(getattr(row, moment)) for moment in ("created_at", "next_attempt_at", "delivered_at")},
-    }
-
-
-def _as_time(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def target_kind(target: str) -> str:
-    return "stream" if target == STREAM_TARGET else "callback"
-
-
-def shown_target(target: str) -> str:
-    """The target for logs and tables: a URL without its query, which may hold a token."""
-    if target == STREAM_TARGET:
-        return target
-    try:
-        return parse_target(target).shown
-    except FetchError:
-        return "(invalid URL)"
-
-
-# ---------------------------------------------------------------------- sending
 
 
 class Deliverer:
@@ -354,7 +128,7 @@ class Deliverer:
         """
         if self._stopping.is_set():
             with self.ledger.session() as session:
-                _record(session, row, {"attempts": row.attempts - 1, "next_attempt_at": utcnow()})
+                record_attempt(session, row, {"attempts": row.attempts - 1, "next_attempt_at": utcnow()})
             return "released"
         try:
             self._send(row)
@@ -380,7 +154,7 @@ class Deliverer:
 
     def _finish(self, row: DeliveryRow, outcome: str, values: dict, code: str | None = None, message: str = ""):
         with self.ledger.session() as session:
-            recorded = _record(session, row, values)
+            recorded = record_attempt(session, row, values)
         kind = target_kind(row.target)
         metrics.DELIVERIES.labels(kind, outcome).inc()
         about = {"check_id": row.check_id, "external_id": _external_id(row), "stage": "deliver"}

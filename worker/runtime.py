@@ -1,4 +1,7 @@
-"""Wiring: settings → ledger + detector + head → a `CheckService`. One place, used by tasks, CLI and tests."""
+"""Wiring: settings → ledger + detector + head → a `CheckService`. One place, used by tasks, CLI and tests.
+
+Also the embedded mode (no broker), where the messages a submission or a re-score makes run in this process.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from pipeline.core.errors import HeadError
 from pipeline.core.head import Head
 from pipeline.core.model_store import ModelStore
 from pipeline.core.profiles import get_profile
+from worker.callbacks import checked_callback_url
+from worker.client import Submission
 from worker.delivery import Deliverer
 from worker.ledger.store import Ledger
 from worker.service import CheckService, Enqueue
@@ -58,3 +63,15 @@ def run_in_process(settings: Settings, messages: list[dict]) -> CheckService:
     runner = InProcess(settings)
     runner.run(messages)
     return runner.service
+
+
+def submit_in_process(
+    settings: Settings, items: list[tuple[str, dict]], *, callback_url: str | None = None
+) -> list[Submission]:
+    """`worker.client.submit` without a broker: the checks run here, now, under the version the settings make."""
+    callback_url = checked_callback_url(callback_url)
+    messages = [{"external_id": e, "image": i, "callback_url": callback_url} for e, i in items]
+    service = run_in_process(settings, messages)
+    with service.ledger.session() as session:
+        rows = [service.ledger.find_check(session, external_id, service.version_id) for external_id, _ in items]
+    return [Submission(row.id, row.external_id, True) for row in rows if row is not None]

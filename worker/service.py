@@ -20,11 +20,14 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipeline.core import codec
+from pipeline.core.batches import Reader, once_per_image
 from pipeline.core.detector import Detector
 from pipeline.core.errors import ItemError
-from pipeline.core.imaging import DecodedImage, decode_image
+from pipeline.core.imaging import DecodedImage
 from pipeline.core.results import Artifacts
-from worker import delivery, metrics, sources
+from worker import metrics, sources
+from worker.callbacks import checked_callback_url
+from worker.ledger import outbox
 from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus, Priority
 from worker.ledger.store import Ledger
 from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings, backoff_s
@@ -53,6 +56,10 @@ class CheckService:
     detector: Detector
     enqueue: Enqueue
     current_batch: list[str] = field(default_factory=list)  # check ids, for the time-budget handler
+    reader: Reader = field(init=False)  # fetches and decodes a batch's images a few at a time
+
+    def __post_init__(self) -> None:
+        self.reader = Reader(max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_image_bytes)
 
     @property
     def version_id(self) -> str:
@@ -88,7 +95,7 @@ class CheckService:
             return
         # Still queued: it only waited behind other work, so its turn comes with the next message. Running: another
         # worker's batch holds it, so look again once that batch must have ended.
-        later = 0.0 if check.status == CheckStatus.queued else self.settings.check_time_budget_s
+        later = 0.0 if check.status == CheckStatus.queued else self.settings.batch_time_budget_s
         self.enqueue(_message(check), later, queue_of(check))
 
     def _ensure_check(
@@ -101,7 +108,7 @@ class CheckService:
                 self.ledger.create_check, session, external_id=external_id, pipeline_version_id=self.version_id
             )
             try:
-                callback_url = delivery.checked_callback_url(callback_url)
+                callback_url = checked_callback_url(callback_url)
                 source = sources.to_stored(image, self.settings, partial(self.ledger.put_blob, session))
             except ItemError as error:  # malformed message from a foreign client: still gets a ledger row
                 valid_callback = error.code != "callback.invalid"  # the platform still hears of the rejection
@@ -133,7 +140,7 @@ class CheckService:
 
     def _claim_once(self, check_id: str | None, limit: int, priority: int = Priority.fresh) -> list[CheckRow]:
         # A running check untouched for a whole time budget belongs to a worker that died.
-        stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.check_time_budget_s)
+        stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.batch_time_budget_s)
         with self.ledger.session() as session:
             return self.ledger.claim(
                 session,
@@ -156,14 +163,18 @@ class CheckService:
         self.current_batch = [check.id for check in batch]
         images: dict[str, DecodedImage | None] = {}  # by check id; None: stored features stand in for pixels
         stored = self._stored_artifacts(batch)
+        to_decode = []
         for check in batch:
             if _has_features(stored.get(check.image_sha256)):
                 images[check.id] = None
-                continue
-            try:
-                images[check.id] = self._decode(check)
-            except ItemError as error:
-                self._fail_one(check, error, stage="decode")
+            else:
+                to_decode.append(check)
+        blobs = self._blobs(to_decode)  # one query here: the reader's threads never touch the ledger
+        for one in self.reader.load(to_decode, lambda check: sources.load(check.source, self.settings, blobs.get)):
+            if one.ok:
+                images[one.item.id] = self._decoded(one.item, one.image)
+            else:
+                self._fail_one(one.item, one.error, stage="decode")
         ready = [check for check in batch if check.id in images]
         todo = self._answer_known_bytes(ready, {c.id: _sha_of(c, images[c.id]) for c in ready})
         pixels = len({images[c.id].sha256 for c in todo if images[c.id] is not None})
@@ -191,17 +202,19 @@ class CheckService:
         with self.ledger.session() as session:
             return self.ledger.load_artifacts(session, known, self.detector.artifact_versions)
 
-    def _decode(self, check: CheckRow) -> DecodedImage:
-        data = sources.load(check.source, self.settings, self._get_blob)
-        image = decode_image(data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_image_bytes)
+    def _blobs(self, checks: list[CheckRow]) -> dict[str, bytes]:
+        """The stored bytes of the inline images among `checks`."""
+        wanted = [check.source["blob"] for check in checks if isinstance(check.source.get("blob"), str)]
+        if not wanted:
+            return {}
+        with self.ledger.session() as session:
+            return self.ledger.get_blobs(session, wanted)
+
+    def _decoded(self, check: CheckRow, image: DecodedImage) -> DecodedImage:
         if check.image_sha256 and image.sha256 != check.image_sha256:
             # A URL or object that changed since it was checked: these are other bytes, scored as they are now.
             log.info("image changed since its earlier check", extra=_about(check, "decode"))
         return image
-
-    def _get_blob(self, sha256: str) -> bytes | None:
-        with self.ledger.session() as session:
-            return self.ledger.get_blob(session, sha256)
 
     def _answer_known_bytes(self, batch: list[CheckRow], sha_by_check: dict[str, str]) -> list[CheckRow]:
         """Bytes already checked under this pipeline version get that answer; returns the checks still to run."""
@@ -227,9 +240,7 @@ class CheckService:
         with self.ledger.session() as session:
             known |= self.ledger.load_artifacts(session, [sha for sha in unique if sha not in known], versions)
         _count_reuse(known, list(unique))
-        shas = list(unique)
-        detections = self._detect([unique[sha] for sha in shas], [known[sha] for sha in shas])
-        by_sha = {sha: detection for sha, detection in zip(shas, detections, strict=True)}
+        by_sha = once_per_image(self._detect, unique, known)
         with self.ledger.session() as session:  # one transaction: artifacts and results land together
             for sha, image in unique.items():
                 if image is not None:
@@ -238,7 +249,7 @@ class CheckService:
                 self.ledger.save_artifacts(session, sha, by_sha[sha].artifacts, new)  # what was loaded is stored
             for check in todo:
                 self._done(session, check, _result_of_detection(by_sha[sha_by_check[check.id]], sha_by_check[check.id]))
-        for detection in detections:
+        for detection in by_sha.values():
             metrics.stage_times(detection.timings_ms)
             metrics.stage_runs(detection.computed)
         metrics.gpu_memory()
@@ -297,7 +308,7 @@ class CheckService:
         """A check just ended (row is None if it had ended before): its result is queued for delivery, in the
         same transaction, so a stored outcome always has its deliveries."""
         if row is not None:
-            delivery.record_outcome(session, row, self.settings)
+            outbox.record_outcome(session, row, results_stream=bool(self.settings.results_stream))
         return row
 
     def backoff(self, attempts: int) -> float:

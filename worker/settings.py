@@ -3,6 +3,10 @@
 With nothing set, everything runs embedded on this machine: models under the user cache, a SQLite ledger in
 a local file, in-process execution. Given a broker and a database URL, the same commands use Redis and
 Postgres. Command-line options override these values for one run; the Celery config is derived from here.
+
+A process builds its settings once, at start-up (`load_settings`, which `item` commands call with their
+options), and hands that object on; nothing builds settings at import, so a bad value is one clear error
+naming its variable, not a traceback from deep inside an import.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import os
 import random
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.core.defaults import DEFAULT_FEATURE_DIR, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
+from pipeline.core.errors import ItemError
 
 DATA_HOME = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "item"
 DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"
@@ -76,7 +81,12 @@ class Settings(BaseSettings):
     redis_key_prefix: str = Field("", description="Prefix of every Redis key, so deployments can share a Redis.")
     worker_concurrency: int = Field(1, ge=1, description="Worker processes per `item worker` (one per GPU).")
     batch_max_wait_s: float = Field(0.2, ge=0, description="How long a worker waits to fill a batch.")
-    check_time_budget_s: float = Field(300.0, gt=0, description="Longest a single check may run before it is ended.")
+    batch_time_budget_s: float = Field(
+        300.0, gt=0, description="Longest a batch of checks may run; its unfinished checks end as check.timeout."
+    )
+    check_time_budget_s: float | None = Field(
+        None, gt=0, description="The old name of batch_time_budget_s (ITEM_CHECK_TIME_BUDGET_S), still read."
+    )
     max_attempts: int = Field(5, ge=1, description="Tries before a transiently failing check ends as failed.")
     retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt, with jitter.")
     retry_backoff_max_s: float = Field(300.0, gt=0, description="Longest retry delay.")
@@ -114,11 +124,56 @@ class Settings(BaseSettings):
     log_format: str = Field("json", pattern="^(json|text)$", description="Worker log lines: json or text.")
 
     @model_validator(mode="after")
-    def _visibility_outlasts_a_check(self) -> Settings:
+    def _consistent(self) -> Settings:
+        self._take_old_budget_name()
         # A message redelivered while its first delivery still runs would check the image twice at once.
-        if self.visibility_timeout_s <= self.check_time_budget_s:
-            raise ValueError("visibility_timeout_s must be longer than check_time_budget_s")
+        if self.visibility_timeout_s <= self.batch_time_budget_s:
+            raise ValueError("visibility_timeout_s must be longer than batch_time_budget_s")
         # A check running within its budget must not look stuck to the reconciler.
-        if self.reconcile_after_s <= self.check_time_budget_s:
-            raise ValueError("reconcile_after_s must be longer than check_time_budget_s")
+        if self.reconcile_after_s <= self.batch_time_budget_s:
+            raise ValueError("reconcile_after_s must be longer than batch_time_budget_s")
         return self
+
+    def _take_old_budget_name(self) -> None:
+        """ITEM_CHECK_TIME_BUDGET_S still sets the budget (it always bounded a batch, not one check)."""
+        old = self.check_time_budget_s
+        if old is None:
+            return
+        if "batch_time_budget_s" in self.model_fields_set and self.batch_time_budget_s != old:
+            raise ValueError(
+                "batch_time_budget_s and its old name check_time_budget_s are both set, to different values: "
+                "set only ITEM_BATCH_TIME_BUDGET_S"
+            )
+        self.batch_time_budget_s = old
+
+
+class SettingsError(ItemError):
+    """A setting has a value it cannot take. Nothing can run until it is fixed."""
+
+    code = "settings.invalid"
+
+
+def load_settings(**overrides) -> Settings:
+    """The settings of this process: ITEM_* variables and `.env`, then `overrides` (None means not given)."""
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as error:
+        raise SettingsError(_explained(error)) from None
+
+
+def _explained(error: ValidationError) -> str:
+    """One line per bad value, naming the environment variable a person would set."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["loc"]:
+            name = f"ITEM_{str(problem['loc'][0]).upper()}"
+            lines.append(f"{name}={_shown(problem.get('input'))}: {message}")
+        else:
+            lines.append(message)
+    return "Invalid settings: " + "; ".join(lines)
+
+
+def _shown(value) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -66,7 +66,7 @@ def main() -> None:
             store,
             folder,
             ITEM_BATCH_SIZE=str(args.batch_size),
-            ITEM_CHECK_TIME_BUDGET_S="300",
+            ITEM_BATCH_TIME_BUDGET_S="300",
             ITEM_VISIBILITY_TIMEOUT_S="900",
             ITEM_RECONCILE_AFTER_S="600",
         ) as stack:

@@ -126,7 +126,7 @@ def make_stack(postgres_url: str, tiny_store, folder: Path, **overrides: str):
         "ITEM_REDIS_KEY_PREFIX": prefix,
         "ITEM_BATCH_SIZE": "4",
         "ITEM_BATCH_MAX_WAIT_S": "0.3",
-        "ITEM_CHECK_TIME_BUDGET_S": "8",
+        "ITEM_BATCH_TIME_BUDGET_S": "8",
         "ITEM_VISIBILITY_TIMEOUT_S": "12",
         "ITEM_RECONCILE_AFTER_S": "10",
         "ITEM_RECONCILE_INTERVAL_S": "2",

@@ -25,12 +25,15 @@ from typer.testing import CliRunner
 
 from tests.conftest import encode, noise_image, random_head
 from tests.integration.stack import REDIS_URL
-from worker.client import check_dict
-from worker.delivery import CallbackError, Deliverer, checked_callback_url, record_outcome, verify
+from worker.callbacks import CallbackError, checked_callback_url
+from worker.delivery import Deliverer
 from worker.ledger.models import CheckRow, DeliveryRow
+from worker.ledger.outbox import record_outcome
 from worker.ledger.store import Ledger
+from worker.ledger.views import check_dict
 from worker.service import CheckService
 from worker.settings import Settings
+from worker.signing import verify
 
 SECRET = "callback-secret-for-tests"
 FAST = {
@@ -163,7 +166,7 @@ def _ended(service: CheckService, callback_url: str | None, external_id: str = "
             callback_url=callback_url,
         )
         row = ledger.finish_rejected(session, check.id, "url.http_4xx", "gone")
-        record_outcome(session, row, service.settings)
+        record_outcome(session, row, results_stream=bool(service.settings.results_stream))
     return row
 
 
@@ -463,7 +466,7 @@ def test_the_thread_survives_an_unreachable_ledger(caplog):
 
 def test_embedded_mode_delivers_what_is_due_and_leaves_later_retries(receivers, tiny_store, tiny_detector, tmp_path):
     """No broker: `submit` runs the checks here, then sends their results before it returns."""
-    from worker import client
+    from worker import client, runtime
     from worker.ledger import migrate
 
     receiver = receivers(500, 200)  # the first result is refused, the second accepted
@@ -487,7 +490,7 @@ def test_embedded_mode_delivers_what_is_due_and_leaves_later_retries(receivers, 
         (tmp_path / f"{seed}.png").write_bytes(encode(noise_image(seed)))
         images.append((f"embedded-{seed}", client.image_from(str(tmp_path / f"{seed}.png"))))
 
-    client.submit(settings, images, callback_url=receiver.url)
+    runtime.submit_in_process(settings, images, callback_url=receiver.url)
 
     assert len(receiver.requests) == 2  # sent before submit returned; the retry, due in a minute, not waited for
     ledger = Ledger(database_url)
@@ -501,8 +504,7 @@ def test_embedded_mode_delivers_what_is_due_and_leaves_later_retries(receivers, 
 
 
 def test_item_deliveries_lists_and_retries_failed_ones(make_service, receivers, ledger):
-    from worker.cli import app
-    from worker.cli_delivery import deliveries_app  # noqa: F401  (registers `item deliveries` on the app)
+    from worker.cli.main import app
 
     receiver = receivers()
     failing = make_service(callback_secret=None)

@@ -345,8 +345,9 @@ def test_images_and_blobs_are_written_once(ledger):
         ledger.put_blob(session, "c" * 64, b"\x00original bytes\xff")
         ledger.put_blob(session, "c" * 64, b"\x00original bytes\xff")
         row = session.execute(sa.text("SELECT n_bytes, width, height, format FROM images")).one()
-        assert ledger.get_blob(session, "c" * 64) == b"\x00original bytes\xff"
-        assert ledger.get_blob(session, "d" * 64) is None
+        blobs = ledger.get_blobs(session, ["c" * 64, "d" * 64])
+        assert blobs.get("c" * 64) == b"\x00original bytes\xff"
+        assert blobs.get("d" * 64) is None
     assert tuple(row) == (image.n_bytes, 40, 30, "PNG")
 
 

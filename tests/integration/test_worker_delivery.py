@@ -15,9 +15,9 @@ import sqlalchemy as sa
 
 from tests.integration.stack import Worker, make_stack
 from tests.integration.test_delivery import Receiver
-from worker.client import check_dict
-from worker.delivery import verify
 from worker.ledger.models import DeliveryRow
+from worker.ledger.views import check_dict
+from worker.signing import verify
 
 SECRET = "end-to-end-secret"
 STREAM = f"item-test-results-{uuid.uuid4().hex}"

@@ -190,6 +190,9 @@ class CheckRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+STREAM_TARGET = "stream"  # the `target` of a results-stream delivery; any other target is a callback URL
+
+
 class DeliveryRow(Base):
     """One result to push to one target (a callback URL or the results stream): an outbox row.
 

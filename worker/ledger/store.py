@@ -11,13 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from pipeline.core import codec
-from pipeline.core.imaging import DecodedImage
 from pipeline.core.results import Artifacts, PipelineVersion
 from worker.ledger.engine import make_engine
 from worker.ledger.models import (
@@ -32,6 +31,10 @@ from worker.ledger.models import (
     new_id,
     utcnow,
 )
+from worker.ledger.queries import claim_rows, dialect_insert, fresh, in_chunks
+
+if TYPE_CHECKING:  # decoding imports Pillow and numpy: the client side reads the ledger without them
+    from pipeline.core.imaging import DecodedImage
 
 _ACTIVE = (CheckStatus.queued, CheckStatus.running)
 
@@ -70,7 +73,6 @@ _STUCK = sa.or_(
     sa.and_(CheckRow.status == CheckStatus.queued, CheckRow.priority == Priority.fresh),
 )
 _MAX_EXTERNAL_ID = CheckRow.__table__.c.external_id.type.length
-_IN_CHUNK = 500  # sha256s per IN (...) list
 
 
 class Ledger:
@@ -180,13 +182,13 @@ class Ledger:
         return check, created
 
     def get_check(self, session: Session, check_id: str) -> CheckRow | None:
-        return session.scalars(_fresh(sa.select(CheckRow).where(CheckRow.id == check_id))).one_or_none()
+        return session.scalars(fresh(sa.select(CheckRow).where(CheckRow.id == check_id))).one_or_none()
 
     def find_check(self, session: Session, external_id: str, pipeline_version_id: str) -> CheckRow | None:
         query = sa.select(CheckRow).where(
             CheckRow.external_id == external_id, CheckRow.pipeline_version_id == pipeline_version_id
         )
-        return session.scalars(_fresh(query)).one_or_none()
+        return session.scalars(fresh(query)).one_or_none()
 
     def claim(
         self,
@@ -204,9 +206,9 @@ class Ledger:
         Claimable are queued checks, and running ones untouched since `stale_before` (their worker died).
         Lower priorities go first (fresh uploads before re-scores); within one, `first` (the check whose message
         arrived) is taken first when claimable, then the oldest. `priority` limits the claim to one priority.
-        On Postgres, rows another worker is claiming are skipped, never waited for, so two workers never share a
-        check. Checks that used up `max_attempts` are left for the reconciler to fail: an image that kills its
-        worker every time must not be claimed forever.
+        Rows another worker is claiming are skipped (see `claim_rows`), so two workers never share a check.
+        Checks that used up `max_attempts` are left for the reconciler to fail: an image that kills its worker
+        every time must not be claimed forever.
         """
         claimable = sa.or_(
             CheckRow.status == CheckStatus.queued,
@@ -219,32 +221,20 @@ class Ledger:
         order = [CheckRow.priority, CheckRow.created_at]
         if first:
             order.insert(1, (CheckRow.id == first).desc())
-        candidates = (
-            sa.select(CheckRow.id)
-            .where(CheckRow.pipeline_version_id == pipeline_version_id, claimable)
-            .order_by(*order)
-            .limit(limit)
-        )
-        if session.bind.dialect.name == "postgresql":
-            candidates = candidates.with_for_update(skip_locked=True)
-        # A materialised CTE picks the ids once: as a plain IN (subquery), Postgres may re-run the subquery
-        # while updating and claim far more than `limit` rows (seen: 12 for a limit of 4).
-        picked = candidates.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
         now = utcnow()
-        values = {
-            "status": CheckStatus.running,
-            "attempts": CheckRow.attempts + 1,
-            "started_at": now,
-            "updated_at": now,
-        }
-        statement = (
-            sa.update(CheckRow)
-            .where(CheckRow.id.in_(sa.select(picked.c.id)), claimable)
-            .values(**values)
-            .returning(CheckRow)
-            .execution_options(populate_existing=True)
+        return claim_rows(
+            session,
+            CheckRow,
+            claimable=sa.and_(CheckRow.pipeline_version_id == pipeline_version_id, claimable),
+            order_by=order,
+            limit=limit,
+            values={
+                "status": CheckStatus.running,
+                "attempts": CheckRow.attempts + 1,
+                "started_at": now,
+                "updated_at": now,
+            },
         )
-        return list(session.scalars(statement).all())
 
     def mark_queued(
         self, session: Session, check_id: str, *, error_code: str | None = None, error_message: str | None = None
@@ -318,7 +308,7 @@ class Ledger:
             .order_by(CheckRow.updated_at, CheckRow.id)
             .limit(limit)
         )
-        return list(session.scalars(_fresh(query)))
+        return list(session.scalars(fresh(query)))
 
     def count_stuck(self, session: Session, older_than: timedelta) -> dict[str, int]:
         """How many checks `stuck_checks` would find, per status (for the metrics endpoint, at every scrape)."""
@@ -357,7 +347,7 @@ class Ledger:
             query = query.where(CheckRow.created_at >= since)
         if until is not None:
             query = query.where(CheckRow.created_at < until)
-        return list(session.scalars(_fresh(query)))
+        return list(session.scalars(fresh(query)))
 
     def count_by_status(self, session: Session) -> dict[str, int]:
         """Checks per status, every status present (zero included) so dashboards see stable keys."""
@@ -372,20 +362,20 @@ class Ledger:
     ) -> dict[str, CheckRow]:
         """The first finished check of each of these bytes under this version: its answer serves duplicates.
 
-        One query per 500 images rather than one per check: a batch of re-scores asks for 64 at once.
+        One query per 500 images (IN_CHUNK) rather than one per check: a batch of re-scores asks for 64 at once.
         """
-        unique, first = sorted(set(sha256s)), {}
-        for start in range(0, len(unique), _IN_CHUNK):
+        first = {}
+        for chunk in in_chunks(sorted(set(sha256s))):
             query = (
                 sa.select(CheckRow)
                 .where(
-                    CheckRow.image_sha256.in_(unique[start : start + _IN_CHUNK]),
+                    CheckRow.image_sha256.in_(chunk),
                     CheckRow.pipeline_version_id == pipeline_version_id,
                     CheckRow.status == CheckStatus.done,
                 )
                 .order_by(CheckRow.finished_at, CheckRow.id)
             )
-            for row in session.scalars(_fresh(query)):
+            for row in session.scalars(fresh(query)):
                 first.setdefault(row.image_sha256, row)
         return first
 
@@ -416,7 +406,7 @@ class Ledger:
         if after_external_id is not None:
             query = query.where(CheckRow.external_id > after_external_id)
         newest: dict[str, CheckRow] = {}
-        for row in session.scalars(_fresh(query)):
+        for row in session.scalars(fresh(query)):
             newest.setdefault(row.external_id, row)
         return list(newest.values())
 
@@ -455,26 +445,25 @@ class Ledger:
         created = set(session.scalars(statement))
         ids = [check.external_id for check in earlier]
         query = sa.select(CheckRow).where(CheckRow.pipeline_version_id == version_id, CheckRow.external_id.in_(ids))
-        return {row.external_id: row for row in session.scalars(_fresh(query))}, created
+        return {row.external_id: row for row in session.scalars(fresh(query))}, created
 
     def verdict_changes(self, session: Session, check_ids: list[str]) -> list[tuple[str, str]]:
         """(earlier verdict, new verdict) of each finished re-score among `check_ids` and the check it re-scores."""
         earlier = aliased(CheckRow)
         pairs = []
-        for start in range(0, len(check_ids), _IN_CHUNK):
+        for chunk in in_chunks(check_ids):
             query = (
                 sa.select(earlier.verdict, CheckRow.verdict)
                 .join(earlier, earlier.id == CheckRow.rescore_of)
-                .where(CheckRow.id.in_(check_ids[start : start + _IN_CHUNK]), CheckRow.status == CheckStatus.done)
+                .where(CheckRow.id.in_(chunk), CheckRow.status == CheckStatus.done)
             )
             pairs += [tuple(row) for row in session.execute(query)]
         return pairs
 
     def checks_by_id(self, session: Session, check_ids: list[str]) -> list[CheckRow]:
         rows = []
-        for start in range(0, len(check_ids), _IN_CHUNK):
-            query = sa.select(CheckRow).where(CheckRow.id.in_(check_ids[start : start + _IN_CHUNK]))
-            rows += session.scalars(_fresh(query))
+        for chunk in in_chunks(check_ids):
+            rows += session.scalars(fresh(sa.select(CheckRow).where(CheckRow.id.in_(chunk))))
         return rows
 
     # ------------------------------------------------------------------ images and blobs
@@ -494,8 +483,13 @@ class Ledger:
     def put_blob(self, session: Session, sha256: str, data: bytes) -> None:
         session.execute(dialect_insert(session, BlobRow).values(sha256=sha256, data=data).on_conflict_do_nothing())
 
-    def get_blob(self, session: Session, sha256: str) -> bytes | None:
-        return session.scalar(sa.select(BlobRow.data).where(BlobRow.sha256 == sha256))
+    def get_blobs(self, session: Session, sha256s: list[str]) -> dict[str, bytes]:
+        """The stored bytes of each of these blobs that exists, by sha256."""
+        found = {}
+        for chunk in in_chunks(sorted(set(sha256s))):
+            query = sa.select(BlobRow.sha256, BlobRow.data).where(BlobRow.sha256.in_(chunk))
+            found.update({sha256: data for sha256, data in session.execute(query)})
+        return found
 
     # ------------------------------------------------------------------ artifacts
 
@@ -506,9 +500,8 @@ class Ledger:
         if not found or not wanted:
             return found
         key_match = sa.or_(*(sa.and_(ArtifactRow.kind == k, ArtifactRow.version_hash == h) for k, h in wanted))
-        unique = list(found)
-        for start in range(0, len(unique), _IN_CHUNK):
-            query = sa.select(ArtifactRow).where(ArtifactRow.sha256.in_(unique[start : start + _IN_CHUNK]), key_match)
+        for chunk in in_chunks(list(found)):
+            query = sa.select(ArtifactRow).where(ArtifactRow.sha256.in_(chunk), key_match)
             for row in session.scalars(query):
                 if row.version == wanted[(row.kind, row.version_hash)]:  # a hash-prefix collision is not a match
                     codec.set_field(found[row.sha256], row.kind, codec.decode(row.kind, row.payload, row.vectors))
@@ -539,21 +532,6 @@ def _queued_check(now: datetime, **fields) -> dict:
         "updated_at": now,
         **fields,
     }
-
-
-def dialect_insert(session: Session, model: type) -> postgresql.Insert | sqlite.Insert:
-    """The dialect's INSERT, which has ON CONFLICT DO NOTHING (the generic one does not)."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(model)
-    if dialect == "sqlite":
-        return sqlite.insert(model)
-    raise NotImplementedError(f"the ledger runs on PostgreSQL or SQLite, not {dialect}")
-
-
-def _fresh(query: sa.Select) -> sa.Select:
-    """Reads overwrite rows already in the session: another process may have changed them since."""
-    return query.execution_options(populate_existing=True)
 
 
 def _transition(session: Session, check_id: str, condition: sa.ColumnElement[bool], values: dict) -> CheckRow | None:

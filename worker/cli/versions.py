@@ -18,8 +18,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from worker.cli import JsonOpt, ModelDirOpt, ProfileOpt, _fail, _settings, _utc, app, err, out
+from worker.cli.common import JsonOpt, ModelDirOpt, ProfileOpt, as_utc, err, fail, out, settings_from
 
+app = typer.Typer()
 versions_app = typer.Typer(
     help="Pipeline versions: what changed stage by stage, and which one new checks use.", invoke_without_command=True
 )
@@ -38,7 +39,7 @@ def versions(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     from worker.ledger.store import Ledger
 
-    ledger = Ledger(_settings().database_url)
+    ledger = Ledger(settings_from().database_url)
     with ledger.session() as session:
         rows = ledger.versions(session)
         active = ledger.active_version(session)
@@ -118,11 +119,11 @@ def versions_register(
     from worker.ledger.store import Ledger
     from worker.runtime import build_detector
 
-    settings = _settings(profile=profile, head=head, model_dir=model_dir)
+    settings = settings_from(profile=profile, head=head, model_dir=model_dir)
     try:
         detector = build_detector(settings)
     except (ItemError, ValueError) as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     version = detector.pipeline_version
     ledger = Ledger(settings.database_url)
     with ledger.session() as session:
@@ -143,11 +144,11 @@ def versions_activate(version_id: Annotated[str, typer.Argument(help="A version 
     from pipeline.core.errors import ItemError
     from worker.ledger.store import Ledger
 
-    ledger = Ledger(_settings().database_url)
+    ledger = Ledger(settings_from().database_url)
     with ledger.session() as session:
         row = ledger.activate_version(session, version_id)
     if row is None:
-        raise _fail(ItemError(f"No pipeline version {version_id}: see `item versions`.", code="version.unknown"))
+        raise fail(ItemError(f"No pipeline version {version_id}: see `item versions`.", code="version.unknown"))
     out.print(f"{version_id} is active: new checks and re-scores use it; its workers must be running")
 
 
@@ -181,11 +182,11 @@ def rescore(
     from worker.ledger.store import RescoreSelection
 
     if verdict not in (None, "real", "fake"):
-        raise _fail(ValueError(f"--verdict must be real or fake, not {verdict!r}"))
+        raise fail(ValueError(f"--verdict must be real or fake, not {verdict!r}"))
     selection = RescoreSelection(
         from_version=from_version,
-        since=_utc(since),
-        until=_utc(until),
+        since=as_utc(since),
+        until=as_utc(until),
         verdict=verdict,
         min_score=min_score,
         max_score=max_score,
@@ -194,7 +195,7 @@ def rescore(
     try:
         _rescore(selection, limit=limit, wait=wait, timeout=timeout, dry_run=dry_run, as_json=as_json)
     except ItemError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
 
 
 def _read_ids(path: Path) -> tuple[str, ...]:
@@ -208,7 +209,7 @@ def _rescore(selection, *, limit, wait, timeout, dry_run, as_json) -> None:
     from worker.ledger.store import Ledger
     from worker.settings import RESCORE_QUEUE
 
-    settings = _settings()
+    settings = settings_from()
     embedded = None
     if not settings.broker_url and not dry_run:
         embedded = _embedded(settings)

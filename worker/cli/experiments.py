@@ -1,9 +1,10 @@
-"""`item features | train | eval | calibrate`: the paper's experiments, and a platform's own, one command each.
+"""`item demo | features | train | eval | calibrate`: the paper's experiments, and a platform's own.
 
-All four share one path: list a dataset, extract (or reuse) its features, then train, score or calibrate on
-them. Model swaps for ablations are options (`--caption-model`, `--clip-model`, `--no-grounding`) that end up
-in the profile name and the stage versions, so cached features and heads never mix across them. Files that
-cannot be read are reported and skipped; they never stop a run.
+`demo` runs the whole method offline on the tiny profile. The other four share one path: list a dataset,
+extract (or reuse) its features, then train, score or calibrate on them. Model swaps for ablations are options
+(`--caption-model`, `--clip-model`, `--no-grounding`) that end up in the profile name and the stage versions,
+so cached features and heads never mix across them. Files that cannot be read are reported and skipped; they
+never stop a run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli import JsonOpt, ModelDirOpt, OfflineOpt, _fail, _progress, _settings, _store, app, err, out
+from worker.cli.common import JsonOpt, ModelDirOpt, OfflineOpt, err, fail, model_store, out, progress, settings_from
 from worker.settings import Settings
 
 if TYPE_CHECKING:  # imported for real inside the commands: `item --help` should not load torch
@@ -54,6 +55,59 @@ HeadOpt = Annotated[Path, typer.Option("--head", help="Head .safetensors to eval
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per model batch.")]
 
+app = typer.Typer()
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the images and the trained head.")] = Path(
+        "item-demo"
+    ),
+    model_dir: ModelDirOpt = None,
+    per_family: Annotated[int, typer.Option(min=2, help="Images per family.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed for images and training.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the whole method offline on the tiny profile: make data, train a head, score held-out images."""
+    from pipeline.lab.demo import run_demo
+
+    settings = settings_from(model_dir=model_dir)
+    err.print(
+        "[yellow]The tiny profile uses small random models: this demo shows the plumbing end to end, "
+        "not detection quality.[/]"
+    )
+    with progress("extracting features") as bar:
+        task = bar.add_task("features", total=2 * per_family)
+        report = run_demo(
+            out_dir,
+            model_store(settings, offline=True),
+            per_family=per_family,
+            seed=seed,
+            batch_size=settings.batch_size,
+            progress=lambda n: bar.advance(task, n),
+        )
+    if as_json:
+        for path, label, detection in report.test:
+            print(json.dumps({"path": str(path), "label": label, **detection.to_dict()}))
+    else:
+        _print_demo(report)
+
+
+def _print_demo(report) -> None:
+    table = Table(title="held-out images")
+    for column in ("file", "truth", "verdict", "p(fake)", "caption"):
+        table.add_column(column, overflow="fold")
+    for path, label, d in report.test:
+        table.add_row(path.name, ("real", "fake")[label], d.verdict, f"{d.p_fake:.3f}", d.caption)
+    out.print(table)
+    correct = round(report.accuracy * len(report.test))
+    out.print(
+        f"accuracy on {len(report.test)} held-out images: {report.accuracy:.1%} ({correct} correct); "
+        f"head trained on {report.n_train} images"
+    )
+    out.print(f"head written to {report.head_path}", soft_wrap=True)
+    out.print(f"next: item scan --profile tiny --head {report.head_path} {report.image_dir}", soft_wrap=True)
+
 
 @app.command()
 def features(
@@ -72,7 +126,7 @@ def features(
     as_json: JsonOpt = False,
 ) -> None:
     """Extract and cache the features of datasets (resumable), so train and eval start at once."""
-    settings = _settings(
+    settings = settings_from(
         profile=profile, model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device
     )
     dataset = _dataset(data)
@@ -118,7 +172,7 @@ def train(
     from pipeline.lab.datasets import split
     from pipeline.lab.training import TrainConfig
 
-    settings = _settings(
+    settings = settings_from(
         profile=profile, model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device
     )
     weights = _weights(representation, w1, w2)
@@ -171,13 +225,13 @@ def evaluate(
     from pipeline.lab import evaluation
     from pipeline.lab.features import format_bias_warning
 
-    settings = _settings(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
+    settings = settings_from(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
     head, run = _head_run(head_path, settings, offline, cache_in_ledger, reencode)
     kinds = _kinds(perturbations) if perturb else []  # checked now, not after a long extraction
     dataset = _dataset(data)
     extracted = run.extract(dataset.samples)
     if not len(extracted.samples):
-        raise _fail(ValueError("No readable images to evaluate."))
+        raise fail(ValueError("No readable images to evaluate."))
     report = evaluation.evaluate(extracted, head)
     written = _write_eval(report, out_dir, head, plots, tsne_max)
     robustness = []
@@ -221,19 +275,19 @@ def calibrate(
     from pipeline.lab.calibration import real_samples
     from pipeline.lab.evaluation import score
 
-    settings = _settings(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
+    settings = settings_from(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
     try:
         samples = real_samples(real)
     except ItemError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     head, run = _head_run(head_path, settings, offline, cache_in_ledger, reencode)
     extracted = run.extract(samples)
     if not len(extracted.samples):
-        raise _fail(ValueError(f"None of the {len(samples)} files under {real} could be read."))
+        raise fail(ValueError(f"None of the {len(samples)} files under {real} could be read."))
     try:
         calibrated, report = calibrate_head(head, score(extracted, head), target_fpr)
     except ValueError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     weights_path = calibrated.save(head_out or head_path)
     summary = {"head": str(weights_path), "version": calibrated.version, **report.to_dict()}
     _finish(summary, as_json, lambda: _print_calibration(report, weights_path, calibrated.version))
@@ -249,7 +303,7 @@ def _dataset(paths: list[Path]):
     try:
         dataset = load_datasets(paths)
     except ItemError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     for problem in dataset.problems[:10]:
         err.print(f"[yellow]skipped[/] {escape(problem.where)}: {escape(problem.reason)}")
     if len(dataset.problems) > 10:
@@ -265,7 +319,7 @@ def _ablation(profile: str, caption_model: str | None, clip_model: str | None, g
         swaps = {"caption": caption_model, "embed": clip_model, "ground": None if grounding else "off"}
         return with_models(get_profile(profile), **swaps).name
     except ItemError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
 
 
 def _detector(profile_name: str, settings, offline: bool, head=None):
@@ -274,9 +328,9 @@ def _detector(profile_name: str, settings, offline: bool, head=None):
     from pipeline.core.profiles import get_profile
 
     try:
-        detector = Detector(get_profile(profile_name), _store(settings, offline), head, settings.device)
+        detector = Detector(get_profile(profile_name), model_store(settings, offline), head, settings.device)
     except (ItemError, ValueError) as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     if detector.profile.meaningless_scores:
         err.print("[yellow]note[/] the tiny profile's models are random: figures show the plumbing only.")
     return detector
@@ -289,7 +343,7 @@ def _head(path: Path):
     try:
         return Head.load(path)
     except ItemError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
 
 
 def _transform(text: str | None):
@@ -298,7 +352,7 @@ def _transform(text: str | None):
     try:
         return parse_transform(text or "none")
     except ValueError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
 
 
 def _head_run(head_path: Path, settings, offline: bool, in_ledger: bool, reencode: str | None):
@@ -344,15 +398,15 @@ class _Run:
         from pipeline.lab.features import extract
 
         label = f"features ({self.transform.id})" if self.transform.steps else "features"
-        with _progress(len(samples), label) as bar:
+        with progress(label) as bar:
             task = bar.add_task(label, total=len(samples))
-            progress = lambda n: bar.advance(task, n)  # noqa: E731
+            advance = lambda n: bar.advance(task, n)  # noqa: E731
             try:
                 extracted = extract(
-                    samples, self.detector, self.cache, transform=self.transform, progress=progress, **self.limits()
+                    samples, self.detector, self.cache, transform=self.transform, progress=advance, **self.limits()
                 )
             except ItemError as error:
-                raise _fail(error) from None
+                raise fail(error) from None
         _report_failures(extracted.failures, len(samples))
         return extracted
 
@@ -396,13 +450,13 @@ def _need_both_classes(train_set) -> None:
     present = set(train_set.labels.tolist())
     if present != {0, 1}:
         missing = "fake" if 0 in present else "real"
-        raise _fail(ValueError(f"The training data has no readable {missing} images; a head needs both classes."))
+        raise fail(ValueError(f"The training data has no readable {missing} images; a head needs both classes."))
 
 
 def _weights(representation: str, w1: float | None, w2: float | None) -> tuple[float, float]:
     defaults = {"both": (1.0, 1.0), "global": (1.0, 0.0), "local": (0.0, 1.0)}
     if representation not in defaults:
-        raise _fail(ValueError(f"--representation must be one of {', '.join(defaults)}, not {representation!r}."))
+        raise fail(ValueError(f"--representation must be one of {', '.join(defaults)}, not {representation!r}."))
     d1, d2 = defaults[representation]
     return (d1 if w1 is None else w1), (d2 if w2 is None else w2)
 
@@ -412,7 +466,7 @@ def _fit(train_set, val_set, metadata, config):
 
     w1, w2 = metadata.w1, metadata.w2
     validation = (val_set.representation(w1, w2), val_set.labels) if len(val_set.samples) else None
-    with _progress(config.epochs, "training") as bar:
+    with progress("training") as bar:
         task = bar.add_task("training", total=config.epochs)
 
         def show(epoch) -> None:
@@ -435,7 +489,7 @@ def _kinds(text: str) -> list[str]:
             raise ValueError("--perturbations needs at least one of noise, blur, jpeg.")
         perturbation_grid(kinds)
     except ValueError as error:
-        raise _fail(error) from None
+        raise fail(error) from None
     return kinds
 
 
@@ -443,7 +497,7 @@ def _robustness(run: _Run, samples, head, kinds, report):
     from pipeline.lab import evaluation
 
     grid = evaluation.perturbation_grid(kinds)
-    with _progress(len(samples) * len(grid), "perturbations") as bar:
+    with progress("perturbations") as bar:
         task = bar.add_task("perturbations", total=len(samples) * len(grid))
 
         def on_level(kind: str, level: float):

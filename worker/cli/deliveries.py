@@ -13,9 +13,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli import JsonOpt, _fail, _settings, app, err, out
+from worker.cli.common import JsonOpt, err, fail, out, settings_from
 from worker.ledger.models import DeliveryStatus
 
+app = typer.Typer()
 deliveries_app = typer.Typer(help="Results pushed to platforms: list them, resend failed ones.", no_args_is_help=True)
 app.add_typer(deliveries_app, name="deliveries")
 
@@ -27,10 +28,11 @@ def deliveries_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Deliveries newest first: target, status, attempts, last error."""
-    from worker.delivery import delivery_dict, list_deliveries
+    from worker.ledger.outbox import list_deliveries
     from worker.ledger.store import Ledger
+    from worker.ledger.views import delivery_dict
 
-    ledger = Ledger(_settings().database_url)
+    ledger = Ledger(settings_from().database_url)
     with ledger.session() as session:
         rows = [delivery_dict(row) for row in list_deliveries(session, status=status, limit=limit)]
     ledger.dispose()
@@ -63,12 +65,12 @@ def deliveries_retry(
     all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed delivery.")] = False,
 ) -> None:
     """Send failed deliveries again: back to pending, attempts reset, due now."""
-    from worker.delivery import retry_failed
+    from worker.ledger.outbox import retry_failed
     from worker.ledger.store import Ledger
 
     if all_failed == bool(ids):
-        raise _fail(ValueError("Give delivery ids or --all-failed (one of the two)."))
-    ledger = Ledger(_settings().database_url)
+        raise fail(ValueError("Give delivery ids or --all-failed (one of the two)."))
+    ledger = Ledger(settings_from().database_url)
     with ledger.session() as session:
         retried = retry_failed(session, None if all_failed else list(dict.fromkeys(ids)))
     ledger.dispose()

@@ -1,0 +1,209 @@
+"""`item scan | submit | status | results`: checking images, in this process or through the service.
+
+The client side (`submit` with a broker, `status`, `results`) imports no model library: it starts in a blink.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from worker.cli.common import (
+    JsonOpt,
+    ModelDirOpt,
+    OfflineOpt,
+    ProfileOpt,
+    as_utc,
+    err,
+    fail,
+    out,
+    progress,
+    settings_from,
+)
+
+app = typer.Typer()
+
+
+@app.command()
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (scanned recursively).")],
+    profile: ProfileOpt = None,
+    head: Annotated[Path | None, typer.Option(help="Head .safetensors [env ITEM_HEAD].")] = None,
+    model_dir: ModelDirOpt = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per model batch.")] = None,
+    offline: OfflineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score images in-process and print a table (or JSON lines). Bad files get an error row."""
+    from pipeline.core.files import collect_files
+    from pipeline.core.scan import scan as run_scan
+
+    settings = settings_from(profile=profile, head=head, model_dir=model_dir, device=device, batch_size=batch_size)
+    detector = _loaded_detector(settings, offline)
+    files = collect_files(paths)
+    table, failed = _scan_table(detector), 0
+    with progress("scanning") as bar:
+        task = bar.add_task("scan", total=len(files))
+        limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_image_bytes}
+        for row in run_scan(files, detector, batch_size=settings.batch_size, **limits):
+            bar.advance(task)
+            failed += row.error is not None
+            if as_json:
+                print(json.dumps(row.to_dict()), flush=True)
+            else:
+                _add_scan_row(table, row)  # display cells only: rows and their tensors are not kept
+    if not as_json:
+        out.print(table)
+        if detector.profile.meaningless_scores:
+            err.print("[yellow]note[/] the tiny profile's models are random: these scores show the plumbing only.")
+    if failed:
+        err.print(f"{failed} of {len(files)} files could not be checked.")
+    raise typer.Exit(1 if failed else 0)
+
+
+def _loaded_detector(settings, offline: bool):
+    from pipeline.core.errors import ItemError
+    from worker.runtime import build_detector
+
+    try:
+        detector = build_detector(
+            settings.model_copy(update={"allow_download": settings.allow_download and not offline})
+        )
+        with err.status(f"loading the {detector.profile.name} models…"):
+            detector.load()  # now, so a broken model is one clear error rather than a failure mid-scan
+        return detector
+    except (ItemError, ValueError) as error:
+        raise fail(error) from None
+
+
+def _scan_table(detector) -> Table:
+    table = Table(title=f"ITEM scan · profile {detector.profile.name} · {detector.pipeline_version.id}")
+    for column in ("file", "verdict", "p(fake)", "objects", "caption / error"):
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _add_scan_row(table: Table, row) -> None:
+    if row.error:
+        message = f"[red]{escape(row.error.code)}[/] {escape(row.error.message)}"
+        table.add_row(escape(str(row.path)), "[red]error[/]", "", "", message)
+        return
+    d = row.detection
+    style = "magenta" if d.verdict == "fake" else "green"
+    cells = (f"[{style}]{d.verdict}[/]", f"{d.p_fake:.3f}", str(d.object_count), escape(d.caption))
+    table.add_row(escape(str(row.path)), *cells)
+
+
+@app.command()
+def submit(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, http(s) URLs or s3://bucket/key.")],
+    external_id: Annotated[
+        list[str] | None, typer.Option("--external-id", "-e", help="One per input; default: the input itself.")
+    ] = None,
+    by_path: Annotated[bool, typer.Option(help="Send local files by path (worker shares the disk).")] = False,
+    callback_url: Annotated[
+        str | None, typer.Option(help="POST each result here, signed with ITEM_CALLBACK_SECRET.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record checks in the ledger, then queue them (or, with no ITEM_BROKER_URL, run them here).
+
+    Inputs are image files, http(s) URLs, or s3://bucket/key objects (read with the ITEM_S3_* settings).
+    """
+    from pipeline.core.errors import ItemError
+    from worker import client
+
+    settings = settings_from()
+    ids = external_id or inputs
+    if len(ids) != len(inputs):
+        raise fail(ValueError(f"{len(inputs)} inputs but {len(ids)} --external-id values."))
+    try:
+        items = [(eid, client.image_from(ref, by_path=by_path)) for eid, ref in zip(ids, inputs, strict=True)]
+        if settings.broker_url:
+            submissions = client.submit(settings, items, callback_url=callback_url)
+        else:  # embedded: the models load here, and the checks run before this command returns
+            from worker.runtime import submit_in_process
+
+            submissions = submit_in_process(settings, items, callback_url=callback_url)
+    except ItemError as error:
+        raise fail(error) from None
+    for s in submissions:
+        if as_json:
+            print(json.dumps({"check_id": s.check_id, "external_id": s.external_id, "created": s.created}))
+        else:
+            out.print(f"{s.check_id}  {escape(s.external_id)}{'' if s.created else '  (exists)'}", soft_wrap=True)
+
+
+@app.command()
+def status(
+    check_ids: Annotated[list[str] | None, typer.Argument(help="Check ids; none: counts by status.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One line per check (status, verdict, error), or the number of checks in each status."""
+    from worker.ledger.store import Ledger
+
+    ledger = Ledger(settings_from().database_url)
+    with ledger.session() as session:
+        if not check_ids:
+            counts = ledger.count_by_status(session)
+            print(json.dumps(counts) if as_json else "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+            return
+        rows = [ledger.get_check(session, check_id) for check_id in check_ids]
+    missing = [cid for cid, row in zip(check_ids, rows, strict=True) if row is None]
+    _print_checks([row for row in rows if row is not None], as_json)
+    if missing:
+        err.print(f"no such check: {', '.join(missing)}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def results(
+    status_: Annotated[str | None, typer.Option("--status", help="queued, running, done, rejected, failed.")] = None,
+    verdict: Annotated[str | None, typer.Option(help="real or fake.")] = None,
+    since: Annotated[datetime | None, typer.Option(help="Created at or after (ISO time, UTC).")] = None,
+    until: Annotated[datetime | None, typer.Option(help="Created before (ISO time, UTC).")] = None,
+    external_id: Annotated[
+        str | None, typer.Option("--external-id", "-e", help="One upload: its check under every version.")
+    ] = None,
+    version: Annotated[str | None, typer.Option(help="Only checks scored under this pipeline version.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Checks from the ledger, newest first, filtered. After a re-score, each version keeps its own result."""
+    from worker.client import checks
+
+    rows = checks(
+        settings_from(),
+        status=status_,
+        verdict=verdict,
+        since=as_utc(since),
+        until=as_utc(until),
+        external_id=external_id,
+        pipeline_version_id=version,
+        limit=limit,
+    )
+    _print_checks(rows, as_json)
+
+
+def _print_checks(rows, as_json: bool) -> None:
+    from worker.ledger.views import check_dict
+
+    if as_json:
+        for row in rows:
+            print(json.dumps(check_dict(row)))
+        return
+    table = Table()
+    for column in ("check", "external id", "version", "status", "verdict", "p(fake)", "error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        p_fake = "" if row.p_fake is None else f"{row.p_fake:.3f}"
+        cells = (row.pipeline_version_id, row.status, row.verdict or "", p_fake, row.error_code or "")
+        table.add_row(row.id, escape(row.external_id), *cells)
+    out.print(table)
