@@ -5,16 +5,15 @@ A bad file never stops a scan: it becomes a row whose `error` holds the stable c
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.core.batches import Input, Reader, batched, once_per_image
 from pipeline.core.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.core.detector import Detector
 from pipeline.core.errors import ItemError
 from pipeline.core.files import read_image_file
-from pipeline.core.imaging import DecodedImage, decode_image
 from pipeline.core.results import Detection
 
 
@@ -44,29 +43,15 @@ def scan(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Iterator[ScanRow]:
     """Yields one row per file, in order, batching the decodable ones through the detector."""
-    for start in range(0, len(files), batch_size):
-        batch = files[start : start + batch_size]
-        rows, decoded, decode_ms = [], [], []
-        for path in batch:
-            started = time.perf_counter()
-            row = ScanRow(path)
-            try:
-                image = decode_image(read_image_file(path, max_bytes), max_pixels=max_pixels, max_bytes=max_bytes)
-                decoded.append((row, image))
-            except ItemError as error:
-                row.error = error
-            decode_ms.append((row, (time.perf_counter() - started) * 1000))
-            rows.append(row)
-        _detect(detector, decoded)
-        for row, ms in decode_ms:
-            if row.detection is not None:
-                row.detection.timings_ms = {"decode": ms, **row.detection.timings_ms}
-        yield from rows
+    reader = Reader(max_pixels=max_pixels, max_bytes=max_bytes)
+    for batch in batched(files, batch_size):
+        inputs = reader.load(batch, lambda path: read_image_file(path, max_bytes))
+        detections = once_per_image(detector.detect, {one.sha256: one.image for one in inputs if one.ok}, {})
+        yield from (_row(one, detections) for one in inputs)
 
 
-def _detect(detector: Detector, decoded: list[tuple[ScanRow, DecodedImage]]) -> None:
-    if not decoded:
-        return
-    detections = detector.detect([image for _, image in decoded])
-    for (row, _), detection in zip(decoded, detections, strict=True):
-        row.detection = detection
+def _row(one: Input[Path], detections: dict[str, Detection]) -> ScanRow:
+    if not one.ok:
+        return ScanRow(one.item, error=one.error)
+    detection = detections[one.sha256]  # shared by files with the same bytes: each row gets its own timings
+    return ScanRow(one.item, replace(detection, timings_ms={"decode": one.ms, **detection.timings_ms}))

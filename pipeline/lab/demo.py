@@ -18,8 +18,9 @@ from pipeline.core.imaging import decode_image
 from pipeline.core.model_store import ModelStore
 from pipeline.core.profiles import get_profile
 from pipeline.core.results import Detection
+from pipeline.lab.detection_metrics import accuracy
 from pipeline.lab.synthetic import FAMILIES, make_image
-from pipeline.lab.training import TrainConfig, accuracy, train_head
+from pipeline.lab.training import TrainConfig, train_head
 
 
 @dataclass
@@ -33,7 +34,7 @@ class DemoReport:
     def accuracy(self) -> float:
         labels = torch.tensor([label for _, label, _ in self.test])
         scores = torch.tensor([d.p_fake for _, _, d in self.test])
-        return accuracy(scores, labels, self.test[0][2].threshold) if self.test else float("nan")
+        return accuracy(labels, scores, self.test[0][2].threshold) if self.test else float("nan")
 
 
 def write_dataset(folder: Path, per_family: int, seed: int) -> list[tuple[Path, int]]:

@@ -1,17 +1,17 @@
-"""Detection metrics, written from their definitions in numpy so that `item eval` needs no scikit-learn at run time.
+"""Detection metrics: ACC at a threshold, and the ranking metrics (AP, PR and ROC curves) from scikit-learn.
 
 Conventions throughout: label 0 = real, 1 = fake; a score is P(fake); an image is flagged fake when
-`score >= threshold`. Where a metric is undefined (no positives for AP, one class only for ROC) the result is
-NaN rather than an exception, so one degenerate group does not abort a whole evaluation report.
-
-The ranking metrics follow scikit-learn's definitions exactly (the unit tests check against it), so numbers
-reported here can be compared with the papers that used it.
+`score >= threshold`. The ranking metrics are scikit-learn's own, so figures here compare with the papers that
+used it. This module only adds what an evaluation report needs around them: inputs checked once with clear
+errors, and NaN rather than a warning or an exception where a metric is undefined (no fakes for AP, one class
+only for ROC), so one degenerate group does not abort or skew a whole report.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,28 +38,25 @@ def _real_scores(real_scores: ArrayLike) -> np.ndarray:
 
 
 def accuracy(labels: ArrayLike, scores: ArrayLike, threshold: float) -> float:
-    """Fraction of images whose flag (score >= threshold) matches the label; NaN for no images."""
+    """Fraction of images whose flag (score >= threshold) matches the label; NaN for no images.
+
+    Labels and scores may be lists, numpy arrays or (CPU) tensors.
+    """
     label_array, score_array = _labels_and_scores(labels, scores)
     if label_array.size == 0:
         return math.nan
     return float(np.mean((score_array >= threshold) == (label_array == 1)))
 
 
-def _counts_at_thresholds(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True and false positives when flagging at each distinct score, highest score first.
+def _sklearn():
+    """scikit-learn's metrics, imported when first needed: it is slow to import, and scoring one image needs none."""
+    from sklearn import metrics
 
-    Tied scores are one threshold: lowering the threshold to a tied value flags all of them at once.
-    """
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    last_of_each_value = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
-    true_positives = np.cumsum(sorted_labels)[last_of_each_value]
-    false_positives = (last_of_each_value + 1) - true_positives
-    return true_positives, false_positives, sorted_scores[last_of_each_value]
+    return metrics
 
 
 def precision_recall_curve(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(precision, recall, thresholds) in scikit-learn's layout: thresholds increasing, recall decreasing.
+    """(precision, recall, thresholds) as scikit-learn gives them: thresholds increasing, recall decreasing.
 
     precision and recall have one more entry than thresholds, the final (precision 1, recall 0) point where
     nothing is flagged. With no fakes, recall is undefined and is NaN throughout (scikit-learn reports 1);
@@ -68,26 +65,20 @@ def precision_recall_curve(labels: ArrayLike, scores: ArrayLike) -> tuple[np.nda
     label_array, score_array = _labels_and_scores(labels, scores)
     if label_array.size == 0:
         return np.empty(0), np.empty(0), np.empty(0)
-    true_positives, false_positives, thresholds = _counts_at_thresholds(label_array, score_array)
-    precision = true_positives / (true_positives + false_positives)  # never 0/0: each threshold flags someone
-    n_positive = true_positives[-1]
-    recall = true_positives / n_positive if n_positive else np.full(true_positives.shape, math.nan)
-    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thresholds[::-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no positive class": answered with NaN below
+        precision, recall, thresholds = _sklearn().precision_recall_curve(label_array, score_array)
+    if not label_array.any():
+        recall = np.r_[np.full(recall.size - 1, math.nan), 0.0]
+    return precision, recall, thresholds
 
 
 def average_precision(labels: ArrayLike, scores: ArrayLike) -> float:
-    """Step-wise AP: sum over distinct thresholds, highest first, of (R_n - R_{n-1}) * P_n, with R_0 = 0.
-
-    This is scikit-learn's `average_precision_score` (no interpolation). NaN when there are no fakes.
-    """
+    """scikit-learn's `average_precision_score` (step-wise, no interpolation); NaN when there are no fakes."""
     label_array, score_array = _labels_and_scores(labels, scores)
-    if not (label_array == 1).any():
+    if not label_array.any():
         return math.nan
-    true_positives, false_positives, _ = _counts_at_thresholds(label_array, score_array)
-    precision = true_positives / (true_positives + false_positives)
-    recall = true_positives / true_positives[-1]
-    recall_gained = np.diff(recall, prepend=0.0)
-    return float(np.sum(recall_gained * precision))
+    return float(_sklearn().average_precision_score(label_array, score_array))
 
 
 def roc_curve(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,20 +90,22 @@ def roc_curve(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndar
     label_array, score_array = _labels_and_scores(labels, scores)
     if label_array.size == 0:
         return np.empty(0), np.empty(0), np.empty(0)
-    true_positives, false_positives, thresholds = _counts_at_thresholds(label_array, score_array)
-    true_positives, false_positives = np.r_[0, true_positives], np.r_[0, false_positives]
-    n_positive, n_negative = true_positives[-1], false_positives[-1]
-    fpr = false_positives / n_negative if n_negative else np.full(false_positives.shape, math.nan)
-    tpr = true_positives / n_positive if n_positive else np.full(true_positives.shape, math.nan)
-    return fpr, tpr, np.r_[np.inf, thresholds]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a class missing: that rate is NaN, as documented
+        fpr, tpr, thresholds = _sklearn().roc_curve(label_array, score_array, drop_intermediate=False)
+    if label_array.all():
+        fpr = np.full(fpr.shape, math.nan)
+    if not label_array.any():
+        tpr = np.full(tpr.shape, math.nan)
+    return fpr, tpr, np.r_[np.inf, thresholds[1:]]  # the "flag nothing" threshold, whatever the release calls it
 
 
 def roc_auc(labels: ArrayLike, scores: ArrayLike) -> float:
-    """Area under the ROC curve by the trapezoid rule; NaN unless both classes are present."""
-    fpr, tpr, _ = roc_curve(labels, scores)
-    if fpr.size == 0 or np.isnan(fpr).any() or np.isnan(tpr).any():
+    """scikit-learn's `roc_auc_score`; NaN unless both classes are present."""
+    label_array, score_array = _labels_and_scores(labels, scores)
+    if label_array.all() or not label_array.any():
         return math.nan
-    return float(np.trapezoid(tpr, fpr))
+    return float(_sklearn().roc_auc_score(label_array, score_array))
 
 
 def false_positive_rate(real_scores: ArrayLike, threshold: float) -> float:

@@ -12,12 +12,10 @@ stopped. Files that cannot be read or decoded are reported with their error code
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -28,11 +26,12 @@ from safetensors.torch import save_file
 
 from pipeline.core import codec
 from pipeline.core import misalignment as eq
+from pipeline.core.batches import Input, Reader, batched, once_per_image
 from pipeline.core.defaults import DEFAULT_FEATURE_DIR, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.core.detector import Detector
 from pipeline.core.errors import ItemError
 from pipeline.core.files import read_image_file
-from pipeline.core.imaging import DecodedImage, decode_image, sniff_format
+from pipeline.core.imaging import sniff_format
 from pipeline.core.results import Artifacts
 from pipeline.lab.datasets import Sample
 from pipeline.lab.transforms import IDENTITY, Chain
@@ -216,14 +215,13 @@ class FeatureSet:
 
 
 @dataclass
-class _Item:
+class _Kept:
+    """What is kept of a readable sample: D_g, D_l and the object count, not its bytes or pixels."""
+
     sample: Sample
-    data: bytes | None = None
-    sha256: str = ""
-    format: str = ""
-    image: DecodedImage | None = None
-    features: tuple[torch.Tensor, torch.Tensor, int] | None = None  # D_g, D_l, object count
-    failure: Failure | None = None
+    sha256: str
+    format: str
+    features: tuple[torch.Tensor, torch.Tensor, int]
 
 
 def extract(
@@ -237,63 +235,56 @@ def extract(
     max_bytes: int = DEFAULT_MAX_BYTES,
     progress: Callable[[int], None] = lambda n: None,
 ) -> FeatureSet:
-    """The features of every sample, computing (and caching) only what the cache lacks."""
+    """The features of every sample, computing (and caching) only what the cache lacks.
+
+    A sample's bytes are read and hashed first; only those the cache has no features for are decoded.
+    """
     versions = cache_versions(detector, transform)
-    kept: list[_Item] = []
+    kept: list[_Kept] = []
     failures: list[Failure] = []
     computed = reused = 0
-    threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))  # reading and decoding overlap models
+    reader = Reader(max_pixels=max_pixels, max_bytes=max_bytes, transform=transform if transform.steps else None)
     try:
-        for start in range(0, len(samples), batch_size):
-            batch = [_Item(sample) for sample in samples[start : start + batch_size]]
-            list(threads.map(lambda item: _read(item, max_bytes), batch))
-            readable = [item for item in batch if item.failure is None]
-            known = cache.load(sorted({item.sha256 for item in readable}), versions)
-            missing = [item for item in readable if known[item.sha256].features is None]
-            list(threads.map(lambda item: _decode(item, transform, max_pixels, max_bytes), missing))
-            computed += _analyze(detector, cache, versions, [item for item in missing if item.failure is None], known)
+        for batch in batched(samples, batch_size):
+            inputs = reader.read(batch, lambda sample: read_image_file(sample.path, max_bytes))
+            formats = _formats(inputs)
+            readable = [one for one in inputs if one.ok]
+            known = cache.load(sorted({one.sha256 for one in readable}), versions)
+            missing = [one for one in readable if known[one.sha256].features is None]
+            decoded = [one for one in reader.decode(missing) if one.ok]
+            computed += _analyze(detector, cache, versions, decoded, known)
             reused += len(readable) - len(missing)
-            for item in batch:
-                if item.failure is None:
-                    item.features = _parts(known[item.sha256])
-                    item.data = item.image = None  # keep D_g and D_l only: datasets can be large
-                    kept.append(item)
+            for one in inputs:
+                if one.ok:
+                    kept.append(_Kept(one.item, one.sha256, formats[id(one)], _parts(known[one.sha256])))
                 else:
-                    failures.append(item.failure)
+                    failures.append(Failure(one.item.path, one.error.code, str(one.error)))
             progress(len(batch))
     finally:
-        threads.shutdown()
         cache.flush()
     return _feature_set(kept, failures, computed, reused)
 
 
-def _read(item: _Item, max_bytes: int) -> None:
-    try:
-        item.data = read_image_file(item.sample.path, max_bytes)
-        item.sha256 = hashlib.sha256(item.data).hexdigest()
-        item.format = sniff_format(item.data)
-    except ItemError as error:
-        item.failure = Failure(item.sample.path, error.code, str(error))
+def _formats(inputs: list[Input[Sample]]) -> dict[int, str]:
+    """The file format of each input read, by magic number (for the format-bias guard); not an image: an error."""
+    formats = {}
+    for one in inputs:
+        if one.ok:
+            try:
+                formats[id(one)] = sniff_format(one.data)
+            except ItemError as error:
+                one.error = error
+    return formats
 
 
-def _decode(item: _Item, transform: Chain, max_pixels: int, max_bytes: int) -> None:
-    try:
-        image = decode_image(item.data, max_pixels=max_pixels, max_bytes=max_bytes)
-        item.image = replace(image, image=transform(image.image)) if transform.steps else image
-    except ItemError as error:
-        item.failure = Failure(item.sample.path, error.code, str(error))
-
-
-def _analyze(detector: Detector, cache: ArtifactCache, versions, items: list[_Item], known) -> int:
+def _analyze(detector: Detector, cache: ArtifactCache, versions, inputs: list[Input[Sample]], known) -> int:
     """Runs the missing stages once per distinct image and stores what they produced; returns images run."""
-    unique = list({item.sha256: item for item in items}.values())
-    if not unique:
-        return 0
-    analyses = detector.analyze([item.image for item in unique], [known[item.sha256] for item in unique])
-    results = {item.sha256: analysis.artifacts for item, analysis in zip(unique, analyses, strict=True)}
-    cache.save(results, versions)
-    known.update(results)
-    return len(items)
+    analyses = once_per_image(detector.analyze, {one.sha256: one.image for one in inputs}, known)
+    results = {sha256: analysis.artifacts for sha256, analysis in analyses.items()}
+    if results:
+        cache.save(results, versions)
+        known.update(results)
+    return len(inputs)
 
 
 def _parts(artifacts: Artifacts) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -302,7 +293,7 @@ def _parts(artifacts: Artifacts) -> tuple[torch.Tensor, torch.Tensor, int]:
     return features.global_, eq.local_misalignment(features.objects, features.global_), features.objects.shape[0]
 
 
-def _feature_set(items: list[_Item], failures, computed: int, reused: int) -> FeatureSet:
+def _feature_set(items: list[_Kept], failures, computed: int, reused: int) -> FeatureSet:
     dim = items[0].features[0].shape[-1] if items else 0  # no readable image: no width, and no model to ask
     return FeatureSet(
         samples=[item.sample for item in items],

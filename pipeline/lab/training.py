@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.head import DEFAULT_HIDDEN, Head, HeadMetadata
-from pipeline.lab.detection_metrics import average_precision
+from pipeline.lab.detection_metrics import accuracy, average_precision
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _epoch(head: Head, number: int, train_loss: float, validation) -> Epoch:
         number,
         train_loss,
         val_loss=loss,
-        val_accuracy=accuracy(p_fake, labels, head.metadata.threshold),
+        val_accuracy=accuracy(labels, p_fake, head.metadata.threshold),
         val_ap=average_precision(labels.numpy(), p_fake.numpy()),
     )
 
@@ -100,7 +100,7 @@ def _summary(head: Head, config: TrainConfig, features, labels, epochs: list[Epo
         "n_train": int(len(labels)),
         "n_fake": int(labels.sum()),
         "final_loss": round(last.train_loss, 6),
-        "train_accuracy": round(accuracy(head.predict(features), labels, head.metadata.threshold), 6),
+        "train_accuracy": round(accuracy(labels, head.predict(features), head.metadata.threshold), 6),
         "loss_curve": [round(epoch.train_loss, 6) for epoch in epochs],
         "seconds": round(seconds, 3),
     }
@@ -112,7 +112,3 @@ def _summary(head: Head, config: TrainConfig, features, labels, epochs: list[Epo
             "loss_curve": [round(epoch.val_loss, 6) for epoch in epochs],
         }
     return summary
-
-
-def accuracy(p_fake: torch.Tensor, labels: torch.Tensor, threshold: float) -> float:
-    return float(((p_fake >= threshold).long() == labels.long()).float().mean()) if len(labels) else float("nan")

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from pipeline.core.head import HeadMetadata
-from pipeline.lab.training import TrainConfig, accuracy, train_head
+from pipeline.lab.detection_metrics import accuracy
+from pipeline.lab.training import TrainConfig, train_head
 
 METADATA = HeadMetadata(profile="tiny", stage_versions={}, input_dim=16)
 
@@ -32,7 +33,7 @@ def test_learns_separable_data_and_records_a_summary():
     features, labels = clusters(1)
     head = train_head(features, labels, METADATA, TrainConfig(hidden=16, batch_size=8))
     test_features, test_labels = clusters(2)
-    assert accuracy(head.predict(test_features), test_labels, 0.5) >= 0.9
+    assert accuracy(test_labels, head.predict(test_features), 0.5) >= 0.9
     summary = head.metadata.training
     assert summary["epochs"] == 50 and summary["lr"] == 1e-3 and summary["weight_decay"] == 1e-3
     assert summary["n_train"] == 64 and summary["train_accuracy"] >= 0.9
