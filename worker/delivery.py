@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.errors import ItemError
 from worker import metrics
 from worker.fetch import AddressPolicy, post
-from worker.ledger.models import STREAM_TARGET, DeliveryRow, DeliveryStatus, utcnow
+from worker.ledger.models import DeliveryRow, utcnow
 from worker.ledger.outbox import claim_due, record_attempt
+from worker.ledger.states import STREAM_TARGET, DeliveryStatus
 from worker.ledger.views import shown_target, target_kind
 from worker.settings import Settings, backoff_s
 from worker.signing import canonical, sign

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from pipeline.core.errors import ItemError
-from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus
+from worker.ledger.models import CheckRow
+from worker.ledger.states import TERMINAL_STATUSES, CheckStatus
 from worker.ledger.store import Ledger, RescoreSelection
 
 PAGE = 500  # checks per ledger round trip (and per IN (...) list)

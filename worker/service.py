@@ -28,7 +28,8 @@ from pipeline.core.results import Artifacts
 from worker import metrics, sources
 from worker.callbacks import checked_callback_url
 from worker.ledger import outbox
-from worker.ledger.models import TERMINAL_STATUSES, CheckRow, CheckStatus, Priority
+from worker.ledger.models import CheckRow
+from worker.ledger.states import TERMINAL_STATUSES, CheckStatus, Priority
 from worker.ledger.store import Ledger
 from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings, backoff_s
 

@@ -11,7 +11,8 @@ import torch
 
 from pipeline.core.results import Artifacts, Embeddings, Features, GroundedObject, PipelineVersion
 from tests.conftest import decoded
-from worker.ledger.models import CheckRow, CheckStatus
+from worker.ledger.models import CheckRow
+from worker.ledger.states import CheckStatus
 from worker.ledger.store import Ledger
 
 VERSION = PipelineVersion(caption="blip:a", ground="gdino:b", embed="clip:c", head="head:d")

@@ -17,7 +17,7 @@ from pipeline.core.head import Head
 from pipeline.core.profiles import get_profile
 from tests.conftest import count_stage_images, encode, noise_image, random_head
 from worker import rescore
-from worker.ledger.models import CheckStatus, Priority
+from worker.ledger.states import CheckStatus, Priority
 from worker.ledger.store import RescoreSelection
 from worker.service import CheckService
 from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.core.head import Head
 from tests.integration.stack import Worker, make_stack, run_item
-from worker.ledger.models import Priority
+from worker.ledger.states import Priority
 
 N = 8
 

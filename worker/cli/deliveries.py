@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from worker.cli.common import JsonOpt, err, fail, out, settings_from
-from worker.ledger.models import DeliveryStatus
+from worker.ledger.states import DeliveryStatus
 
 app = typer.Typer()
 deliveries_app = typer.Typer(help="Results pushed to platforms: list them, resend failed ones.", no_args_is_help=True)

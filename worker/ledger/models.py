@@ -14,6 +14,8 @@ from enum import StrEnum
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from worker.ledger.states import CheckStatus, DeliveryStatus, Priority
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -53,30 +55,6 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class Priority:
-    """Claim order: lower first. Fresh uploads always go before re-scores of what was already checked."""
-
-    fresh = 0
-    rescore = 1
-
-
-class CheckStatus(StrEnum):
-    queued = "queued"
-    running = "running"
-    done = "done"
-    rejected = "rejected"
-    failed = "failed"
-
-
-TERMINAL_STATUSES = frozenset({CheckStatus.done, CheckStatus.rejected, CheckStatus.failed})
-
-
-class DeliveryStatus(StrEnum):
-    pending = "pending"
-    delivered = "delivered"
-    failed = "failed"  # attempts used up, or a target that can never work; the last error is kept
 
 
 def _string_enum(enum: type[StrEnum]) -> sa.Enum:
@@ -188,9 +166,6 @@ class CheckRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
-
-
-STREAM_TARGET = "stream"  # the `target` of a results-stream delivery; any other target is a callback URL
 
 
 class DeliveryRow(Base):

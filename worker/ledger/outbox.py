@@ -13,8 +13,9 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.ledger.models import STREAM_TARGET, CheckRow, DeliveryRow, DeliveryStatus, new_id, utcnow
+from worker.ledger.models import CheckRow, DeliveryRow, new_id, utcnow
 from worker.ledger.queries import claim_rows, dialect_insert, fresh
+from worker.ledger.states import STREAM_TARGET, DeliveryStatus
 from worker.ledger.views import check_dict
 
 EVENT = "check.finished"

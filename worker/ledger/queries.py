@@ -7,11 +7,13 @@ several processes at once, so these are written once, here.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
 
 IN_CHUNK = 500  # values per IN (...) list: far under every backend's limit on bound parameters
 
@@ -32,11 +34,15 @@ def fresh(query: sa.Select) -> sa.Select:
 
 def dialect_insert(session: Session, model: type) -> postgresql.Insert | sqlite.Insert:
     """The dialect's INSERT, which has ON CONFLICT DO NOTHING (the generic one does not)."""
-    dialect = session.get_bind().dialect.name
+    dialect = session.get_bind().dialect.name  # imported here: a ledger uses one of them, never both
     if dialect == "postgresql":
-        return postgresql.insert(model)
+        from sqlalchemy.dialects.postgresql import insert
+
+        return insert(model)
     if dialect == "sqlite":
-        return sqlite.insert(model)
+        from sqlalchemy.dialects.sqlite import insert
+
+        return insert(model)
     raise NotImplementedError(f"the ledger runs on PostgreSQL or SQLite, not {dialect}")
 
 

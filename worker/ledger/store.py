@@ -19,19 +19,9 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from pipeline.core import codec
 from pipeline.core.results import Artifacts, PipelineVersion
 from worker.ledger.engine import make_engine
-from worker.ledger.models import (
-    TERMINAL_STATUSES,
-    ArtifactRow,
-    BlobRow,
-    CheckRow,
-    CheckStatus,
-    ImageRow,
-    PipelineVersionRow,
-    Priority,
-    new_id,
-    utcnow,
-)
+from worker.ledger.models import ArtifactRow, BlobRow, CheckRow, ImageRow, PipelineVersionRow, new_id, utcnow
 from worker.ledger.queries import claim_rows, dialect_insert, fresh, in_chunks
+from worker.ledger.states import TERMINAL_STATUSES, CheckStatus, Priority
 
 if TYPE_CHECKING:  # decoding imports Pillow and numpy: the client side reads the ledger without them
     from pipeline.core.imaging import DecodedImage

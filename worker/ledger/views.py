@@ -6,7 +6,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from worker.fetch import FetchError, parse_target
-from worker.ledger.models import STREAM_TARGET, CheckRow, DeliveryRow, DeliveryStatus
+from worker.ledger.models import CheckRow, DeliveryRow
+from worker.ledger.states import STREAM_TARGET, DeliveryStatus
 
 CHECK_FIELDS = (
     "id",
