@@ -2,9 +2,13 @@
 
 Under Celery's prefork pool each process writes its own metric files; `MultiProcessCollector` sums them, so a
 scrape sees the work of every process, not of whichever one answered. Queue depth and stuck checks are not
-events any process observes: they are read from Redis and the ledger at scrape time, and a scrape still
-answers (without them) when either is down. Queue depth covers both queues, fresh checks (`item.checks`) and
-re-scores (`item.rescore`), read in one round trip.
+events any process observes: they are read from the broker and the ledger at scrape time, and a scrape still
+answers (without them) when either is down. The broker's `item.checks` holds only what the intake has not filed
+yet (milliseconds' worth while workers run); the work waiting is in the ledger: `item_checks_waiting`, fresh
+uploads and re-scores apart.
+
+Live gauges of a process that is gone (a GPU loop killed and replaced) are dropped at every scrape, so
+`item_worker_ready` counts the processes alive now, whoever noticed the death first.
 """
 
 from __future__ import annotations
@@ -14,14 +18,14 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings
+from worker.settings import CHECK_QUEUE, Settings
 
 # prometheus_client and worker.metrics are imported inside functions: prometheus_client picks its
 # in-memory or multiprocess mode when first imported, which must come after prepare_multiprocess_dir().
 
 log = logging.getLogger("item.metrics")
 
-QUEUES = (CHECK_QUEUE, RESCORE_QUEUE)  # every queue item_queue_depth reports, by its unprefixed name
+QUEUES = (CHECK_QUEUE,)  # every queue item_queue_depth reports, by its unprefixed name
 
 
 def prepare_multiprocess_dir(settings: Settings) -> Path:
@@ -43,44 +47,90 @@ class ScrapeTimeCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        from worker.metrics import QUEUE_DEPTH_NAME, STUCK_NAME
+        from worker.metrics import QUEUE_DEPTH_NAME, STUCK_NAME, WAITING_NAME
 
-        depth = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Messages waiting in the broker, per queue.", labels=["queue"])
+        _forget_dead_processes()
+        depth = GaugeMetricFamily(
+            QUEUE_DEPTH_NAME, "Messages in the broker the intake has not filed yet, per queue.", labels=["queue"]
+        )
         for queue, waiting in self._queue_depth().items():
             depth.add_metric([queue], waiting)
         yield depth
-        stuck = GaugeMetricFamily(STUCK_NAME, "Checks queued/running past the reconcile threshold.", labels=["status"])
-        for status, count in self._stuck().items():
+        counts = self._ledger_counts()
+        waiting = GaugeMetricFamily(
+            WAITING_NAME, "Checks ready for a worker in the ledger, fresh uploads and re-scores.", labels=["priority"]
+        )
+        for priority, count in counts.get("waiting", {}).items():
+            waiting.add_metric([priority], count)
+        yield waiting
+        stuck = GaugeMetricFamily(
+            STUCK_NAME, "Unfinished checks no worker moved for ITEM_RECONCILE_AFTER_S.", labels=["status"]
+        )
+        for status, count in counts.get("stuck", {}).items():
             stuck.add_metric([status], count)
         yield stuck
 
     def _queue_depth(self) -> dict[str, int]:
-        """Messages waiting per queue, all read in one round trip: all queues or, when Redis fails, none."""
+        """Messages waiting in `item.checks` (Redis: its list; RabbitMQ: a passive declare); none when it fails."""
         if not self.settings.broker_url:
             return {}
         try:
-            import redis
+            if self.settings.broker_url.startswith(("redis://", "rediss://")):
+                return {CHECK_QUEUE: self._redis_length()}
+            from worker.consumer import broker_connection
 
-            client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
-            with client.pipeline(transaction=False) as pipe:
-                for queue in QUEUES:
-                    pipe.llen(f"{self.settings.redis_key_prefix}{queue}")
-                lengths = pipe.execute()
-            return {queue: int(length) for queue, length in zip(QUEUES, lengths, strict=True)}
-        except Exception as error:  # a scrape must answer even when Redis does not
+            with broker_connection(self.settings) as connection:
+                _, messages, _ = connection.default_channel.queue_declare(CHECK_QUEUE, passive=True)
+            return {CHECK_QUEUE: int(messages)}
+        except Exception as error:  # a scrape must answer even when the broker does not
             log.warning("queue depth unavailable: %s", error)
             return {}
 
-    def _stuck(self) -> dict[str, int]:
+    def _redis_length(self) -> int:
+        import redis
+
+        client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return int(client.llen(f"{self.settings.redis_key_prefix}{CHECK_QUEUE}"))
+        finally:
+            client.close()
+
+    def _ledger_counts(self) -> dict[str, dict[str, int]]:
         try:
             from worker.ledger.store import Ledger
 
             self._ledger = self._ledger or Ledger(self.settings.database_url)
             with self._ledger.session() as session:
-                return self._ledger.count_stuck(session, timedelta(seconds=self.settings.reconcile_after_s))
+                return {
+                    "waiting": self._ledger.count_waiting(session),
+                    "stuck": self._ledger.count_stuck(session, timedelta(seconds=self.settings.reconcile_after_s)),
+                }
         except Exception as error:
-            log.warning("stuck checks unavailable: %s", error)
+            log.warning("ledger counts unavailable: %s", error)
             return {}
+
+
+def _forget_dead_processes() -> None:
+    """Drops the live-gauge files of processes that no longer exist (see the module docstring)."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    from prometheus_client import multiprocess
+
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        if not _alive(pid):
+            multiprocess.mark_process_dead(pid, folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def registry(settings: Settings):

@@ -53,13 +53,11 @@ def _migrations(settings: Settings) -> str:
 def _broker(settings: Settings) -> str:
     if not settings.broker_url:
         return "none configured: checks run in-process"
-    import redis
+    from worker.consumer import broker_connection
 
-    client = redis.Redis.from_url(
-        settings.broker_url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S
-    )
-    client.ping()
-    return "redis reachable"
+    with broker_connection(settings) as connection:
+        connection.ensure_connection(max_retries=1, timeout=PROBE_TIMEOUT_S)
+        return f"{connection.transport_cls} reachable"
 
 
 def _models(settings: Settings, load: bool) -> str:

@@ -26,7 +26,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(log_format: str, level: str = "INFO") -> None:
-    """Routes every logger (Celery's included) to stderr in the chosen format."""
+    """Routes every logger to stderr in the chosen format: ours (`item.*`) at `level`, libraries' from warnings
+    up (model loaders and migrations narrate at INFO)."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -34,4 +35,5 @@ def configure(log_format: str, level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("item").setLevel(level)

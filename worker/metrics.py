@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from worker import codes
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -63,7 +65,10 @@ SCORES = Histogram(
     buckets=SCORE_BUCKETS,
 )
 FLAGGED = Counter("item_flagged_total", "Finished checks judged fake, per pipeline version.", ["pipeline_version"])
-WORKER_READY = Gauge("item_worker_ready", "Worker processes with their models loaded.", multiprocess_mode="livesum")
+DEAD_LETTERS = Counter(
+    "item_dead_letters_total", "Messages the intake could not file as a check (`item deadletters`).", ["code"]
+)
+WORKER_READY = Gauge("item_worker_ready", "GPU loop processes with their models loaded.", multiprocess_mode="livesum")
 GPU_MEMORY = Gauge(
     "item_gpu_memory_bytes", "GPU memory held by torch in worker processes.", ["kind"], multiprocess_mode="livesum"
 )
@@ -71,9 +76,22 @@ GPU_MEMORY = Gauge(
 for _target in ("callback", "stream"):
     for _outcome in ("delivered", "retried", "failed"):
         DELIVERIES.labels(_target, _outcome)
+CHECKS.labels("done", "")
+for _code in codes.REJECTED:
+    CHECKS.labels("rejected", _code)
+for _code in codes.FAILED:
+    CHECKS.labels("failed", _code)
+    RETRIES.labels(_code)
+for _code in (*codes.DEAD_LETTER, "message.invalid"):
+    DEAD_LETTERS.labels(_code)
+for _outcome in ("hit", "miss"):  # so a hit ratio reads 0, not "no data", before the first hit
+    DUPLICATE_BYTES.labels(_outcome)
+    for _artifact in ("caption", "objects", "embeddings", "features"):
+        ARTIFACT_REUSE.labels(_artifact, _outcome)
 
-# Read from Redis and the ledger at scrape time by the exporter (see worker/exporter.py).
+# Read from the broker and the ledger at scrape time by the exporter (see worker/exporter.py).
 QUEUE_DEPTH_NAME = "item_queue_depth"
+WAITING_NAME = "item_checks_waiting"
 STUCK_NAME = "item_checks_stuck"
 
 METRIC_NAMES = frozenset(
@@ -93,7 +111,9 @@ METRIC_NAMES = frozenset(
         "item_flagged_total",
         "item_worker_ready",
         "item_gpu_memory_bytes",
+        "item_dead_letters_total",
         QUEUE_DEPTH_NAME,
+        WAITING_NAME,
         STUCK_NAME,
     }
 )

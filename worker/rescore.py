@@ -1,7 +1,8 @@
-"""Re-scoring what was already checked under the active pipeline version, from its own low-priority queue.
+"""Re-scoring what was already checked, under the active pipeline version, at low priority.
 
 A re-score is an ordinary check under the new version, made from an earlier one: same external id, source and
-callback, the image's sha256 already known, `priority` rescore and `rescore_of` pointing back. So the worker's
+callback, the image's sha256 already known, `priority` rescore and `rescore_of` pointing back. It is filed in
+the ledger like any check, and workers claim re-scores only when no fresh upload is ready. So the worker's
 usual machinery does the work: stored artifacts whose stage versions did not change are reused (a head-only
 upgrade runs only the head; a CLIP upgrade keeps captions and boxes), and the unique (external id, version) key
 makes a second run find everything done. Old results are never touched: each version keeps its own answer.
@@ -17,6 +18,7 @@ from pipeline.core.errors import ItemError
 from worker.ledger.models import CheckRow
 from worker.ledger.states import TERMINAL_STATUSES, CheckStatus
 from worker.ledger.store import Ledger, RescoreSelection
+from worker.ledger.wakeups import notify_new_checks
 
 PAGE = 500  # checks per ledger round trip (and per IN (...) list)
 
@@ -28,7 +30,7 @@ class RescoreRun:
     version_id: str
     selected: int = 0  # external ids selected (one re-score each)
     created: int = 0  # re-score checks this run made
-    sent: int = 0  # messages this run sent (new checks, and queued ones left by an interrupted run)
+    queued: int = 0  # re-scores waiting for a worker when this run filed them (an interrupted run's included)
     already_done: int = 0  # finished before this run started: a rerun skips them
     statuses: dict[str, str] = field(default_factory=dict)  # re-score check id → last status seen
     started: float = field(default_factory=time.monotonic)
@@ -76,34 +78,35 @@ def target_version(ledger: Ledger) -> str:
 def queue(
     ledger: Ledger,
     selection: RescoreSelection,
-    send: Callable[[list[dict]], None],
     *,
     version_id: str,
     limit: int | None = None,
-    on_page: Callable[[RescoreRun], None] | None = None,
+    on_page: Callable[[RescoreRun, list[str]], None] | None = None,
 ) -> RescoreRun:
-    """Makes (or finds) the re-score check of every selected check and sends the ones still queued.
+    """Makes (or finds) the re-score check of every selected check, a page per transaction, and wakes the
+    workers; `on_page` hears of each page with the ids of its re-scores still waiting.
 
-    Resumable: checks a previous run made are found, not made again; finished ones are counted as done and
-    queued ones are sent again (a message that duplicates one still in Redis is harmless: the ledger decides).
+    Resumable: checks a previous run made are found, not made again; finished ones are counted as done, and
+    waiting ones simply wait (they are in the ledger, not in a message that could be lost).
     """
     run = RescoreRun(version_id)
     for page in _pages(ledger, selection, version_id, limit):
         with ledger.session() as session:
             targets, created = ledger.create_rescores(session, page, version_id)
+            if created:
+                notify_new_checks(session, version_id)
         run.created += len(created)
-        messages = []
-        for external_id, target in targets.items():
+        waiting = []
+        for target in targets.values():
             run.selected += 1
             run.statuses[target.id] = target.status
             if target.status in TERMINAL_STATUSES:
                 run.already_done += 1
             elif target.status == CheckStatus.queued:
-                messages.append({"external_id": external_id, "image": target.source, "check_id": target.id})
-        send(messages)
-        run.sent += len(messages)
+                waiting.append(target.id)
+        run.queued += len(waiting)
         if on_page:
-            on_page(run)
+            on_page(run, waiting)
     return run
 
 

@@ -1,27 +1,28 @@
-"""Wiring: settings → ledger + detector + head → a `CheckService`. One place, used by tasks, CLI and tests.
+"""Wiring: settings → ledger + detector + head → a `CheckService`. One place, used by the worker, CLI and tests.
 
-Also the embedded mode (no broker), where the messages a submission or a re-score makes run in this process.
+Also the embedded mode (no broker), where what a submission or a re-score files runs in this process.
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
-
-from pipeline.core.detector import Detector
-from pipeline.core.errors import HeadError
-from pipeline.core.head import Head
-from pipeline.core.model_store import ModelStore
-from pipeline.core.profiles import get_profile
-from worker.callbacks import checked_callback_url
-from worker.client import Submission
+from worker.client import Submitted
 from worker.delivery import Deliverer
+from worker.intake import CheckRequest, Filed, Intake
+from worker.ledger.states import TERMINAL_STATUSES
 from worker.ledger.store import Ledger
-from worker.service import CheckService, Enqueue
+from worker.service import CheckService
 from worker.settings import Settings
 
+EMBEDDED_BACKOFF_MAX_S = 5.0  # a person waits at the terminal: retry delays are honoured, but capped
 
-def build_detector(settings: Settings) -> Detector:
+
+def build_detector(settings: Settings):
+    from pipeline.core.detector import Detector
+    from pipeline.core.errors import HeadError
+    from pipeline.core.head import Head
+    from pipeline.core.model_store import ModelStore
+    from pipeline.core.profiles import get_profile
+
     if settings.head is None:
         message = "No head given: set ITEM_HEAD (or pass --head to `item scan`); `item demo` trains a tiny one."
         raise HeadError(message, code="head.missing")
@@ -29,49 +30,60 @@ def build_detector(settings: Settings) -> Detector:
     return Detector(get_profile(settings.profile), store, Head.load(settings.head), settings.device)
 
 
-def build_service(settings: Settings, enqueue: Enqueue) -> CheckService:
-    service = CheckService(settings, Ledger(settings.database_url), build_detector(settings), enqueue)
-    service.register_version()
-    return service
+def build_service(settings: Settings) -> CheckService:
+    return CheckService(settings, Ledger(settings.database_url), build_detector(settings))
 
 
 class InProcess:
-    """The embedded mode (no broker): messages, and every retry they ask for, run here and now.
+    """The embedded mode: checks are filed under this process's own version and run here, now.
 
-    Retry delays are honoured but capped at a few seconds: a person is waiting at the terminal.
+    Its version becomes the active one when none is (an empty ledger); submissions are filed under it either way,
+    since this process is the worker that will run them.
     """
 
-    def __init__(self, settings: Settings):
-        self.pending: deque[tuple[dict, float]] = deque()
-        self.service = build_service(settings, self._enqueue)
-        self.deliverer = Deliverer(settings, self.service.ledger)
+    def __init__(self, settings: Settings, service: CheckService | None = None):
+        self.service = service or build_service(settings)
+        capped = min(self.service.settings.retry_backoff_max_s, EMBEDDED_BACKOFF_MAX_S)
+        self.settings = self.service.settings = self.service.settings.model_copy(update={"retry_backoff_max_s": capped})
+        self.service.register_version()
+        self.intake = Intake(self.settings, self.service.ledger)
+        self.deliverer = Deliverer(self.settings, self.service.ledger)
+        from worker.loop import Loop
 
-    def _enqueue(self, kwargs: dict, countdown: float, queue: str) -> None:
-        self.pending.append((kwargs, countdown))
+        self.loop = Loop(self.service)
 
-    def run(self, messages: list[dict]) -> None:
-        self.pending.extend((message, 0.0) for message in messages)
-        while self.pending:
-            message, countdown = self.pending.popleft()
-            time.sleep(min(countdown, 5.0))
-            self.service.receive(**message)
+    def submit(self, submissions: list[CheckRequest]) -> list[Filed]:
+        """Files the submissions, runs them to their end, and sends the results that are due."""
+        filed = self.intake.file(submissions, version_id=self.service.version_id)
+        self.finish([one.check.id for one in filed])
+        return filed
+
+    def receive(self, external_id: str, image, callback_url: str | None = None) -> Filed:
+        """One check as a message would bring it (the tests' and the embedded commands' unit of work)."""
+        return self.submit([CheckRequest(external_id, image, callback_url)])[0]
+
+    def finish(self, check_ids: list[str]) -> None:
+        """Runs batches until every one of `check_ids` ended, then delivers what is due."""
+        pending = set(check_ids)
+
+        def finished() -> bool:
+            with self.service.ledger.session() as session:
+                rows = self.service.ledger.checks_by_id(session, sorted(pending))
+            pending.difference_update(row.id for row in rows if row.status in TERMINAL_STATUSES)
+            return not pending
+
+        self.loop.run_until(finished)
         self.deliverer.deliver_all_due()  # results due now; retries scheduled for later stay in the outbox
-
-
-def run_in_process(settings: Settings, messages: list[dict]) -> CheckService:
-    """Runs `messages` through a service built here (see `InProcess`); returns the service."""
-    runner = InProcess(settings)
-    runner.run(messages)
-    return runner.service
 
 
 def submit_in_process(
     settings: Settings, items: list[tuple[str, dict]], *, callback_url: str | None = None
-) -> list[Submission]:
-    """`worker.client.submit` without a broker: the checks run here, now, under the version the settings make."""
-    callback_url = checked_callback_url(callback_url)
-    messages = [{"external_id": e, "image": i, "callback_url": callback_url} for e, i in items]
-    service = run_in_process(settings, messages)
-    with service.ledger.session() as session:
-        rows = [service.ledger.find_check(session, external_id, service.version_id) for external_id, _ in items]
-    return [Submission(row.id, row.external_id, True) for row in rows if row is not None]
+) -> list[Submitted]:
+    """`worker.client.submit` without a broker: the checks run here, now, under the version the settings make;
+    each comes back with the status it ended in."""
+    runner = InProcess(settings)
+    filed = runner.submit([CheckRequest(external_id, image, callback_url) for external_id, image in items])
+    ledger = runner.service.ledger
+    with ledger.session() as session:
+        ended = {row.id: row for row in ledger.checks_by_id(session, [one.check.id for one in filed])}
+    return [Submitted.of(ended[one.check.id], one.created) for one in filed]

@@ -1,23 +1,21 @@
-"""What a check goes through, as plain functions over the ledger and the detector (no Celery in here).
+"""What a batch of checks goes through, as plain functions over the ledger and the detector (no broker here).
 
-Batching comes from the ledger, not the broker: a delivered message makes sure its check exists, then the
-worker claims up to `batch_size` queued checks of its pipeline version (SKIP LOCKED on Postgres) and runs
-them through the models together. A message whose check another batch is running re-enqueues itself for
-later; one whose check is finished does nothing. So Redis may lose, duplicate or delay messages: the ledger
-decides, results are written once, and the reconciler re-sends whatever sits unfinished too long.
+A worker claims up to `batch_size` ready checks of its pipeline version from the ledger under a lease (see
+`worker.loop`), and this runs them: stored answers and artifacts first, then fetching and decoding, the models
+once per distinct image, and one transaction for artifacts, results and outbox rows. Every change to a check
+names the lease token, so a worker that lost its lease (it stalled, another took over) can never overwrite
+the new owner's work. Metrics and logs of an outcome are emitted only once its transaction has committed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from functools import partial
+from datetime import timedelta
 
-from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from pipeline.core import codec
 from pipeline.core.batches import Reader, once_per_image
@@ -26,22 +24,18 @@ from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage
 from pipeline.core.results import Artifacts
 from worker import metrics, sources
-from worker.callbacks import checked_callback_url
 from worker.ledger import outbox
-from worker.ledger.models import CheckRow
-from worker.ledger.states import TERMINAL_STATUSES, CheckStatus, Priority
-from worker.ledger.store import Ledger
-from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings, backoff_s
+from worker.ledger.models import CheckRow, utcnow
+from worker.ledger.states import Priority
+from worker.ledger.store import Lease, Ledger
+from worker.settings import Settings, backoff_s
 
 log = logging.getLogger("item.worker")
 
-# (task kwargs, countdown seconds, queue) → sends an `item.check` message
-Enqueue = Callable[[dict, float, str], None]
-
-
-# Database and broker outages: nothing can be recorded, so the message itself is retried. Only connection-level
-# errors: a programming error retried would just fail again, forever.
-INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, BrokerError, ConnectionError, TimeoutError)
+# The ledger is unreachable: nothing can be recorded. Only connection-level errors: a programming error tried
+# again would just fail again, forever.
+INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
+TIMEOUT_MESSAGE = "The check's batch ran past its time budget (ITEM_BATCH_TIME_BUDGET_S)."
 
 
 class TransientError(ItemError):
@@ -50,13 +44,42 @@ class TransientError(ItemError):
     permanent = False
 
 
+class BatchTimeout(BaseException):  # noqa: N818  (not an Exception: model code's `except Exception` must not eat it)
+    """Raised into the loop's thread when a batch runs past its budget, wherever it is, the models included."""
+
+
+@dataclass
+class _Outcomes:
+    """Outcomes written in one transaction, reported (metrics, logs) only after it committed."""
+
+    version_id: str
+    items: list[tuple] = field(default_factory=list)
+
+    def add(self, status: str, check: CheckRow, stage: str, code: str | None = None, text: str = "", **more) -> None:
+        self.items.append((status, check, stage, code, text, more))
+
+    def report(self) -> None:
+        for status, check, stage, code, text, more in self.items:
+            about = _about(check, stage, **({"code": code} if code else {}))
+            if status == "retried":
+                metrics.RETRIES.labels(code).inc()
+                log.info("check retried in %.1fs: %s", more["delay"], text, extra=about)
+                continue
+            metrics.finished(status, code, check.created_at)
+            if status == "done":
+                metrics.scored(self.version_id, check.p_fake, check.verdict == "fake")
+                log.info("check done: %s %.3f", check.verdict, check.p_fake, extra=about)
+            elif status == "rejected":
+                log.info("check rejected: %s", text, extra=about)
+            else:
+                log.warning("check failed: %s", text, extra=about)
+
+
 @dataclass
 class CheckService:
     settings: Settings
     ledger: Ledger
     detector: Detector
-    enqueue: Enqueue
-    current_batch: list[str] = field(default_factory=list)  # check ids, for the time-budget handler
     reader: Reader = field(init=False)  # fetches and decodes a batch's images a few at a time
 
     def __post_init__(self) -> None:
@@ -66,102 +89,55 @@ class CheckService:
     def version_id(self) -> str:
         return self.detector.pipeline_version.id
 
-    def register_version(self) -> None:
+    def register_version(self, *, activate: bool = False) -> bool:
+        """Registers this worker's version; it becomes the active one only when asked to, or when no version is
+        active yet (the first version of an empty ledger). Returns whether it is the active version."""
         with self.ledger.session() as session:
-            self.ledger.ensure_pipeline_version(session, self.detector.pipeline_version, self.detector.profile.name)
-
-    # ------------------------------------------------------------------ receiving
-
-    def receive(self, external_id: str, image: dict, check_id: str | None = None, callback_url: str | None = None):
-        """Handles one `item.check` message: make sure the check exists, then run a batch that includes it."""
-        check = self._ensure_check(external_id, image, check_id, callback_url)
-        if check is None or check.status in TERMINAL_STATUSES:
-            return
-        if check.pipeline_version_id != self.version_id:
-            log.warning("check %s is for %s; this worker runs %s", check.id, check.pipeline_version_id, self.version_id)
-            return
-        batch = self.claim(check.id)
-        if batch:
-            metrics.claimed(len(batch), [row.enqueued_at or row.created_at for row in batch])
-        if not any(row.id == check.id for row in batch):
-            self._look_again(check.id)
-        if batch:
-            self.run_batch(batch)
-
-    def _look_again(self, check_id: str) -> None:
-        """This message's check was not in the batch: fresh checks went first, or another worker holds it."""
-        with self.ledger.session() as session:
-            check = self.ledger.get_check(session, check_id)
-        if check is None or check.status in TERMINAL_STATUSES:
-            return
-        # Still queued: it only waited behind other work, so its turn comes with the next message. Running: another
-        # worker's batch holds it, so look again once that batch must have ended.
-        later = 0.0 if check.status == CheckStatus.queued else self.settings.batch_time_budget_s
-        self.enqueue(_message(check), later, queue_of(check))
-
-    def _ensure_check(
-        self, external_id: str, image: dict, check_id: str | None, callback_url: str | None
-    ) -> CheckRow | None:
-        with self.ledger.session() as session:
-            if check_id:
-                return self.ledger.get_check(session, check_id)
-            create = partial(
-                self.ledger.create_check, session, external_id=external_id, pipeline_version_id=self.version_id
+            self.ledger.ensure_pipeline_version(
+                session, self.detector.pipeline_version, self.detector.profile.name, activate=False
             )
-            try:
-                callback_url = checked_callback_url(callback_url)
-                source = sources.to_stored(image, self.settings, partial(self.ledger.put_blob, session))
-            except ItemError as error:  # malformed message from a foreign client: still gets a ledger row
-                valid_callback = error.code != "callback.invalid"  # the platform still hears of the rejection
-                check, created = create(source={"invalid": True}, callback_url=callback_url if valid_callback else None)
-                if created:  # never reject an earlier, valid check that happens to share the external id
-                    self._finished(session, self.ledger.finish_rejected(session, check.id, error.code, error.message))
-                    metrics.finished("rejected", error.code, check.created_at)
-                return None
-            check, _ = create(source=source, callback_url=callback_url)
-            return check
+            active = self.ledger.active_version(session)
+            if activate or active is None:
+                self.ledger.activate_version(session, self.version_id)
+                return True
+            return active.id == self.version_id
 
     # ------------------------------------------------------------------ claiming
 
-    def claim(self, check_id: str) -> list[CheckRow]:
-        """A batch for this worker, fresh uploads first; the arriving check is in it when its priority's turn came.
-
-        Fresh checks: up to batch_size, waiting up to batch_max_wait_s to fill the batch. With no fresh check
-        waiting, re-scores: up to rescore_batch_size at once (their stored artifacts make them cheap), no waiting.
-        """
-        deadline = time.monotonic() + self.settings.batch_max_wait_s
-        size = self.settings.batch_size
-        claimed = self._claim_once(check_id, size, Priority.fresh)
-        if not claimed:
-            return self._claim_once(check_id, self.settings.rescore_batch_size, Priority.rescore)
-        while len(claimed) < size and time.monotonic() < deadline:
-            time.sleep(0.05)
-            claimed += self._claim_once(None, size - len(claimed), Priority.fresh)
-        return claimed
-
-    def _claim_once(self, check_id: str | None, limit: int, priority: int = Priority.fresh) -> list[CheckRow]:
-        # A running check untouched for a whole time budget belongs to a worker that died.
-        stale_before = datetime.now(UTC) - timedelta(seconds=self.settings.batch_time_budget_s)
+    def claim(self, lease: Lease, limit: int, priority: int) -> list[CheckRow]:
         with self.ledger.session() as session:
             return self.ledger.claim(
                 session,
                 pipeline_version_id=self.version_id,
                 limit=limit,
-                stale_before=stale_before,
+                lease=lease,
                 max_attempts=self.settings.max_attempts,
-                first=check_id,
                 priority=priority,
             )
 
+    def claim_batch(self, lease: Lease) -> list[CheckRow]:
+        """A batch, fresh uploads first: up to batch_size of them, waiting up to batch_max_wait_s to fill it; with
+        no fresh check ready, re-scores: up to rescore_batch_size at once (stored artifacts make them cheap)."""
+        size = self.settings.batch_size
+        claimed = self.claim(lease, size, Priority.fresh)
+        if not claimed:
+            return self.claim(lease, self.settings.rescore_batch_size, Priority.rescore)
+        deadline = time.monotonic() + self.settings.batch_max_wait_s
+        while len(claimed) < size and time.monotonic() < deadline:
+            time.sleep(0.05)
+            claimed += self.claim(lease, size - len(claimed), Priority.fresh)
+        if claimed:
+            metrics.claimed(len(claimed), [row.enqueued_at or row.created_at for row in claimed])
+        return claimed
+
     # ------------------------------------------------------------------ running
 
-    def run_batch(self, batch: list[CheckRow]) -> None:
+    def run_batch(self, batch: list[CheckRow], lease: Lease) -> None:
         """Answers what stored results and artifacts can, decodes the rest, runs the models, stores everything.
 
         A check whose bytes were seen before (a re-score) skips decoding, and even fetching, when its features are
         stored under this pipeline's stages: only the head runs for it.
         """
-        self.current_batch = [check.id for check in batch]
         images: dict[str, DecodedImage | None] = {}  # by check id; None: stored features stand in for pixels
         stored = self._stored_artifacts(batch)
         to_decode = []
@@ -175,25 +151,27 @@ class CheckService:
             if one.ok:
                 images[one.item.id] = self._decoded(one.item, one.image)
             else:
-                self._fail_one(one.item, one.error, stage="decode")
+                self.fail([one.item], one.error, lease, stage="decode")
         ready = [check for check in batch if check.id in images]
-        todo = self._answer_known_bytes(ready, {c.id: _sha_of(c, images[c.id]) for c in ready})
+        todo = self._answer_known_bytes(ready, {c.id: _sha_of(c, images[c.id]) for c in ready}, lease)
         pixels = len({images[c.id].sha256 for c in todo if images[c.id] is not None})
         # One line per batch, in a fixed shape: operators grep it, and the tests count model runs with it.
         log.info("batch checks=%d model_images=%d undecodable=%d", len(batch), pixels, len(batch) - len(ready))
-        if todo:
-            try:
-                self._detect_and_store(todo, images, stored)
-            except INFRASTRUCTURE_ERRORS:
-                raise  # the ledger is unreachable: the message itself is retried
-            except ItemError as error:
-                for check in todo:
-                    self._fail_one(check, error, stage="models")
-            except Exception as error:  # a bug or a model crash: retried, and failed once attempts run out
-                log.exception("batch of %d checks crashed", len(todo))
-                crash = TransientError(f"Internal error: {error!r}", code="check.internal_error")
-                for check in todo:
-                    self._fail_one(check, crash, stage="models")
+        if not todo:
+            return
+        try:
+            self._detect_and_store(todo, images, stored, lease)
+        except INFRASTRUCTURE_ERRORS:
+            raise  # the ledger is unreachable: nothing to record; the lease runs out and the checks are retried
+        except ItemError as error:
+            self.fail(todo, error, lease, stage="models")
+        except Exception as error:  # a bug or a model crash: retried, and failed once attempts run out
+            log.exception("batch of %d checks crashed", len(todo))
+            self.fail(todo, TransientError(f"Internal error: {error!r}", code="check.internal_error"), lease, "models")
+
+    def time_out(self, batch: list[CheckRow], lease: Lease) -> None:
+        """The batch ran past its budget: each check still held is retried as `check.timeout` (or failed)."""
+        self.fail(batch, TransientError(TIMEOUT_MESSAGE, code="check.timeout"), lease, stage="batch")
 
     def _stored_artifacts(self, batch: list[CheckRow]) -> dict[str, Artifacts]:
         """Artifacts under this pipeline's keys for the checks whose image is already known (re-scores)."""
@@ -217,9 +195,9 @@ class CheckService:
             log.info("image changed since its earlier check", extra=_about(check, "decode"))
         return image
 
-    def _answer_known_bytes(self, batch: list[CheckRow], sha_by_check: dict[str, str]) -> list[CheckRow]:
+    def _answer_known_bytes(self, batch: list[CheckRow], sha_by_check: dict[str, str], lease: Lease) -> list[CheckRow]:
         """Bytes already checked under this pipeline version get that answer; returns the checks still to run."""
-        todo = []
+        todo, outcomes = [], _Outcomes(self.version_id)
         with self.ledger.session() as session:
             answers = self.ledger.done_checks_for_images(session, list(sha_by_check.values()), self.version_id)
             for check in batch:
@@ -228,11 +206,12 @@ class CheckService:
                 if done is None:
                     todo.append(check)
                     continue
-                self._done(session, check, {**_result_of(done), "timings_ms": {"reused": 0.0}})
+                self._done(session, check, {**_result_of(done), "timings_ms": {"reused": 0.0}}, lease, outcomes)
+        outcomes.report()
         return todo
 
     def _detect_and_store(
-        self, todo: list[CheckRow], images: dict[str, DecodedImage | None], stored: dict[str, Artifacts]
+        self, todo: list[CheckRow], images: dict[str, DecodedImage | None], stored: dict[str, Artifacts], lease: Lease
     ) -> None:
         sha_by_check = {check.id: _sha_of(check, images[check.id]) for check in todo}
         unique = {sha: images[check_id] for check_id, sha in sha_by_check.items()}  # same bytes twice: once
@@ -242,6 +221,7 @@ class CheckService:
             known |= self.ledger.load_artifacts(session, [sha for sha in unique if sha not in known], versions)
         _count_reuse(known, list(unique))
         by_sha = once_per_image(self._detect, unique, known)
+        outcomes = _Outcomes(self.version_id)
         with self.ledger.session() as session:  # one transaction: artifacts and results land together
             for sha, image in unique.items():
                 if image is not None:
@@ -249,7 +229,9 @@ class CheckService:
                 new = {kind: key for kind, key in versions.items() if codec.get_field(known[sha], kind) is None}
                 self.ledger.save_artifacts(session, sha, by_sha[sha].artifacts, new)  # what was loaded is stored
             for check in todo:
-                self._done(session, check, _result_of_detection(by_sha[sha_by_check[check.id]], sha_by_check[check.id]))
+                result = _result_of_detection(by_sha[sha_by_check[check.id]], sha_by_check[check.id])
+                self._done(session, check, result, lease, outcomes)
+        outcomes.report()
         for detection in by_sha.values():
             metrics.stage_times(detection.timings_ms)
             metrics.stage_runs(detection.computed)
@@ -270,88 +252,48 @@ class CheckService:
             half = len(images) // 2
             return self._detect(images[:half], known[:half]) + self._detect(images[half:], known[half:])
 
-    # ------------------------------------------------------------------ failures
+    # ------------------------------------------------------------------ outcomes
 
-    def _fail_one(self, check: CheckRow, error: ItemError, stage: str) -> None:
-        if not error.permanent:
-            self.retry_later(check, error.code, error.message, stage)
-            return
+    def fail(self, checks: list[CheckRow], error: ItemError, lease: Lease, stage: str) -> None:
+        """Ends `checks` for `error` in one transaction: rejected if it is permanent; else retried with backoff
+        and jitter, or failed once attempts are used up. Checks this lease no longer holds are left alone."""
+        outcomes = _Outcomes(self.version_id)
         with self.ledger.session() as session:
-            if self._finished(session, self.ledger.finish_rejected(session, check.id, error.code, error.message)):
-                metrics.finished("rejected", error.code, check.created_at)
-                log.info("check rejected: %s", error.message, extra=_about(check, stage, code=error.code))
+            for check in checks:
+                self._fail_one(session, check, error, lease, stage, outcomes)
+        outcomes.report()
 
-    def retry_later(self, check: CheckRow, code: str, message: str, stage: str) -> None:
-        """Back to queued with exponential backoff and jitter, or `failed` once attempts are used up."""
+    def _fail_one(self, session: Session, check: CheckRow, error: ItemError, lease: Lease, stage: str, outcomes):
+        code, message = error.code, error.message
+        if error.permanent:
+            if self._finished(session, self.ledger.finish_rejected(session, check.id, code, message, lease.token)):
+                outcomes.add("rejected", check, stage, code, message)
+            return
         if check.attempts >= self.settings.max_attempts:
-            self._failed(check, code, message, stage)
+            if self._finished(session, self.ledger.finish_failed(session, check.id, code, message, lease.token)):
+                outcomes.add("failed", check, stage, code, message)
             return
-        with self.ledger.session() as session:
-            self.ledger.mark_queued(session, check.id, error_code=code, error_message=message)
         delay = self.backoff(check.attempts)
-        metrics.RETRIES.labels(code).inc()
-        log.info("check retried in %.1fs: %s", delay, message, extra=_about(check, stage, code=code))
-        self.enqueue(_message(check), delay, queue_of(check))
+        available_at = utcnow() + timedelta(seconds=delay)
+        if self.ledger.mark_queued(
+            session, check.id, lease.token, available_at=available_at, error_code=code, error_message=message
+        ):
+            outcomes.add("retried", check, stage, code, message, delay=delay)
 
-    def _done(self, session, check: CheckRow, result: dict) -> None:
-        if self._finished(session, self.ledger.finish_done(session, check.id, **result)):
-            metrics.finished("done", None, check.created_at)
-            metrics.scored(self.version_id, result["p_fake"], result["verdict"] == "fake")
-            log.info("check done: %s %.3f", result["verdict"], result["p_fake"], extra=_about(check, "store"))
+    def _done(self, session: Session, check: CheckRow, result: dict, lease: Lease, outcomes: _Outcomes) -> None:
+        row = self._finished(session, self.ledger.finish_done(session, check.id, lease.token, **result))
+        if row is not None:
+            outcomes.add("done", row, "store")
 
-    def _failed(self, check: CheckRow, code: str, message: str, stage: str) -> None:
-        with self.ledger.session() as session:
-            if self._finished(session, self.ledger.finish_failed(session, check.id, code, message)):
-                metrics.finished("failed", code, check.created_at)
-                log.warning("check failed: %s", message, extra=_about(check, stage, code=code))
-
-    def _finished(self, session, row: CheckRow | None) -> CheckRow | None:
-        """A check just ended (row is None if it had ended before): its result is queued for delivery, in the
-        same transaction, so a stored outcome always has its deliveries."""
+    def _finished(self, session: Session, row: CheckRow | None) -> CheckRow | None:
+        """A check just ended (row is None if this lease no longer held it): its result is queued for delivery in
+        the same transaction, so a stored outcome always has its deliveries."""
         if row is not None:
             outbox.record_outcome(session, row, results_stream=bool(self.settings.results_stream))
         return row
 
     def backoff(self, attempts: int) -> float:
         return backoff_s(attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
-
-    def fail_batch_on_timeout(self, batch_ids: list[str]) -> None:
-        """The batch ran past its time budget: each unfinished check is retried (or failed)."""
-        with self.ledger.session() as session:
-            rows = [self.ledger.get_check(session, check_id) for check_id in batch_ids]
-        for check in rows:
-            if check is not None and check.status == CheckStatus.running:
-                self.retry_later(check, "check.timeout", "The check ran past its time budget.", "batch")
-
-    # ------------------------------------------------------------------ reconciling
-
-    def reconcile(self) -> int:
-        """Re-sends every check of this version that sits queued/running past `reconcile_after_s`."""
-        older_than = timedelta(seconds=self.settings.reconcile_after_s)
-        with self.ledger.session() as session:
-            stuck = [
-                check
-                for check in self.ledger.stuck_checks(session, older_than)
-                if check.pipeline_version_id == self.version_id
-            ]
-        for check in stuck:
-            if check.attempts >= self.settings.max_attempts:
-                self._failed(check, "check.stuck", "No worker finished this check.", "reconcile")
-                continue
-            with self.ledger.session() as session:
-                self.ledger.mark_queued(session, check.id)  # keeps the last error
-            log.info("stuck check re-queued", extra=_about(check, "reconcile"))
-            self.enqueue(_message(check), 0.0, queue_of(check))
-        return len(stuck)
-
-
-def _message(check: CheckRow) -> dict:
-    return {"external_id": check.external_id, "image": check.source, "check_id": check.id}
-
-
-def queue_of(check: CheckRow) -> str:
-    """Re-scores travel on their own queue, which workers read only when the fresh one is empty."""
-    return RESCORE_QUEUE if check.priority == Priority.rescore else CHECK_QUEUE
 
 
 def _has_features(artifacts: Artifacts | None) -> bool:

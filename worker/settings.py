@@ -77,9 +77,13 @@ class Settings(BaseSettings):
 
     # the service
     database_url: str = Field(DEFAULT_DATABASE_URL, description="Ledger: postgresql+psycopg://... or sqlite:///...")
-    broker_url: str | None = Field(None, description="redis://host:port/db; unset runs checks in-process.")
+    broker_url: str | None = Field(
+        None, description="redis://host:port/db or amqp://user:pass@host:port/vhost; unset runs checks in-process."
+    )
     redis_key_prefix: str = Field("", description="Prefix of every Redis key, so deployments can share a Redis.")
-    worker_concurrency: int = Field(1, ge=1, description="Worker processes per `item worker` (one per GPU).")
+    worker_concurrency: int = Field(
+        1, ge=0, description="GPU loop processes per `item worker` (one per GPU); 0 runs the intake only."
+    )
     batch_max_wait_s: float = Field(0.2, ge=0, description="How long a worker waits to fill a batch.")
     batch_time_budget_s: float = Field(
         300.0, gt=0, description="Longest a batch of checks may run; its unfinished checks end as check.timeout."
@@ -90,9 +94,24 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, description="Tries before a transiently failing check ends as failed.")
     retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt, with jitter.")
     retry_backoff_max_s: float = Field(300.0, gt=0, description="Longest retry delay.")
-    reconcile_after_s: float = Field(900.0, gt=0, description="A check queued/running this long is re-enqueued.")
-    reconcile_interval_s: float = Field(60.0, gt=0, description="How often workers run the reconciler.")
-    visibility_timeout_s: float = Field(3600.0, gt=0, description="Redis redelivers unacked messages after this.")
+    lease_s: float = Field(
+        15.0, ge=1, description="How long a claim holds checks unrenewed: a dead worker's checks are redone after it."
+    )
+    idle_poll_s: float = Field(
+        2.0, gt=0, description="How long an idle worker waits for a wake-up before it looks in the ledger again."
+    )
+    activate_on_start: bool = Field(
+        False, description="A worker starting on a new version makes it active (else: `item versions activate`)."
+    )
+    intake_prefetch: int = Field(256, ge=1, le=65_535, description="Messages the intake holds unacknowledged.")
+    intake_batch_size: int = Field(64, ge=1, le=4096, description="Messages filed per ledger transaction.")
+    reconcile_after_s: float = Field(
+        900.0, gt=0, description="An unfinished check no worker moved for this long counts as stuck."
+    )
+    reconcile_interval_s: float = Field(60.0, gt=0, description="How often the deployment's reconciler runs.")
+    visibility_timeout_s: float = Field(
+        3600.0, gt=0, description="Redis redelivers a message the intake took but never acknowledged after this."
+    )
     rescore_batch_size: int = Field(
         64, ge=1, le=4096, description="Checks per batch when re-scoring (stored artifacts make them cheap)."
     )
@@ -126,12 +145,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         self._take_old_budget_name()
-        # A message redelivered while its first delivery still runs would check the image twice at once.
-        if self.visibility_timeout_s <= self.batch_time_budget_s:
-            raise ValueError("visibility_timeout_s must be longer than batch_time_budget_s")
-        # A check running within its budget must not look stuck to the reconciler.
-        if self.reconcile_after_s <= self.batch_time_budget_s:
-            raise ValueError("reconcile_after_s must be longer than batch_time_budget_s")
+        # A running check's heartbeat touches it every third of a lease: one untouched for longer is not moving.
+        if self.reconcile_after_s <= self.lease_s:
+            raise ValueError("reconcile_after_s must be longer than lease_s")
         return self
 
     def _take_old_budget_name(self) -> None:

@@ -7,7 +7,9 @@
            accepted too, and recorded as the object)
 
 Inline bytes are kept in the ledger (as a blob, by sha256) when a check is created, so the message can be
-lost and the check still re-run; the source recorded on the check then names the blob, not the bytes.
+lost and the check still re-run; the source recorded on the check then names the blob, not the bytes. Only the
+ledger itself may name a blob: a message saying `{"blob": sha256}` is refused, since anyone who knew an image's
+hash could otherwise have another platform's upload scored and its caption sent to their own callback.
 """
 
 from __future__ import annotations
@@ -40,11 +42,16 @@ class SourceError(ItemError):
     code = "source.invalid"
 
 
-def validate(image: Any) -> tuple[str, SourceValue]:
-    """Checks the shape of the task's `image` argument; returns (kind, value), an s3 value as {"bucket", "key"}."""
+def validate(image: Any, *, stored: bool = False) -> tuple[str, SourceValue]:
+    """Checks the shape of the task's `image` argument; returns (kind, value), an s3 value as {"bucket", "key"}.
+
+    `stored`: the source as the ledger recorded it, which may name a blob; a submitted one never may.
+    """
     one_of = ", ".join(SOURCE_KINDS)
     if not isinstance(image, dict):
         raise SourceError(f"`image` must be an object with exactly one of: {one_of}.")
+    if not stored and image.get("blob") is not None:
+        raise SourceError("`image.blob` names stored bytes and is not accepted in a submission: send `b64`.")
     # Present means not None: an empty b64 string is an (empty) image, refused later as image.empty.
     given = [kind for kind in (*SOURCE_KINDS, "blob") if image.get(kind) is not None]
     if len(given) != 1:
@@ -112,7 +119,7 @@ def _is_bucket_name(name: str) -> bool:
 def load(source: dict, settings: Settings, get_blob: Callable[[str], bytes | None]) -> bytes:
     """The bytes a stored source names: a blob from the ledger, a URL, an allowed local path, an S3 object or
     inline base64."""
-    kind, value = validate(source)
+    kind, value = validate(source, stored=True)
     if kind == "blob":
         data = get_blob(value)
         if data is None:

@@ -8,13 +8,18 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 
 from pipeline.core.detector import Detector
 from pipeline.core.profiles import get_profile
@@ -68,20 +73,30 @@ class Stack:
     def queue_length(self) -> int:
         return self.redis.llen(f"{self.prefix}item.checks")
 
+    def send(self, **kwargs) -> None:
+        """An `item.check` message as a platform's own Celery client sends it (JSON, protocol 2)."""
+        platform_client(self.env["ITEM_BROKER_URL"], self.prefix).send_task(
+            "item.check", kwargs=kwargs, queue="item.checks"
+        )
+
 
 class Worker:
     """`item worker` in its own process group, so a test can SIGKILL the whole tree at once."""
 
     def __init__(self, stack: Stack, name: str, concurrency: int = 1, env: dict[str, str] | None = None):
+        self.name = name
+        self.env = env or stack.env
         self.log = stack.folder / f"{name}.log"
         self.process = subprocess.Popen(
             [str(ITEM), "worker", "--concurrency", str(concurrency), "--loglevel", "INFO"],
-            env=env or stack.env,
+            env=self.env,
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        started = time.monotonic()
         self.wait_for(r"ready\.", 90)
+        self.started_in = time.monotonic() - started  # to "ready.": imports, models loaded, version registered
 
     def wait_for(self, pattern: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -93,6 +108,14 @@ class Worker:
     def model_images(self) -> int:
         return sum(int(n) for n in re.findall(r"model_images=(\d+)", self.log.read_text()))
 
+    def version_id(self) -> str:
+        """The pipeline version its GPU loops serve, as they announce it once ready."""
+        return re.findall(r"ready: (pv-[0-9a-f]+)", self.log.read_text())[-1]
+
+    def gpu_pids(self) -> list[int]:
+        """The process ids of its GPU loops, in the order they were started (replacements last)."""
+        return [int(pid) for pid in re.findall(r"GPU loop \d+ starting \(pid (\d+)\)", self.log.read_text())]
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, sig)
@@ -100,6 +123,14 @@ class Worker:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+def platform_client(broker_url: str, prefix: str = "") -> Celery:
+    """A platform's Celery app, configured as the README tells a platform to: JSON, and the deployment's prefix."""
+    app = Celery("platform", broker=broker_url, set_as_current=False)
+    options = {"global_keyprefix": prefix} if prefix else {}
+    app.conf.update(task_serializer="json", broker_transport_options={**options, "confirm_publish": True})
+    return app
 
 
 def run_item(env: dict, *args: str, check_exit: int | None = 0) -> subprocess.CompletedProcess:
@@ -127,7 +158,8 @@ def make_stack(postgres_url: str, tiny_store, folder: Path, **overrides: str):
         "ITEM_BATCH_SIZE": "4",
         "ITEM_BATCH_MAX_WAIT_S": "0.3",
         "ITEM_BATCH_TIME_BUDGET_S": "8",
-        "ITEM_VISIBILITY_TIMEOUT_S": "12",
+        "ITEM_LEASE_S": "3",  # a killed worker's checks are claimed again 3 s later
+        "ITEM_IDLE_POLL_S": "0.5",
         "ITEM_RECONCILE_AFTER_S": "10",
         "ITEM_RECONCILE_INTERVAL_S": "2",
         "ITEM_RETRY_BACKOFF_S": "0.5",
@@ -140,7 +172,65 @@ def make_stack(postgres_url: str, tiny_store, folder: Path, **overrides: str):
     migrate.upgrade(postgres_url)
     client = redis.Redis.from_url(REDIS_URL)
     stack = Stack(env, Ledger(postgres_url), client, prefix, folder)
-    build_service(stack.settings, enqueue=lambda kwargs, countdown, queue: None)  # registers the pipeline version,
-    yield stack  # as a first worker would, so tests may submit before any worker runs
+    build_service(stack.settings).register_version()  # as a first worker would, so tests may submit before any
+    yield stack  # worker runs
+
     for key in client.scan_iter(f"{prefix}*"):
         client.delete(key)
+
+
+@dataclass
+class ImageServer:
+    """An image server on 127.0.0.1 (allow it with ITEM_FETCH_ALLOWED_NETWORKS): /image.png answers at once,
+    /hang.png promises an image and drips it far slower than any budget allows, /busy.png answers 503; every
+    request's path and time is kept."""
+
+    url: str
+    requests: list[tuple[str, float]] = field(default_factory=list)
+
+
+@contextmanager
+def image_server() -> Iterator[ImageServer]:
+    png = encode(noise_image(7))
+    server: ImageServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            server.requests.append((self.path, time.monotonic()))
+            if self.path == "/image.png":
+                self._headers(200, len(png))
+                self.wfile.write(png)
+            elif self.path == "/hang.png":
+                self._headers(200, len(png))
+                for byte in png[:200]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            elif self.path == "/busy.png":
+                self._headers(503, 0)
+            else:
+                self.send_error(404)
+
+        def _headers(self, status: int, length: int) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+
+        def handle(self) -> None:
+            with suppress(BrokenPipeError, ConnectionResetError):  # a worker gave up on a hanging download
+                super().handle()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    server = ImageServer(f"http://127.0.0.1:{httpd.server_address[1]}")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

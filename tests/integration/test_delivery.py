@@ -27,10 +27,12 @@ from tests.conftest import encode, noise_image, random_head
 from tests.integration.stack import REDIS_URL
 from worker.callbacks import CallbackError, checked_callback_url
 from worker.delivery import Deliverer
+from worker.intake import CheckRequest
 from worker.ledger.models import CheckRow, DeliveryRow
 from worker.ledger.outbox import record_outcome
-from worker.ledger.store import Ledger
+from worker.ledger.store import Lease, Ledger
 from worker.ledger.views import check_dict
+from worker.runtime import InProcess
 from worker.service import CheckService
 from worker.settings import Settings
 from worker.signing import verify
@@ -138,9 +140,7 @@ def receivers() -> Iterator[Callable[..., Receiver]]:
 def make_service(ledger, tiny_detector, tmp_path) -> Callable[..., CheckService]:
     def make(**overrides) -> CheckService:
         settings = Settings(**{**FAST, "allowed_path_roots": [tmp_path], **overrides})
-        service = CheckService(settings, ledger, tiny_detector, enqueue=lambda kwargs, countdown, queue: None)
-        service.register_version()
-        return service
+        return InProcess(settings, CheckService(settings, ledger, tiny_detector)).service
 
     return make
 
@@ -149,9 +149,18 @@ def _check(service: CheckService, folder, seed: int, callback_url: str | None = 
     """Runs one check to its end through the service; returns its row."""
     path = folder / f"{seed}.png"
     path.write_bytes(encode(noise_image(seed)) if data is None else data)
-    service.receive(f"ext-{seed}", {"path": str(path)}, callback_url=callback_url)
+    InProcess(service.settings, service).intake.file([CheckRequest(f"ext-{seed}", {"path": str(path)}, callback_url)])
+    _run_one_batch(service)
     with service.ledger.session() as session:
         return service.ledger.find_check(session, f"ext-{seed}", service.version_id)
+
+
+def _run_one_batch(service: CheckService) -> None:
+    """A worker's turn: claims what is ready and runs it (retries scheduled for later stay queued)."""
+    lease = Lease.new("test:1", 60)
+    batch = service.claim_batch(lease)
+    if batch:
+        service.run_batch(batch, lease)
 
 
 def _ended(service: CheckService, callback_url: str | None, external_id: str = "ended") -> CheckRow:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +14,7 @@ from pipeline.core.results import Artifacts, Embeddings, Features, GroundedObjec
 from tests.conftest import decoded
 from worker.ledger.models import CheckRow
 from worker.ledger.states import CheckStatus
-from worker.ledger.store import Ledger
+from worker.ledger.store import Lease, Ledger
 
 VERSION = PipelineVersion(caption="blip:a", ground="gdino:b", embed="clip:c", head="head:d")
 OTHER_VERSION = PipelineVersion(caption="blip:a", ground="gdino:b", embed="clip:c", head="head:e")
@@ -189,43 +190,91 @@ def test_create_check_needs_a_registered_version(ledger):
 # ---------------------------------------------------------------------- status changes
 
 
-def _claim(ledger: Ledger, session, check_id: str, *, stale_before: datetime | None = None) -> list[CheckRow]:
-    stale_before = stale_before or datetime.now(UTC) - timedelta(hours=1)
-    return ledger.claim(session, pipeline_version_id=VERSION.id, limit=1, stale_before=stale_before, first=check_id)
+def _claim(ledger: Ledger, session, limit: int = 1, seconds: float = 60, max_attempts: int = 5) -> tuple:
+    """Claims the `limit` oldest ready checks of VERSION under a new lease; returns (lease, rows)."""
+    lease = Lease.new("test:1", seconds)
+    rows = ledger.claim(session, pipeline_version_id=VERSION.id, limit=limit, lease=lease, max_attempts=max_attempts)
+    return lease, rows
 
 
-def test_claim_counts_attempts_and_ignores_finished_checks(ledger):
-    _register(ledger)
-    check = _create(ledger, "run-1")
+def _expire(ledger: Ledger, check_id: str) -> None:
     with ledger.session() as session:
-        [running] = _claim(ledger, session, check.id)
-        assert running.status == CheckStatus.running and running.attempts == 1 and running.started_at is not None
-        assert _claim(ledger, session, check.id) == []  # running and fresh: someone holds it
-        future = datetime.now(UTC) + timedelta(seconds=1)
-        assert _claim(ledger, session, check.id, stale_before=future)[0].attempts == 2  # its worker died
-        assert (
-            ledger.claim(
-                session, pipeline_version_id=VERSION.id, limit=1, stale_before=future, max_attempts=2, first=check.id
-            )
-            == []
-        )  # attempts used up: left for the reconciler to fail
-        assert ledger.finish_done(session, check.id, **_result())
-        assert _claim(ledger, session, check.id, stale_before=future) == []
-        assert ledger.mark_queued(session, check.id, error_code="x", error_message="y") is None
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        session.execute(sa.update(CheckRow).where(CheckRow.id == check_id).values(lease_expires_at=past))
+
+
+def test_claim_takes_the_oldest_ready_checks_under_a_lease(ledger):
+    _register(ledger)
+    checks = [_create(ledger, f"run-{i}") for i in range(3)]
+    with ledger.session() as session:
+        lease, rows = _claim(ledger, session, limit=2)
+        assert [row.id for row in rows] == [checks[0].id, checks[1].id]
+        assert all(row.status == CheckStatus.running and row.attempts == 1 for row in rows)
+        assert all(row.lease_token == lease.token and row.lease_owner == "test:1" for row in rows)
+        assert all(row.lease_expires_at > datetime.now(UTC) + timedelta(seconds=50) for row in rows)
+        assert [row.id for row in _claim(ledger, session, limit=5)[1]] == [checks[2].id]  # held ones are not ready
+        assert _claim(ledger, session)[1] == []
+
+
+def test_an_expired_lease_is_claimed_again_and_its_old_holder_changes_nothing(ledger):
+    _register(ledger)
+    check = _create(ledger, "lease-1")
+    with ledger.session() as session:
+        old, _ = _claim(ledger, session)
+    _expire(ledger, check.id)  # its worker died (or stalled past its lease)
+    with ledger.session() as session:
+        new, [taken] = _claim(ledger, session)
+        assert taken.attempts == 2 and taken.lease_token == new.token
+        assert ledger.finish_done(session, check.id, old.token, **_result(0.1)) is None
+        assert ledger.mark_queued(session, check.id, old.token, available_at=datetime.now(UTC)) is None
+        assert ledger.finish_failed(session, check.id, "late.failure", "too late", old.token) is None
+        assert ledger.finish_done(session, check.id, new.token, **_result(0.8))
     after = _get(ledger, check.id)
-    assert (after.status, after.attempts, after.error_code) == (CheckStatus.done, 2, None)
+    assert (after.status, after.p_fake, after.lease_expires_at) == (CheckStatus.done, 0.8, None)
 
 
-def test_mark_queued_records_the_last_error(ledger):
+def test_renewing_keeps_the_lease_and_counts_what_it_holds(ledger):
+    _register(ledger)
+    checks = [_create(ledger, f"renew-{i}") for i in range(2)]
+    with ledger.session() as session:
+        lease, rows = _claim(ledger, session, limit=2, seconds=1)
+        ledger.finish_done(session, checks[0].id, lease.token, **_result())
+    with ledger.session() as session:
+        assert ledger.renew(session, replace(lease, seconds=120)) == 1  # the done one is no longer held
+    assert _get(ledger, checks[1].id).lease_expires_at > datetime.now(UTC) + timedelta(seconds=100)
+
+
+def test_attempts_used_up_are_left_for_the_reconciler(ledger):
+    _register(ledger)
+    check = _create(ledger, "poison-1")
+    with ledger.session() as session:
+        _claim(ledger, session, max_attempts=1)
+    _expire(ledger, check.id)  # its worker died on it
+    with ledger.session() as session:
+        assert _claim(ledger, session, max_attempts=1)[1] == []  # never claimed again
+        assert [row.id for row in ledger.abandoned_checks(session, max_attempts=1)] == [check.id]
+        assert ledger.abandoned_checks(session, max_attempts=2) == []
+        failed = ledger.fail_abandoned(session, check.id, 1, "check.stuck", "no worker finished it")
+    assert (failed.status, failed.error_code) == (CheckStatus.failed, "check.stuck")
+
+
+def test_a_retry_is_not_claimed_before_its_time_and_keeps_the_last_error(ledger):
     _register(ledger)
     check = _create(ledger, "retry-1")
     with ledger.session() as session:
-        _claim(ledger, session, check.id)
-        queued = ledger.mark_queued(session, check.id, error_code="fetch.timeout", error_message="slow server")
-        assert queued.status == CheckStatus.queued and queued.error_code == "fetch.timeout"
-        _claim(ledger, session, check.id)
-        kept = ledger.mark_queued(session, check.id)  # no new error: the last one stays
-    assert (kept.error_code, kept.error_message, kept.attempts) == ("fetch.timeout", "slow server", 2)
+        lease, _ = _claim(ledger, session)
+        later = datetime.now(UTC) + timedelta(hours=1)
+        queued = ledger.mark_queued(
+            session, check.id, lease.token, available_at=later, error_code="url.timeout", error_message="slow server"
+        )
+        assert queued.status == CheckStatus.queued and queued.error_code == "url.timeout"
+        assert _claim(ledger, session)[1] == []  # its backoff has not passed
+    with ledger.session() as session:
+        session.execute(sa.update(CheckRow).where(CheckRow.id == check.id).values(available_at=datetime.now(UTC)))
+    with ledger.session() as session:
+        lease, [again] = _claim(ledger, session)
+        kept = ledger.mark_queued(session, check.id, lease.token, available_at=datetime.now(UTC))  # no new error
+    assert (kept.error_code, kept.error_message, kept.attempts) == ("url.timeout", "slow server", 2)
     assert kept.enqueued_at >= check.enqueued_at
 
 
@@ -233,12 +282,16 @@ def test_finish_done_twice_keeps_the_first_result(ledger):
     _register(ledger)
     check = _create(ledger, "done-1")
     with ledger.session() as session:
-        _claim(ledger, session, check.id)
-        ledger.mark_queued(session, check.id, error_code="gpu.out_of_memory", error_message="oom")
-        assert ledger.finish_done(session, check.id, **_result(0.8))
+        lease, _ = _claim(ledger, session)
+        ledger.mark_queued(
+            session, check.id, lease.token, available_at=datetime.now(UTC), error_code="gpu.out_of_memory",
+            error_message="oom",
+        )  # fmt: skip
+        lease, _ = _claim(ledger, session)
+        assert ledger.finish_done(session, check.id, lease.token, **_result(0.8))
     with ledger.session() as session:
-        assert not ledger.finish_done(session, check.id, **_result(0.1, caption="another caption"))
-        assert not ledger.finish_failed(session, check.id, "late.failure", "too late")
+        assert not ledger.finish_done(session, check.id, lease.token, **_result(0.1, caption="another caption"))
+        assert not ledger.finish_failed(session, check.id, "late.failure", "too late", lease.token)
     done = _get(ledger, check.id)
     assert (done.status, done.p_fake, done.verdict, done.caption) == (CheckStatus.done, 0.8, "fake", "a cat on a mat")
     assert (done.objects, done.object_count, done.timings_ms) == (OBJECTS, 1, {"caption": 12.5})
@@ -248,12 +301,14 @@ def test_finish_done_twice_keeps_the_first_result(ledger):
 
 def test_rejected_and_failed_keep_their_codes(ledger):
     _register(ledger)
-    rejected, failed = _create(ledger, "bad-1"), _create(ledger, "bad-2")
+    failed, rejected = _create(ledger, "bad-2"), _create(ledger, "bad-1")
     with ledger.session() as session:
-        assert ledger.finish_rejected(session, rejected.id, "image.not_an_image", "a PDF document")
-        assert ledger.finish_failed(session, failed.id, "fetch.timeout", "gave up after 5 attempts")
-        assert not ledger.finish_rejected(session, failed.id, "other", "other")
-        assert not ledger.finish_done(session, rejected.id, **_result())
+        lease, _ = _claim(ledger, session)  # `failed`, the older
+        assert ledger.finish_rejected(session, rejected.id, "image.not_an_image", "a PDF document")  # at intake
+        assert ledger.finish_failed(session, failed.id, "fetch.timeout", "gave up after 5 attempts", lease.token)
+        assert not ledger.finish_rejected(session, failed.id, "other", "other", lease.token)
+        assert not ledger.finish_rejected(session, failed.id, "other", "other")  # claimed once: not the intake's
+        assert not ledger.finish_done(session, rejected.id, lease.token, **_result())
     rows = {row.id: row for row in (_get(ledger, rejected.id), _get(ledger, failed.id))}
     assert (rows[rejected.id].status, rows[rejected.id].error_code) == (CheckStatus.rejected, "image.not_an_image")
     assert rows[rejected.id].error_message == "a PDF document" and rows[rejected.id].p_fake is None
@@ -262,10 +317,10 @@ def test_rejected_and_failed_keep_their_codes(ledger):
 
 def test_stuck_checks_are_old_queued_or_running_ones(ledger):
     _register(ledger)
-    old_queued, old_running, fresh, old_done = (_create(ledger, f"stuck-{i}") for i in range(4))
+    old_running, old_queued, fresh, old_done = (_create(ledger, f"stuck-{i}") for i in range(4))
     with ledger.session() as session:
-        _claim(ledger, session, old_running.id)
-        ledger.finish_done(session, old_done.id, **_result())
+        _claim(ledger, session)  # old_running, the oldest
+        ledger.finish_rejected(session, old_done.id, "image.empty", "empty")
     for check in (old_queued, old_running, old_done):
         _age(ledger, check.id, timedelta(hours=1))
     with ledger.session() as session:
@@ -283,8 +338,9 @@ def test_list_checks_filters_newest_first(ledger):
     _register(ledger)
     checks = [_create(ledger, f"list-{i}") for i in range(4)]
     with ledger.session() as session:
-        ledger.finish_done(session, checks[0].id, **_result(0.9))
-        ledger.finish_done(session, checks[1].id, **_result(0.1))
+        lease, _ = _claim(ledger, session, limit=2)
+        ledger.finish_done(session, checks[0].id, lease.token, **_result(0.9))
+        ledger.finish_done(session, checks[1].id, lease.token, **_result(0.1))
         ledger.finish_rejected(session, checks[2].id, "image.empty", "empty")
         everything = ledger.list_checks(session)
         done = ledger.list_checks(session, status="done")
@@ -309,10 +365,9 @@ def test_count_by_status(ledger):
     checks = [_create(ledger, f"count-{i}") for i in range(5)]
     with ledger.session() as session:
         assert ledger.count_by_status(session) == {"queued": 5, "running": 0, "done": 0, "rejected": 0, "failed": 0}
-        _claim(ledger, session, checks[0].id)
-        _claim(ledger, session, checks[1].id)
-        ledger.finish_done(session, checks[1].id, **_result())
-        ledger.finish_failed(session, checks[2].id, "x", "y")
+        lease, _ = _claim(ledger, session, limit=3)
+        ledger.finish_done(session, checks[1].id, lease.token, **_result())
+        ledger.finish_failed(session, checks[2].id, "x", "y", lease.token)
         counts = ledger.count_by_status(session)
     assert counts == {"queued": 2, "running": 1, "done": 1, "rejected": 0, "failed": 1}
 
@@ -325,11 +380,13 @@ def test_done_checks_for_images_answers_duplicates(ledger):
     with ledger.session() as session:
         assert ledger.done_checks_for_images(session, [image.sha256], VERSION.id) == {}
         ledger.upsert_image(session, image)
-        _claim(ledger, session, first.id)  # running, not done: not an answer yet
-        ledger.finish_done(session, other_version.id, **_result(image_sha256=image.sha256))
+        lease, _ = _claim(ledger, session, limit=2)  # running, not done: not an answer yet
+        other = Lease.new("test:2", 60)
+        ledger.claim(session, pipeline_version_id=OTHER_VERSION.id, limit=1, lease=other, max_attempts=5)
+        ledger.finish_done(session, other_version.id, other.token, **_result(image_sha256=image.sha256))
         assert ledger.done_checks_for_images(session, [image.sha256], VERSION.id) == {}
-        ledger.finish_done(session, first.id, **_result(0.7, image_sha256=image.sha256))
-        ledger.finish_done(session, second.id, **_result(0.2, image_sha256=image.sha256))
+        ledger.finish_done(session, first.id, lease.token, **_result(0.7, image_sha256=image.sha256))
+        ledger.finish_done(session, second.id, lease.token, **_result(0.2, image_sha256=image.sha256))
         answers = ledger.done_checks_for_images(session, [image.sha256, "f" * 64, image.sha256], VERSION.id)
     assert list(answers) == [image.sha256]  # bytes never checked have no answer
     assert answers[image.sha256].id == first.id and answers[image.sha256].p_fake == 0.7

@@ -10,7 +10,7 @@ from worker.ledger import migrate
 from worker.ledger.engine import make_engine
 from worker.ledger.models import Base
 
-TABLES = {"pipeline_versions", "images", "blobs", "artifacts", "checks", "deliveries"}
+TABLES = {"pipeline_versions", "images", "blobs", "artifacts", "checks", "deliveries", "dead_letters"}
 
 
 def _tables(url: str) -> set[str]:
@@ -34,7 +34,7 @@ def _drift(url: str) -> list:
 def test_upgrade_creates_the_tables(database_url):
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current(database_url) == migrate.head() == "0002"
+    assert migrate.current(database_url) == migrate.head() == "0003"
     assert migrate.is_up_to_date(database_url)
 
 
@@ -107,6 +107,45 @@ def test_0002_keeps_existing_checks_and_activates_existing_versions(database_url
         with engine.connect() as connection:
             assert connection.execute(sa.text("SELECT external_id FROM checks")).scalar_one() == "post-1"
         assert "deliveries" not in _tables(database_url)
+    finally:
+        engine.dispose()
+        migrate.upgrade(database_url)
+
+
+def test_0003_keeps_waiting_and_running_checks_claimable(database_url):
+    """Queued checks stay ready at once; a running one (its worker's lease is unknown) is taken over as expired."""
+    migrate.downgrade(database_url, "base")
+    migrate.upgrade(database_url, "0002")
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO pipeline_versions (id, profile, caption, ground, embed, head, created_at) "
+                    "VALUES ('pv-old', 'tiny', 'c', 'g', 'e', 'h', '2026-01-01 00:00:00+00:00')"
+                )
+            )
+            for check_id, status in (("c1", "queued"), ("c2", "running")):
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO checks (id, external_id, pipeline_version_id, source, status, attempts, priority, "
+                        "created_at, enqueued_at, updated_at) VALUES (:id, :id, 'pv-old', '{}', :status, 1, 0, "
+                        "'2026-01-01 00:00:00+00:00', '2026-01-01 00:01:00+00:00', '2026-01-01 00:02:00+00:00')"
+                    ),
+                    {"id": check_id, "status": status},
+                )
+        migrate.upgrade(database_url)
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.text("SELECT id, available_at, lease_expires_at, lease_token FROM checks ORDER BY id")
+            ).all()
+        queued, running = rows
+        assert queued.available_at is not None and queued.lease_expires_at is None
+        assert running.lease_expires_at is not None and running.lease_token is None
+        migrate.downgrade(database_url, "0002")
+        assert "dead_letters" not in _tables(database_url)
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT count(*) FROM checks")).scalar_one() == 2
     finally:
         engine.dispose()
         migrate.upgrade(database_url)

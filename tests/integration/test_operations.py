@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.core.results import PipelineVersion
 from tests.integration.stack import Worker, make_stack, run_item
 from worker.exporter import ScrapeTimeCollector
 from worker.metrics import METRIC_NAMES
@@ -73,24 +74,36 @@ def test_metrics_add_up_the_work_of_every_process(stack, worked):
     flagged = samples.get(("item_flagged_total", (("pipeline_version", version),)), 0)
     assert flagged == sum(row.verdict == "fake" for row in rows.values())
     assert samples[("item_queue_depth", (("queue", "item.checks"),))] == 0
-    assert samples[("item_queue_depth", (("queue", "item.rescore"),))] == 0
+    assert samples[("item_checks_waiting", (("priority", "fresh"),))] == 0
+    assert samples[("item_checks_waiting", (("priority", "rescore"),))] == 0
     assert samples[("item_checks_stuck", (("status", "running"),))] == 0
+    # Every failure code an alert watches is exported from the start, at 0.
+    assert samples[("item_checks_total", (("code", "check.timeout"), ("status", "failed")))] == 0
 
 
-def test_queue_depth_reports_both_queues_under_the_key_prefix(stack):
-    # given messages waiting in both queues under a key prefix no worker reads
+def test_the_backlog_is_read_from_the_broker_under_its_prefix_and_from_the_ledger(stack):
+    # given messages the intake has not filed under a key prefix no worker reads, and checks waiting in the ledger
     prefix = f"{stack.prefix}depth:"
-    stack.redis.rpush(f"{prefix}item.checks", *["fresh"] * 3)
-    stack.redis.rpush(f"{prefix}item.rescore", *["rescore"] * 5)
+    stack.redis.rpush(f"{prefix}item.checks", *["unfiled"] * 3)
+    idle = PipelineVersion("caption:c", "ground:g", "embed:e", "no worker runs this head")
+    with stack.ledger.session() as session:
+        before = stack.ledger.count_waiting(session)
+        stack.ledger.ensure_pipeline_version(session, idle, "tiny", activate=False)
+        for i in range(2):
+            stack.ledger.create_check(
+                session, external_id=f"waiting-{i}", pipeline_version_id=idle.id, source={"url": "http://x/"}
+            )
     try:
         # when the exporter collects with that prefix
         settings = stack.settings.model_copy(update={"redis_key_prefix": prefix})
         families = {family.name: family for family in ScrapeTimeCollector(settings).collect()}
-        # then each queue is reported by its unprefixed name, with its own length
+        # then the broker's queue is reported by its unprefixed name, and the ledger's backlog per priority
         depth = {sample.labels["queue"]: sample.value for sample in families["item_queue_depth"].samples}
-        assert depth == {"item.checks": 3, "item.rescore": 5}
+        assert depth == {"item.checks": 3}
+        waiting = {sample.labels["priority"]: sample.value for sample in families["item_checks_waiting"].samples}
+        assert waiting == {"fresh": before["fresh"] + 2, "rescore": before["rescore"]}
     finally:
-        stack.redis.delete(f"{prefix}item.checks", f"{prefix}item.rescore")
+        stack.redis.delete(f"{prefix}item.checks")
 
 
 def test_queue_depth_is_left_out_when_redis_does_not_answer(stack):

@@ -18,33 +18,25 @@ from pipeline.core.profiles import get_profile
 from tests.conftest import count_stage_images, encode, noise_image, random_head
 from worker import rescore
 from worker.ledger.states import CheckStatus, Priority
-from worker.ledger.store import RescoreSelection
+from worker.ledger.store import Lease, RescoreSelection
+from worker.runtime import InProcess
 from worker.service import CheckService
-from worker.settings import CHECK_QUEUE, RESCORE_QUEUE, Settings
+from worker.settings import Settings
 
 N = 6
 
 
 class Harness:
-    """A CheckService whose messages land in a list, run by `drain` (the broker's part, in-process)."""
+    """A worker of one version, in-process: checks it is given are filed and run here, to their end."""
 
     def __init__(self, ledger, detector: Detector, folder):
-        self.sent: list[tuple[dict, str]] = []
         settings = Settings(batch_size=4, batch_max_wait_s=0, allowed_path_roots=[folder], database_url="sqlite://")
-        self.service = CheckService(settings, ledger, detector, self._enqueue)
-        self.service.register_version()
+        self.runner = InProcess(settings, CheckService(settings, ledger, detector))
+        self.service = self.runner.service
 
-    def _enqueue(self, kwargs: dict, countdown: float, queue: str) -> None:
-        self.sent.append((kwargs, queue))
-
-    def run(self, messages: list[dict]) -> None:
-        self.sent += [(message, RESCORE_QUEUE) for message in messages]
-        self.drain()
-
-    def drain(self) -> None:
-        while self.sent:
-            message, _ = self.sent.pop(0)
-            self.service.receive(**message)
+    def run(self, run: rescore.RescoreRun, waiting: list[str]) -> None:
+        """`rescore.queue`'s page hook: what the page left waiting runs now."""
+        self.runner.finish(waiting)
 
 
 @pytest.fixture
@@ -54,8 +46,7 @@ def checked(ledger, tiny_detector, tmp_path):
     for seed in range(N):
         path = tmp_path / f"{seed}.png"
         path.write_bytes(encode(noise_image(seed, 64 + 8 * seed, 72)))
-        old.service.receive(f"post-{seed}", {"path": str(path)})
-    old.drain()
+        old.runner.receive(f"post-{seed}", {"path": str(path)})
     with ledger.session() as session:
         rows = ledger.list_checks(session, status="done")
     assert len(rows) == N
@@ -70,7 +61,7 @@ def _upgraded(ledger, tiny_store, folder, profile: str = "tiny", **head_override
 
 
 def _rescore_all(ledger, harness: Harness) -> rescore.RescoreRun:
-    run = rescore.queue(ledger, RescoreSelection(), harness.run, version_id=harness.service.version_id)
+    run = rescore.queue(ledger, RescoreSelection(), version_id=harness.service.version_id, on_page=harness.run)
     return rescore.refresh(ledger, run)
 
 
@@ -128,17 +119,16 @@ def test_a_second_rescore_does_nothing(ledger, tiny_store, checked, tmp_path):
     embedded = calls["embed"]
     again = _rescore_all(ledger, new)
     assert (again.selected, again.created, again.already_done) == (N, 0, N)
-    assert calls["embed"] == embedded and new.sent == []
+    assert calls["embed"] == embedded and again.queued == 0
 
 
 def test_an_interrupted_rescore_resumes(ledger, tiny_store, checked, tmp_path):
     new, _ = _upgraded(ledger, tiny_store, tmp_path)
     version = new.service.version_id
-    lost: list[dict] = []
-    first = rescore.queue(ledger, RescoreSelection(), lost.extend, version_id=version, limit=4)  # messages lost
+    first = rescore.queue(ledger, RescoreSelection(), version_id=version, limit=4)  # interrupted before running
     assert first.created == 4 and rescore.refresh(ledger, first).counts()["queued"] == 4
     second = _rescore_all(ledger, new)
-    assert (second.selected, second.created, second.sent) == (N, N - 4, N)  # re-sends the 4 still queued
+    assert (second.selected, second.created, second.queued) == (N, N - 4, N)  # the 4 still queued are run too
     assert second.counts()["done"] == N
 
 
@@ -180,25 +170,22 @@ def test_the_selection_filters(ledger, tiny_store, checked, tmp_path):
 
 def test_fresh_checks_are_claimed_before_rescores(ledger, tiny_store, checked, tmp_path):
     new, _ = _upgraded(ledger, tiny_store, tmp_path)
-    run = rescore.queue(ledger, RescoreSelection(), lambda messages: None, version_id=new.service.version_id)
+    run = rescore.queue(ledger, RescoreSelection(), version_id=new.service.version_id)  # N re-scores wait
     path = tmp_path / "fresh.png"
     path.write_bytes(encode(noise_image(99)))
     with ledger.session() as session:
         fresh, _ = ledger.create_check(
             session, external_id="fresh", pipeline_version_id=new.service.version_id, source={"path": str(path)}
         )
-    some_rescore = next(iter(run.statuses))
-    batch = new.service.claim(some_rescore)  # a re-score's message arrives first...
-    assert [c.id for c in batch] == [fresh.id]  # ...and the waiting upload is what gets claimed
-    new.service.run_batch(batch)
-    new.service._look_again(some_rescore)
-    assert new.sent[-1][1] == RESCORE_QUEUE  # the re-score goes back on its own queue, to be taken next
-    rest = new.service.claim(some_rescore)
-    assert len(rest) == N and some_rescore in {c.id for c in rest}
+    lease = Lease.new("test:1", 60)
+    batch = new.service.claim_batch(lease)  # filed after every re-score...
+    assert [c.id for c in batch] == [fresh.id]  # ...and still what gets claimed first
+    new.service.run_batch(batch, lease)
+    rest = new.service.claim_batch(Lease.new("test:1", 60))
+    assert {c.id for c in rest} == set(run.statuses)  # then the re-scores, in one batch of up to 64
     assert all(c.priority == Priority.rescore for c in rest)
     with ledger.session() as session:
         assert ledger.get_check(session, fresh.id).status == CheckStatus.done
-    assert CHECK_QUEUE != RESCORE_QUEUE
 
 
 def test_a_long_rescore_backlog_is_not_stuck_but_a_dead_workers_rescore_is(ledger, tiny_store, checked, tmp_path):
@@ -207,7 +194,7 @@ def test_a_long_rescore_backlog_is_not_stuck_but_a_dead_workers_rescore_is(ledge
     from worker.ledger.models import CheckRow
 
     new, _ = _upgraded(ledger, tiny_store, tmp_path)
-    run = rescore.queue(ledger, RescoreSelection(), lambda messages: None, version_id=new.service.version_id)
+    run = rescore.queue(ledger, RescoreSelection(), version_id=new.service.version_id)
     waiting, dead = list(run.statuses)[:2]
     with ledger.session() as session:
         old = datetime.now(UTC) - timedelta(hours=2)

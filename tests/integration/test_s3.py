@@ -25,6 +25,9 @@ from botocore.config import Config
 from tests.conftest import encode, noise_image
 from tests.integration.stack import Worker, make_stack
 from worker import s3
+from worker.intake import CheckRequest
+from worker.ledger.store import Lease
+from worker.runtime import InProcess
 from worker.service import CheckService
 from worker.settings import Settings
 
@@ -118,13 +121,15 @@ def _settings(server: S3Server, **overrides) -> Settings:
 
 
 def _check(ledger, detector, settings: Settings, image: dict):
-    """Runs one message through the real service; returns the check's row and the retry messages it sent."""
-    sent: list[dict] = []
-    service = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown, queue: sent.append(kwargs))
-    service.register_version()
-    service.receive("upload-1", image)
+    """Files one check and runs one batch of it; returns its row, and whether it was sent back to be retried."""
+    runner = InProcess(settings, CheckService(settings, ledger, detector))
+    [filed] = runner.intake.file([CheckRequest("upload-1", image)])
+    lease = Lease.new("test:1", 60)
+    runner.service.run_batch(runner.service.claim_batch(lease), lease)
     with ledger.session() as session:
-        return ledger.find_check(session, "upload-1", service.version_id), sent
+        row = ledger.get_check(session, filed.check.id)
+    retried = [row.id] if row.status == "queued" and row.attempts == 1 else []
+    return row, retried
 
 
 def test_an_s3_object_is_checked_and_its_bytes_recorded(s3_server, ledger, tiny_detector):
@@ -195,7 +200,7 @@ def test_an_unreachable_store_is_retried_not_rejected(s3_server, ledger, tiny_de
     settings = _settings(s3_server, s3_endpoint_url=f"http://127.0.0.1:{_free_port()}")  # nothing listens there
     row, sent = _check(ledger, tiny_detector, settings, {"s3": {"bucket": BUCKET, "key": "cat.png"}})
     assert (row.status, row.error_code) == ("queued", "s3.unavailable")
-    assert [message["check_id"] for message in sent] == [row.id]  # sent again, with backoff
+    assert sent == [row.id] and row.available_at > row.updated_at  # to be tried again, after a backoff
 
 
 def test_a_store_that_never_answers_times_out_within_the_limit(s3_server):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from pipeline.core.detector import Detector
 from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
+from worker.intake import CheckRequest
+from worker.ledger.store import Lease
+from worker.runtime import InProcess
 from worker.service import CheckService
 from worker.settings import Settings
 
@@ -34,9 +39,12 @@ def service(ledger, tiny_store, tmp_path):
     detector.batches = []
     detector.use_head(random_head(detector))
     settings = Settings(batch_size=8, batch_max_wait_s=0, allowed_path_roots=[tmp_path], database_url="sqlite://")
-    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown, queue: None)
-    svc.register_version()
-    return svc
+    return InProcess(settings, CheckService(settings, ledger, detector)).service
+
+
+def receive(service: CheckService, external_id: str, image: dict) -> None:
+    """One check submitted and run to its end here, as the embedded mode runs it."""
+    InProcess(service.settings, service).receive(external_id, image)
 
 
 def _submit(service: CheckService, folder, seeds: list[int]) -> list[str]:
@@ -44,7 +52,7 @@ def _submit(service: CheckService, folder, seeds: list[int]) -> list[str]:
     for seed in seeds:
         path = folder / f"{seed}.png"
         path.write_bytes(encode(noise_image(seed)))
-        service.receive(f"ext-{seed}", {"path": str(path)})
+        receive(service, f"ext-{seed}", {"path": str(path)})
         with service.ledger.session() as session:
             ids.append(service.ledger.find_check(session, f"ext-{seed}", service.version_id).id)
     return ids
@@ -61,8 +69,10 @@ def test_out_of_memory_halves_the_batch_and_everything_finishes(service, tmp_pat
                 pipeline_version_id=service.version_id,
                 source={"path": str(tmp_path / f"{seed}.png")},
             )
-    # when one message arrives
-    service.receive("ext-0", {"path": str(tmp_path / "0.png")})
+    # when a worker claims them
+    with service.ledger.session() as session:
+        waiting = [row.id for row in service.ledger.list_checks(session)]
+    InProcess(service.settings, service).finish(waiting)
     # then the batch of 8 was split until it fit, and all eight are done
     assert service.detector.batches == [8, 4, 2, 2, 4, 2, 2]  # 8 fails, each half fails, each quarter fits
     assert sum(n for n in service.detector.batches if n <= SmallGpu.capacity) == 8
@@ -76,7 +86,7 @@ def test_stored_artifacts_are_reused_for_new_checks_of_the_same_bytes(service, t
     calls = len(service.detector.batches)
     path = tmp_path / "copy.png"
     path.write_bytes((tmp_path / "1.png").read_bytes())
-    service.receive("ext-copy", {"path": str(path)})
+    receive(service, "ext-copy", {"path": str(path)})
     assert len(service.detector.batches) == calls  # answered from the ledger: no model run at all
     with service.ledger.session() as session:
         copy = service.ledger.find_check(session, "ext-copy", service.version_id)
@@ -85,7 +95,7 @@ def test_stored_artifacts_are_reused_for_new_checks_of_the_same_bytes(service, t
 
 
 def test_a_malformed_message_still_gets_a_terminal_ledger_row(service):
-    service.receive("ext-bad", {"url": "http://a/", "b64": "AAAA"})
+    receive(service, "ext-bad", {"url": "http://a/", "b64": "AAAA"})
     with service.ledger.session() as session:
         row = service.ledger.find_check(session, "ext-bad", service.version_id)
     assert row.status == "rejected" and row.error_code == "source.invalid"
@@ -96,7 +106,7 @@ def test_a_malformed_message_never_rejects_an_earlier_valid_check(service, tmp_p
         check, _ = service.ledger.create_check(
             session, external_id="ext-shared", pipeline_version_id=service.version_id, source={"url": "http://a/"}
         )
-    service.receive("ext-shared", {"url": "http://a/", "path": "/x"})  # two sources: malformed
+    InProcess(service.settings, service).intake.file([CheckRequest("ext-shared", {"url": "http://a/", "path": "/x"})])
     with service.ledger.session() as session:
         assert service.ledger.get_check(session, check.id).status == "queued"
 
@@ -109,16 +119,47 @@ class CrashingModel(SmallGpu):
 def test_a_crashing_model_is_retried_then_failed(ledger, tiny_store, tmp_path):
     detector = CrashingModel(get_profile("tiny"), tiny_store, device="cpu")
     detector.use_head(random_head(detector))
-    sent: list[dict] = []
-    settings = Settings(max_attempts=2, batch_max_wait_s=0, allowed_path_roots=[tmp_path], database_url="sqlite://")
-    svc = CheckService(settings, ledger, detector, enqueue=lambda kwargs, countdown, queue: sent.append(kwargs))
-    svc.register_version()
+    settings = Settings(
+        max_attempts=2, retry_backoff_s=0.1, batch_max_wait_s=0, allowed_path_roots=[tmp_path], database_url="sqlite://"
+    )
+    runner = InProcess(settings, CheckService(settings, ledger, detector))
     (tmp_path / "a.png").write_bytes(encode(noise_image(3)))
-    svc.receive("ext-crash", {"path": str(tmp_path / "a.png")})
+    [filed] = runner.intake.file([CheckRequest("ext-crash", {"path": str(tmp_path / "a.png")})])
+    lease = Lease.new("test:1", 60)
+    runner.service.run_batch(runner.service.claim_batch(lease), lease)
     with ledger.session() as session:
-        row = ledger.find_check(session, "ext-crash", svc.version_id)
-    assert row.status == "queued" and row.error_code == "check.internal_error" and len(sent) == 1
-    svc.receive(**sent[0])  # the retry
+        row = ledger.get_check(session, filed.check.id)
+    assert row.status == "queued" and row.error_code == "check.internal_error" and row.available_at > row.updated_at
+    runner.finish([row.id])  # the retry, once its backoff has passed
     with ledger.session() as session:
         row = ledger.get_check(session, row.id)
     assert row.status == "failed" and row.attempts == 2 and "model kernel crashed" in row.error_message
+
+
+class SlowModel(SmallGpu):
+    def detect(self, images, known=None):
+        time.sleep(5)  # stands for a model stage running long (huge inputs, a contended GPU)
+        return super().detect(images, known)
+
+
+def test_a_batch_past_its_budget_inside_the_models_ends_as_check_timeout(ledger, tiny_store, tmp_path):
+    detector = SlowModel(get_profile("tiny"), tiny_store, device="cpu")
+    detector.batches = []
+    detector.use_head(random_head(detector))
+    settings = Settings(
+        batch_time_budget_s=0.5,
+        max_attempts=1,
+        batch_max_wait_s=0,
+        allowed_path_roots=[tmp_path],
+        database_url="sqlite://",
+    )
+    runner = InProcess(settings, CheckService(settings, ledger, detector))
+    (tmp_path / "slow.png").write_bytes(encode(noise_image(5)))
+    [filed] = runner.intake.file([CheckRequest("ext-slow", {"path": str(tmp_path / "slow.png")})])
+    started = time.monotonic()
+    assert runner.loop.run_once() == 1
+    elapsed = time.monotonic() - started
+    with ledger.session() as session:
+        row = ledger.get_check(session, filed.check.id)
+    assert (row.status, row.error_code) == ("failed", "check.timeout"), (row.status, row.error_code)
+    assert elapsed < 3, f"the batch was not interrupted: {elapsed:.1f}s"  # it stopped inside the models

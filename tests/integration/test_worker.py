@@ -182,5 +182,5 @@ def test_results_filter_by_status_and_verdict(stack, worker):
 def test_status_counts_and_reconcile_command(stack, worker):
     counts = json.loads(run_item(stack.env, "status", "--json").stdout)
     assert set(counts) == {"queued", "running", "done", "rejected", "failed"} and counts["done"] >= 1
-    assert "re-queued 0 stuck checks" in run_item(stack.env, "reconcile").stdout
+    assert "failed 0 abandoned checks" in run_item(stack.env, "reconcile").stdout
     assert run_item(stack.env, "status", "no-such-check", check_exit=1).stderr.startswith("no such check")

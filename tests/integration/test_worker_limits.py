@@ -8,50 +8,16 @@ time budget, retried, then failed, while the worker goes on serving.
 from __future__ import annotations
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import encode, noise_image
-from tests.integration.stack import Worker, make_stack
-
-PNG = encode(noise_image(7))
-
-
-class Images(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path == "/image.png":
-            self._headers(len(PNG))
-            self.wfile.write(PNG)
-        elif self.path == "/hang.png":  # promises an image, then drips it far slower than any budget allows
-            self._headers(len(PNG))
-            for byte in PNG[:200]:
-                self.wfile.write(bytes([byte]))
-                self.wfile.flush()
-                time.sleep(0.5)
-        else:
-            self.send_error(404)
-
-    def _headers(self, length: int) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(length))
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
+from tests.integration.stack import Worker, image_server, make_stack
 
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Images)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with image_server() as images:
+        yield images.url
 
 
 @pytest.fixture(scope="module")

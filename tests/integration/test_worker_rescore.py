@@ -65,14 +65,14 @@ def test_a_head_upgrade_is_rescored_by_the_head_alone(stack, checked):
     assert worker.model_images() == 0  # no image decoded, so no caption, grounding or CLIP ran
     flipped = sum(row.verdict != ("fake" if row.p_fake >= threshold else "real") for row in checked)
     assert flipped > 0 and summary["flipped"] == flipped and summary["compared"] == N
-    assert (again["created"], again["sent"], again["already_done"]) == (0, 0, N)  # a second run does nothing
+    assert (again["created"], again["queued"], again["already_done"]) == (0, 0, N)  # a second run does nothing
 
 
 def test_fresh_uploads_are_served_before_a_waiting_rescore(stack, checked):
     env = _head_with_threshold(stack, "head-v3.safetensors", 0.123)  # a third, new version
     run_item(env, "versions", "register")
-    queued = _rescore(env, "--no-wait")  # no worker yet: the re-scores wait on their queue
-    assert queued["sent"] >= N
+    queued = _rescore(env, "--no-wait")  # no worker yet: the re-scores wait in the ledger
+    assert queued["queued"] >= N
     run_item(env, "submit", str(stack.image(100)), str(stack.image(101)))
 
     worker = Worker(stack, "worker-v3", env=env)

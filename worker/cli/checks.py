@@ -6,6 +6,7 @@ The client side (`submit` with a broker, `status`, `results`) imports no model l
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -126,19 +127,26 @@ def submit(
         raise fail(ValueError(f"{len(inputs)} inputs but {len(ids)} --external-id values."))
     try:
         items = [(eid, client.image_from(ref, by_path=by_path)) for eid, ref in zip(ids, inputs, strict=True)]
-        if settings.broker_url:
-            submissions = client.submit(settings, items, callback_url=callback_url)
+        if settings.broker_url:  # a service runs: file them for its workers
+            submitted = client.submit(settings, items, callback_url=callback_url)
         else:  # embedded: the models load here, and the checks run before this command returns
             from worker.runtime import submit_in_process
 
-            submissions = submit_in_process(settings, items, callback_url=callback_url)
+            submitted = submit_in_process(settings, items, callback_url=callback_url)
     except ItemError as error:
         raise fail(error) from None
-    for s in submissions:
+    for s in submitted:
         if as_json:
-            print(json.dumps({"check_id": s.check_id, "external_id": s.external_id, "created": s.created}))
+            print(json.dumps(asdict(s)))
         else:
-            out.print(f"{s.check_id}  {escape(s.external_id)}{'' if s.created else '  (exists)'}", soft_wrap=True)
+            error = f"  {s.error_code}: {escape(s.error_message or '')}" if s.error_code and s.status != "done" else ""
+            existing = "" if s.created else "  (exists)"
+            out.print(f"{s.check_id}  {escape(s.external_id)}  {s.status}{existing}{error}", soft_wrap=True)
+    unsuccessful = [s for s in submitted if s.status in ("rejected", "failed")]
+    if unsuccessful:
+        ended = " or ".join(sorted({s.status for s in unsuccessful}))
+        err.print(f"{len(unsuccessful)} of {len(submitted)} checks were {ended}")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -187,9 +195,11 @@ def results(
         until=as_utc(until),
         external_id=external_id,
         pipeline_version_id=version,
-        limit=limit,
+        limit=limit + 1,  # one more than shown tells whether the limit cut the list
     )
-    _print_checks(rows, as_json)
+    _print_checks(rows[:limit], as_json)
+    if len(rows) > limit:
+        err.print(f"showing the newest {limit} matching checks; more match: narrow the filters or raise --limit")
 
 
 def _print_checks(rows, as_json: bool) -> None:

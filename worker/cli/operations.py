@@ -31,36 +31,67 @@ app.add_typer(db_app, name="db")
 
 @app.command()
 def worker(
-    beat: Annotated[bool, typer.Option(help="Also run the periodic reconciler in this worker.")] = True,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Processes [env ITEM_WORKER_CONCURRENCY].")] = None,
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
-    queues: Annotated[
-        list[str] | None,
-        typer.Option("--queue", "-Q", help="Queues to read, first first (default: item.checks, then item.rescore)."),
+    concurrency: Annotated[
+        int | None,
+        typer.Option(min=0, help="GPU loop processes, one per GPU; 0: intake only [env ITEM_WORKER_CONCURRENCY]."),
     ] = None,
+    intake: Annotated[bool, typer.Option(help="Also file the broker's item.check messages in the ledger.")] = True,
+    reconcile: Annotated[bool, typer.Option(help="Take part in running the deployment's reconciler.")] = True,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
-    """Start a Celery worker on the check queues (needs ITEM_BROKER_URL and a migrated ledger).
+    """Run a worker: GPU loops claiming checks from the ledger, the broker intake, deliveries and metrics.
 
-    It reads `item.checks` and, only while that is empty, `item.rescore`; `--queue item.rescore` makes a worker
-    that only re-scores (on a spare GPU, say).
+    Needs a migrated ledger (`item db upgrade`); the intake needs ITEM_BROKER_URL (redis:// or amqp://). Each
+    GPU loop loads its models, registers its pipeline version and then claims batches of that version; a new
+    version takes fresh uploads only once activated (`item versions activate`, or ITEM_ACTIVATE_ON_START).
     """
     settings = settings_from(worker_concurrency=concurrency)
-    if not settings.broker_url:
-        raise fail(ValueError("ITEM_BROKER_URL is not set: a worker needs a broker (redis://...)."))
+    if intake and not settings.broker_url:
+        raise fail(ValueError("ITEM_BROKER_URL is not set: the intake needs a broker (or pass --no-intake)."))
     from worker import exporter, logs
+    from worker.ledger import migrate
 
     logs.configure(settings.log_format, loglevel.upper())
+    if not migrate.is_up_to_date(settings.database_url):
+        raise fail(ValueError(f"The ledger is not at revision {migrate.head()}: run `item db upgrade` first."))
     exporter.prepare_multiprocess_dir(settings)  # before anything imports the metrics: children inherit it
-    from worker.celery_app import QUEUES
-    from worker.tasks import worker_app
+    from worker.supervisor import Supervisor
 
-    celery = worker_app(settings)  # these settings, command line included, are every pool process's
-    if settings.metrics_port:
-        exporter.serve(settings)
-    chosen = ",".join(queues or QUEUES)  # in this order: fresh checks before re-scores
-    argv = ["worker", f"--queues={chosen}", f"--loglevel={loglevel}", "--pool=prefork", "--without-mingle"]
-    argv += [f"--concurrency={settings.worker_concurrency}", "--without-gossip"]
-    celery.worker_main(argv + (["--beat"] if beat else []))
+    code = Supervisor(settings, loglevel=loglevel.upper(), intake=intake, reconcile=reconcile).run()
+    raise typer.Exit(code)
+
+
+@app.command()
+def deadletters(
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many, newest first.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Messages the intake could not file as checks (not JSON, another task, no usable external id)."""
+    from worker.ledger.store import Ledger
+
+    ledger = Ledger(settings_from().database_url)
+    with ledger.session() as session:
+        rows = ledger.dead_letters(session, limit=limit)
+    if as_json:
+        for row in rows:
+            print(json.dumps(_dead_letter_dict(row)))
+        return
+    if not rows:
+        err.print("no dead letters")
+        return
+    table = Table()
+    for column in ("received", "code", "reason", "task", "content type", "body"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        shown = (row.body or "")[:120]
+        cells = (row.code, escape(row.reason), escape(row.task or ""), escape(row.content_type or ""), escape(shown))
+        table.add_row(row.received_at.isoformat()[:19].replace("T", " "), *cells)
+    out.print(table)
+
+
+def _dead_letter_dict(row) -> dict:
+    fields = ("id", "code", "reason", "queue", "task", "content_type", "body")
+    return {"received_at": row.received_at.isoformat(), **{field: getattr(row, field) for field in fields}}
 
 
 @app.command()
@@ -101,18 +132,19 @@ def health(
 
 
 @app.command()
-def reconcile() -> None:
-    """Re-queue checks stuck queued/running past ITEM_RECONCILE_AFTER_S (workers also do this periodically)."""
-    from pipeline.core.errors import ItemError
-    from worker.celery_app import enqueuer, make_celery
-    from worker.runtime import build_service
+def reconcile(as_json: JsonOpt = False) -> None:
+    """Fail checks every attempt of which died with its worker, and count those no worker moves (workers also run
+    this every ITEM_RECONCILE_INTERVAL_S, once per deployment)."""
+    from worker.ledger.store import Ledger
+    from worker.reconciler import reconcile as reconcile_once
 
     settings = settings_from()
-    try:
-        count = build_service(settings, enqueue=enqueuer(make_celery(settings))).reconcile()
-    except ItemError as error:
-        raise fail(error) from None
-    out.print(f"re-queued {count} stuck checks")
+    result = reconcile_once(settings, Ledger(settings.database_url))
+    if as_json:
+        print(json.dumps({"failed": result.failed, "stuck": result.stuck}))
+        return
+    stuck = ", ".join(f"{count} {status}" for status, count in result.stuck.items() if count) or "none"
+    out.print(f"failed {result.failed} abandoned checks (check.stuck); stuck, no worker moving them: {stuck}")
 
 
 @db_app.command("upgrade")

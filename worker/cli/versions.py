@@ -205,9 +205,7 @@ def _read_ids(path: Path) -> tuple[str, ...]:
 
 def _rescore(selection, *, limit, wait, timeout, dry_run, as_json) -> None:
     from worker import rescore as rescoring
-    from worker.client import send as send_messages
     from worker.ledger.store import Ledger
-    from worker.settings import RESCORE_QUEUE
 
     settings = settings_from()
     embedded = None
@@ -219,13 +217,15 @@ def _rescore(selection, *, limit, wait, timeout, dry_run, as_json) -> None:
         count = rescoring.count(ledger, selection, version_id=version_id, limit=limit)
         _report({"version": version_id, "selected": count, "dry_run": True}, as_json)
         return
-    send = embedded.run if embedded else (lambda messages: send_messages(settings, messages, RESCORE_QUEUE))
     with _RescoreProgress(as_json) as progress:
 
-        def on_page(run) -> None:  # embedded, each page has just run here: read how it ended
-            progress.update(rescoring.refresh(ledger, run) if embedded else run)
+        def on_page(run, waiting: list[str]) -> None:
+            if embedded:  # each page runs here, now: then read how it ended
+                embedded.finish(waiting)
+                rescoring.refresh(ledger, run)
+            progress.update(run)
 
-        run = rescoring.queue(ledger, selection, send, version_id=version_id, limit=limit, on_page=on_page)
+        run = rescoring.queue(ledger, selection, version_id=version_id, limit=limit, on_page=on_page)
         complete = True
         if wait and not embedded:
             complete = rescoring.watch(ledger, run, timeout_s=timeout, on_progress=progress.update)
@@ -259,7 +259,7 @@ def _summary(ledger, run, complete: bool, waited: bool) -> dict:
         "version": run.version_id,
         "selected": run.selected,
         "created": run.created,
-        "sent": run.sent,
+        "queued": run.queued,
         "already_done": run.already_done,
         "statuses": run.counts(),
         "complete": complete and not run.pending,
@@ -286,7 +286,7 @@ def _report(summary: dict, as_json: bool) -> None:
         return
     out.print(
         f"re-scored under {summary['version']}: {summary['selected']} selected, {summary['created']} new, "
-        f"{summary['already_done']} already done, {summary['sent']} sent"
+        f"{summary['already_done']} already done, {summary['queued']} waiting for a worker"
     )
     if not summary["waited"]:
         out.print("not waiting: `item rescore` again (it skips what is done) or `item status` shows progress")

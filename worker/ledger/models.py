@@ -140,6 +140,7 @@ class CheckRow(Base):
         sa.Index(None, "finished_at"),
         sa.Index(None, "pipeline_version_id", "status", "priority", "created_at"),  # claiming a batch
         sa.Index(None, "rescore_of"),
+        sa.Index(None, "status", "lease_expires_at"),  # claiming the checks of a worker that died
     )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
@@ -163,9 +164,15 @@ class CheckRow(Base):
     callback_url: Mapped[str | None] = mapped_column(sa.Text)  # where the result is POSTed, signed
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # a retry is not claimed before
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # The lease of the worker running it: only the holder of the token may change it, and only until it expires
+    # may no other worker take it over.
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(128))  # host:pid
+    lease_token: Mapped[str | None] = mapped_column(sa.String(36))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class DeliveryRow(Base):
@@ -192,3 +199,20 @@ class DeliveryRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class DeadLetterRow(Base):
+    """A message the intake could not file as a check (no usable external id, not JSON, another task): kept,
+    with why, for an operator to read (`item deadletters`), and acknowledged so it is not delivered forever."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (sa.Index(None, "received_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    code: Mapped[str] = mapped_column(sa.String(128))
+    reason: Mapped[str] = mapped_column(sa.Text)
+    queue: Mapped[str | None] = mapped_column(sa.String(255))
+    task: Mapped[str | None] = mapped_column(sa.String(255))
+    content_type: Mapped[str | None] = mapped_column(sa.String(255))
+    body: Mapped[str | None] = mapped_column(sa.Text)  # the raw body, cut at DEAD_LETTER_BODY_CHARS

@@ -19,14 +19,39 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from pipeline.core import codec
 from pipeline.core.results import Artifacts, PipelineVersion
 from worker.ledger.engine import make_engine
-from worker.ledger.models import ArtifactRow, BlobRow, CheckRow, ImageRow, PipelineVersionRow, new_id, utcnow
+from worker.ledger.models import (
+    ArtifactRow,
+    BlobRow,
+    CheckRow,
+    DeadLetterRow,
+    ImageRow,
+    PipelineVersionRow,
+    new_id,
+    utcnow,
+)
 from worker.ledger.queries import claim_rows, dialect_insert, fresh, in_chunks
-from worker.ledger.states import TERMINAL_STATUSES, CheckStatus, Priority
+from worker.ledger.states import CheckStatus, Priority
 
 if TYPE_CHECKING:  # decoding imports Pillow and numpy: the client side reads the ledger without them
     from pipeline.core.imaging import DecodedImage
 
 _ACTIVE = (CheckStatus.queued, CheckStatus.running)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A worker's hold on the checks it claimed: who holds them, the token every change must name, for how long.
+
+    One lease per batch: the heartbeat renews it, and once it expires any worker may claim the checks again.
+    """
+
+    owner: str  # host:pid, for people reading the ledger
+    token: str
+    seconds: float
+
+    @classmethod
+    def new(cls, owner: str, seconds: float) -> Lease:
+        return cls(owner, new_id(), seconds)
 
 
 @dataclass(frozen=True)
@@ -55,9 +80,9 @@ class RescoreSelection:
         return [condition(value) for value, condition in tests if value is not None]
 
 
-_NOT_TERMINAL = CheckRow.status.not_in(sorted(TERMINAL_STATUSES))
-# Unfinished checks the reconciler may look at. A queued re-score is left out: waiting behind fresh uploads for
-# hours is its job, and rerunning `item rescore` re-sends whatever is still queued.
+# Unfinished checks no worker is moving (`item_checks_stuck`): running ones whose lease nobody renews and nobody
+# took over, and fresh ones nobody claims (no live worker of their version). A queued re-score is left out:
+# waiting behind fresh uploads for hours is its job.
 _STUCK = sa.or_(
     CheckRow.status == CheckStatus.running,
     sa.and_(CheckRow.status == CheckStatus.queued, CheckRow.priority == Priority.fresh),
@@ -186,61 +211,84 @@ class Ledger:
         *,
         pipeline_version_id: str,
         limit: int,
-        stale_before: datetime,
-        max_attempts: int | None = None,
-        first: str | None = None,
+        lease: Lease,
+        max_attempts: int,
         priority: int | None = None,
     ) -> list[CheckRow]:
-        """Takes up to `limit` checks of one pipeline version for a batch: running, attempts + 1.
+        """Takes up to `limit` checks of one pipeline version for a batch, under `lease`: running, attempts + 1.
 
-        Claimable are queued checks, and running ones untouched since `stale_before` (their worker died).
-        Lower priorities go first (fresh uploads before re-scores); within one, `first` (the check whose message
-        arrived) is taken first when claimable, then the oldest. `priority` limits the claim to one priority.
-        Rows another worker is claiming are skipped (see `claim_rows`), so two workers never share a check.
-        Checks that used up `max_attempts` are left for the reconciler to fail: an image that kills its worker
-        every time must not be claimed forever.
+        Claimable are queued checks whose `available_at` has come (a retry waits out its backoff), and running
+        ones whose lease expired (their worker died or stalled). Lower priorities go first (fresh uploads before
+        re-scores), then the oldest; `priority` limits the claim to one priority. Rows another worker is claiming
+        are skipped (see `claim_rows`), so two workers never share a check. Checks that used up `max_attempts` are
+        left for the reconciler to fail: an image that kills its worker every time must not be claimed forever.
         """
-        claimable = sa.or_(
-            CheckRow.status == CheckStatus.queued,
-            sa.and_(CheckRow.status == CheckStatus.running, CheckRow.updated_at < stale_before),
+        now = utcnow()
+        claimable = sa.and_(
+            CheckRow.pipeline_version_id == pipeline_version_id,
+            CheckRow.attempts < max_attempts,
+            sa.or_(
+                sa.and_(CheckRow.status == CheckStatus.queued, CheckRow.available_at <= now),
+                sa.and_(CheckRow.status == CheckStatus.running, CheckRow.lease_expires_at < now),
+            ),
         )
-        if max_attempts is not None:
-            claimable = sa.and_(claimable, CheckRow.attempts < max_attempts)
         if priority is not None:
             claimable = sa.and_(claimable, CheckRow.priority == priority)
-        order = [CheckRow.priority, CheckRow.created_at]
-        if first:
-            order.insert(1, (CheckRow.id == first).desc())
-        now = utcnow()
         return claim_rows(
             session,
             CheckRow,
-            claimable=sa.and_(CheckRow.pipeline_version_id == pipeline_version_id, claimable),
-            order_by=order,
+            claimable=claimable,
+            order_by=[CheckRow.priority, CheckRow.created_at],
             limit=limit,
             values={
                 "status": CheckStatus.running,
                 "attempts": CheckRow.attempts + 1,
                 "started_at": now,
                 "updated_at": now,
+                "lease_owner": lease.owner,
+                "lease_token": lease.token,
+                "lease_expires_at": now + timedelta(seconds=lease.seconds),
             },
         )
 
+    def renew(self, session: Session, lease: Lease) -> int:
+        """Extends the lease on every check still held under it; returns how many it holds."""
+        statement = (
+            sa.update(CheckRow)
+            .where(_held(lease.token))
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease.seconds), updated_at=utcnow())
+        )
+        return session.execute(statement).rowcount
+
     def mark_queued(
-        self, session: Session, check_id: str, *, error_code: str | None = None, error_message: str | None = None
+        self,
+        session: Session,
+        check_id: str,
+        token: str,
+        *,
+        available_at: datetime,
+        error_code: str | None = None,
+        error_message: str | None = None,
     ) -> CheckRow | None:
-        """Back to queued for a retry, recording why (an error left as None keeps the one already stored)."""
-        values: dict = {"status": CheckStatus.queued, "enqueued_at": utcnow()}
+        """Back to queued for a retry, not claimable before `available_at`, recording why (an error left as None
+        keeps the one already stored). Only the holder of the lease `token` can do it."""
+        values: dict = {
+            "status": CheckStatus.queued,
+            "enqueued_at": utcnow(),
+            "available_at": available_at,
+            "lease_expires_at": None,
+        }
         if error_code is not None:
             values["error_code"] = error_code
         if error_message is not None:
             values["error_message"] = error_message
-        return _transition(session, check_id, CheckRow.status.in_(_ACTIVE), values)
+        return _transition(session, check_id, _held(token), values)
 
     def finish_done(
         self,
         session: Session,
         check_id: str,
+        token: str,
         *,
         image_sha256: str | None,
         p_fake: float,
@@ -251,11 +299,10 @@ class Ledger:
         object_count: int,
         timings_ms: dict | None,
     ) -> CheckRow | None:
-        """Stores the result unless the check already ended; returns the finished row if it did, else None.
+        """Stores the result if the lease `token` still holds the check; returns the finished row, else None.
 
-        The first result stays.
-
-        A retry's error is cleared: a done check's error columns would only mislead.
+        A worker that lost its lease (it stalled past it, and another took over) changes nothing. A retry's error
+        is cleared: a done check's error columns would only mislead.
         """
         values = {
             "status": CheckStatus.done,
@@ -270,28 +317,71 @@ class Ledger:
             "error_code": None,
             "error_message": None,
             "finished_at": utcnow(),
+            "lease_expires_at": None,
         }
-        return _transition(session, check_id, _NOT_TERMINAL, values)
+        return _transition(session, check_id, _held(token), values)
 
-    def finish_rejected(self, session: Session, check_id: str, code: str, message: str) -> CheckRow | None:
-        """The input can never succeed (not an image, too large, refused URL); same first-write-wins rule."""
-        return self._finish_with_error(session, check_id, CheckStatus.rejected, code, message)
+    def finish_rejected(
+        self, session: Session, check_id: str, code: str, message: str, token: str | None = None
+    ) -> CheckRow | None:
+        """The input can never succeed (not an image, too large, refused URL). With `token`, only the holder of
+        that lease can; without, only while the check was never claimed (the intake rejecting what it filed)."""
+        return self._finish_with_error(session, check_id, CheckStatus.rejected, code, message, token)
 
-    def finish_failed(self, session: Session, check_id: str, code: str, message: str) -> CheckRow | None:
-        """Retries are used up; same first-write-wins rule."""
-        return self._finish_with_error(session, check_id, CheckStatus.failed, code, message)
+    def finish_failed(self, session: Session, check_id: str, code: str, message: str, token: str) -> CheckRow | None:
+        """Retries are used up; only the holder of the lease `token` can record it."""
+        return self._finish_with_error(session, check_id, CheckStatus.failed, code, message, token)
 
     def _finish_with_error(
-        self, session: Session, check_id: str, status: CheckStatus, code: str, message: str
+        self, session: Session, check_id: str, status: CheckStatus, code: str, message: str, token: str | None
     ) -> CheckRow | None:
-        values = {"status": status, "error_code": code, "error_message": message, "finished_at": utcnow()}
-        return _transition(session, check_id, _NOT_TERMINAL, values)
+        values = {
+            "status": status,
+            "error_code": code,
+            "error_message": message,
+            "finished_at": utcnow(),
+            "lease_expires_at": None,
+        }
+        condition = _held(token) if token is not None else _never_claimed()
+        return _transition(session, check_id, condition, values)
+
+    def abandoned_checks(self, session: Session, max_attempts: int, limit: int = 500) -> list[CheckRow]:
+        """Running checks whose lease expired with every attempt used: each time, the worker died on them."""
+        query = (
+            sa.select(CheckRow)
+            .where(_abandoned(max_attempts))
+            .order_by(CheckRow.lease_expires_at, CheckRow.id)
+            .limit(limit)
+        )
+        return list(session.scalars(fresh(query)))
+
+    def fail_abandoned(
+        self, session: Session, check_id: str, max_attempts: int, code: str, message: str
+    ) -> CheckRow | None:
+        """Fails an abandoned check (see `abandoned_checks`) unless a worker took it meanwhile."""
+        values = {
+            "status": CheckStatus.failed,
+            "error_code": code,
+            "error_message": message,
+            "finished_at": utcnow(),
+            "lease_expires_at": None,
+        }
+        return _transition(session, check_id, _abandoned(max_attempts), values)
+
+    def count_waiting(self, session: Session) -> dict[str, int]:
+        """Queued checks a worker may claim now, fresh uploads and re-scores apart (`item_checks_waiting`)."""
+        names = {Priority.fresh: "fresh", Priority.rescore: "rescore"}
+        query = (
+            sa.select(CheckRow.priority, sa.func.count())
+            .where(CheckRow.status == CheckStatus.queued, CheckRow.available_at <= utcnow())
+            .group_by(CheckRow.priority)
+        )
+        counts = dict.fromkeys(names.values(), 0)
+        counts.update({names.get(priority, str(priority)): int(n) for priority, n in session.execute(query)})
+        return counts
 
     def stuck_checks(self, session: Session, older_than: timedelta, limit: int = 500) -> list[CheckRow]:
-        """Checks untouched for `older_than`, oldest first: their messages were probably lost.
-
-        Running ones of any kind (a worker died on them) and queued fresh ones; not queued re-scores (see _STUCK).
-        """
+        """Unfinished checks untouched for `older_than`, oldest first: no worker is moving them (see _STUCK)."""
         query = (
             sa.select(CheckRow)
             .where(_STUCK, CheckRow.updated_at < utcnow() - older_than)
@@ -301,7 +391,7 @@ class Ledger:
         return list(session.scalars(fresh(query)))
 
     def count_stuck(self, session: Session, older_than: timedelta) -> dict[str, int]:
-        """How many checks `stuck_checks` would find, per status (for the metrics endpoint, at every scrape)."""
+        """Unfinished checks untouched for `older_than`, per status (for the metrics endpoint, at every scrape)."""
         query = (
             sa.select(CheckRow.status, sa.func.count())
             .where(_STUCK, CheckRow.updated_at < utcnow() - older_than)
@@ -456,6 +546,11 @@ class Ledger:
             rows += session.scalars(fresh(sa.select(CheckRow).where(CheckRow.id.in_(chunk))))
         return rows
 
+    def dead_letters(self, session: Session, *, limit: int = 100) -> list[DeadLetterRow]:
+        """Messages the intake could not file, newest first."""
+        query = sa.select(DeadLetterRow).order_by(DeadLetterRow.received_at.desc(), DeadLetterRow.id).limit(limit)
+        return list(session.scalars(query))
+
     # ------------------------------------------------------------------ images and blobs
 
     def upsert_image(self, session: Session, image: DecodedImage) -> None:
@@ -519,9 +614,27 @@ def _queued_check(now: datetime, **fields) -> dict:
         "attempts": 0,
         "created_at": now,
         "enqueued_at": now,
+        "available_at": now,
         "updated_at": now,
         **fields,
     }
+
+
+def _held(token: str) -> sa.ColumnElement[bool]:
+    """The check is running under the lease `token` (expired or not: until another worker claims it, it is ours)."""
+    return sa.and_(CheckRow.status == CheckStatus.running, CheckRow.lease_token == token)
+
+
+def _never_claimed() -> sa.ColumnElement[bool]:
+    return sa.and_(CheckRow.status == CheckStatus.queued, CheckRow.lease_token.is_(None))
+
+
+def _abandoned(max_attempts: int) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        CheckRow.status == CheckStatus.running,
+        CheckRow.lease_expires_at < utcnow(),
+        CheckRow.attempts >= max_attempts,
+    )
 
 
 def _transition(session: Session, check_id: str, condition: sa.ColumnElement[bool], values: dict) -> CheckRow | None:

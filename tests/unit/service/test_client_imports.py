@@ -14,7 +14,7 @@ CLIENT_MODULES = (
     "worker.ledger.views",
     "worker.ledger.outbox",
     "worker.rescore",
-    "worker.celery_app",
+    "worker.intake",
 )
 HEAVY = ("torch", "numpy", "open_clip", "transformers", "PIL", "sklearn", "scipy", "matplotlib")
 

@@ -165,7 +165,9 @@ def test_the_runbook_covers_scaling_and_its_links_resolve():
 def test_the_alerts_asked_for_exist():
     rules = {rule["alert"]: rule["expr"] for rule in _rules()}
     expected_metrics = {
-        "ItemQueueBacklog": "item_queue_depth",
+        "ItemQueueBacklog": "item_checks_waiting",
+        "ItemIntakeBehind": "item_queue_depth",
+        "ItemDeadLetters": "item_dead_letters_total",
         "ItemErrorRateHigh": "item_checks_total",
         "ItemChecksFailed": "item_checks_total",
         "ItemChecksStuck": "item_checks_stuck",
@@ -173,7 +175,7 @@ def test_the_alerts_asked_for_exist():
         "ItemWorkerDown": "up",
         "ItemNoWorkerReady": "item_worker_ready",
         "ItemChecksSlow": "item_check_latency_seconds_bucket",
-        "ItemRescoreBacklogStalled": "item_queue_depth",
+        "ItemRescoreBacklogStalled": "item_checks_waiting",
         "ItemDeliveriesFailing": "item_deliveries_total",
     }
     for alert, metric in expected_metrics.items():

@@ -1,0 +1,198 @@
+"""Intake: every submission becomes a ledger row (blob stored, `queued`) in milliseconds, running no model.
+
+Submissions come from `item submit` and the Python client (which write here directly) and from `item.check`
+messages of any client (read by `worker.consumer`, which acknowledges a message only after this has committed
+its row). Workers then claim the rows from the ledger; no message is needed to find a check again.
+
+What cannot be filed keeps a record with a stable code: a submission whose `external_id` is usable gets a
+`rejected` row (bad source, unknown argument, bad callback URL); a message without one, or one that is not an
+`item.check` at all, becomes a dead letter (`item deadletters`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from pipeline.core.errors import ItemError
+from worker import metrics, sources
+from worker.callbacks import CallbackError, checked_callback_url
+from worker.ledger import outbox
+from worker.ledger.models import CheckRow, DeadLetterRow
+from worker.ledger.store import Ledger
+from worker.ledger.wakeups import notify_new_checks
+from worker.settings import CHECK_TASK, Settings
+
+log = logging.getLogger("item.intake")
+
+MAX_EXTERNAL_ID = CheckRow.__table__.c.external_id.type.length
+DEAD_LETTER_BODY_CHARS = 65_536  # of a dead letter's raw body: enough to see what was sent, not a way to fill a disk
+TASK_ARGUMENTS = frozenset({"external_id", "image", "check_id", "callback_url"})
+
+
+class MessageError(ItemError):
+    """A message that is not a well-formed `item.check`. Permanent."""
+
+    code = "message.invalid"
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """One check asked for (a submission, a message): the task's keyword arguments, not yet trusted."""
+
+    external_id: str
+    image: Any
+    callback_url: Any = None
+    problem: ItemError | None = None  # already known to be unfileable (an unknown argument, say)
+
+
+@dataclass
+class Filed:
+    check: CheckRow
+    created: bool  # False: this external id was already filed under this version (a redelivered message)
+    rejected: ItemError | None = None  # filed, and rejected at once
+
+
+@dataclass
+class Intake:
+    """Files submissions under the active pipeline version; metrics and logs only once the rows are committed."""
+
+    settings: Settings
+    ledger: Ledger
+
+    def file(
+        self, submissions: list[CheckRequest], dead: list[DeadLetterRow] = (), *, version_id: str | None = None
+    ) -> list[Filed]:
+        """One transaction: a row for each submission (and each dead letter); then metrics and logs.
+
+        Filed under `version_id`, by default the active version (the embedded mode names its own).
+        """
+        with self.ledger.session() as session:
+            version_id = version_id or self.active_version_id(session)
+            filed = [self._file_one(session, version_id, submission) for submission in submissions]
+            for letter in dead:
+                session.add(letter)
+            if any(one.created and one.rejected is None for one in filed):
+                notify_new_checks(session, version_id)  # sent on commit: idle workers claim at once
+        self._report(filed, dead)
+        return filed
+
+    def active_version_id(self, session: Session) -> str:
+        version = self.ledger.active_version(session)
+        if version is None:
+            raise ItemError(
+                "No pipeline version is registered yet: start a worker (`item worker`) once, so checks know which "
+                "models and head will score them.",
+                code="version.none",
+            )
+        return version.id
+
+    def _file_one(self, session: Session, version_id: str, submission: CheckRequest) -> Filed:
+        create = partial(
+            self.ledger.create_check, session, external_id=submission.external_id, pipeline_version_id=version_id
+        )
+        try:
+            if submission.problem is not None:
+                raise submission.problem
+            callback_url = checked_callback_url(submission.callback_url)
+            source = sources.to_stored(submission.image, self.settings, partial(self.ledger.put_blob, session))
+        except ItemError as error:
+            # Still a row: the platform can read why. A bad callback URL is not kept, a good one still hears of it.
+            callback = None if isinstance(error, CallbackError) else _usable_callback(submission.callback_url)
+            check, created = create(source={"invalid": True}, callback_url=callback)
+            if not created:  # never reject an earlier, valid check that happens to share the external id
+                return Filed(check, created=False)
+            rejected = self.ledger.finish_rejected(session, check.id, error.code, error.message)
+            outbox.record_outcome(session, rejected, results_stream=bool(self.settings.results_stream))
+            return Filed(rejected, created=True, rejected=error)
+        check, created = create(source=source, callback_url=callback_url)
+        return Filed(check, created)
+
+    def _report(self, filed: list[Filed], dead: list[DeadLetterRow]) -> None:
+        for one in filed:
+            if one.rejected is not None:
+                metrics.finished("rejected", one.rejected.code, one.check.created_at)
+                about = {"check_id": one.check.id, "external_id": one.check.external_id, "code": one.rejected.code}
+                log.info("check rejected at intake: %s", one.rejected.message, extra={**about, "stage": "intake"})
+        for letter in dead:
+            metrics.DEAD_LETTERS.labels(letter.code).inc()
+            log.warning("dead letter %s: %s", letter.id, letter.reason, extra={"stage": "intake", "code": letter.code})
+
+
+def _usable_callback(url: Any) -> str | None:
+    try:
+        return checked_callback_url(url)
+    except CallbackError:
+        return None
+
+
+# ---------------------------------------------------------------------- messages
+
+
+def from_message(
+    body: Any, headers: dict | None, delivery_info: dict | None = None, raw: Any = None
+) -> CheckRequest | DeadLetterRow:
+    """What a decoded Celery message asks for: a submission, or a dead letter saying why it cannot be one.
+
+    Both Celery protocols: version 2 names the task in the headers and carries `[args, kwargs, embed]`; version 1
+    carries `{"task", "args", "kwargs"}`. Only keyword arguments are part of the task contract. A dead letter
+    keeps `raw`, the body as it arrived.
+    """
+    queue = (delivery_info or {}).get("routing_key")
+    kept = body if raw is None else raw
+    task, args, kwargs = _task_call(body, headers or {})
+    if task != CHECK_TASK:
+        return dead_letter("message.unknown_task", f"Task {task!r} is not {CHECK_TASK!r}.", kept, queue, task)
+    if not isinstance(kwargs, dict):
+        return dead_letter("message.invalid", "The task's keyword arguments are not an object.", kept, queue, task)
+    external_id = kwargs.get("external_id")
+    problem = _external_id_problem(external_id)
+    if problem:
+        return dead_letter("message.no_external_id", problem, kept, queue, task)
+    unknown = sorted(set(kwargs) - TASK_ARGUMENTS)
+    error = None
+    if args:
+        error = MessageError(f"{CHECK_TASK} takes keyword arguments only; {len(args)} positional given.")
+    elif unknown:
+        error = MessageError(f"Unknown arguments {unknown}; {CHECK_TASK} takes {sorted(TASK_ARGUMENTS)}.")
+    return CheckRequest(external_id, kwargs.get("image"), kwargs.get("callback_url"), error)
+
+
+def _task_call(body: Any, headers: dict) -> tuple[Any, Any, Any]:
+    if "task" in headers:  # protocol 2
+        if isinstance(body, list | tuple) and len(body) >= 2:
+            return headers["task"], body[0], body[1]
+        return headers["task"], None, None
+    if isinstance(body, dict):  # protocol 1
+        return body.get("task"), body.get("args") or [], body.get("kwargs", {})
+    return None, None, None
+
+
+def _external_id_problem(external_id: Any) -> str | None:
+    if not isinstance(external_id, str):
+        return f"`external_id` must be a string; got {type(external_id).__name__}."
+    if not external_id.strip():
+        return "`external_id` is empty."
+    if len(external_id) > MAX_EXTERNAL_ID:
+        return f"`external_id` is {len(external_id):,} characters; the limit is {MAX_EXTERNAL_ID}."
+    return None
+
+
+def dead_letter(
+    code: str, reason: str, body: Any, queue: str | None, task: Any = None, content_type: str | None = None
+) -> DeadLetterRow:
+    text = body if isinstance(body, str) else repr(body)
+    if isinstance(body, bytes):
+        text = body.decode("utf-8", "replace")
+    return DeadLetterRow(
+        code=code,
+        reason=reason,
+        queue=queue,
+        task=str(task)[:255] if task is not None else None,
+        content_type=content_type,
+        body=text[:DEAD_LETTER_BODY_CHARS],
+    )

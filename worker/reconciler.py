@@ -1,0 +1,111 @@
+"""The reconciler: what leases do not settle by themselves, once per deployment.
+
+With leases a dead worker's checks are claimed again by any live worker of their version, so there is little
+left to do here: checks that used every attempt and whose last worker died on them too (an input that kills
+its worker each time) are failed `check.stuck`, since no claim will take them again; and checks nobody moves
+(no live worker of their version, a version never started) are counted and logged for an operator, who decides.
+
+Every `item worker` runs it every `reconcile_interval_s`, but on PostgreSQL only the one holding the
+deployment's advisory lock does (the lock is held for the life of its connection, so when that worker goes,
+another takes over at its next interval). It runs on its own thread, never behind a queue of checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from worker import metrics
+from worker.ledger import outbox
+from worker.ledger.store import Ledger
+from worker.settings import Settings
+
+log = logging.getLogger("item.reconciler")
+
+ADVISORY_LOCK = 0x17E4_0001  # any fixed number: every item deployment sharing a database shares this lock
+STUCK_MESSAGE = "Every attempt ended with its worker gone (killed, out of memory): no worker finished this check."
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    failed: int  # abandoned checks failed as check.stuck
+    stuck: dict[str, int]  # unfinished checks nobody moved for reconcile_after_s, per status
+
+
+def reconcile(settings: Settings, ledger: Ledger) -> Reconciled:
+    """One pass: fails the abandoned checks, counts the stuck ones."""
+    failed = []
+    with ledger.session() as session:
+        for check in ledger.abandoned_checks(session, settings.max_attempts):
+            row = ledger.fail_abandoned(session, check.id, settings.max_attempts, "check.stuck", STUCK_MESSAGE)
+            if row is not None:
+                outbox.record_outcome(session, row, results_stream=bool(settings.results_stream))
+                failed.append(row)
+        stuck = ledger.count_stuck(session, timedelta(seconds=settings.reconcile_after_s))
+    for row in failed:
+        metrics.finished("failed", "check.stuck", row.created_at)
+        about = {"check_id": row.id, "external_id": row.external_id, "stage": "reconcile", "code": "check.stuck"}
+        log.warning("check failed: %s", STUCK_MESSAGE, extra=about)
+    if any(stuck.values()):
+        log.warning("unfinished checks no worker moved for %.0fs: %s", settings.reconcile_after_s, stuck)
+    return Reconciled(len(failed), stuck)
+
+
+class ReconcilerThread:
+    """Runs `reconcile` every `reconcile_interval_s` while this process leads the deployment."""
+
+    def __init__(self, settings: Settings, ledger: Ledger):
+        self.settings = settings
+        self.ledger = ledger
+        self._stopping = threading.Event()
+        self._lock_connection = None
+        self._thread = threading.Thread(target=self._run, name="item-reconciler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10)
+        self._release()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.settings.reconcile_interval_s):
+            try:
+                if self._leading():
+                    reconcile(self.settings, self.ledger)
+            except Exception:  # the ledger is down, say: try again at the next interval
+                log.warning("reconciling failed", exc_info=True)
+                self._release()
+
+    def _leading(self) -> bool:
+        """Whether this process holds the deployment's lock (taken at the first chance, kept while it lives)."""
+        if self.ledger.engine.dialect.name != "postgresql":
+            return True  # SQLite: one host, and its processes queue on one file
+        if self._lock_connection is not None:
+            try:
+                self._lock_connection.execute(sa.select(1))  # the lock lives as long as this session
+                self._lock_connection.commit()
+            except Exception:
+                self._release()
+        if self._lock_connection is None:
+            connection = self.ledger.engine.connect()
+            taken = connection.execute(sa.select(sa.func.pg_try_advisory_lock(ADVISORY_LOCK))).scalar()
+            connection.commit()
+            if not taken:
+                connection.close()
+                return False
+            self._lock_connection = connection
+            log.info("this worker runs the deployment's reconciler")
+        return True
+
+    def _release(self) -> None:
+        if self._lock_connection is not None:
+            try:
+                self._lock_connection.invalidate()  # not back to the pool: the session ends, and the lock with it
+            finally:
+                self._lock_connection = None
