@@ -110,7 +110,10 @@ class Settings(BaseSettings):
     )
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often the deployment's reconciler runs.")
     visibility_timeout_s: float = Field(
-        3600.0, gt=0, description="Redis redelivers a message the intake took but never acknowledged after this."
+        30.0,
+        gt=0,
+        description="Redis gives a message an intake took back to the queue after this if it was never acknowledged "
+        "(its intake died before filing it).",
     )
     rescore_batch_size: int = Field(
         64, ge=1, le=4096, description="Checks per batch when re-scoring (stored artifacts make them cheap)."

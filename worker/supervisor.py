@@ -134,10 +134,10 @@ class Supervisor:
     def _start_intake(self, ledger):
         if not self.intake or not self.settings.broker_url:
             return None, None
-        from worker.consumer import IntakeConsumer
+        from worker.consumer import make_intake
         from worker.intake import Intake
 
-        consumer = IntakeConsumer(self.settings, Intake(self.settings, ledger))
+        consumer = make_intake(self.settings, Intake(self.settings, ledger))
         thread = threading.Thread(target=consumer.run, name="item-intake", daemon=True)
         thread.start()
         return consumer, thread

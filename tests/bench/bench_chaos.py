@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import redis
 import sqlalchemy as sa
 
 from pipeline.core.head import Head
@@ -72,7 +73,14 @@ class Report:
     refiled: int = 0
     stuck: int = 0
     seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic, repr=False)
     events: list[str] = field(default_factory=list)
+    lost_ids: list[str] = field(default_factory=list)  # the first few, with when they were sent (s into the run)
+    sent_at: dict[str, float] = field(default_factory=dict, repr=False)
+    left_in_broker: dict = field(default_factory=dict)  # what the broker still holds at the end
+
+    def note(self, event: str) -> None:
+        self.events.append(f"{time.monotonic() - self.started:6.1f}s {event}")
 
     @property
     def ok(self) -> bool:
@@ -114,7 +122,7 @@ def _settings(broker) -> dict[str, str]:
 
 def _run(chaos: Chaos, stack, broker) -> Report:
     report = Report()
-    started = time.monotonic()
+    started = report.started
     ids = [f"chaos-{i}" for i in range(chaos.checks)]
     fleet = [Worker(stack, f"v1-{i}") for i in range(chaos.workers)]
     sender = threading.Thread(target=_send_all, args=(stack, broker, ids, chaos.send_seconds, report), daemon=True)
@@ -133,8 +141,24 @@ def _run(chaos: Chaos, stack, broker) -> Report:
         for worker in fleet:
             worker.stop()
     _count(stack, ids, report)
+    report.left_in_broker = _left_in(broker, stack.prefix)
     report.seconds = round(time.monotonic() - started, 1)
     return report
+
+
+def _left_in(broker, prefix: str) -> dict:
+    """Messages still in the broker: queued, or taken by an intake and never acknowledged (Redis keeps those)."""
+    try:
+        if isinstance(broker, RedisServer):
+            client = redis.Redis.from_url(broker.url)
+            return {"queued": client.llen(f"{prefix}item.checks"), "unacked": client.hlen(f"{prefix}unacked")}
+        from kombu import Connection
+
+        with Connection(broker.url) as connection:
+            _, count, _ = connection.default_channel.queue_declare("item.checks", passive=True)
+        return {"queued": count}
+    except Exception as error:
+        return {"error": str(error)}
 
 
 def _faults(chaos: Chaos) -> list:
@@ -164,6 +188,7 @@ def _send_all(stack, broker, ids: list[str], seconds: float, report: Report) -> 
                 app.send_task("item.check", kwargs={"external_id": external_id, "image": {"b64": image}},
                               queue="item.checks", retry=False)  # fmt: skip
                 report.sent += 1
+                report.sent_at[external_id] = time.monotonic() - report.started
                 break
             except Exception:  # the broker is down: wait, then send again
                 time.sleep(0.5)
@@ -177,15 +202,17 @@ def _send_all(stack, broker, ids: list[str], seconds: float, report: Report) -> 
 def _kill_one(stack, broker, fleet: list, report: Report) -> list:
     victim = random.Random(len(report.events)).choice(fleet)
     victim.kill()
+    report.note(f"SIGKILL {victim.name}")
     replacement = Worker(stack, f"{victim.name}-again-{len(report.events)}", env=victim.env)
-    report.events.append(f"SIGKILL {victim.name}, replaced by {replacement.name}")
+    report.note(f"{replacement.name} ready in its place")
     return [replacement if worker is victim else worker for worker in fleet]
 
 
 def _restart_broker(stack, broker, fleet: list, report: Report) -> None:
     broker.kill()
+    report.note(f"broker killed ({type(broker).__name__})")
     broker.start()
-    report.events.append(f"broker killed and restarted ({type(broker).__name__})")
+    report.note("broker restarted")
 
 
 def _cut_postgres(stack, broker, fleet: list, report: Report, seconds: float = 5.0) -> None:
@@ -207,7 +234,7 @@ def _cut_postgres(stack, broker, fleet: list, report: Report, seconds: float = 5
     finally:
         admin.dispose()
     stack.ledger.engine.dispose()
-    report.events.append(f"Postgres cut off for {seconds:.0f}s ({terminated} connections terminated)")
+    report.note(f"Postgres cut off for {seconds:.0f}s ({terminated} connections terminated)")
 
 
 def _roll_upgrade(stack, broker, fleet: list, report: Report) -> list:
@@ -219,7 +246,7 @@ def _roll_upgrade(stack, broker, fleet: list, report: Report) -> list:
     new_version = first.version_id()
     old_version = fleet[0].version_id()
     run_item(stack.env, "versions", "activate", new_version)
-    report.events.append(f"rolling upgrade: {new_version} active")
+    report.note(f"rolling upgrade: {new_version} active")
     upgraded = [first]
     for index, old in enumerate(fleet):
         if index:
@@ -227,7 +254,7 @@ def _roll_upgrade(stack, broker, fleet: list, report: Report) -> list:
         if index == len(fleet) - 1:
             _drain(stack, old_version)  # the last worker of the old version stops once its version is done
         old.stop()
-    report.events.append(f"rolling upgrade: {len(fleet)} workers replaced")
+    report.note(f"rolling upgrade: {len(fleet)} workers replaced")
     return upgraded
 
 
@@ -297,6 +324,8 @@ def _count(stack, ids: list[str], report: Report) -> None:
         found = by_id.get(external_id, [])
         if not found:
             report.lost += 1
+            if len(report.lost_ids) < 10:
+                report.lost_ids.append(f"{external_id} (sent at {report.sent_at.get(external_id, -1):.2f}s)")
             continue
         versions = Counter(row.pipeline_version_id for row in found)
         report.duplicated += any(n > 1 for n in versions.values())
