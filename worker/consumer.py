@@ -198,7 +198,7 @@ def check_queue() -> Queue:
 
 
 def broker_connection(settings: Settings) -> Connection:
-    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    options: dict[str, Any] = {}
     if settings.redis_key_prefix:
         options["global_keyprefix"] = settings.redis_key_prefix
     return Connection(settings.broker_url, transport_options=options, heartbeat=0, connect_timeout=5)

@@ -49,6 +49,7 @@ from worker.ledger.models import DeliveryRow, utcnow
 from worker.ledger.outbox import claim_due, record_attempt
 from worker.ledger.states import STREAM_TARGET, DeliveryStatus
 from worker.ledger.views import shown_target, target_kind
+from worker.logs import OutageLog
 from worker.settings import Settings, backoff_s
 from worker.signing import canonical, sign
 
@@ -264,28 +265,20 @@ class Deliverer:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        logged_at: float | None = None  # when the current run of failing passes was last logged
+        outage = OutageLog(
+            log,
+            "delivery pass failed; the deliveries stay pending and are tried again",
+            "delivery passes still failing",
+        )
         while not self._stopping.is_set():
             try:
                 full = self.deliver_due() >= PASS_LIMIT
-                logged_at = None
+                outage.recovered()
             except Exception:  # the ledger is down, say: results wait in the outbox, the thread carries on
-                logged_at = self._log_pass_failure(logged_at)
+                outage.failed()
                 full = False
             if not full:
                 self._stopping.wait(self.settings.delivery_poll_s)
-
-    @staticmethod
-    def _log_pass_failure(logged_at: float | None) -> float:
-        """The first failure of a run with its traceback, then one line a minute: an outage is not a log flood."""
-        now = time.monotonic()
-        if logged_at is None:
-            log.exception("delivery pass failed; the deliveries stay pending and are tried again")
-            return now
-        if now - logged_at >= 60:
-            log.warning("delivery passes still failing", exc_info=True)
-            return now
-        return logged_at
 
 
 def _external_id(row: DeliveryRow) -> str | None:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 from worker.ledger.store import Lease
 from worker.ledger.wakeups import Listener
+from worker.logs import OutageLog
 from worker.service import INFRASTRUCTURE_ERRORS, BatchTimeout, CheckService
 
 log = logging.getLogger("item.worker")
@@ -80,13 +81,16 @@ class Loop:
         self.heartbeat = Heartbeat(service, self.settings.lease_s / 3)
 
     def run_forever(self) -> None:
-        failing_since: float | None = None
+        outage = OutageLog(
+            log, "the ledger is unreachable; claimed checks wait out their lease and are redone",
+            "the ledger is still unreachable",
+        )  # fmt: skip
         while not self.stop.is_set():
             try:
                 ran = self.run_once()
-                failing_since = None
+                outage.recovered()
             except INFRASTRUCTURE_ERRORS:
-                failing_since = _log_outage(failing_since)
+                outage.failed()
                 self.stop.wait(min(5.0, self.settings.idle_poll_s))
                 continue
             if not ran:
@@ -187,15 +191,3 @@ def _give_up(batch, lease: Lease, service: CheckService) -> None:
     finally:
         logging.shutdown()
         os._exit(WATCHDOG_EXIT_STATUS)
-
-
-def _log_outage(since: float | None) -> float:
-    """The first failure of an outage with its traceback, then a line a minute."""
-    now = time.monotonic()
-    if since is None:
-        log.exception("the ledger is unreachable; claimed checks wait out their lease and are redone")
-        return now
-    if now - since >= 60:
-        log.warning("the ledger is still unreachable")
-        return now
-    return since

@@ -109,12 +109,6 @@ class Settings(BaseSettings):
         900.0, gt=0, description="An unfinished check no worker moved for this long counts as stuck."
     )
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often the deployment's reconciler runs.")
-    visibility_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        description="Redis gives a message an intake took back to the queue after this if it was never acknowledged "
-        "(its intake died before filing it).",
-    )
     rescore_batch_size: int = Field(
         64, ge=1, le=4096, description="Checks per batch when re-scoring (stored artifacts make them cheap)."
     )

@@ -1,5 +1,5 @@
-"""Full stack vs in-process: the same N images through client → Redis → worker → Postgres, and through the
-pipeline directly, tiny profile, same batch size. Prints both throughputs and their ratio.
+"""Full stack vs in-process: the same N images through `item submit` → Postgres → `item worker`, and through
+the pipeline directly, tiny profile, same batch size. Prints both throughputs and their ratio.
 
 Needs the test services (Redis and PostgreSQL; see README, Tests). Run on demand:
     python -m tests.bench.bench_stack --n 200 --batch-size 8
@@ -67,7 +67,6 @@ def main() -> None:
             folder,
             ITEM_BATCH_SIZE=str(args.batch_size),
             ITEM_BATCH_TIME_BUDGET_S="300",
-            ITEM_VISIBILITY_TIMEOUT_S="900",
             ITEM_RECONCILE_AFTER_S="600",
         ) as stack:
             paths = [stack.image(seed) for seed in range(args.n)]
@@ -84,7 +83,7 @@ def main() -> None:
         print(json.dumps(result))
     else:
         print(f"in-process : {direct:8.2f} images/s")
-        print(f"full stack : {full:8.2f} images/s  (client → Redis → worker → Postgres)")
+        print(f"full stack : {full:8.2f} images/s  (item submit → Postgres → item worker)")
         print(f"ratio      : {full / direct:8.3f}  (n={args.n}, batch {args.batch_size}, tiny profile, CPU)")
 
 

@@ -7,7 +7,9 @@ loses nothing, even one that keeps nothing on disk. The worker survives the rest
 from __future__ import annotations
 
 import base64
+import subprocess
 import time
+import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -35,10 +37,10 @@ def stack(broker, postgres_url, tiny_store, tmp_path_factory):
     yield from make_stack(postgres_url, tiny_store, folder, ITEM_BROKER_URL=broker.url, ITEM_BATCH_SIZE="8")
 
 
-def _send(broker, prefix: str, ids: list[str]) -> None:
+def _send(broker_url: str, prefix: str, ids: list[str]) -> None:
     """What a platform's Celery client does: one message per upload, inline bytes, JSON."""
     data = base64.b64encode(encode(noise_image(1))).decode()
-    app = platform_client(broker.url, prefix)
+    app = platform_client(broker_url, prefix)
     with app.producer_or_acquire() as producer:
         for external_id in ids:
             app.send_task(
@@ -66,7 +68,7 @@ def test_a_broker_killed_after_the_last_message_loses_nothing_and_the_worker_res
     worker = Worker(stack, f"restart-{type(broker).__name__}")
     try:
         ids = [f"{type(broker).__name__}-{i}" for i in range(N)]
-        _send(broker, stack.prefix, ids)
+        _send(broker.url, stack.prefix, ids)
         time.sleep(2)
         broker.kill()  # a crash: what it kept only in memory is gone
         broker.start()
@@ -77,8 +79,32 @@ def test_a_broker_killed_after_the_last_message_loses_nothing_and_the_worker_res
 
         after = [f"{type(broker).__name__}-after-{i}" for i in range(3)]
         started = time.monotonic()
-        _send(broker, stack.prefix, after)  # the intake reconnected by itself
+        _send(broker.url, stack.prefix, after)  # the intake reconnected by itself
         assert set(_wait_done(stack, after, timeout=60).values()) == {"done"}
         assert time.monotonic() - started < 60
     finally:
         worker.stop()
+
+
+@pytest.fixture(scope="module")
+def vhost():
+    """A vhost of this module's own on the machine's RabbitMQ, deleted afterwards."""
+    name = f"item-test-{uuid.uuid4().hex[:10]}"
+    subprocess.run(["rabbitmqctl", "add_vhost", name], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
+
+
+def test_the_machines_rabbitmq_in_a_vhost_of_its_own(vhost, postgres_url, tiny_store, tmp_path):
+    for stack in make_stack(postgres_url, tiny_store, tmp_path, ITEM_BROKER_URL=vhost):
+        worker = Worker(stack, "vhost")
+        try:
+            ids = [f"vhost-{i}" for i in range(5)]
+            _send(vhost, "", ids)
+            assert set(_wait_done(stack, ids, timeout=60).values()) == {"done"}
+        finally:
+            worker.stop()

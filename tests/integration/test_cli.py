@@ -146,8 +146,21 @@ def test_embedded_mode_without_a_broker(env, demo, tmp_path):
     image = tmp_path / "upload.png"
     image.write_bytes(encode(noise_image(5)))
     submitted = json.loads(run(local, "submit", "--json", "-e", "upload-5", str(image)).stdout)
+    assert submitted["status"] == "done"  # run before the command returned
     status = json.loads(run(local, "status", "--json", submitted["check_id"]).stdout)
     assert status["status"] == "done" and status["external_id"] == "upload-5" and status["verdict"] in ("real", "fake")
+
+    # A check that cannot succeed: exit 1, and the line says which code ended it.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"<!doctype html><html></html>")
+    result = run(local, "submit", "-e", "broken-1", str(broken), str(image), check_exit=1)
+    assert "rejected" in result.stdout and "image.unsupported_format" in result.stdout
+    assert "1 of 2 checks were rejected" in result.stderr
+
+    # A listing cut by its limit says so (on stderr: stdout stays one check per line).
+    listed = run(local, "results", "--json", "--limit", "1")
+    assert len(listed.stdout.splitlines()) == 1 and "more match" in listed.stderr
+    assert "more match" not in run(local, "results", "--json", "--limit", "10").stderr
 
 
 def test_db_commands_upgrade_and_downgrade_a_sqlite_ledger(env, tmp_path):

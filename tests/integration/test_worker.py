@@ -98,28 +98,6 @@ def test_foreign_client_raw_message(stack, worker):
     assert row is not None and row.status == "done", row and (row.status, row.error_code)
 
 
-def test_pickle_message_is_refused_and_never_runs(stack, worker):
-    marker = stack.folder / "pwned"
-    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()  # protocol-0 pickle of os.system("touch ...")
-    message = {
-        "body": base64.b64encode(payload).decode(),
-        "content-encoding": "binary",
-        "content-type": "application/x-python-serialize",
-        "headers": {"lang": "py", "task": "item.check", "id": str(uuid.uuid4()), "retries": 0},
-        "properties": {
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": "item.checks"},
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
-    stack.redis.lpush(f"{stack.prefix}item.checks", json.dumps(message))
-    worker.wait_for(r"(?i)refused|disallowed|not allowed|ContentDisallowed", 30)
-    good = stack.submit(str(stack.image(31)))[0]
-    assert stack.wait_terminal([good["check_id"]])[good["check_id"]].status == "done"  # still serving
-    assert not marker.exists()
-
-
 @pytest.mark.parametrize(
     ("content", "code"),
     [

@@ -160,6 +160,8 @@ def test_a_pickled_message_is_refused_unread_and_kept_as_a_dead_letter(stack, wo
         assert time.monotonic() < deadline, "the pickle left no dead letter"
         time.sleep(0.2)
     assert not marker.exists()
+    good = stack.submit(str(stack.image(31)))[0]
+    assert stack.wait_terminal([good["check_id"]])[good["check_id"]].status == "done"  # still serving
 
 
 def test_a_worker_on_a_new_head_takes_no_fresh_upload_until_activated(stack, worker):

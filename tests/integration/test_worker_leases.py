@@ -7,10 +7,13 @@ import json
 import os
 import signal
 import time
+import urllib.request
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.brokers import free_port
 from tests.integration.stack import Worker, image_server, make_stack
 from worker.ledger.models import CheckRow
 from worker.settings import Settings
@@ -71,16 +74,31 @@ def test_a_killed_workers_checks_are_redone_within_30_s(stack):
         survivor.stop()
 
 
+def _workers_ready(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "item_worker_ready"
+    )
+
+
 def test_a_killed_gpu_process_is_replaced_and_serves_again(stack):
-    worker = Worker(stack, "replaced")
+    port = free_port()
+    worker = Worker(
+        stack, "replaced", env={**stack.env, "ITEM_METRICS_PORT": str(port), "ITEM_METRICS_ADDR": "127.0.0.1"}
+    )
     try:
         log = worker.log.read_text()
         first = worker.gpu_pids()[-1]
+        assert _workers_ready(port) == 1
         os.kill(first, signal.SIGKILL)
         killed_at = time.monotonic()
+        time.sleep(1.5)
+        assert _workers_ready(port) == 0  # the dead process no longer counts (ItemNoWorkerReady can fire)
         worker.wait_for(rf"GPU loop 0 \(pid (?!{first}\))\d+\) ready", 120)
         replaced_in = time.monotonic() - killed_at
         assert worker.process.poll() is None  # the supervisor lived on
+        assert _workers_ready(port) == 1
         assert "replacing it" in worker.log.read_text() and log != worker.log.read_text()
         assert replaced_in <= worker.started_in + 15, (replaced_in, worker.started_in)  # about one start-up
         check = stack.submit(str(stack.image(900)))[0]["check_id"]
