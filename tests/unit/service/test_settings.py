@@ -1,0 +1,42 @@
+"""One settings object per process: built at start-up from the environment and the command line, with one clear
+error naming each bad variable, and the old name of the batch budget still read."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from worker.cli.main import app
+from worker.settings import SettingsError, load_settings
+
+
+def test_a_bad_value_is_one_clear_error_naming_its_variable(monkeypatch):
+    monkeypatch.setenv("ITEM_BATCH_SIZE", "0")
+    monkeypatch.setenv("ITEM_LEASE_S", "soon")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert refused.value.code == "settings.invalid"
+    assert "ITEM_BATCH_SIZE=0" in refused.value.message and "ITEM_LEASE_S=soon" in refused.value.message
+
+
+def test_options_override_the_environment_and_none_means_not_given(monkeypatch):
+    monkeypatch.setenv("ITEM_BATCH_SIZE", "16")
+    assert load_settings(batch_size=None).batch_size == 16
+    assert load_settings(batch_size=4).batch_size == 4
+
+
+def test_the_old_name_of_the_batch_budget_is_still_read(monkeypatch):
+    monkeypatch.setenv("ITEM_CHECK_TIME_BUDGET_S", "120")
+    assert load_settings().batch_time_budget_s == 120
+    monkeypatch.setenv("ITEM_BATCH_TIME_BUDGET_S", "60")  # both, disagreeing: refused, not guessed
+    with pytest.raises(SettingsError, match="set only ITEM_BATCH_TIME_BUDGET_S"):
+        load_settings()
+
+
+def test_a_command_with_a_bad_setting_exits_2_with_the_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("ITEM_DATABASE_URL", f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    monkeypatch.setenv("ITEM_RECONCILE_AFTER_S", "1")
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())  # the console wraps long lines
+    assert "settings.invalid" in output and "reconcile_after_s must be longer than lease_s" in output
