@@ -20,10 +20,12 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
+from pipeline.core.errors import ItemError
 from worker import logs
 from worker.settings import Settings
 
@@ -32,6 +34,7 @@ log = logging.getLogger("item.worker")
 RESTART_BACKOFF_S = (1.0, 60.0)  # a GPU process that keeps dying is restarted after a doubling delay
 STABLE_AFTER_S = 60.0  # one that lived this long resets the delay
 STOP_GRACE_S = 30.0  # beyond the batch budget, how long a stopping GPU process may take to finish
+SETUP_FAILED_STATUS = 2  # as every `item` command that cannot run: a bad model, head or profile
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Supervisor:
     intake: bool = True
     reconcile: bool = True
     stopping: threading.Event = field(default_factory=threading.Event)
+    exit_status: int = 0
 
     def run(self) -> int:
         from worker import exporter
@@ -83,7 +87,7 @@ class Supervisor:
                 announced = True
             self.stopping.wait(0.5)
         self._shut_down(consumer, consuming, deliverer, reconciler)
-        return 0
+        return self.exit_status
 
     # ------------------------------------------------------------------ GPU processes
 
@@ -100,11 +104,17 @@ class Supervisor:
     def _collect_events(self) -> None:
         while True:
             try:
-                kind, index, pid, version_id, active = self._events.get_nowait()
+                kind, index, pid, *details = self._events.get_nowait()
             except queue.Empty:
                 return
             gpu = self._gpus[index]
-            if kind == "ready" and gpu.process is not None and gpu.process.pid == pid:
+            if kind == "unusable":
+                code, message = details
+                log.critical("GPU loop %d cannot start: [%s] %s; stopping", index, code, message)
+                self.exit_status = SETUP_FAILED_STATUS
+                self.stopping.set()
+            elif kind == "ready" and gpu.process is not None and gpu.process.pid == pid:
+                version_id, active = details
                 gpu.ready, gpu.version_id = True, version_id
                 state = "the active version" if active else "registered, NOT active: `item versions activate` it"
                 log.info("GPU loop %d (pid %d) ready: %s, %s", index, pid, version_id, state)
@@ -198,10 +208,15 @@ def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
     from worker.loop import Loop
     from worker.runtime import build_service
 
-    service = build_service(settings)
-    detector = service.detector
-    detector.load()
-    active = service.register_version(activate=settings.activate_on_start)
+    try:
+        service = build_service(settings)
+        detector = service.detector
+        detector.load()
+        active = service.register_version(activate=settings.activate_on_start)
+    except ItemError as error:
+        # A missing model, a head for other models: restarting would only fail again. The supervisor stops.
+        events.put(("unusable", index, os.getpid(), error.code, error.message))
+        sys.exit(SETUP_FAILED_STATUS)
     stages = (detector.captioner, detector.grounder, detector.embedder)
     metrics.models_loaded({stage.name: stage.load_seconds or 0.0 for stage in stages})
     events.put(("ready", index, os.getpid(), service.version_id, active))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import time
 import uuid
 
@@ -15,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import encode, noise_image
-from tests.integration.stack import TERMINAL, Worker, make_stack, run_item
+from tests.integration.stack import ITEM, TERMINAL, Worker, make_stack, run_item
 from worker.ledger.models import CheckRow
 
 
@@ -162,3 +163,10 @@ def test_status_counts_and_reconcile_command(stack, worker):
     assert set(counts) == {"queued", "running", "done", "rejected", "failed"} and counts["done"] >= 1
     assert "failed 0 abandoned checks" in run_item(stack.env, "reconcile").stdout
     assert run_item(stack.env, "status", "no-such-check", check_exit=1).stderr.startswith("no such check")
+
+
+def test_a_worker_that_cannot_load_its_models_stops_with_a_clear_error(stack):
+    env = {**stack.env, "ITEM_HEAD": str(stack.folder / "no-such-head.safetensors")}
+    result = subprocess.run([str(ITEM), "worker"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "cannot start" in result.stderr and "head.missing" in result.stderr
