@@ -153,7 +153,7 @@ def test_embedded_mode_without_a_broker(env, demo, tmp_path):
     # A check that cannot succeed: exit 1, and the line says which code ended it.
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"<!doctype html><html></html>")
-    result = run(local, "submit", "-e", "broken-1", str(broken), str(image), check_exit=1)
+    result = run(local, "submit", "-e", "broken-1", "-e", "upload-5b", str(broken), str(image), check_exit=1)
     assert "rejected" in result.stdout and "image.unsupported_format" in result.stdout
     assert "1 of 2 checks were rejected" in result.stderr
 
