@@ -20,11 +20,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from pipeline.core.model_store import ModelStore
-from pipeline.core.profiles import get_profile
 from tests.integration.brokers import RabbitServer
 from tests.integration.conftest import temporary_postgres_database
-from tests.integration.stack import Worker, make_stack
+from tests.integration.stack import Worker, make_stack, tiny_models
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -63,9 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, temporary_postgres_database() as url:
         folder = Path(scratch)
-        store = ModelStore(folder / "models", allow_download=False)
-        for spec in get_profile("tiny").specs.values():
-            store.locate(spec)
+        store = tiny_models(folder / "models")
         rabbit = RabbitServer(folder / "rabbit") if args.broker == "rabbitmq" else None
         overrides = {}
         if rabbit:

@@ -21,7 +21,7 @@ from pipeline.core.model_store import ModelStore
 from pipeline.core.profiles import get_profile
 from tests.conftest import random_head
 from tests.integration.conftest import temporary_postgres_database
-from tests.integration.stack import Worker, make_stack
+from tests.integration.stack import Worker, make_stack, tiny_models
 
 
 def in_process(store: ModelStore, paths: list[Path], batch_size: int) -> float:
@@ -58,9 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch, temporary_postgres_database() as url:
         folder = Path(scratch)
-        store = ModelStore(folder / "models", allow_download=False)
-        for spec in get_profile("tiny").specs.values():
-            store.locate(spec)
+        store = tiny_models(folder / "models")
         with contextlib.contextmanager(make_stack)(
             url,
             store,

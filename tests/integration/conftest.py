@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.integration.stack import image_server
 from worker.ledger import migrate
 from worker.ledger.models import ArtifactRow, BlobRow, CheckRow, DeliveryRow, ImageRow, PipelineVersionRow
 from worker.ledger.store import Ledger
@@ -92,3 +93,10 @@ def ledger(migrated_ledger) -> Ledger:
         for model in (DeliveryRow, CheckRow, ArtifactRow, BlobRow, ImageRow, PipelineVersionRow):
             session.execute(sa.delete(model))
     return migrated_ledger
+
+
+@pytest.fixture(scope="module")
+def images():
+    """A local HTTP server of test images (and of slow, hanging and failing answers) for this module."""
+    with image_server() as server:
+        yield server

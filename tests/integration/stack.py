@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import redis
 from celery import Celery
 
 from pipeline.core.detector import Detector
+from pipeline.core.model_store import ModelStore
 from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
 from worker.ledger import migrate
@@ -72,6 +74,13 @@ class Stack:
 
     def queue_length(self) -> int:
         return self.redis.llen(f"{self.prefix}item.checks")
+
+    def push_raw(self, kwargs: dict, *, task: str = "item.check", args: list | None = None) -> None:
+        """LPUSH a Celery protocol-2 JSON message, as a client in any language can (no Celery, no ledger row)."""
+        self.push_message(celery_json_message(kwargs, task=task, args=args))
+
+    def push_message(self, message: dict) -> None:
+        self.redis.lpush(f"{self.prefix}item.checks", json.dumps(message))
 
     def send(self, **kwargs) -> None:
         """An `item.check` message as a platform's own Celery client sends it (JSON, protocol 2)."""
@@ -125,6 +134,26 @@ class Worker:
         self.kill(signal.SIGTERM)
 
 
+def celery_json_message(kwargs: dict, *, task: str = "item.check", args: list | None = None) -> dict:
+    """The envelope of a Celery protocol-2 message with a JSON body, as it lies in a Redis list."""
+    task_id = str(uuid.uuid4())
+    body = [args or [], kwargs, {"callbacks": None, "errbacks": None}]
+    return {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "js", "task": task, "id": task_id, "root_id": task_id, "retries": 0},
+        "properties": {
+            "correlation_id": task_id,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": "item.checks"},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+
+
 def platform_client(broker_url: str, prefix: str = "") -> Celery:
     """A platform's Celery app, configured as the README tells a platform to: JSON, and the deployment's prefix."""
     app = Celery("platform", broker=broker_url, set_as_current=False)
@@ -138,6 +167,14 @@ def run_item(env: dict, *args: str, check_exit: int | None = 0) -> subprocess.Co
     if check_exit is not None:
         assert result.returncode == check_exit, result.stdout + result.stderr
     return result
+
+
+def tiny_models(folder: Path) -> ModelStore:
+    """A model folder with the tiny profile generated into it, for benchmarks run outside pytest."""
+    store = ModelStore(folder, allow_download=False)
+    for spec in get_profile("tiny").specs.values():
+        store.locate(spec)
+    return store
 
 
 def make_stack(postgres_url: str, tiny_store, folder: Path, **overrides: str):

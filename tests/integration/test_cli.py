@@ -93,6 +93,15 @@ def test_scan_scores_the_same_as_the_demo(env, demo):
     assert row["p_fake"] == pytest.approx(demo_rows["p_fake"], abs=1e-4)
 
 
+def test_a_random_profile_scans_with_an_untrained_head(env, tmp_path):
+    image = tmp_path / "one.png"
+    image.write_bytes(encode(noise_image(3)))
+    result = run(env, "scan", "-p", "tiny", "--head", "untrained", "--json", str(image))
+    row = json.loads(result.stdout)
+    assert row["error"] is None and 0 <= row["p_fake"] <= 1 and row["verdict"] in ("real", "fake")
+    assert "plumbing only" in run(env, "scan", "-p", "tiny", "--head", "untrained", str(image)).stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -100,6 +109,7 @@ def test_scan_scores_the_same_as_the_demo(env, demo):
         (["scan", "-p", "nope", "--head", "h.safetensors", "x.png"], "profile.unknown"),
         (["scan", "-p", "paper", "--offline", "--head", "{head}", "x.png"], "model.missing"),
         (["scan", "-p", "tiny", "--head", "/does/not/exist.safetensors", "x.png"], "head.missing"),
+        (["scan", "-p", "paper", "--offline", "--head", "untrained", "x.png"], "head.untrained_refused"),
     ],
 )
 def test_setup_errors_exit_2_with_a_clear_message(env, demo, args, message):

@@ -10,7 +10,6 @@ import base64
 import json
 import subprocess
 import time
-import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -72,23 +71,7 @@ def test_same_bytes_under_two_ids_run_the_models_once(stack, worker):
 def test_foreign_client_raw_message(stack, worker):
     """What a platform in another language does: LPUSH a Celery protocol-2 JSON message, no ledger row."""
     data = base64.b64encode(encode(noise_image(30))).decode()
-    task_id = str(uuid.uuid4())
-    body = [[], {"external_id": "foreign-30", "image": {"b64": data}}, {"callbacks": None, "errbacks": None}]
-    message = {
-        "body": base64.b64encode(json.dumps(body).encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"lang": "js", "task": "item.check", "id": task_id, "root_id": task_id, "retries": 0},
-        "properties": {
-            "correlation_id": task_id,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": "item.checks"},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
-    stack.redis.lpush(f"{stack.prefix}item.checks", json.dumps(message))
+    stack.push_raw({"external_id": "foreign-30", "image": {"b64": data}})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with stack.ledger.session() as session:

@@ -15,16 +15,10 @@ import sqlalchemy as sa
 
 from pipeline.core.head import Head
 from tests.conftest import encode, noise_image
-from tests.integration.stack import Worker, image_server, make_stack, run_item
+from tests.integration.stack import Worker, make_stack, run_item
 from worker.ledger.models import CheckRow
 
 PNG = base64.b64encode(encode(noise_image(11))).decode()
-
-
-@pytest.fixture(scope="module")
-def images():
-    with image_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -63,27 +57,6 @@ def _wait_row(stack, external_id: str, timeout: float, terminal: bool = False) -
     return None
 
 
-def _raw(stack, kwargs: dict, *, task: str = "item.check", args: list | None = None) -> None:
-    """LPUSH a Celery protocol-2 JSON message, as a client in any language can."""
-    task_id = str(uuid.uuid4())
-    body = [args or [], kwargs, {"callbacks": None, "errbacks": None}]
-    message = {
-        "body": base64.b64encode(json.dumps(body).encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"lang": "js", "task": task, "id": task_id, "root_id": task_id, "retries": 0},
-        "properties": {
-            "correlation_id": task_id,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": "item.checks"},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
-    stack.redis.lpush(f"{stack.prefix}item.checks", json.dumps(message))
-
-
 def test_a_message_is_filed_within_a_second_while_the_gpu_loop_is_busy(stack, worker, images):
     hung = stack.submit(f"{images.url}/hang.png", "-e", "busy-loop")[0]["check_id"]
     deadline = time.monotonic() + 30
@@ -112,7 +85,7 @@ def test_a_message_is_filed_within_a_second_while_the_gpu_loop_is_busy(stack, wo
 )
 def test_a_message_without_a_usable_external_id_is_a_dead_letter(stack, worker, kwargs, task, args, code):
     before = len(_dead_letters(stack))
-    _raw(stack, kwargs, task=task, args=args)
+    stack.push_raw(kwargs, task=task, args=args)
     deadline = time.monotonic() + 10
     while len(letters := _dead_letters(stack)) == before:
         assert time.monotonic() < deadline, "no dead letter was recorded"
@@ -134,7 +107,7 @@ def _dead_letters(stack) -> list[dict]:
     ],
 )
 def test_a_malformed_message_with_a_usable_id_gets_a_rejected_row(stack, worker, external_id, kwargs, code):
-    _raw(stack, {"external_id": external_id, **kwargs})
+    stack.push_raw({"external_id": external_id, **kwargs})
     row = _wait_row(stack, external_id, timeout=10, terminal=True)
     assert row is not None and (row.status, row.error_code) == ("rejected", code)
 
@@ -154,7 +127,7 @@ def test_a_pickled_message_is_refused_unread_and_kept_as_a_dead_letter(stack, wo
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    stack.redis.lpush(f"{stack.prefix}item.checks", json.dumps(message))
+    stack.push_message(message)
     deadline = time.monotonic() + 10
     while not any(letter["code"] == "message.not_json" for letter in _dead_letters(stack)):
         assert time.monotonic() < deadline, "the pickle left no dead letter"

@@ -14,18 +14,12 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.brokers import free_port
-from tests.integration.stack import Worker, image_server, make_stack
+from tests.integration.stack import Worker, make_stack
 from worker.ledger.models import CheckRow
 from worker.settings import Settings
 
 DEFAULT_LEASE_S = Settings.model_fields["lease_s"].default
 DEFAULT_IDLE_POLL_S = Settings.model_fields["idle_poll_s"].default
-
-
-@pytest.fixture(scope="module")
-def images():
-    with image_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ import json
 
 import pytest
 
-from tests.integration.stack import Worker, image_server, make_stack
+from tests.integration.stack import Worker, make_stack
 
 
 @pytest.fixture(scope="module")
-def server():
-    with image_server() as images:
-        yield images.url
+def server(images):
+    return images.url
 
 
 @pytest.fixture(scope="module")
