@@ -18,7 +18,7 @@ import torch
 
 from pipeline.core import misalignment as eq
 from pipeline.core.devices import resolve_device
-from pipeline.core.head import Head
+from pipeline.core.head import Head, HeadMetadata
 from pipeline.core.imaging import DecodedImage, square_crop
 from pipeline.core.model_store import ModelStore
 from pipeline.core.phrases import object_phrases
@@ -210,3 +210,15 @@ def _evidence(artifacts: Artifacts) -> list[DetectedObject]:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def untrained_head(detector: Detector, seed: int = 0) -> Head:
+    """A seeded, never-trained head fitting `detector`'s stages: for random-weight profiles, whose scores mean
+    nothing whatever the head, so that they run (and can be measured) without training one first."""
+    metadata = HeadMetadata(
+        profile=detector.profile.name,
+        stage_versions=detector.stage_versions,
+        input_dim=detector.embedder.dim,
+        training={"untrained": True, "seed": seed},
+    )
+    return Head.create(metadata, seed=seed)

@@ -1,4 +1,5 @@
-"""Where model files live: a local model directory, filled from the Hugging Face hub or the tiny generator.
+"""Where model files live: a local model directory, filled from the Hugging Face hub or by a generator
+(tiny.py's miniatures, full_size.py's random models at the published sizes).
 
 Every stage loads from a local folder, so one code path serves a downloaded checkpoint, a copied one and
 a generated tiny one. Each folder carries `item_model.json`, recording the revision it holds: that
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from pipeline.core.defaults import DEFAULT_MODEL_DIR
 from pipeline.core.errors import ModelUnavailableError
+from pipeline.core.open_clip_files import write_open_clip_config
 from pipeline.core.profiles import ModelSpec
 
 # What to fetch from the hub: open_clip's own files from CLIP repos (timm's repos also hold a timm-only
@@ -60,23 +62,22 @@ class ModelStore:
         return LocatedModel(spec, self.folder(spec), _revision(spec, manifest))
 
     def generate(self, spec: ModelSpec) -> Path:
-        """Builds a tiny model into its folder, with a manifest naming the generator and seed.
+        """Builds a generated model into its folder, with a manifest naming the generator and seed.
 
         Written to a private staging folder and renamed into place, so a half-built model never loads and two
         processes generating at once both end up with one complete folder.
         """
-        from pipeline.core import tiny  # imports torch and transformers: only when a model must be built
-
+        generator = _generator(spec)
         folder = self.folder(spec)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            tiny.build(spec.name, staging, spec.tiny_seed)
+            generator.build(spec.name, staging, spec.seed)
             manifest = {
                 "name": spec.name,
-                "generator": "item.tiny",
-                "generator_version": tiny.GENERATOR_VERSION,
-                "seed": spec.tiny_seed,
+                "generator": generator.GENERATOR,
+                "generator_version": generator.GENERATOR_VERSION,
+                "seed": spec.seed,
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             staging.rename(folder)
@@ -118,25 +119,15 @@ class ModelStore:
         )
 
 
+def _generator(spec: ModelSpec):
+    """The module that builds `spec`: tiny miniatures or full-size random models (both import torch and
+    transformers, so only when a model must be built)."""
+    from pipeline.core import full_size, tiny
+
+    return full_size if spec.name in full_size.BUILDERS else tiny
+
+
 def _revision(spec: ModelSpec, manifest: dict) -> str:
     if spec.generated:
         return f"seed{manifest['seed']}.g{manifest['generator_version']}"
     return str(manifest.get("revision") or spec.revision)[:12]
-
-
-def write_open_clip_config(folder: Path, architecture: str, pretrained_tag: str) -> None:
-    """Gives an open_clip folder the `open_clip_config.json` its `local-dir:` loader needs, if it lacks one,
-    from open_clip's built-in architecture config and the preprocessing of its pretrained tag."""
-    target = folder / "open_clip_config.json"
-    if target.is_file():
-        return
-    import open_clip
-
-    model_cfg = open_clip.get_model_config(architecture)
-    if model_cfg is None:
-        raise ValueError(f"open_clip has no built-in architecture {architecture!r}.")
-    tag_cfg = open_clip.get_pretrained_cfg(architecture, pretrained_tag)
-    keys = ("mean", "std", "interpolation", "resize_mode")
-    preprocess = {key: tag_cfg[key] for key in keys if key in tag_cfg}
-    preprocess["image_size"] = model_cfg["vision_cfg"]["image_size"]
-    target.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2) + "\n")

@@ -20,9 +20,9 @@ class ModelSpec:
     """One model: where it comes from and how its stage runs it."""
 
     name: str  # folder name under the model directory
-    repo_id: str | None = None  # Hugging Face hub id; None for models generated locally (tiny)
+    repo_id: str | None = None  # Hugging Face hub id; None for models generated locally (tiny, *-random)
     revision: str = "main"
-    tiny_seed: int | None = None  # set for generated models: built offline from this seed
+    seed: int | None = None  # set for generated models: random weights, built offline from this seed
     params: dict[str, Any] = field(default_factory=dict)
     # open_clip models: (built-in architecture, pretrained tag), used to write `open_clip_config.json` into a
     # downloaded folder whose hub repo lacks one (timm's OpenAI CLIP repos hold only the weights).
@@ -31,7 +31,7 @@ class ModelSpec:
 
     @property
     def generated(self) -> bool:
-        return self.tiny_seed is not None
+        return self.seed is not None
 
     @property
     def source(self) -> str:
@@ -63,6 +63,9 @@ _GROUND_PARAMS = {"box_threshold": 0.35, "max_objects": 8, "max_phrases": 8, "ca
 _CAPTION_PARAMS = {"max_new_tokens": 30, "num_beams": 1}
 # A random decoder repeats its favourite token; forbidding repeats keeps the tiny captions varied.
 _TINY_CAPTION_PARAMS = {"max_new_tokens": 8, "num_beams": 1, "no_repeat_ngram_size": 1}
+# Random full-size decoders rarely stop by themselves: every caption is exactly max_new_tokens long, which makes
+# the decode cost fixed and comparable between runs (an upper bound: real captions are shorter).
+_RANDOM_CAPTION_PARAMS = {**_CAPTION_PARAMS, "min_new_tokens": 30, "no_repeat_ngram_size": 1}
 # OpenAI's CLIP was trained with QuickGELU; open_clip's default GELU silently skews embeddings.
 _CLIP_PARAMS = {"quick_gelu": True, "batch_size": 64}
 
@@ -75,8 +78,10 @@ CATALOG: dict[str, dict[str, ModelSpec]] = {
             ModelSpec("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", params=_CAPTION_PARAMS),
             ModelSpec("blip-image-captioning-base", "Salesforce/blip-image-captioning-base", params=_CAPTION_PARAMS),
             ModelSpec("blip-image-captioning-large", "Salesforce/blip-image-captioning-large", params=_CAPTION_PARAMS),
-            ModelSpec("tiny-blip2", tiny_seed=0, params=_TINY_CAPTION_PARAMS),
-            ModelSpec("tiny-blip2-alt", tiny_seed=1, params=_TINY_CAPTION_PARAMS),
+            ModelSpec("blip2-opt-2.7b-random", seed=0, params=_RANDOM_CAPTION_PARAMS),
+            ModelSpec("blip-image-captioning-base-random", seed=0, params=_RANDOM_CAPTION_PARAMS),
+            ModelSpec("tiny-blip2", seed=0, params=_TINY_CAPTION_PARAMS),
+            ModelSpec("tiny-blip2-alt", seed=1, params=_TINY_CAPTION_PARAMS),
         )
     },
     "ground": {
@@ -84,9 +89,11 @@ CATALOG: dict[str, dict[str, ModelSpec]] = {
         for spec in (
             ModelSpec("grounding-dino-base", "IDEA-Research/grounding-dino-base", params=_GROUND_PARAMS),
             ModelSpec("grounding-dino-tiny", "IDEA-Research/grounding-dino-tiny", params=_GROUND_PARAMS),
+            ModelSpec("grounding-dino-base-random", seed=0, params=_GROUND_PARAMS),
+            ModelSpec("grounding-dino-tiny-random", seed=0, params=_GROUND_PARAMS),
             ModelSpec(
                 "tiny-grounding-dino",
-                tiny_seed=0,
+                seed=0,
                 params={"box_threshold": 0.2, "max_objects": 4, "max_phrases": 4, "canvas": 96},
             ),
             # Grounding off: each object phrase is compared with the whole image instead of its box, which
@@ -115,8 +122,10 @@ CATALOG: dict[str, dict[str, ModelSpec]] = {
                 params={**_CLIP_PARAMS, "batch_size": 128},
                 open_clip=("RN50-quickgelu", "openai"),
             ),
-            ModelSpec("tiny-clip-quickgelu", tiny_seed=0, params=_CLIP_PARAMS),
-            ModelSpec("tiny-clip-quickgelu-alt", tiny_seed=1, params=_CLIP_PARAMS),
+            ModelSpec("clip-vit-l-14-random", seed=0, params=_CLIP_PARAMS),
+            ModelSpec("clip-vit-b-16-random", seed=0, params={**_CLIP_PARAMS, "batch_size": 128}),
+            ModelSpec("tiny-clip-quickgelu", seed=0, params=_CLIP_PARAMS),
+            ModelSpec("tiny-clip-quickgelu-alt", seed=1, params=_CLIP_PARAMS),
         )
     },
 }
@@ -142,6 +151,23 @@ PROFILES: dict[str, Profile] = {
             caption=CATALOG["caption"]["blip-image-captioning-base"],
             ground=CATALOG["ground"]["grounding-dino-tiny"],
             embed=CATALOG["embed"]["clip-vit-b-16-openai"],
+        ),
+        Profile(
+            name="paper-random",
+            description="The paper's architectures at their real sizes with random weights, generated offline "
+            "(BLIP-2 EVA ViT-g + OPT-2.7B, Grounding DINO Swin-B, CLIP ViT-L/14): speed and memory as the paper's "
+            "models, scores mean nothing. About 15 GB of fp32 weights.",
+            caption=CATALOG["caption"]["blip2-opt-2.7b-random"],
+            ground=CATALOG["ground"]["grounding-dino-base-random"],
+            embed=CATALOG["embed"]["clip-vit-l-14-random"],
+        ),
+        Profile(
+            name="small-random",
+            description="The small profile's architectures at their real sizes with random weights (BLIP base, "
+            "Grounding DINO Swin-T, CLIP ViT-B/16), generated offline. Scores mean nothing.",
+            caption=CATALOG["caption"]["blip-image-captioning-base-random"],
+            ground=CATALOG["ground"]["grounding-dino-tiny-random"],
+            embed=CATALOG["embed"]["clip-vit-b-16-random"],
         ),
         Profile(
             name="tiny",

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.core.open_clip_files import save_open_clip_weights
+
 # Words the tiny tokenizers know as whole tokens. Caption-like vocabulary keeps random captions readable.
 CAPTION_WORDS = tuple(
     """
@@ -26,6 +28,7 @@ CAPTION_WORDS = tuple(
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+GENERATOR = "item.tiny"
 GENERATOR_VERSION = 1
 
 
@@ -64,23 +67,40 @@ def _byte_level_bpe(words: list[str]) -> tuple[dict[str, int], list[tuple[str, s
     return vocab, merges
 
 
-def tiny_opt_tokenizer():
+def tiny_opt_tokenizer(vocab_size: int | None = None, image_token: int | None = None):
+    """OPT's byte-level BPE over the caption words; padded with filler tokens to `vocab_size` if given, with
+    BLIP-2's `<image>` token at `image_token`, so a full-size decoder never emits an id without a token."""
     from transformers import GPT2Tokenizer
 
     vocab, merges = _byte_level_bpe(CAPTION_WORDS)
+    _pad(vocab, vocab_size, {image_token: "<image>"} if image_token is not None else {})
     return GPT2Tokenizer(
         vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
 
 
-def tiny_bert_tokenizer():
+def tiny_bert_tokenizer(vocab_size: int | None = None, extra: tuple[str, ...] = ()):
+    """A WordPiece vocabulary of the caption words and letters; padded with `[unusedN]` to `vocab_size` (as BERT's
+    own vocabulary is), then followed by the `extra` tokens."""
     from transformers import BertTokenizer
 
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "'"]
     tokens += sorted(set(CAPTION_WORDS))
     letters = "abcdefghijklmnopqrstuvwxyz0123456789"
     tokens += list(letters) + [f"##{c}" for c in letters]
-    return BertTokenizer(vocab={token: index for index, token in enumerate(tokens)})
+    vocab = {token: index for index, token in enumerate(tokens)}
+    _pad(vocab, vocab_size, {}, filler="[unused{}]")
+    for token in extra:
+        vocab[token] = len(vocab)
+    return BertTokenizer(vocab=vocab)
+
+
+def _pad(vocab: dict[str, int], size: int | None, fixed: dict[int, str], filler: str = "<filler{}>") -> None:
+    """Fills `vocab` up to `size` entries, with `fixed` tokens at their ids: rarely chosen by a random decoder
+    (see `prefer_whole_words`), they only make every id decodable."""
+    while len(vocab) < max(size or 0, *(index + 1 for index in fixed), 0):
+        index = len(vocab)
+        vocab[fixed.get(index, filler.format(index))] = index
 
 
 # ---------------------------------------------------------------- models
@@ -141,24 +161,28 @@ def build_caption_model(directory: Path, seed: int) -> None:
     )
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
-    _prefer_whole_words(model, tokenizer)
+    prefer_whole_words(model, tokenizer)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
 
 
-def _prefer_whole_words(model, tokenizer) -> None:
-    """Shrink the output embeddings of single-byte tokens so a random decoder picks whole words.
+def prefer_whole_words(model, tokenizer) -> None:
+    """Shrink the output embeddings of every token but the caption words so a random decoder picks whole words.
 
-    Only cosmetic: it keeps the tiny profile's captions readable (and so gives the grounder phrases).
+    Only cosmetic: it keeps random captions readable (and so gives the grounder phrases).
     """
-    whole_words = {tokenizer.convert_tokens_to_ids("Ġ" + word) for word in CAPTION_WORDS}
+    vocab = tokenizer.get_vocab()
+    spelled = [f"Ġ{word}" if f"Ġ{word}" in vocab else word for word in CAPTION_WORDS]  # byte-level BPE or WordPiece
+    whole_words = {vocab[token] for token in spelled if token in vocab}
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     with torch.no_grad():
-        embeddings = model.get_output_embeddings().weight
+        head = model.get_output_embeddings() or model.text_decoder.get_output_embeddings()  # BLIP: its decoder's
+        embeddings = head.weight
         keep = torch.zeros(embeddings.shape[0], dtype=torch.bool)
         keep[sorted(whole_words)] = True
-        keep[tokenizer.eos_token_id] = True
+        keep[end] = True
         embeddings[~keep] *= 0.05
-        embeddings[tokenizer.eos_token_id] *= 0.3  # rarely end before a few words are out
+        embeddings[end] *= 0.3  # rarely end before a few words are out
 
 
 def build_ground_model(directory: Path, seed: int) -> None:
@@ -214,7 +238,6 @@ def build_ground_model(directory: Path, seed: int) -> None:
 def build_embed_model(directory: Path, seed: int) -> None:
     """An open_clip ViT with quick-GELU, like OpenAI's ViT-L/14, at width 32 and 64-pixel input."""
     import open_clip
-    from safetensors.torch import save_file
 
     model_cfg = {
         "embed_dim": 32,
@@ -224,10 +247,7 @@ def build_embed_model(directory: Path, seed: int) -> None:
     }
     preprocess_cfg = {"image_size": 64, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**model_cfg).eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, directory / "open_clip_model.safetensors")
+    save_open_clip_weights(open_clip.CLIP(**model_cfg).eval(), directory)
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
 

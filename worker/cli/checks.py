@@ -35,7 +35,7 @@ app = typer.Typer()
 def scan(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (scanned recursively).")],
     profile: ProfileOpt = None,
-    head: Annotated[Path | None, typer.Option(help="Head .safetensors [env ITEM_HEAD].")] = None,
+    head: Annotated[Path | None, typer.Option(help="Head .safetensors, or `untrained` (random profiles).")] = None,
     model_dir: ModelDirOpt = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per model batch.")] = None,
@@ -63,7 +63,8 @@ def scan(
     if not as_json:
         out.print(table)
         if detector.profile.meaningless_scores:
-            err.print("[yellow]note[/] the tiny profile's models are random: these scores show the plumbing only.")
+            name = detector.profile.name
+            err.print(f"[yellow]note[/] the {name} profile's models are random: these scores show the plumbing only.")
     if failed:
         err.print(f"{failed} of {len(files)} files could not be checked.")
     raise typer.Exit(1 if failed else 0)

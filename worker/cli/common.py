@@ -20,7 +20,8 @@ from worker.settings import Settings, SettingsError, load_settings
 out = Console()
 err = Console(stderr=True)
 
-ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help="Model profile (paper, small, tiny).")]
+PROFILE_HELP = "Model profile: paper, small, tiny, or another of `item models list`."
+ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help=PROFILE_HELP)]
 ModelDirOpt = Annotated[Path | None, typer.Option("--model-dir", help="Model folder [env ITEM_MODEL_DIR].")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download; missing models are an error.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]

@@ -20,7 +20,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import JsonOpt, ModelDirOpt, OfflineOpt, err, fail, model_store, out, progress, settings_from
+from worker.cli.common import (
+    JsonOpt,
+    ModelDirOpt,
+    OfflineOpt,
+    ProfileOpt,
+    err,
+    fail,
+    model_store,
+    out,
+    progress,
+    settings_from,
+)
 from worker.settings import Settings
 
 if TYPE_CHECKING:  # imported for real inside the commands: `item --help` should not load torch
@@ -112,7 +123,7 @@ def _print_demo(report) -> None:
 @app.command()
 def features(
     data: DataArg,
-    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Model profile (paper, small, tiny).")] = None,
+    profile: ProfileOpt = None,
     caption_model: CaptionOpt = None,
     clip_model: ClipOpt = None,
     grounding: GroundingOpt = True,
@@ -143,7 +154,7 @@ def train(
     head_out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the head (.safetensors + .json).")],
     val: Annotated[list[Path] | None, typer.Option("--val", help="Validation dataset(s); default: a split.")] = None,
     val_fraction: Annotated[float, typer.Option(min=0, max=0.9, help="Held out per generator and class.")] = 0.1,
-    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Model profile (paper, small, tiny).")] = None,
+    profile: ProfileOpt = None,
     caption_model: CaptionOpt = None,
     clip_model: ClipOpt = None,
     grounding: GroundingOpt = True,
@@ -332,7 +343,9 @@ def _detector(profile_name: str, settings, offline: bool, head=None):
     except (ItemError, ValueError) as error:
         raise fail(error) from None
     if detector.profile.meaningless_scores:
-        err.print("[yellow]note[/] the tiny profile's models are random: figures show the plumbing only.")
+        err.print(
+            f"[yellow]note[/] the {detector.profile.name} profile's models are random: figures show the plumbing only."
+        )
     return detector
 
 

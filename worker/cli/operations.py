@@ -207,7 +207,7 @@ def models_list(profile: ProfileOpt = None, model_dir: ModelDirOpt = None, as_js
 
 @models_app.command("pull")
 def models_pull(profile: ProfileOpt = None, model_dir: ModelDirOpt = None) -> None:
-    """Download (or, for tiny, generate) a profile's models into the model folder."""
+    """Download (or, for tiny and the -random profiles, generate) a profile's models into the model folder."""
     from pipeline.core.errors import ItemError
 
     settings = settings_from(profile=profile, model_dir=model_dir)
@@ -216,7 +216,7 @@ def models_pull(profile: ProfileOpt = None, model_dir: ModelDirOpt = None) -> No
         if store.is_present(spec):
             err.print(f"{stage}: {spec.name} already present")
             continue
-        err.print(f"{stage}: fetching {spec.source} …")
+        err.print(f"{stage}: {'generating' if spec.generated else 'fetching'} {spec.source} …")
         try:
             store.pull(spec)
         except ItemError as error:

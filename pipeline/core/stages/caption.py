@@ -9,7 +9,7 @@ from pipeline.core.devices import half_dtype
 from pipeline.core.stages.base import Stage
 
 # Parameters passed through to `generate`; anything else in the spec's params is ours.
-_GENERATE_KEYS = ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty")
+_GENERATE_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty")
 
 
 class Captioner(Stage):

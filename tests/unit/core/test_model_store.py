@@ -18,7 +18,7 @@ def test_profiles_cover_paper_small_and_tiny():
 
 
 def test_unknown_profile_names_the_known_ones():
-    with pytest.raises(ProfileError, match="paper, small, tiny"):
+    with pytest.raises(ProfileError, match="paper, paper-random, small, small-random, tiny"):
         get_profile("huge")
 
 
@@ -60,7 +60,7 @@ def test_present_model_is_not_rebuilt(tiny_store):
 def test_open_clip_config_is_written_for_weight_only_clip_repos(tmp_path):
     import json
 
-    from pipeline.core.model_store import write_open_clip_config
+    from pipeline.core.open_clip_files import write_open_clip_config
 
     architecture, tag = get_profile("paper").embed.open_clip
     write_open_clip_config(tmp_path, architecture, tag)
@@ -72,7 +72,7 @@ def test_open_clip_config_is_written_for_weight_only_clip_repos(tmp_path):
 
 
 def test_an_existing_open_clip_config_is_kept(tmp_path):
-    from pipeline.core.model_store import write_open_clip_config
+    from pipeline.core.open_clip_files import write_open_clip_config
 
     (tmp_path / "open_clip_config.json").write_text("{}")
     write_open_clip_config(tmp_path, "ViT-L-14-quickgelu", "openai")
