@@ -106,31 +106,12 @@ def _pad(vocab: dict[str, int], size: int | None, fixed: dict[int, str], filler:
 # ---------------------------------------------------------------- models
 
 
-def build_caption_model(directory: Path, seed: int) -> None:
-    """BLIP-2 (ViT + Q-Former + OPT), a few layers of width 32."""
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        BlipImageProcessor,
-        OPTConfig,
-    )
+def caption_config(vocab_size: int, image_token_index: int):
+    """BLIP-2 (ViT + Q-Former + OPT), two layers of width 32 each, 4 query tokens, 64-pixel input."""
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
-    tokenizer = tiny_opt_tokenizer()
-    image_processor = BlipImageProcessor(
-        size={"height": 64, "width": 64}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
-    )
-    num_query_tokens = 4
-    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
     vision = Blip2VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=64,
-        patch_size=16,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16
     )
     qformer = Blip2QFormerConfig(
         hidden_size=32,
@@ -138,10 +119,10 @@ def build_caption_model(directory: Path, seed: int) -> None:
         num_hidden_layers=2,
         num_attention_heads=2,
         encoder_hidden_size=32,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
     )
     text = OPTConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=32,
         ffn_dim=64,
         num_hidden_layers=2,
@@ -152,13 +133,24 @@ def build_caption_model(directory: Path, seed: int) -> None:
         eos_token_id=2,
         pad_token_id=1,
     )
-    config = Blip2Config(
+    return Blip2Config(
         vision_config=vision.to_dict(),
         qformer_config=qformer.to_dict(),
         text_config=text.to_dict(),
-        num_query_tokens=num_query_tokens,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        num_query_tokens=4,
+        image_token_index=image_token_index,
     )
+
+
+def build_caption_model(directory: Path, seed: int) -> None:
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
+    tokenizer = tiny_opt_tokenizer()
+    image_processor = BlipImageProcessor(
+        size={"height": 64, "width": 64}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
+    )
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=4)  # adds the <image> token
+    config = caption_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
     prefer_whole_words(model, tokenizer)
@@ -185,20 +177,10 @@ def prefer_whole_words(model, tokenizer) -> None:
         embeddings[end] *= 0.3  # rarely end before a few words are out
 
 
-def build_ground_model(directory: Path, seed: int) -> None:
+def ground_config(vocab_size: int):
     """Grounding DINO (Swin + BERT + deformable transformer), one or two layers each, 16 queries."""
-    from transformers import (
-        BertConfig,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
+    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
 
-    tokenizer = tiny_bert_tokenizer()
-    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 96, "longest_edge": 96})
-    processor = GroundingDinoProcessor(image_processor, tokenizer)
     backbone = SwinConfig(
         image_size=96,
         embed_dim=16,
@@ -208,14 +190,14 @@ def build_ground_model(directory: Path, seed: int) -> None:
         out_features=["stage2", "stage3", "stage4"],
     )
     text = BertConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
     )
-    config = GroundingDinoConfig(
+    return GroundingDinoConfig(
         backbone_config=backbone.to_dict(),
         text_config=text.to_dict(),
         d_model=32,
@@ -230,25 +212,35 @@ def build_ground_model(directory: Path, seed: int) -> None:
         decoder_n_points=2,
         max_text_len=64,
     )
+
+
+def build_ground_model(directory: Path, seed: int) -> None:
+    from transformers import GroundingDinoForObjectDetection, GroundingDinoImageProcessor, GroundingDinoProcessor
+
+    tokenizer = tiny_bert_tokenizer()
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 96, "longest_edge": 96})
+    processor = GroundingDinoProcessor(image_processor, tokenizer)
     torch.manual_seed(seed)
-    GroundingDinoForObjectDetection(config).eval().save_pretrained(directory)
+    GroundingDinoForObjectDetection(ground_config(len(tokenizer))).eval().save_pretrained(directory)
     processor.save_pretrained(directory)
 
 
+# An open_clip ViT with quick-GELU, like OpenAI's ViT-L/14, at width 32 and 64-pixel input.
+EMBED_MODEL_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
 def build_embed_model(directory: Path, seed: int) -> None:
-    """An open_clip ViT with quick-GELU, like OpenAI's ViT-L/14, at width 32 and 64-pixel input."""
     import open_clip
 
-    model_cfg = {
-        "embed_dim": 32,
-        "quick_gelu": True,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    }
     preprocess_cfg = {"image_size": 64, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
     torch.manual_seed(seed)
-    save_open_clip_weights(open_clip.CLIP(**model_cfg).eval(), directory)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    save_open_clip_weights(open_clip.CLIP(**EMBED_MODEL_CFG).eval(), directory)
+    config = {"model_cfg": EMBED_MODEL_CFG, "preprocess_cfg": preprocess_cfg}
     (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
