@@ -35,7 +35,8 @@ def build_detector(settings: Settings):
         message = f"--head {UNTRAINED_HEAD} is only for random-weight profiles; {profile.name!r} needs a trained head."
         raise HeadError(message, code="head.untrained_refused")
     store = ModelStore(settings.model_dir, allow_download=settings.allow_download)
-    detector = Detector(profile, store, None if untrained else Head.load(settings.head), settings.device)
+    head = None if untrained else Head.load(settings.head)
+    detector = Detector(profile, store, head, settings.device, precision=settings.stage_precision)
     if untrained:  # random models: their scores mean nothing whatever the head, so an untrained one serves
         detector.use_head(untrained_head(detector))
     return detector

@@ -18,7 +18,13 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.core.defaults import DEFAULT_FEATURE_DIR, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
+from pipeline.core.defaults import (
+    DEFAULT_FEATURE_DIR,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODEL_DIR,
+    PRECISIONS,
+)
 from pipeline.core.errors import ItemError
 
 DATA_HOME = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "item"
@@ -40,7 +46,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ITEM_", env_nested_delimiter="__", env_file=".env", extra="ignore")
 
     # models
-    profile: str = Field("paper", description="Model profile: paper, small or tiny.")
+    profile: str = Field("paper", description="Model profile: paper, small, tiny, paper-random or small-random.")
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Where model folders live (and are downloaded to).")
     feature_dir: Path = Field(
         DEFAULT_FEATURE_DIR, description="Cache of dataset artifacts for `item features|train|eval|calibrate`."
@@ -48,6 +54,11 @@ class Settings(BaseSettings):
     allow_download: bool = Field(True, description="Fetch missing models from the Hugging Face hub.")
     head: Path | None = Field(None, description="Head weights (.safetensors) used to score.")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+    stage_precision: dict[str, str] = Field(
+        default_factory=dict,
+        description='Per-stage precision over the profile\'s, e.g. {"ground": "bf16", "embed": "tf32"}: fp32, tf32, '
+        "bf16 or fp16 (a new stage version: outputs change).",
+    )
 
     # inputs
     batch_size: int = Field(8, ge=1, le=512, description="Images per model batch.")
@@ -145,6 +156,12 @@ class Settings(BaseSettings):
         # A running check's heartbeat touches it every third of a lease: one untouched for longer is not moving.
         if self.reconcile_after_s <= self.lease_s:
             raise ValueError("reconcile_after_s must be longer than lease_s")
+        for stage, precision in self.stage_precision.items():
+            if stage not in ("caption", "ground", "embed") or precision not in PRECISIONS:
+                raise ValueError(
+                    f"stage_precision: {stage}={precision} is not a stage (caption, ground, embed) with a precision "
+                    f"({', '.join(PRECISIONS)})"
+                )
         return self
 
     def _take_old_budget_name(self) -> None:

@@ -34,12 +34,21 @@ _ARTIFACT_ORDER = ("caption", "objects", "embeddings", "features")  # each compu
 
 
 class Detector:
-    def __init__(self, profile: Profile, store: ModelStore, head: Head | None = None, device: str = "auto"):
+    def __init__(
+        self,
+        profile: Profile,
+        store: ModelStore,
+        head: Head | None = None,
+        device: str = "auto",
+        precision: dict[str, str] | None = None,
+    ):
+        """`precision` overrides the profile's per stage (`{"ground": "bf16"}`); it enters the stage versions."""
         self.profile = profile
         self.device = resolve_device(device)
-        self.captioner = Captioner(store.locate(profile.caption), self.device)
-        self.grounder = make_grounder(store.locate(profile.ground), self.device)
-        self.embedder = Embedder(store.locate(profile.embed), self.device)
+        precision = precision or {}
+        self.captioner = Captioner(store.locate(profile.caption), self.device, precision.get("caption"))
+        self.grounder = make_grounder(store.locate(profile.ground), self.device, precision.get("ground"))
+        self.embedder = Embedder(store.locate(profile.embed), self.device, precision.get("embed"))
         self.head: Head | None = None
         self._pipeline_version: PipelineVersion | None = None
         if head is not None:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+
+from pipeline.core.defaults import PRECISIONS
+
+_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -15,6 +22,33 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return device
 
 
-def half_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on CUDA (where it is fast and the models were trained for it), float32 on CPU."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+def effective_precision(requested: str, device: torch.device) -> str:
+    """What a stage asked to run at `requested` really runs at on `device`: CPUs have no TF32 and no fast fp16
+    matrix products, so those run in fp32 there; bf16 runs on both. The stage version records this answer."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"Unknown precision {requested!r}; known: {', '.join(PRECISIONS)}.")
+    if device.type == "cuda" or requested == "bf16":
+        return requested
+    return "fp32"
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype of a model's weights when it is loaded at `precision` (TF32 keeps float32 weights)."""
+    return _DTYPES[precision]
+
+
+@contextmanager
+def compute_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Runs the block's float32 matrix products at `precision`: TF32 on CUDA, or autocast to bf16/fp16 (weights
+    stay float32). The TF32 switch is process-wide in PyTorch, so it is set for the block and put back after."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32" and device.type == "cuda"
+    try:
+        if precision in ("bf16", "fp16"):
+            with torch.autocast(device.type, dtype=_DTYPES[precision]):
+                yield
+        else:
+            yield
+    finally:
+        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -29,10 +29,11 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from pipeline.core.devices import compute_precision
 
 GOALS = {"full_img_s": 100.0, "global_only_img_s": 250.0, "decode_share_of_copy": 0.5}
 OBJECTS_PER_IMAGE = 4  # k: crops CLIP embeds besides the whole image (the paper's captions name a few objects)
@@ -105,17 +106,6 @@ class Run:
             torch.cuda.empty_cache()
 
 
-def precision(name: str, device: torch.device):
-    """A context for fp32 (TF32 off), tf32 (TF32 matmuls) or bf16 (autocast)."""
-    tf32 = name == "tf32"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    if name == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
     reference, other = reference.float(), other.float()
     return float((reference - other).norm() / reference.norm().clamp_min(1e-12))
@@ -160,7 +150,7 @@ def ceilings(run: Run) -> dict:
     for name, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32), ("fp32", torch.float32)):
         a = torch.randn(n, n, device=run.device, dtype=dtype)
         b = torch.randn(n, n, device=run.device, dtype=dtype)
-        with precision(name, run.device):
+        with compute_precision(name, run.device):
             timing = run.time_ms(lambda a=a, b=b: a @ b, repeats=10)
         record[f"gemm_{name}_tflops"] = round(2 * n**3 / timing["ms"] / 1e9, 3)
     size = (8 if run.smoke else 4096) * 2**20
@@ -216,7 +206,7 @@ def clip_phase(run: Run) -> dict:
     record, reference = {}, {}
     with torch.inference_mode():
         for name in ("fp32", "tf32", "bf16"):
-            with precision(name, run.device):
+            with compute_precision(name, run.device):
                 image_time = run.time_ms(lambda: clip.encode_image(images))
                 text_time = run.time_ms(lambda: clip.encode_text(texts))
                 embedded = clip.encode_image(images).float(), clip.encode_text(texts).float()
@@ -231,7 +221,7 @@ def clip_phase(run: Run) -> dict:
     record["peak_gib"] = run.peak_gib()
     if run.device.type == "cuda" and run.left() > 90:
         compiled = torch.compile(clip.visual)
-        with torch.inference_mode(), precision("bf16", run.device):
+        with torch.inference_mode(), compute_precision("bf16", run.device):
             timing = run.time_ms(lambda: compiled(images), warmup=2)
         record["bf16_compiled_images_per_s"] = round(batch * 1000 / timing["ms"], 1)
     return record
@@ -275,7 +265,7 @@ def grounding_phase(run: Run) -> dict:
             inputs = _grounding_inputs(batch, side, config, run.device)
             reference = None
             for name in ("fp32", "tf32", "bf16"):
-                with precision(name, run.device):
+                with compute_precision(name, run.device):
                     timing = run.time_ms(lambda inputs=inputs: grounder(**inputs), repeats=3)
                     # Logits past the prompt's length are -inf by design (padding up to max_text_len).
                     logits = grounder(**inputs).logits.float()[..., : inputs["input_ids"].shape[1]]

@@ -339,7 +339,8 @@ def _detector(profile_name: str, settings, offline: bool, head=None):
     from pipeline.core.profiles import get_profile
 
     try:
-        detector = Detector(get_profile(profile_name), model_store(settings, offline), head, settings.device)
+        store = model_store(settings, offline)
+        detector = Detector(get_profile(profile_name), store, head, settings.device, settings.stage_precision)
     except (ItemError, ValueError) as error:
         raise fail(error) from None
     if detector.profile.meaningless_scores:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from pipeline.core.devices import effective_precision
 from pipeline.core.errors import ModelLoadError
 from pipeline.core.model_store import LocatedModel
 
@@ -21,11 +22,17 @@ class Stage(ABC):
     # Parameters that change speed or memory but not results; kept out of the version so tuning them
     # does not throw away stored artifacts.
     runtime_params: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+    # The precision a stage runs at unless its spec or the caller names another; None for a stage without a model.
+    # It enters the version as the precision really used on this device, since it changes the outputs.
+    default_precision: ClassVar[str | None] = "fp32"
 
-    def __init__(self, model: LocatedModel, device: torch.device):
+    def __init__(self, model: LocatedModel, device: torch.device, precision: str | None = None):
         self.located = model
         self.params: dict[str, Any] = dict(model.spec.params)
         self.device = device
+        requested = precision or self.params.get("precision") or self.default_precision
+        if requested is not None:
+            self.params["precision"] = effective_precision(requested, device)
         self.load_seconds: float | None = None
         self._loaded = False
         self._lock = threading.Lock()
@@ -37,6 +44,10 @@ class Stage(ABC):
             f"{key}={value}" for key, value in sorted(self.params.items()) if key not in self.runtime_params
         )
         return f"{self.name}:{self.located.spec.source}@{self.located.revision}|impl={self.implementation},{params}"
+
+    @property
+    def precision(self) -> str:
+        return self.params.get("precision", "fp32")
 
     @property
     def loaded(self) -> bool:

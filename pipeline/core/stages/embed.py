@@ -7,6 +7,7 @@ import json
 import torch
 from PIL import Image
 
+from pipeline.core.devices import compute_precision
 from pipeline.core.errors import ModelLoadError
 from pipeline.core.stages.base import Stage
 
@@ -15,12 +16,14 @@ CONFIG_FILE = "open_clip_config.json"  # what open_clip's `local-dir:` loader re
 
 class Embedder(Stage):
     name = "embed"
+    default_precision = "tf32"  # on CUDA (fp32 on a CPU): README, "Precision"
 
     def _load(self) -> None:
         import open_clip
 
         source = f"local-dir:{self.located.path}"
-        # fp32 even on CUDA: D is a small difference of unit vectors, and fp16 embeddings visibly move it.
+        # fp32 weights even on CUDA: D is a small difference of unit vectors, and fp16 embeddings visibly move it;
+        # tf32 or bf16 autocast only when the stage's precision asks for it.
         model, _, preprocess = open_clip.create_model_and_transforms(
             source, force_quick_gelu=bool(self.params.get("quick_gelu")), device=self.device
         )
@@ -36,19 +39,22 @@ class Embedder(Stage):
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Unnormalised image embeddings, float32 on the CPU, shape (len(images), d)."""
         self.load()
-        chunks = [
-            self.model.encode_image(torch.stack([self.preprocess(image) for image in part]).to(self.device))
-            for part in _batches(images, self.batch_size)
-        ]
+        with compute_precision(self.precision, self.device):
+            chunks = [
+                self.model.encode_image(torch.stack([self.preprocess(image) for image in part]).to(self.device))
+                for part in _batches(images, self.batch_size)
+            ]
         return _concat(chunks, self.dim)
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Unnormalised text embeddings (truncated to the model's context), float32 on the CPU."""
         self.load()
-        chunks = [
-            self.model.encode_text(self.tokenizer(part).to(self.device)) for part in _batches(texts, self.batch_size)
-        ]
+        with compute_precision(self.precision, self.device):
+            chunks = [
+                self.model.encode_text(self.tokenizer(part).to(self.device))
+                for part in _batches(texts, self.batch_size)
+            ]
         return _concat(chunks, self.dim)
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from pipeline.core.devices import compute_precision
 from pipeline.core.imaging import letterbox
 from pipeline.core.model_store import LocatedModel
 from pipeline.core.results import GroundedObject
@@ -21,12 +22,14 @@ from pipeline.core.stages.base import Stage
 
 class Grounder(Stage):
     name = "ground"
+    # TF32 on CUDA (fp32 on a CPU): see the README's "Precision" for the figures behind the choice.
+    default_precision = "tf32"
 
     def _load(self) -> None:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(self.located.path)
-        # fp32: detection scores are thresholded, and a score moved across the threshold changes the objects.
+        # fp32 weights: scores are thresholded, and a score moved across the threshold changes the objects.
         model = AutoModelForZeroShotObjectDetection.from_pretrained(self.located.path)
         self.model = model.to(self.device).eval()
 
@@ -50,7 +53,8 @@ class Grounder(Stage):
             size={"shortest_edge": canvas, "longest_edge": canvas},
         )
         offsets = inputs.pop("offset_mapping")
-        outputs = self.model(**{key: value.to(self.device) for key, value in inputs.items()})
+        with compute_precision(self.precision, self.device):  # fp32 weights; tf32 or autocast when asked
+            outputs = self.model(**{key: value.to(self.device) for key, value in inputs.items()})
         probabilities = outputs.logits.float().sigmoid().cpu()
         boxes = outputs.pred_boxes.float().cpu()
         for row, index in enumerate(todo):
@@ -122,6 +126,7 @@ class WholeImageGrounder(Stage):
     """
 
     name = "ground"
+    default_precision = None
 
     def _load(self) -> None:
         """Nothing to load: this stage runs no model."""
@@ -135,6 +140,8 @@ class WholeImageGrounder(Stage):
         return found
 
 
-def make_grounder(located: LocatedModel, device: torch.device) -> Grounder | WholeImageGrounder:
+def make_grounder(
+    located: LocatedModel, device: torch.device, precision: str | None = None
+) -> Grounder | WholeImageGrounder:
     """The grounding stage for a model spec: Grounding DINO, or the whole-image stand-in when grounding is off."""
-    return Grounder(located, device) if located.spec.weights else WholeImageGrounder(located, device)
+    return Grounder(located, device, precision) if located.spec.weights else WholeImageGrounder(located, device)

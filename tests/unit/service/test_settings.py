@@ -40,3 +40,11 @@ def test_a_command_with_a_bad_setting_exits_2_with_the_message(monkeypatch, tmp_
     assert result.exit_code == 2
     output = " ".join(result.output.split())  # the console wraps long lines
     assert "settings.invalid" in output and "reconcile_after_s must be longer than lease_s" in output
+
+
+def test_stage_precision_is_read_as_json_and_checked(monkeypatch):
+    monkeypatch.setenv("ITEM_STAGE_PRECISION", '{"ground": "bf16", "embed": "tf32"}')
+    assert load_settings().stage_precision == {"ground": "bf16", "embed": "tf32"}
+    monkeypatch.setenv("ITEM_STAGE_PRECISION", '{"ground": "int4"}')
+    with pytest.raises(SettingsError, match="ground=int4"):
+        load_settings()
