@@ -21,7 +21,10 @@ class Stage(ABC):
     implementation: ClassVar[int] = 1
     # Parameters that change speed or memory but not results; kept out of the version so tuning them
     # does not throw away stored artifacts.
-    runtime_params: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+    runtime_params: ClassVar[frozenset[str]] = frozenset({"batch_size", "static_cache"})
+    # Images (or texts) per model call when the spec names no `batch_size`: each stage its own, whatever the size
+    # of the batch of checks, since their memory per image differs by orders of magnitude.
+    default_batch_size: ClassVar[int] = 64
     # The precision a stage runs at unless its spec or the caller names another; None for a stage without a model.
     # It enters the version as the precision really used on this device, since it changes the outputs.
     default_precision: ClassVar[str | None] = "fp32"
@@ -44,6 +47,10 @@ class Stage(ABC):
             f"{key}={value}" for key, value in sorted(self.params.items()) if key not in self.runtime_params
         )
         return f"{self.name}:{self.located.spec.source}@{self.located.revision}|impl={self.implementation},{params}"
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.params.get("batch_size", self.default_batch_size))
 
     @property
     def precision(self) -> str:
@@ -70,3 +77,8 @@ class Stage(ABC):
 
     @abstractmethod
     def _load(self) -> None: ...
+
+
+def chunks(items: list, size: int) -> list[list]:
+    """`items` in runs of at most `size`, in order: what one model call takes."""
+    return [items[start : start + size] for start in range(0, len(items), size)]

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from pipeline.core.devices import compute_precision, weight_dtype
-from pipeline.core.stages.base import Stage
+from pipeline.core.stages.base import Stage, chunks
 
 # Parameters passed through to `generate`; anything else in the spec's params is ours.
 _GENERATE_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty")
@@ -27,13 +27,19 @@ class Captioner(Stage):
 
     @torch.inference_mode()
     def caption(self, images: list[Image.Image]) -> list[str]:
-        """Deterministic (greedy or beam) captions, one per image, in order."""
+        """Deterministic (greedy or beam) captions, one per image, in order, `batch_size` images per `generate`."""
         if not images:
             return []
         self.load()
+        return [text for part in chunks(images, self.batch_size) for text in self._generate(part)]
+
+    def _generate(self, images: list[Image.Image]) -> list[str]:
         inputs = self.processor(images=images, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
         settings = {key: self.params[key] for key in _GENERATE_KEYS if key in self.params}
+        if self.params.get("static_cache"):
+            # A fixed-size KV cache: on CUDA, transformers then compiles the decoder step (CUDA graphs).
+            settings["cache_implementation"] = "static"
         with compute_precision("tf32" if self.precision == "tf32" else "fp32", self.device):
             generated = self.model.generate(pixel_values=pixel_values, do_sample=False, **settings)
         texts = self.processor.batch_decode(generated, skip_special_tokens=True)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.core.devices import compute_precision
 from pipeline.core.errors import ModelLoadError
-from pipeline.core.stages.base import Stage
+from pipeline.core.stages.base import Stage, chunks
 
 CONFIG_FILE = "open_clip_config.json"  # what open_clip's `local-dir:` loader reads; every CLIP folder has one
 
@@ -31,31 +31,26 @@ class Embedder(Stage):
         self.preprocess = preprocess  # the model's own eval transform: resize, center-crop, normalise
         self.tokenizer = open_clip.get_tokenizer(source)
 
-    @property
-    def batch_size(self) -> int:
-        return int(self.params.get("batch_size", 64))
-
     @torch.inference_mode()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Unnormalised image embeddings, float32 on the CPU, shape (len(images), d)."""
         self.load()
         with compute_precision(self.precision, self.device):
-            chunks = [
+            parts = [
                 self.model.encode_image(torch.stack([self.preprocess(image) for image in part]).to(self.device))
-                for part in _batches(images, self.batch_size)
+                for part in chunks(images, self.batch_size)
             ]
-        return _concat(chunks, self.dim)
+        return _concat(parts, self.dim)
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Unnormalised text embeddings (truncated to the model's context), float32 on the CPU."""
         self.load()
         with compute_precision(self.precision, self.device):
-            chunks = [
-                self.model.encode_text(self.tokenizer(part).to(self.device))
-                for part in _batches(texts, self.batch_size)
+            parts = [
+                self.model.encode_text(self.tokenizer(part).to(self.device)) for part in chunks(texts, self.batch_size)
             ]
-        return _concat(chunks, self.dim)
+        return _concat(parts, self.dim)
 
     @property
     def dim(self) -> int:
@@ -68,10 +63,6 @@ class Embedder(Stage):
         except (OSError, ValueError, KeyError, TypeError) as error:
             config_path = self.located.path / CONFIG_FILE
             raise ModelLoadError(f"Could not read the embedding width from {config_path}: {error}") from error
-
-
-def _batches(items: list, size: int) -> list[list]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _concat(chunks: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -96,3 +96,18 @@ def test_embed_chunks_large_batches(tiny_detector):
 
 def test_embed_empty_lists(tiny_detector):
     assert tiny_detector.embedder.embed_images([]).shape == (0, tiny_detector.embedder.dim)
+
+
+def test_each_stage_has_its_own_batch_size_and_chunks_give_the_same_answers(tiny_detector):
+    assert tiny_detector.grounder.batch_size == 16 and tiny_detector.captioner.batch_size == 64
+    chunked = Captioner(tiny_detector.captioner.located, tiny_detector.device)
+    chunked.params["batch_size"] = 3
+    assert chunked.version == tiny_detector.captioner.version  # a speed knob, not an output change
+    assert chunked.caption(BATCH) == tiny_detector.captioner.caption(BATCH)
+
+
+def test_a_static_kv_cache_decodes_the_same_captions(tiny_detector):
+    static = Captioner(tiny_detector.captioner.located, tiny_detector.device)
+    static.params["static_cache"] = True
+    assert static.version == tiny_detector.captioner.version
+    assert static.caption(BATCH[:4]) == tiny_detector.captioner.caption(BATCH[:4])
