@@ -332,7 +332,24 @@ def totals(results: dict) -> dict:
         key: {"measured": value, "goal": GOALS[key], "met": value is not None and value >= GOALS[key]}
         for key, value in goals.items()
     }
+    record["mfu_of_bf16_gemm"] = _utilisation(results, image_s, ground_s)
+    record["peak_gib"] = {name: results.get(name, {}).get("peak_gib") for name in ("clip", "blip2", "grounding")}
     return record
+
+
+def _utilisation(results: dict, image_s: float, ground_s: float) -> dict:
+    """Achieved FLOP/s (counted FLOPs × measured rate) as a share of the measured bf16 GEMM ceiling."""
+    flops = results.get("flops", {})
+    ceiling = results.get("ceilings", {}).get("gemm_bf16_tflops")
+    sides = [int(key.split("_")[1]) for key in flops if key.startswith("grounding_") and key.endswith("_gflop")]
+
+    def share(gflop: float | None, per_s: float) -> float | None:
+        return round(gflop * per_s / (ceiling * 1000), 4) if gflop and ceiling else None
+
+    return {
+        "clip_image": share(flops.get("clip_image_gflop"), image_s),
+        "grounding": share(flops.get(f"grounding_{max(sides)}_gflop") if sides else None, ground_s),
+    }
 
 
 # ---------------------------------------------------------------------- helpers

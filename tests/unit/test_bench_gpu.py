@@ -19,6 +19,7 @@ def test_every_phase_runs_and_is_recorded_as_it_ends(tmp_path):
     assert totals["full_ms"] > totals["global_only_ms"] > totals["clip_only_ms"] > 0
     assert totals["full_img_s"] == round(1000 / totals["full_ms"], 1)
     assert set(totals["goals"]) == set(bench_gpu.GOALS)
+    assert all(share is not None and share > 0 for share in totals["mfu_of_bf16_gemm"].values())
     grounding = summary["phases"]["grounding"]
     assert all(variant["finite"] for key, variant in grounding.items() if isinstance(variant, dict))
 
