@@ -292,6 +292,13 @@ def preprocess_phase(run: Run) -> dict:
         "blip2_224": BlipImageProcessor(size={"height": 224, "width": 224}),
         "grounding_800": GroundingDinoImageProcessor(size={"shortest_edge": 800, "longest_edge": 800}),
     }
+    try:
+        import open_clip
+
+        clip_transform = open_clip.image_transform(224, is_train=False)
+        processors["clip_224"] = lambda images, return_tensors: [clip_transform(image) for image in images]
+    except ImportError:
+        pass  # recorded as absent: the environment phase says open_clip is missing
     record = {}
     for name, processor in processors.items():
         began = time.perf_counter()
