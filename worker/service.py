@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from pipeline.core import codec
 from pipeline.core.batches import Reader, once_per_image
 from pipeline.core.detector import Detector
+from pipeline.core.devices import free_gpu_memory, is_out_of_memory
 from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage
 from pipeline.core.results import Artifacts
@@ -238,17 +239,18 @@ class CheckService:
         metrics.gpu_memory()
 
     def _detect(self, images: list[DecodedImage], known: list) -> list:
-        """Runs the models; on GPU out-of-memory, halves the batch instead of failing it."""
+        """Runs the models. Each stage halves its own runs when the GPU runs out of memory; what still runs out
+        (one image too large for a stage, or memory outside the stages) halves the batch of checks."""
         try:
             return self.detector.detect(images, known)
         except Exception as error:
-            if not _is_out_of_memory(error):
+            if not is_out_of_memory(error):
                 raise
             if len(images) == 1:
                 raise TransientError(
                     "The GPU ran out of memory on a single image.", code="gpu.out_of_memory"
                 ) from error
-            _free_gpu_memory()
+            free_gpu_memory()
             half = len(images) // 2
             return self._detect(images[:half], known[:half]) + self._detect(images[half:], known[half:])
 
@@ -334,16 +336,3 @@ def _result_of_detection(d, sha256: str) -> dict:
         "object_count": d.object_count,
         "timings_ms": as_dict["timings_ms"],
     }
-
-
-def _is_out_of_memory(error: Exception) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def _free_gpu_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -52,3 +52,14 @@ def compute_precision(precision: str, device: torch.device) -> Iterator[None]:
             yield
     finally:
         matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU allocation failure, as PyTorch raises it (or as a RuntimeError from older kernels)."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def free_gpu_memory() -> None:
+    """Returns cached blocks to the driver after an out-of-memory error, so a smaller retry can fit."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
-from pipeline.core.devices import effective_precision
+from pipeline.core.devices import effective_precision, free_gpu_memory, is_out_of_memory
 from pipeline.core.errors import ModelLoadError
 from pipeline.core.model_store import LocatedModel
 
@@ -37,6 +38,7 @@ class Stage(ABC):
         if requested is not None:
             self.params["precision"] = effective_precision(requested, device)
         self.load_seconds: float | None = None
+        self.memory_limit: int | None = None  # the largest run that fitted after the GPU ran out of memory
         self._loaded = False
         self._lock = threading.Lock()
 
@@ -50,7 +52,29 @@ class Stage(ABC):
 
     @property
     def batch_size(self) -> int:
-        return int(self.params.get("batch_size", self.default_batch_size))
+        configured = int(self.params.get("batch_size", self.default_batch_size))
+        return min(configured, self.memory_limit or configured)
+
+    def in_runs(self, items: list, run: Callable[[list], list]) -> list:
+        """`run` over `items` in runs of at most `batch_size`, results concatenated in order.
+
+        A run that exhausts GPU memory is halved and tried again, down to one item; the smaller size is kept
+        for this stage from then on. Only this stage's run is redone: the stages before it keep their results.
+        """
+        results: list = []
+        start = 0
+        while start < len(items):
+            part = items[start : start + self.batch_size]
+            try:
+                results.extend(run(part))
+            except Exception as error:
+                if not is_out_of_memory(error) or len(part) == 1:
+                    raise
+                free_gpu_memory()
+                self.memory_limit = len(part) // 2
+                continue
+            start += len(part)
+        return results
 
     @property
     def precision(self) -> str:
@@ -77,8 +101,3 @@ class Stage(ABC):
 
     @abstractmethod
     def _load(self) -> None: ...
-
-
-def chunks(items: list, size: int) -> list[list]:
-    """`items` in runs of at most `size`, in order: what one model call takes."""
-    return [items[start : start + size] for start in range(0, len(items), size)]

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from pipeline.core.devices import compute_precision, weight_dtype
-from pipeline.core.stages.base import Stage, chunks
+from pipeline.core.stages.base import Stage
 
 # Parameters passed through to `generate`; anything else in the spec's params is ours.
 _GENERATE_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty")
@@ -31,7 +31,7 @@ class Captioner(Stage):
         if not images:
             return []
         self.load()
-        return [text for part in chunks(images, self.batch_size) for text in self._generate(part)]
+        return self.in_runs(images, self._generate)
 
     def _generate(self, images: list[Image.Image]) -> list[str]:
         inputs = self.processor(images=images, return_tensors="pt")

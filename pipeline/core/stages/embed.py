@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.core.devices import compute_precision
 from pipeline.core.errors import ModelLoadError
-from pipeline.core.stages.base import Stage, chunks
+from pipeline.core.stages.base import Stage
 
 CONFIG_FILE = "open_clip_config.json"  # what open_clip's `local-dir:` loader reads; every CLIP folder has one
 
@@ -36,10 +36,7 @@ class Embedder(Stage):
         """Unnormalised image embeddings, float32 on the CPU, shape (len(images), d)."""
         self.load()
         with compute_precision(self.precision, self.device):
-            parts = [
-                self.model.encode_image(torch.stack([self.preprocess(image) for image in part]).to(self.device))
-                for part in chunks(images, self.batch_size)
-            ]
+            parts = self.in_runs(images, lambda part: [self._encode_images(part)])
         return _concat(parts, self.dim)
 
     @torch.inference_mode()
@@ -47,10 +44,11 @@ class Embedder(Stage):
         """Unnormalised text embeddings (truncated to the model's context), float32 on the CPU."""
         self.load()
         with compute_precision(self.precision, self.device):
-            parts = [
-                self.model.encode_text(self.tokenizer(part).to(self.device)) for part in chunks(texts, self.batch_size)
-            ]
+            parts = self.in_runs(texts, lambda part: [self.model.encode_text(self.tokenizer(part).to(self.device))])
         return _concat(parts, self.dim)
+
+    def _encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.model.encode_image(torch.stack([self.preprocess(image) for image in images]).to(self.device))
 
     @property
     def dim(self) -> int:

@@ -17,7 +17,7 @@ from pipeline.core.devices import compute_precision
 from pipeline.core.imaging import letterbox
 from pipeline.core.model_store import LocatedModel
 from pipeline.core.results import GroundedObject
-from pipeline.core.stages.base import Stage, chunks
+from pipeline.core.stages.base import Stage
 
 
 class Grounder(Stage):
@@ -42,10 +42,9 @@ class Grounder(Stage):
         if not todo:
             return results
         self.load()
-        for part in chunks(todo, self.batch_size):
-            found = self._ground([images[i] for i in part], [phrases[i] for i in part])
-            for index, objects in zip(part, found, strict=True):
-                results[index] = objects
+        found = self.in_runs(todo, lambda part: self._ground([images[i] for i in part], [phrases[i] for i in part]))
+        for index, objects in zip(todo, found, strict=True):
+            results[index] = objects
         return results
 
     def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[GroundedObject]]:

@@ -111,3 +111,65 @@ def test_a_static_kv_cache_decodes_the_same_captions(tiny_detector):
     static.params["static_cache"] = True
     assert static.version == tiny_detector.captioner.version
     assert static.caption(BATCH[:4]) == tiny_detector.captioner.caption(BATCH[:4])
+
+
+class _SmallGpuCaptioner(Captioner):
+    """The real captioner on a device that (as a GPU would) runs out of memory on runs of more than 2 images."""
+
+    calls: list[int]
+
+    def _generate(self, images):
+        self.calls.append(len(images))
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super()._generate(images)
+
+
+def test_a_stage_out_of_gpu_memory_halves_its_own_runs_and_keeps_the_size(tiny_detector):
+    small = _SmallGpuCaptioner(tiny_detector.captioner.located, tiny_detector.device)
+    small.calls = []
+    small.params["batch_size"] = 8
+    assert small.caption(BATCH) == tiny_detector.captioner.caption(BATCH)  # same answers, in order
+    assert small.calls == [8, 4, 2, 2, 2, 2] and small.batch_size == 2  # halved until it fitted, then kept
+    small.calls.clear()
+    small.caption(BATCH[:4])
+    assert small.calls == [2, 2]
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_retried(tiny_detector):
+    class Broken(Captioner):
+        def _generate(self, images):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        Broken(tiny_detector.captioner.located, tiny_detector.device).caption(BATCH)
+
+
+def test_grounding_out_of_memory_redoes_only_grounding(tiny_store):
+    from pipeline.core.detector import Detector
+    from pipeline.core.imaging import decode_image
+    from pipeline.core.profiles import get_profile
+    from pipeline.core.stages.ground import Grounder
+    from tests.conftest import encode
+
+    class CountingCaptioner(Captioner):
+        runs = 0
+
+        def _generate(self, images):
+            CountingCaptioner.runs += 1
+            return super()._generate(images)
+
+    class SmallGpuGrounder(Grounder):
+        def _ground(self, images, phrases):
+            if len(images) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory.")
+            return super()._ground(images, phrases)
+
+    detector = Detector(get_profile("tiny"), tiny_store, device="cpu")
+    reference = detector.analyze([decode_image(encode(image)) for image in BATCH[:4]])
+    detector.captioner = CountingCaptioner(detector.captioner.located, detector.device)
+    detector.grounder = SmallGpuGrounder(detector.grounder.located, detector.device)
+    analyses = detector.analyze([decode_image(encode(image)) for image in BATCH[:4]])
+    assert CountingCaptioner.runs == 1  # captions were made once, before grounding ran out of memory
+    assert detector.grounder.batch_size == 1
+    assert [a.artifacts.objects for a in analyses] == [a.artifacts.objects for a in reference]
