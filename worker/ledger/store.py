@@ -253,10 +253,11 @@ class Ledger:
 
     def renew(self, session: Session, lease: Lease) -> int:
         """Extends the lease on every check still held under it; returns how many it holds."""
+        now = utcnow()
         statement = (
             sa.update(CheckRow)
             .where(_held(lease.token))
-            .values(lease_expires_at=utcnow() + timedelta(seconds=lease.seconds), updated_at=utcnow())
+            .values(lease_expires_at=now + timedelta(seconds=lease.seconds), updated_at=now)
         )
         return session.execute(statement).rowcount
 
@@ -335,15 +336,8 @@ class Ledger:
     def _finish_with_error(
         self, session: Session, check_id: str, status: CheckStatus, code: str, message: str, token: str | None
     ) -> CheckRow | None:
-        values = {
-            "status": status,
-            "error_code": code,
-            "error_message": message,
-            "finished_at": utcnow(),
-            "lease_expires_at": None,
-        }
         condition = _held(token) if token is not None else _never_claimed()
-        return _transition(session, check_id, condition, values)
+        return _transition(session, check_id, condition, _ended_with_error(status, code, message))
 
     def abandoned_checks(self, session: Session, max_attempts: int, limit: int = 500) -> list[CheckRow]:
         """Running checks whose lease expired with every attempt used: each time, the worker died on them."""
@@ -359,13 +353,7 @@ class Ledger:
         self, session: Session, check_id: str, max_attempts: int, code: str, message: str
     ) -> CheckRow | None:
         """Fails an abandoned check (see `abandoned_checks`) unless a worker took it meanwhile."""
-        values = {
-            "status": CheckStatus.failed,
-            "error_code": code,
-            "error_message": message,
-            "finished_at": utcnow(),
-            "lease_expires_at": None,
-        }
+        values = _ended_with_error(CheckStatus.failed, code, message)
         return _transition(session, check_id, _abandoned(max_attempts), values)
 
     def count_waiting(self, session: Session) -> dict[str, int]:
@@ -617,6 +605,16 @@ def _queued_check(now: datetime, **fields) -> dict:
         "available_at": now,
         "updated_at": now,
         **fields,
+    }
+
+
+def _ended_with_error(status: CheckStatus, code: str, message: str) -> dict:
+    return {
+        "status": status,
+        "error_code": code,
+        "error_message": message,
+        "finished_at": utcnow(),
+        "lease_expires_at": None,
     }
 
 
