@@ -8,7 +8,7 @@ yet (milliseconds' worth while workers run); the work waiting is in the ledger: 
 uploads and re-scores apart.
 
 Live gauges of a process that is gone (a GPU loop killed and replaced) are dropped at every scrape, so
-`item_worker_ready` counts the processes alive now, whoever noticed the death first.
+`item_worker_ready` counts the processes alive now; this is the one place that forgets them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ class ScrapeTimeCollector:
 
         from worker.metrics import QUEUE_DEPTH_NAME, STUCK_NAME, WAITING_NAME
 
-        _forget_dead_processes()
         depth = GaugeMetricFamily(
             QUEUE_DEPTH_NAME, "Messages in the broker the intake has not filed yet, per queue.", labels=["queue"]
         )
@@ -129,19 +128,32 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
-        return True
+        pass
     return True
+
+
+class LiveProcessesCollector:
+    """Every process's samples from the metric files, read only after the dead processes' gauges were dropped:
+    the same scrape that follows a death no longer counts the dead."""
+
+    def __init__(self):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self._files = MultiProcessCollector(None)  # not registered: collected through this
+
+    def collect(self):
+        _forget_dead_processes()
+        yield from self._files.collect()
 
 
 def registry(settings: Settings):
     from prometheus_client import REGISTRY, CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         registry = REGISTRY  # one process: its own metrics
     else:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        registry.register(LiveProcessesCollector())
     registry.register(ScrapeTimeCollector(settings))
     return registry
 

@@ -125,7 +125,6 @@ class Supervisor:
             process = gpu.process
             if process is not None and not process.is_alive():
                 process.join()
-                _forget_metrics_of(process.pid)
                 lived = now - gpu.started_at
                 if lived >= STABLE_AFTER_S:  # it served a while: replace it at once
                     gpu.backoff_s, delay = RESTART_BACKOFF_S[0], 0.0
@@ -183,19 +182,10 @@ class Supervisor:
                     log.warning("GPU loop %d did not stop in time; killing it (its lease lets others redo)", gpu.index)
                     gpu.process.kill()
                     gpu.process.join()
-                _forget_metrics_of(gpu.process.pid)
         deliverer.stop(timeout=self.settings.callback_timeout_s + 5)
         if reconciler:
             reconciler.stop()
         log.info("item worker stopped")
-
-
-def _forget_metrics_of(pid: int | None) -> None:
-    """Live gauges (loops ready, GPU memory) stop counting a process that is gone."""
-    if pid and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)
 
 
 def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
