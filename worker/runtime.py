@@ -10,12 +10,11 @@ from worker.delivery import Deliverer
 from worker.intake import CheckRequest, Filed, Intake
 from worker.ledger.states import TERMINAL_STATUSES
 from worker.ledger.store import Ledger
+from worker.loop import Loop
 from worker.service import CheckService
 from worker.settings import Settings
 
 EMBEDDED_BACKOFF_MAX_S = 5.0  # a person waits at the terminal: retry delays are honoured, but capped
-
-
 UNTRAINED_HEAD = "untrained"  # ITEM_HEAD / --head value: a seeded untrained head, for random-weight profiles only
 
 
@@ -60,8 +59,6 @@ class InProcess:
         self.service.register_version()
         self.intake = Intake(self.settings, self.service.ledger)
         self.deliverer = Deliverer(self.settings, self.service.ledger)
-        from worker.loop import Loop
-
         self.loop = Loop(self.service)
 
     def submit(self, submissions: list[CheckRequest]) -> list[Filed]:
