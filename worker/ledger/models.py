@@ -67,6 +67,14 @@ def _string_enum(enum: type[StrEnum]) -> sa.Enum:
 _STATUS = _string_enum(CheckStatus)
 _DELIVERY_STATUS = _string_enum(DeliveryStatus)
 _NULLABLE_JSON = sa.JSON(none_as_null=True)  # Python None → SQL NULL, not the JSON literal 'null'
+# The WHERE of the claim indexes; a claim's query writes the status into its SQL the same way (see `Ledger.claim`).
+_QUEUED = sa.text("status = 'queued'")
+_RUNNING = sa.text("status = 'running'")
+
+
+def _claim_index(name: str, claimable_from: str, where: sa.TextClause) -> sa.Index:
+    columns = ("pipeline_version_id", "priority", "created_at", claimable_from)
+    return sa.Index(name, *columns, postgresql_where=where, sqlite_where=where)
 
 
 class Base(DeclarativeBase):
@@ -138,9 +146,14 @@ class CheckRow(Base):
         sa.Index(None, "status", "updated_at"),  # the reconciler's scan for stuck checks
         sa.Index(None, "image_sha256"),  # answering duplicate bytes from an earlier check
         sa.Index(None, "finished_at"),
-        sa.Index(None, "pipeline_version_id", "status", "priority", "created_at"),  # claiming a batch
         sa.Index(None, "rescore_of"),
-        sa.Index(None, "status", "lease_expires_at"),  # claiming the checks of a worker that died
+        # Claiming a batch (see `Ledger.claim`): the queued checks, and the running ones (a lease that expired is
+        # taken over), each of a version in claim order, then the time from which a row is claimable, so a claim
+        # reads its first entries without sorting and skips a retry not due or a live lease inside the index.
+        # Partial: they hold the backlog and the checks in flight, not every check ever finished. Named for their
+        # use, as the convention's names for these columns pass PostgreSQL's 63 characters.
+        _claim_index("ix_checks_claim_queued", "available_at", _QUEUED),
+        _claim_index("ix_checks_claim_running", "lease_expires_at", _RUNNING),
     )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)

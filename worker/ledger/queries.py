@@ -54,24 +54,67 @@ def claim_rows(
     order_by: Sequence[sa.ColumnElement],
     limit: int,
     values: dict,
+    any_of: Sequence[sa.ColumnElement[bool]] = (),
 ) -> list:
-    """Takes up to `limit` rows of `model` meeting `claimable`, in `order_by` order, setting `values` on them.
+    """Takes up to `limit` rows of `model` meeting `claimable` (and one of `any_of`, when given), in `order_by`
+    order, setting `values` on them.
 
-    One statement: an UPDATE of the ids a sub-select picked, which re-checks `claimable` so a row that changed
+    One statement: an UPDATE of the ids a sub-select picked, which re-checks the condition so a row that changed
     meanwhile is left alone. On PostgreSQL the pick locks its rows and skips ones another transaction is
     claiming (SKIP LOCKED), never waiting for them, so two claimers never take the same row. The pick is a
     materialised CTE: as a plain IN (subquery), Postgres may re-run the subquery while updating and take far
     more than `limit` rows (seen: 12 for a limit of 4).
+
+    `any_of` are alternatives no row meets two of (it would count twice against the limit), each with an index of
+    its own in `order_by` order. On PostgreSQL each is picked apart (its `limit` first rows, locked as above) and
+    the union of those picks cut to the `limit` first: the same rows as one ordered pick of their OR, which Postgres
+    would answer by reading both indexes' matches and sorting them all. Until the transaction ends, rows a pick
+    locked but the cut left out are skipped by other claimers too. `order_by` must then be plain columns,
+    ascending. SQLite gets the OR in one pick, as it always has.
     """
-    candidates = sa.select(model.id).where(claimable).order_by(*order_by).limit(limit)
-    if session.get_bind().dialect.name == "postgresql":
-        candidates = candidates.with_for_update(skip_locked=True)
-    picked = candidates.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
+    condition = sa.and_(claimable, sa.or_(*any_of)) if any_of else claimable
+    if session.get_bind().dialect.name != "postgresql":
+        picked = _pick(model, condition, order_by, limit, name="picked", lock=False)
+    elif len(any_of) > 1:
+        picked = _pick_each(model, [sa.and_(claimable, one) for one in any_of], order_by, limit)
+    else:
+        picked = _pick(model, condition, order_by, limit, name="picked", lock=True)
     statement = (
         sa.update(model)
-        .where(model.id.in_(sa.select(picked.c.id)), claimable)
+        .where(model.id.in_(sa.select(picked.c.id)), condition)
         .values(**values)
         .returning(model)
         .execution_options(populate_existing=True)
     )
     return list(session.scalars(statement).all())
+
+
+def _pick(
+    model: type,
+    condition: sa.ColumnElement[bool],
+    order_by: Sequence[sa.ColumnElement],
+    limit: int,
+    *,
+    name: str,
+    lock: bool,
+    keys: Sequence[sa.ColumnElement] = (),
+) -> sa.CTE:
+    """The ids (and `keys`) of the `limit` first rows meeting `condition`: a materialised CTE, see `claim_rows`."""
+    candidates = sa.select(model.id, *keys).where(condition).order_by(*order_by).limit(limit)
+    if lock:
+        candidates = candidates.with_for_update(skip_locked=True)
+    return candidates.cte(name).prefix_with("MATERIALIZED", dialect="postgresql")
+
+
+def _pick_each(
+    model: type, conditions: Sequence[sa.ColumnElement[bool]], order_by: Sequence[sa.ColumnElement], limit: int
+) -> sa.CTE:
+    """One locked pick per condition, then the `limit` first of all of them, by the same order (PostgreSQL)."""
+    keys = [column.label(f"key_{index}") for index, column in enumerate(order_by)]
+    picks = [
+        _pick(model, condition, order_by, limit, name=f"picked_{index}", lock=True, keys=keys)
+        for index, condition in enumerate(conditions)
+    ]
+    union = sa.union_all(*(sa.select(pick) for pick in picks)).subquery("picks")
+    first = sa.select(union.c.id).order_by(*(union.c[key.name] for key in keys)).limit(limit)
+    return first.cte("picked").prefix_with("MATERIALIZED", dialect="postgresql")
