@@ -65,6 +65,13 @@ def _rescore_all(ledger, harness: Harness) -> rescore.RescoreRun:
     return rescore.refresh(ledger, run)
 
 
+def _rescores(ledger, version_id: str) -> list:
+    """The re-score checks under `version_id` (a run keeps counts, not their ids)."""
+    with ledger.session() as session:
+        rows = ledger.list_checks(session, pipeline_version_id=version_id, limit=1000)
+    return [row for row in rows if row.priority == Priority.rescore]
+
+
 def test_a_head_only_upgrade_runs_only_the_head(ledger, tiny_store, checked, tmp_path):
     for path in tmp_path.glob("*.png"):
         path.unlink()  # the images are gone: a re-score that needed pixels would be rejected
@@ -76,8 +83,9 @@ def test_a_head_only_upgrade_runs_only_the_head(ledger, tiny_store, checked, tmp
     detector = new.service.detector
     assert not detector.captioner.loaded and not detector.grounder.loaded  # (CLIP was loaded to build the head)
     # Each new score is the new head applied to the stored features, computed here independently.
+    rows = _rescores(ledger, new.service.version_id)
+    assert len(rows) == N
     with ledger.session() as session:
-        rows = ledger.checks_by_id(session, list(run.statuses))
         stored = ledger.load_artifacts(session, [r.image_sha256 for r in rows], detector.artifact_versions)
     for row in rows:
         expected = detector.head.predict(detector.representation(stored[row.image_sha256].features)[None])[0]
@@ -106,11 +114,10 @@ def test_a_clip_upgrade_keeps_captions_and_boxes(ledger, tiny_store, checked, tm
     detector = new.service.detector
     assert not detector.captioner.loaded and not detector.grounder.loaded
     by_id = {c.external_id: c for c in checked}
-    with ledger.session() as session:
-        for row in ledger.checks_by_id(session, list(run.statuses)):
-            before = by_id[row.external_id]
-            assert row.caption == before.caption
-            assert [o["box"] for o in row.objects] == [o["box"] for o in before.objects]
+    for row in _rescores(ledger, new.service.version_id):
+        before = by_id[row.external_id]
+        assert row.caption == before.caption
+        assert [o["box"] for o in row.objects] == [o["box"] for o in before.objects]
 
 
 def test_a_second_rescore_does_nothing(ledger, tiny_store, checked, tmp_path):
@@ -170,7 +177,8 @@ def test_the_selection_filters(ledger, tiny_store, checked, tmp_path):
 
 def test_fresh_checks_are_claimed_before_rescores(ledger, tiny_store, checked, tmp_path):
     new, _ = _upgraded(ledger, tiny_store, tmp_path)
-    run = rescore.queue(ledger, RescoreSelection(), version_id=new.service.version_id)  # N re-scores wait
+    rescore.queue(ledger, RescoreSelection(), version_id=new.service.version_id)  # N re-scores wait
+    waiting = {row.id for row in _rescores(ledger, new.service.version_id)}
     path = tmp_path / "fresh.png"
     path.write_bytes(encode(noise_image(99)))
     with ledger.session() as session:
@@ -182,7 +190,7 @@ def test_fresh_checks_are_claimed_before_rescores(ledger, tiny_store, checked, t
     assert [c.id for c in batch] == [fresh.id]  # ...and still what gets claimed first
     new.service.run_batch(batch, lease)
     rest = new.service.claim_batch(Lease.new("test:1", 60))
-    assert {c.id for c in rest} == set(run.statuses)  # then the re-scores, in one batch of up to 64
+    assert {c.id for c in rest} == waiting  # then the re-scores, in one batch of up to 64
     assert all(c.priority == Priority.rescore for c in rest)
     with ledger.session() as session:
         assert ledger.get_check(session, fresh.id).status == CheckStatus.done
@@ -194,8 +202,8 @@ def test_a_long_rescore_backlog_is_not_stuck_but_a_dead_workers_rescore_is(ledge
     from worker.ledger.models import CheckRow
 
     new, _ = _upgraded(ledger, tiny_store, tmp_path)
-    run = rescore.queue(ledger, RescoreSelection(), version_id=new.service.version_id)
-    waiting, dead = list(run.statuses)[:2]
+    rescore.queue(ledger, RescoreSelection(), version_id=new.service.version_id)
+    waiting, dead = [row.id for row in _rescores(ledger, new.service.version_id)][:2]
     with ledger.session() as session:
         old = datetime.now(UTC) - timedelta(hours=2)
         session.execute(sa.update(CheckRow).where(CheckRow.rescore_of.is_not(None)).values(updated_at=old))

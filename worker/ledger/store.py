@@ -488,7 +488,7 @@ class Ledger:
         fetching the image), and points back at the check it re-scores.
         """
         if not earlier:
-            return {}
+            return {}, set()
         now = utcnow()
         rows = [
             _queued_check(
@@ -514,18 +514,40 @@ class Ledger:
         query = sa.select(CheckRow).where(CheckRow.pipeline_version_id == version_id, CheckRow.external_id.in_(ids))
         return {row.external_id: row for row in session.scalars(fresh(query))}, created
 
-    def verdict_changes(self, session: Session, check_ids: list[str]) -> list[tuple[str, str]]:
-        """(earlier verdict, new verdict) of each finished re-score among `check_ids` and the check it re-scores."""
-        earlier = aliased(CheckRow)
-        pairs = []
-        for chunk in in_chunks(check_ids):
-            query = (
-                sa.select(earlier.verdict, CheckRow.verdict)
-                .join(earlier, earlier.id == CheckRow.rescore_of)
-                .where(CheckRow.id.in_(chunk), CheckRow.status == CheckStatus.done)
-            )
-            pairs += [tuple(row) for row in session.execute(query)]
-        return pairs
+    def rescore_progress(
+        self, session: Session, *, version_id: str, selection: RescoreSelection, through: str | None = None
+    ) -> dict[tuple[str, str | None, str | None], int]:
+        """How one re-score run stands: (status, earlier verdict, new verdict) → how many. One aggregate query.
+
+        A run's re-scores are the re-score checks (`priority` rescore) under `version_id` of the checks `selection`
+        takes, found by joining each to the check it re-scores (`rescore_of`), whose verdict comes along for free;
+        a fresh upload under the version is none, whatever its external id. `through` keeps those of external ids
+        up to the run's last page (pages go by external id). An ids selection's ids go as one parameter, however
+        many: an IN (...) list of a million would not fit a statement.
+
+        A run over most of the table reads all of it (on PostgreSQL, a parallel hash join of two scans: about
+        0.1 s for 100k re-scores, seconds for a million); a narrow one (a limit, an ids file, a small version) goes
+        by index: the (external id, version) key or `rescore_of`.
+        """
+        from dataclasses import replace
+
+        rescore = aliased(CheckRow)
+        query = (
+            sa.select(rescore.status, CheckRow.verdict, rescore.verdict, sa.func.count())
+            .join(rescore, rescore.rescore_of == CheckRow.id)
+            .where(rescore.pipeline_version_id == version_id, rescore.priority == Priority.rescore)
+            .where(*replace(selection, external_ids=None).conditions())
+            .group_by(rescore.status, CheckRow.verdict, rescore.verdict)
+        )
+        if through is not None:
+            query = query.where(rescore.external_id <= through)
+        ids = selection.external_ids
+        if ids is not None and session.get_bind().dialect.name == "postgresql":
+            query = query.where(rescore.external_id == sa.any_(sa.bindparam("ids", list(ids), sa.ARRAY(sa.String))))
+        elif ids is not None:
+            listed = sa.func.json_each(sa.bindparam("ids", list(ids), sa.JSON)).table_valued("value")
+            query = query.where(rescore.external_id.in_(sa.select(listed.c.value)))
+        return {(status, before, after): n for status, before, after, n in session.execute(query)}
 
     def checks_by_id(self, session: Session, check_ids: list[str]) -> list[CheckRow]:
         rows = []
