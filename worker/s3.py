@@ -77,8 +77,8 @@ class S3Error(ItemError):
         self.permanent = permanent
 
 
-def read_object(bucket: str, key: str, settings: Settings) -> bytes:
-    """The bytes of s3://bucket/key, within the settings' size and time limits."""
+def read_object(bucket: str, key: str, settings: Settings, timeout_s: float | None = None) -> bytes:
+    """The bytes of s3://bucket/key, within the settings' size and time limits (and `timeout_s`, if shorter)."""
     where = f"s3://{bucket}/{key}"
     if settings.s3_allowed_buckets and bucket not in settings.s3_allowed_buckets:
         raise S3Error(f"{where}: bucket {bucket!r} is not in ITEM_S3_ALLOWED_BUCKETS.", code="s3.bucket_refused")
@@ -86,7 +86,8 @@ def read_object(bucket: str, key: str, settings: Settings) -> bytes:
         client = client_for(settings)
     except S3Error as error:  # the settings are at fault, not the object; the message still names it
         raise S3Error(f"{where}: {error.message}", code=error.code) from None
-    deadline = time.monotonic() + settings.fetch_timeout_s  # botocore's own retry counts against it too
+    # botocore's own retry counts against it too
+    deadline = time.monotonic() + min(settings.fetch_timeout_s, timeout_s or settings.fetch_timeout_s)
     try:
         response = client.get_object(Bucket=bucket, Key=key)
         return _read_body(response, where, settings.max_image_bytes, deadline)

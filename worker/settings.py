@@ -32,6 +32,10 @@ DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"
 CHECK_QUEUE = "item.checks"
 RESCORE_QUEUE = "item.rescore"  # consumed after CHECK_QUEUE: fresh uploads keep their latency during a rescore
 CHECK_TASK = "item.check"
+ARTIFACT_KINDS = ("caption", "ground", "embed", "features")  # as `pipeline.core.codec.FIELDS` names them
+# What a later re-score needs: a new head reads the features, a new CLIP the caption and boxes, a new grounder the
+# caption. The CLIP embeddings serve only a change of the misalignment rule, and are the largest by far.
+DEFAULT_STORED_ARTIFACTS = ("caption", "ground", "features")
 
 
 def backoff_s(attempts: int, first_s: float, max_s: float) -> float:
@@ -71,6 +75,12 @@ class Settings(BaseSettings):
         default_factory=list, description="Folders whose files may be checked by `path`; empty refuses all paths."
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Whole-download time limit for image URLs.")
+    fetch_concurrency: int = Field(
+        16, ge=1, le=256, description="Images a worker reads at once (URLs, S3, files): downloads wait on the network."
+    )
+    fetch_per_host: int = Field(
+        8, ge=1, le=256, description="Of those, at most this many from one host, so one slow server cannot take all."
+    )
     fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each one re-checked).")
     fetch_allowed_networks: list[str] = Field(
         default_factory=list,
@@ -120,6 +130,11 @@ class Settings(BaseSettings):
         900.0, gt=0, description="An unfinished check no worker moved for this long counts as stuck."
     )
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often the deployment's reconciler runs.")
+    store_artifacts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STORED_ARTIFACTS),
+        description="What a check keeps of its image for later re-scores: caption, ground (the boxes), features, "
+        "embed (the CLIP vectors: needed only to re-score a change of the misalignment rule, and large).",
+    )
     rescore_batch_size: int = Field(
         64, ge=1, le=4096, description="Checks per batch when re-scoring (stored artifacts make them cheap)."
     )
@@ -156,6 +171,9 @@ class Settings(BaseSettings):
         # A running check's heartbeat touches it every third of a lease: one untouched for longer is not moving.
         if self.reconcile_after_s <= self.lease_s:
             raise ValueError("reconcile_after_s must be longer than lease_s")
+        unknown = sorted(set(self.store_artifacts) - set(ARTIFACT_KINDS))
+        if unknown:
+            raise ValueError(f"store_artifacts: {', '.join(unknown)} not among {', '.join(ARTIFACT_KINDS)}")
         for stage, precision in self.stage_precision.items():
             if stage not in ("caption", "ground", "embed") or precision not in PRECISIONS:
                 raise ValueError(

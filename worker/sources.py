@@ -19,7 +19,10 @@ import binascii
 import hashlib
 import ipaddress
 import re
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,21 +119,26 @@ def _is_bucket_name(name: str) -> bool:
     return False
 
 
-def load(source: dict, settings: Settings, get_blob: Callable[[str], bytes | None]) -> bytes:
+def load(
+    source: dict, settings: Settings, get_blob: Callable[[str], bytes | None], *, timeout_s: float | None = None
+) -> bytes:
     """The bytes a stored source names: a blob from the ledger, a URL, an allowed local path, an S3 object or
-    inline base64."""
+    inline base64. A download takes at most `timeout_s` when it is shorter than the settings' limit (what is
+    left of its batch's budget)."""
     kind, value = validate(source, stored=True)
     if kind == "blob":
         data = get_blob(value)
         if data is None:
             raise SourceError(f"Stored image {value} is gone.", code="source.blob_missing")
         return data
+    limit = min(settings.fetch_timeout_s, timeout_s or settings.fetch_timeout_s)
     if kind == "url":
-        return fetch(value, settings)
+        return fetch(value, settings, timeout_s=limit)
     if kind == "path":
         return read_path(value, settings)
     if kind == "s3":
-        return read_s3(value, settings)
+        with HOSTS.slot(f"s3:{value['bucket']}", settings.fetch_per_host, limit):
+            return read_s3(value, settings, timeout_s=limit)
     return decode_b64(value, settings)
 
 
@@ -167,22 +175,61 @@ def read_path(value: str, settings: Settings) -> bytes:
     return read_image_file(path, settings.max_image_bytes, family="source", error=SourceError)
 
 
-def fetch(value: str, settings: Settings) -> bytes:
+def fetch(value: str, settings: Settings, *, timeout_s: float | None = None) -> bytes:
+    """An image URL's body; waiting for a free slot of its host counts against the same time limit."""
     import ipaddress
+    import urllib.parse
 
     from worker.fetch import AddressPolicy, fetch_url
 
+    timeout_s = timeout_s or settings.fetch_timeout_s
     allowed = tuple(ipaddress.ip_network(network) for network in settings.fetch_allowed_networks)
-    return fetch_url(
-        value,
-        max_bytes=settings.max_image_bytes,
-        timeout_s=settings.fetch_timeout_s,
-        max_redirects=settings.fetch_max_redirects,
-        policy=AddressPolicy(allowed=allowed),
-    )
+    host = (urllib.parse.urlsplit(value).hostname or "").lower()
+    deadline = time.monotonic() + timeout_s
+    with HOSTS.slot(host, settings.fetch_per_host, timeout_s):
+        return fetch_url(
+            value,
+            max_bytes=settings.max_image_bytes,
+            timeout_s=max(0.01, deadline - time.monotonic()),
+            max_redirects=settings.fetch_max_redirects,
+            policy=AddressPolicy(allowed=allowed),
+        )
 
 
-def read_s3(value: dict[str, str], settings: Settings) -> bytes:
+def read_s3(value: dict[str, str], settings: Settings, *, timeout_s: float | None = None) -> bytes:
     from worker.s3 import read_object  # boto3 is imported only by workers that meet an s3 source
 
-    return read_object(value["bucket"], value["key"], settings)
+    return read_object(value["bucket"], value["key"], settings, timeout_s)
+
+
+class BusyHost(ItemError):
+    """The host's download slots stayed taken for the whole time limit. Transient, like any timeout."""
+
+    code = "url.timeout"
+    permanent = False
+
+
+class HostSlots:
+    """At most `per_host` downloads from one host at once, across a process's threads: a slow or flooded host
+    then holds only its own slots, and the rest of the fetch pool keeps serving other hosts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+
+    @contextmanager
+    def slot(self, host: str, per_host: int, timeout_s: float) -> Iterator[None]:
+        with self._lock:
+            semaphore = self._slots.setdefault((host, per_host), threading.BoundedSemaphore(per_host))
+        if not semaphore.acquire(timeout=timeout_s):
+            raise BusyHost(
+                f"No download slot for {host} within {timeout_s:.1f} s: {per_host} downloads from it were running "
+                "(ITEM_FETCH_PER_HOST)."
+            )
+        try:
+            yield
+        finally:
+            semaphore.release()
+
+
+HOSTS = HostSlots()

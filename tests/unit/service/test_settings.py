@@ -48,3 +48,17 @@ def test_stage_precision_is_read_as_json_and_checked(monkeypatch):
     monkeypatch.setenv("ITEM_STAGE_PRECISION", '{"ground": "int4"}')
     with pytest.raises(SettingsError, match="ground=int4"):
         load_settings()
+
+
+def test_stored_artifacts_are_named_as_the_codec_names_them_and_checked(monkeypatch):
+    from pipeline.core.codec import FIELDS
+    from worker.settings import ARTIFACT_KINDS, DEFAULT_STORED_ARTIFACTS
+
+    assert set(ARTIFACT_KINDS) == set(FIELDS)  # the settings cannot import the codec (no numpy on the client side)
+    assert load_settings().store_artifacts == list(DEFAULT_STORED_ARTIFACTS)
+    assert "embed" not in DEFAULT_STORED_ARTIFACTS  # the CLIP vectors are kept only when asked for
+    monkeypatch.setenv("ITEM_STORE_ARTIFACTS", '["caption", "embed"]')
+    assert load_settings().store_artifacts == ["caption", "embed"]
+    monkeypatch.setenv("ITEM_STORE_ARTIFACTS", '["caption", "pixels"]')
+    with pytest.raises(SettingsError, match="store_artifacts: pixels"):
+        load_settings()

@@ -112,3 +112,36 @@ def test_an_s3_source_is_stored_as_bucket_and_key_whichever_form_it_came_in():
     stored = to_stored({"s3": "s3://images/u/1.png"}, settings, no_blobs)
     assert stored == {"s3": {"bucket": "images", "key": "u/1.png"}}
     assert to_stored(stored, settings, no_blobs) == stored  # a stored source re-validates to itself
+
+
+def test_a_host_gets_no_more_than_its_slots_and_a_wait_past_the_limit_is_a_transient_timeout():
+    import threading
+    import time
+
+    from worker.sources import BusyHost, HostSlots
+
+    slots, inside, most = HostSlots(), [0], [0]
+    lock = threading.Lock()
+
+    def download() -> None:
+        with slots.slot("images.example", 2, timeout_s=5):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=download) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    with slots.slot("other.example", 2, timeout_s=0.01):  # another host is not kept waiting
+        pass
+    for thread in threads:
+        thread.join()
+    assert most[0] == 2
+
+    with slots.slot("images.example", 1, timeout_s=1), pytest.raises(BusyHost) as busy:  # noqa: SIM117
+        with slots.slot("images.example", 1, timeout_s=0.05):  # the one slot is taken: this waits, then gives up
+            pass
+    assert busy.value.code == "url.timeout" and not busy.value.permanent
