@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -23,7 +22,7 @@ from worker import metrics, sources
 from worker.callbacks import CallbackError, checked_callback_url
 from worker.ledger import outbox
 from worker.ledger.models import CheckRow, DeadLetterRow
-from worker.ledger.store import Ledger
+from worker.ledger.store import Ledger, NewCheck
 from worker.ledger.wakeups import notify_new_checks
 from worker.settings import CHECK_TASK, Settings
 
@@ -69,11 +68,24 @@ class Intake:
     ) -> list[Filed]:
         """One transaction: a row for each submission (and each dead letter); then metrics and logs.
 
-        Filed under `version_id`, by default the active version (the embedded mode names its own).
+        A few statements whatever the number of submissions: their blobs in one, their checks in two (see
+        `Ledger.create_checks`). Filed under `version_id`, by default the active version (the embedded mode
+        names its own).
         """
         with self.ledger.session() as session:
             version_id = version_id or self.active_version_id(session)
-            filed = [self._file_one(session, version_id, submission) for submission in submissions]
+            filed: list[Filed | None] = [None] * len(submissions)
+            blobs: dict[str, bytes] = {}
+            valid: list[tuple[int, NewCheck]] = []
+            for index, submission in enumerate(submissions):
+                try:
+                    valid.append((index, self._checked(submission, blobs)))
+                except ItemError as error:
+                    filed[index] = self._file_rejected(session, version_id, submission, error)
+            self.ledger.put_blobs(session, blobs)
+            created = self.ledger.create_checks(session, version_id, [new for _, new in valid])
+            for (index, _), (check, is_new) in zip(valid, created, strict=True):
+                filed[index] = Filed(check, is_new)
             for letter in dead:
                 session.add(letter)
             if any(one.created and one.rejected is None for one in filed):
@@ -91,26 +103,26 @@ class Intake:
             )
         return version.id
 
-    def _file_one(self, session: Session, version_id: str, submission: CheckRequest) -> Filed:
-        create = partial(
-            self.ledger.create_check, session, external_id=submission.external_id, pipeline_version_id=version_id
-        )
-        try:
-            if submission.problem is not None:
-                raise submission.problem
-            callback_url = checked_callback_url(submission.callback_url)
-            source = sources.to_stored(submission.image, self.settings, partial(self.ledger.put_blob, session))
-        except ItemError as error:
-            # Still a row: the platform can read why. A bad callback URL is not kept, a good one still hears of it.
-            callback = None if isinstance(error, CallbackError) else _usable_callback(submission.callback_url)
-            check, created = create(source={"invalid": True}, callback_url=callback)
-            if not created:  # never reject an earlier, valid check that happens to share the external id
-                return Filed(check, created=False)
-            rejected = self.ledger.finish_rejected(session, check.id, error.code, error.message)
-            outbox.record_outcome(session, rejected, results_stream=bool(self.settings.results_stream))
-            return Filed(rejected, created=True, rejected=error)
-        check, created = create(source=source, callback_url=callback_url)
-        return Filed(check, created)
+    def _checked(self, submission: CheckRequest, blobs: dict[str, bytes]) -> NewCheck:
+        """The check a valid submission makes (its inline bytes put in `blobs`); raises why it is not valid."""
+        if submission.problem is not None:
+            raise submission.problem
+        callback_url = checked_callback_url(submission.callback_url)
+        source = sources.to_stored(submission.image, self.settings, blobs.__setitem__)
+        return NewCheck(submission.external_id, source, callback_url)
+
+    def _file_rejected(self, session: Session, version_id: str, submission: CheckRequest, error: ItemError) -> Filed:
+        """Still a row: the platform can read why. A bad callback URL is not kept, a good one still hears of it."""
+        callback = None if isinstance(error, CallbackError) else _usable_callback(submission.callback_url)
+        check, created = self.ledger.create_check(
+            session, external_id=submission.external_id, pipeline_version_id=version_id, source={"invalid": True},
+            callback_url=callback,
+        )  # fmt: skip
+        if not created:  # never reject an earlier, valid check that happens to share the external id
+            return Filed(check, created=False)
+        rejected = self.ledger.finish_rejected(session, check.id, error.code, error.message)
+        outbox.record_outcome(session, rejected, results_stream=bool(self.settings.results_stream))
+        return Filed(rejected, created=True, rejected=error)
 
     def _report(self, filed: list[Filed], dead: list[DeadLetterRow]) -> None:
         for one in filed:

@@ -1,7 +1,12 @@
 """The GPU loop: one per worker process, claiming batches of its pipeline version from the ledger.
 
-    claim up to batch_size ready checks under a new lease  ─▶  run them (service.run_batch) within the batch's
-    time budget, a heartbeat renewing the lease meanwhile  ─▶  nothing to claim: wait for a wake-up or a poll
+    claim up to batch_size ready checks under a new lease, read and decode them  ─▶  run the models within the
+    batch's time budget  ─▶  store results, artifacts and deliveries in one transaction
+
+The three phases overlap across batches: while the models run batch k, a prefetch thread has claimed and
+prepared batch k+1, and a store thread writes batch k-1; the models never wait on the ledger or the network
+unless those are slower than the models. A heartbeat renews each batch's lease from its claim to its store.
+At most one batch waits prepared, so a worker holds no more checks than it can start on next.
 
 A worker that dies leaves its checks `running` under a lease nobody renews; once it expires any worker of the
 version claims them again. A batch past its budget is interrupted wherever it is, the models included, and each
@@ -14,17 +19,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from worker.ledger.store import Lease
 from worker.ledger.wakeups import Listener
 from worker.logs import OutageLog
-from worker.service import INFRASTRUCTURE_ERRORS, BatchTimeout, CheckService
+from worker.service import INFRASTRUCTURE_ERRORS, Batch, BatchTimeout, CheckService, TransientError
 
 log = logging.getLogger("item.worker")
 
@@ -37,36 +43,32 @@ def owner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"[:128]
 
 
-class Heartbeat:
-    """Renews the lease of the batch in flight every third of its length, on a thread of its own."""
+class Renewal:
+    """One batch's heartbeat: renews its lease every `every_s` on a thread of its own until stopped, or until
+    its budget and the watchdog's grace are spent (whatever holds it then is stuck: the lease must run out)."""
 
-    def __init__(self, service: CheckService, every_s: float):
-        self.service = service
-        self.every_s = every_s
+    def __init__(self, service: CheckService, lease: Lease, checks: int, every_s: float, until: float):
+        self.service, self.lease, self.checks, self.every_s, self.until = service, lease, checks, every_s, until
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="item-heartbeat", daemon=True)
+        self._thread.start()
 
-    @contextmanager
-    def holding(self, lease: Lease, checks: int) -> Iterator[None]:
-        done = threading.Event()
-        thread = threading.Thread(target=self._renew, args=(lease, checks, done), name="item-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join(5)
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(5)
 
-    def _renew(self, lease: Lease, checks: int, done: threading.Event) -> None:
-        while not done.wait(self.every_s):
+    def _renew(self) -> None:
+        while not self._done.wait(self.every_s) and time.monotonic() < self.until:
             try:
                 with self.service.ledger.session() as session:
-                    held = self.service.ledger.renew(session, lease)
+                    held = self.service.ledger.renew(session, self.lease)
             except Exception:  # the ledger is down: the lease may run out, and the checks are redone elsewhere
-                log.warning("could not renew lease %s", lease.token, exc_info=True)
+                log.warning("could not renew lease %s", self.lease.token, exc_info=True)
                 continue
-            if held < checks:
-                log.warning("lease %s holds %d of its %d checks: the rest ended or were taken over", lease.token,
-                            held, checks)  # fmt: skip
-                checks = held
+            if held < self.checks:
+                log.warning("lease %s holds %d of its %d checks: the rest ended or were taken over",
+                            self.lease.token, held, self.checks)  # fmt: skip
+                self.checks = held
 
 
 class Loop:
@@ -78,45 +80,195 @@ class Loop:
         self.listener = listener or Listener(self.settings.database_url, service.version_id)
         self.stop = stop or threading.Event()
         self.owner = owner_name()
-        self.heartbeat = Heartbeat(service, self.settings.lease_s / 3)
 
-    def run_forever(self) -> None:
-        outage = OutageLog(
-            log, "the ledger is unreachable; claimed checks wait out their lease and are redone",
-            "the ledger is still unreachable",
-        )  # fmt: skip
-        while not self.stop.is_set():
-            try:
-                ran = self.run_once()
-                outage.recovered()
-            except INFRASTRUCTURE_ERRORS:
-                outage.failed()
-                self.stop.wait(min(5.0, self.settings.idle_poll_s))
-                continue
-            if not ran:
-                self.listener.wait(self.settings.idle_poll_s)
-        self.listener.close()
+    def claim(self) -> Batch | None:
+        """A new batch under a new lease, its heartbeat started; None when nothing is ready."""
+        lease = Lease.new(self.owner, self.settings.lease_s)
+        checks = self.service.claim_batch(lease)
+        if not checks:
+            return None
+        budget = self.settings.batch_time_budget_s
+        batch = Batch(checks, lease, time.monotonic() + budget)
+        every = self.settings.lease_s / 3
+        batch.renewal = Renewal(self.service, lease, len(checks), every, batch.deadline + WATCHDOG_GRACE_S)
+        return batch
 
     def run_once(self) -> int:
-        """Claims one batch and runs it; returns how many checks it held (0: nothing was ready)."""
-        lease = Lease.new(self.owner, self.settings.lease_s)
-        batch = self.service.claim_batch(lease)
-        if not batch:
+        """Claims one batch and runs it through every phase in this thread; returns how many checks it held (0:
+        nothing was ready). The embedded mode's loop, and the tests'."""
+        batch = self.claim()
+        if batch is None:
             return 0
-        budget = _budget(self.settings.batch_time_budget_s, batch, lease, self.service)
         try:
-            with self.heartbeat.holding(lease, len(batch)), budget:
-                self.service.run_batch(batch, lease)
+            with _budget(batch.left_s(), batch.checks, batch.lease, self.service):
+                self.service.prepare(batch)
+                self.service.run_models(batch)
+                self.service.store(batch)
         except BatchTimeout:  # the checks it finished are left as they are: only those still held are retried
-            log.error("batch of %d checks ran past its time budget; its unfinished checks are retried", len(batch))
-            self.service.time_out(batch, lease)
-        return len(batch)
+            self._timed_out(batch)
+        finally:
+            batch.renewal.stop()
+        return len(batch.checks)
 
     def run_until(self, finished: Callable[[], bool], *, idle_s: float = 0.2) -> None:
         """Runs batches until `finished()` (the embedded mode: a person waits for their checks)."""
         while not finished():
             if not self.run_once():
                 time.sleep(idle_s)
+
+    def run_forever(self) -> None:
+        """The worker's loop: the models run in this thread, batches are prepared and stored around them."""
+        prefetch, store = Prefetch(self), Store(self.service)
+        prefetch.start()
+        store.start()
+        try:
+            while not self.stop.is_set():
+                batch = prefetch.next(timeout_s=1.0)
+                if batch is not None:
+                    self._run_models(batch)
+                    store.put(batch)
+        finally:
+            prefetch.join(self.settings.batch_time_budget_s + WATCHDOG_GRACE_S)
+            store.finish()
+            self.listener.close()
+
+    def _run_models(self, batch: Batch) -> None:
+        try:
+            if batch.left_s() <= 0:
+                raise BatchTimeout()
+            with _budget(batch.left_s(), batch.checks, batch.lease, self.service):
+                self.service.run_models(batch)
+        except BatchTimeout:
+            batch.timed_out = True
+            try:
+                self._timed_out(batch)
+            except INFRASTRUCTURE_ERRORS:  # nothing recorded: the lease runs out and the checks are redone
+                log.warning("could not record the timeout of %d checks; they are redone after their lease",
+                            len(batch.checks))  # fmt: skip
+
+    def _timed_out(self, batch: Batch) -> None:
+        log.error("batch of %d checks ran past its time budget; its unfinished checks are retried", len(batch.checks))
+        self.service.time_out(batch.checks, batch.lease)
+
+
+class Prefetch(threading.Thread):
+    """Claims and prepares the next batch (ledger reads, downloads, decoding) while the models run this one.
+
+    It claims only when the model thread has taken the batch it prepared before, so at most one batch waits.
+    """
+
+    def __init__(self, loop: Loop):
+        super().__init__(name="item-prefetch", daemon=True)
+        self.loop, self.service = loop, loop.service
+        self._ready: queue.Queue[Batch] = queue.Queue(maxsize=1)
+        self._taken = threading.Event()
+        self._taken.set()
+        self.preparing: Batch | None = None
+
+    def next(self, timeout_s: float) -> Batch | None:
+        """The next prepared batch, or None after `timeout_s`; ends the process if preparing one is stuck."""
+        try:
+            batch = self._ready.get(timeout=timeout_s)
+        except queue.Empty:
+            stuck = self.preparing
+            if stuck is not None and stuck.left_s() < -WATCHDOG_GRACE_S:
+                _give_up(stuck.checks, stuck.lease, self.service)
+            return None
+        self._taken.set()
+        return batch
+
+    def run(self) -> None:
+        outage = OutageLog(
+            log, "the ledger is unreachable; claimed checks wait out their lease and are redone",
+            "the ledger is still unreachable",
+        )  # fmt: skip
+        stop = self.loop.stop
+        while not stop.is_set():
+            if not self._taken.wait(0.5):
+                continue
+            try:
+                batch = self._claim_and_prepare()
+                outage.recovered()
+            except INFRASTRUCTURE_ERRORS:
+                outage.failed()
+                stop.wait(min(5.0, self.loop.settings.idle_poll_s))
+                continue
+            except Exception:  # a bug in claiming: this thread must live on, or the models would wait forever
+                log.exception("claiming a batch crashed")
+                stop.wait(min(5.0, self.loop.settings.idle_poll_s))
+                continue
+            if batch is None:
+                self.loop.listener.wait(self.loop.settings.idle_poll_s)
+            elif stop.is_set():
+                self._release(batch)
+            else:
+                self._taken.clear()
+                self._ready.put(batch)
+        self._release_waiting()
+
+    def _claim_and_prepare(self) -> Batch | None:
+        batch = self.loop.claim()
+        if batch is None:
+            return None
+        self.preparing = batch
+        try:
+            self.service.prepare(batch)
+        except INFRASTRUCTURE_ERRORS:
+            batch.renewal.stop()  # its checks wait out their lease and are claimed again
+            raise
+        except Exception as error:  # a bug: the batch is retried (and failed once attempts run out)
+            log.exception("preparing a batch of %d checks crashed", len(batch.checks))
+            crash = TransientError(f"Internal error: {error!r}", code="check.internal_error")
+            self.service.fail(batch.checks, crash, batch.lease, stage="prepare")
+            batch.renewal.stop()
+            return None
+        finally:
+            self.preparing = None
+        return batch
+
+    def _release(self, batch: Batch) -> None:
+        """A stopping worker gives back what it prepared but will not run: claimable at once, attempt unused."""
+        try:
+            self.service.release(batch)
+        except INFRASTRUCTURE_ERRORS:
+            log.warning("could not give back %d prefetched checks; their lease runs out", len(batch.checks))
+        finally:
+            batch.renewal.stop()
+
+    def _release_waiting(self) -> None:
+        with suppress(queue.Empty):
+            self._release(self._ready.get_nowait())
+
+
+class Store(threading.Thread):
+    """Stores finished batches, one at a time and in order, off the model thread."""
+
+    def __init__(self, service: CheckService):
+        super().__init__(name="item-store", daemon=True)
+        self.service = service
+        self._batches: queue.Queue[Batch | None] = queue.Queue(maxsize=1)  # one waits: the models run on
+
+    def put(self, batch: Batch) -> None:
+        self._batches.put(batch)
+
+    def finish(self) -> None:
+        """Stores what was handed over, then ends."""
+        self._batches.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while (batch := self._batches.get()) is not None:
+            try:
+                if not batch.timed_out:
+                    self.service.store(batch)
+            except INFRASTRUCTURE_ERRORS:  # nothing recorded: the lease runs out and the checks are redone
+                log.warning("could not store a batch of %d checks; they are redone after their lease",
+                            len(batch.checks))  # fmt: skip
+            except Exception:
+                log.exception("storing a batch of %d checks crashed; they are redone after their lease",
+                              len(batch.checks))  # fmt: skip
+            finally:
+                batch.renewal.stop()
 
 
 @contextmanager

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -27,8 +29,8 @@ from pipeline.core.results import Artifacts
 from worker import metrics, sources
 from worker.ledger import outbox
 from worker.ledger.models import CheckRow, utcnow
-from worker.ledger.states import Priority
-from worker.ledger.store import Lease, Ledger
+from worker.ledger.states import CheckStatus, Priority
+from worker.ledger.store import Ending, Lease, Ledger, LedgerTally
 from worker.settings import Settings, backoff_s
 
 log = logging.getLogger("item.worker")
@@ -37,6 +39,8 @@ log = logging.getLogger("item.worker")
 # again would just fail again, forever.
 INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
 TIMEOUT_MESSAGE = "The check's batch ran past its time budget (ITEM_BATCH_TIME_BUDGET_S)."
+LEDGER_TRIES = 4  # of one batch transaction whose connection broke: the pool reconnects between tries
+T = TypeVar("T")
 
 
 class TransientError(ItemError):
@@ -77,6 +81,33 @@ class _Outcomes:
 
 
 @dataclass
+class Batch:
+    """A claimed batch on its way through a worker: prepared (read, decoded, looked up), run, then stored.
+
+    Each phase may run on its own thread (see `worker.loop`), so a batch carries everything the next phase
+    needs, and what it cost: ledger statements and time, reading and model time.
+    """
+
+    checks: list[CheckRow]
+    lease: Lease
+    deadline: float  # time.monotonic() by which it must be stored (the batch's time budget)
+    images: dict[str, DecodedImage | None] = field(default_factory=dict)  # to run, by check id; None: features
+    known: dict[str, Artifacts] = field(default_factory=dict)  # stored artifacts, by sha256
+    todo: list[CheckRow] = field(default_factory=list)  # the checks the models run
+    answers: dict[str, dict] = field(default_factory=dict)  # by check id: an earlier check of the same bytes
+    errors: list[tuple[CheckRow, ItemError, str]] = field(default_factory=list)  # (check, why, stage)
+    detections: dict = field(default_factory=dict)  # by sha256
+    tally: LedgerTally = field(default_factory=LedgerTally)
+    read_ms: float = 0.0
+    model_ms: float = 0.0
+    renewal: Any = None  # the heartbeat renewing its lease (see worker.loop)
+    timed_out: bool = False  # its checks were retried as check.timeout: nothing is left to store
+
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+@dataclass
 class CheckService:
     settings: Settings
     ledger: Ledger
@@ -84,7 +115,11 @@ class CheckService:
     reader: Reader = field(init=False)  # fetches and decodes a batch's images a few at a time
 
     def __post_init__(self) -> None:
-        self.reader = Reader(max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_image_bytes)
+        self.reader = Reader(
+            max_pixels=self.settings.max_pixels,
+            max_bytes=self.settings.max_image_bytes,
+            threads=self.settings.fetch_concurrency,
+        )
 
     @property
     def version_id(self) -> str:
@@ -131,112 +166,161 @@ class CheckService:
             metrics.claimed(len(claimed), [row.enqueued_at or row.created_at for row in claimed])
         return claimed
 
+    def release(self, batch: Batch) -> None:
+        """Gives back a batch claimed but never run (the worker is stopping): claimable at once, attempt unused."""
+        with self.ledger.session() as session:
+            self.ledger.release(session, batch.lease)
+
     # ------------------------------------------------------------------ running
 
-    def run_batch(self, batch: list[CheckRow], lease: Lease) -> None:
-        """Answers what stored results and artifacts can, decodes the rest, runs the models, stores everything.
+    def run_batch(self, checks: list[CheckRow], lease: Lease, deadline: float | None = None) -> None:
+        """Prepares, runs and stores a batch in this thread (`worker.loop` overlaps the phases of batches)."""
+        batch = Batch(checks, lease, deadline or time.monotonic() + self.settings.batch_time_budget_s)
+        self.prepare(batch)
+        self.run_models(batch)
+        self.store(batch)
 
-        A check whose bytes were seen before (a re-score) skips decoding, and even fetching, when its features are
-        stored under this pipeline's stages: only the head runs for it.
+    def prepare(self, batch: Batch) -> None:
+        """Everything before the models: stored artifacts and blobs, fetching and decoding, answers for bytes
+        already checked under this version. A check whose bytes were seen before (a re-score) skips decoding,
+        and even fetching, when its features are stored under this pipeline's stages: only the head runs for it.
         """
-        images: dict[str, DecodedImage | None] = {}  # by check id; None: stored features stand in for pixels
-        stored = self._stored_artifacts(batch)
-        to_decode = []
-        for check in batch:
-            if _has_features(stored.get(check.image_sha256)):
-                images[check.id] = None
+        versions = self.detector.artifact_versions
+        known_bytes = sorted({check.image_sha256 for check in batch.checks if check.image_sha256})
+
+        def stored_and_blobs(session: Session) -> tuple[dict[str, Artifacts], list[CheckRow], dict[str, bytes]]:
+            stored = self.ledger.load_artifacts(session, known_bytes, versions) if known_bytes else {}
+            to_read = [check for check in batch.checks if not _has_features(stored.get(check.image_sha256))]
+            names = _blob_names(to_read)
+            return stored, to_read, self.ledger.get_blobs(session, names) if names else {}
+
+        stored, to_read, blobs = self._transaction(batch, stored_and_blobs)  # the reader's threads never touch it
+        images = {check.id: None for check in batch.checks if check not in to_read} | self._read(batch, to_read, blobs)
+        ready = [check for check in batch.checks if check.id in images]
+        sha_by_check = {check.id: _sha_of(check, images[check.id]) for check in ready}
+
+        def earlier_and_known(session: Session) -> tuple[dict[str, CheckRow], dict[str, Artifacts]]:
+            earlier = self.ledger.done_checks_for_images(session, list(sha_by_check.values()), self.version_id)
+            unknown = sorted({sha for sha in sha_by_check.values() if sha not in stored and sha not in earlier})
+            return earlier, stored | (self.ledger.load_artifacts(session, unknown, versions) if unknown else {})
+
+        earlier, batch.known = self._transaction(batch, earlier_and_known)
+        for check in ready:
+            done = earlier.get(sha_by_check[check.id])
+            metrics.DUPLICATE_BYTES.labels("miss" if done is None else "hit").inc()
+            if done is not None:
+                batch.answers[check.id] = {**_result_of(done), "timings_ms": {"reused": 0.0}}
             else:
-                to_decode.append(check)
-        blobs = self._blobs(to_decode)  # one query here: the reader's threads never touch the ledger
-        for one in self.reader.load(to_decode, lambda check: sources.load(check.source, self.settings, blobs.get)):
+                batch.todo.append(check)
+                batch.images[check.id] = images[check.id]
+
+    def _read(self, batch: Batch, checks: list[CheckRow], blobs: dict[str, bytes]) -> dict[str, DecodedImage]:
+        """Fetches and decodes on the reader's threads; an input that fails is the batch's error for its check."""
+        started, images = time.perf_counter(), {}
+        for one in self.reader.load(checks, lambda check: self._source_bytes(check, blobs, batch)):
             if one.ok:
                 images[one.item.id] = self._decoded(one.item, one.image)
             else:
-                self.fail([one.item], one.error, lease, stage="decode")
-        ready = [check for check in batch if check.id in images]
-        todo = self._answer_known_bytes(ready, {c.id: _sha_of(c, images[c.id]) for c in ready}, lease)
-        pixels = len({images[c.id].sha256 for c in todo if images[c.id] is not None})
+                batch.errors.append((one.item, one.error, "decode"))
+        batch.read_ms = (time.perf_counter() - started) * 1000
+        return images
+
+    def _transaction(self, batch: Batch, work: Callable[[Session], T]) -> T:
+        """`work` in one ledger transaction. A connection that broke (the database restarted, the connection
+        was cut) is tried again on a fresh one, a few times while the batch has time left: the transaction was
+        rolled back, so repeating it is safe, and a batch is not lost (an attempt burnt) to one dropped link."""
+        tries = 0
+        while True:
+            try:
+                with self.ledger.session(batch.tally) as session:
+                    return work(session)
+            except INFRASTRUCTURE_ERRORS:
+                tries += 1
+                if tries == LEDGER_TRIES or batch.left_s() <= 0:
+                    raise
+                log.info("ledger transaction of a batch of %d checks broke; trying again", len(batch.checks))
+                time.sleep(0.05 * 2**tries)
+
+    def _source_bytes(self, check: CheckRow, blobs: dict[str, bytes], batch: Batch) -> bytes:
+        """A check's bytes, a download given no longer than the batch has left (one slow URL costs only its own
+        check an attempt: it ends as url.timeout, the others go on)."""
+        return sources.load(check.source, self.settings, blobs.get, timeout_s=max(0.1, batch.left_s()))
+
+    def run_models(self, batch: Batch) -> None:
+        """The models, once per distinct image, with what is stored of each; a model error ends the checks it
+        concerns (retried, or failed once attempts run out)."""
+        unique = {_sha_of(check, batch.images[check.id]): batch.images[check.id] for check in batch.todo}
+        pixels = sum(image is not None for image in unique.values())
         # One line per batch, in a fixed shape: operators grep it, and the tests count model runs with it.
-        log.info("batch checks=%d model_images=%d undecodable=%d", len(batch), pixels, len(batch) - len(ready))
-        if not todo:
+        undecodable = sum(stage == "decode" for _, _, stage in batch.errors)
+        log.info("batch checks=%d model_images=%d undecodable=%d", len(batch.checks), pixels, undecodable)
+        if not unique:
             return
+        _count_reuse(batch.known, list(unique))
+        started = time.perf_counter()
         try:
-            self._detect_and_store(todo, images, stored, lease)
-        except INFRASTRUCTURE_ERRORS:
-            raise  # the ledger is unreachable: nothing to record; the lease runs out and the checks are retried
+            batch.detections = once_per_image(self._detect, unique, batch.known)
         except ItemError as error:
-            self.fail(todo, error, lease, stage="models")
+            batch.errors += [(check, error, "models") for check in batch.todo]
         except Exception as error:  # a bug or a model crash: retried, and failed once attempts run out
-            log.exception("batch of %d checks crashed", len(todo))
-            self.fail(todo, TransientError(f"Internal error: {error!r}", code="check.internal_error"), lease, "models")
+            log.exception("batch of %d checks crashed", len(batch.todo))
+            crash = TransientError(f"Internal error: {error!r}", code="check.internal_error")
+            batch.errors += [(check, crash, "models") for check in batch.todo]
+        finally:
+            batch.model_ms = (time.perf_counter() - started) * 1000
+
+    def store(self, batch: Batch) -> None:
+        """One transaction, a fixed number of statements whatever the batch's size: the images, the artifacts
+        the models made, every result and ending, and their deliveries. Reported once it committed."""
+        results = dict(batch.answers)
+        for check in batch.todo:
+            sha = _sha_of(check, batch.images[check.id])
+            if sha in batch.detections:
+                results[check.id] = _result_of_detection(batch.detections[sha], sha)
+
+        def write(session: Session) -> _Outcomes:
+            outcomes = _Outcomes(self.version_id)
+            self._store_artifacts(session, batch)
+            done = self.ledger.finish_done_many(session, batch.lease.token, results)
+            for row in done:
+                outcomes.add("done", row, "store")
+            ended = self._end(session, batch.lease, batch.errors, outcomes)
+            self._queue_deliveries(session, done + ended)
+            return outcomes
+
+        self._transaction(batch, write).report()
+        for detection in batch.detections.values():
+            metrics.stage_times(detection.timings_ms)
+            metrics.stage_runs(detection.computed)
+        metrics.gpu_memory()
+        tally = batch.tally
+        log.info(
+            "batch stored checks=%d statements=%d ledger_ms=%.1f read_ms=%.1f model_ms=%.1f",
+            len(batch.checks), tally.statements, tally.ms, batch.read_ms, batch.model_ms,
+        )  # fmt: skip
+
+    def _store_artifacts(self, session: Session, batch: Batch) -> None:
+        """The decoded images and what the models made of them that is not stored yet, under the kinds the
+        settings keep (ITEM_STORE_ARTIFACTS)."""
+        kept = set(self.settings.store_artifacts)
+        versions = {kind: key for kind, key in self.detector.artifact_versions.items() if kind in kept}
+        fresh_images = [image for image in batch.images.values() if image is not None]
+        self.ledger.upsert_images(session, list({image.sha256: image for image in fresh_images}.values()))
+        new = {}
+        for sha, detection in batch.detections.items():
+            known = batch.known.get(sha)
+            new[sha] = (detection.artifacts, {kind: key for kind, key in versions.items() if _missing(known, kind)})
+        self.ledger.save_artifacts_many(session, new)
 
     def time_out(self, batch: list[CheckRow], lease: Lease) -> None:
         """The batch ran past its budget: each check still held is retried as `check.timeout` (or failed)."""
         self.fail(batch, TransientError(TIMEOUT_MESSAGE, code="check.timeout"), lease, stage="batch")
-
-    def _stored_artifacts(self, batch: list[CheckRow]) -> dict[str, Artifacts]:
-        """Artifacts under this pipeline's keys for the checks whose image is already known (re-scores)."""
-        known = sorted({check.image_sha256 for check in batch if check.image_sha256})
-        if not known:
-            return {}
-        with self.ledger.session() as session:
-            return self.ledger.load_artifacts(session, known, self.detector.artifact_versions)
-
-    def _blobs(self, checks: list[CheckRow]) -> dict[str, bytes]:
-        """The stored bytes of the inline images among `checks`."""
-        wanted = [check.source["blob"] for check in checks if isinstance(check.source.get("blob"), str)]
-        if not wanted:
-            return {}
-        with self.ledger.session() as session:
-            return self.ledger.get_blobs(session, wanted)
 
     def _decoded(self, check: CheckRow, image: DecodedImage) -> DecodedImage:
         if check.image_sha256 and image.sha256 != check.image_sha256:
             # A URL or object that changed since it was checked: these are other bytes, scored as they are now.
             log.info("image changed since its earlier check", extra=_about(check, "decode"))
         return image
-
-    def _answer_known_bytes(self, batch: list[CheckRow], sha_by_check: dict[str, str], lease: Lease) -> list[CheckRow]:
-        """Bytes already checked under this pipeline version get that answer; returns the checks still to run."""
-        todo, outcomes = [], _Outcomes(self.version_id)
-        with self.ledger.session() as session:
-            answers = self.ledger.done_checks_for_images(session, list(sha_by_check.values()), self.version_id)
-            for check in batch:
-                done = answers.get(sha_by_check[check.id])
-                metrics.DUPLICATE_BYTES.labels("miss" if done is None else "hit").inc()
-                if done is None:
-                    todo.append(check)
-                    continue
-                self._done(session, check, {**_result_of(done), "timings_ms": {"reused": 0.0}}, lease, outcomes)
-        outcomes.report()
-        return todo
-
-    def _detect_and_store(
-        self, todo: list[CheckRow], images: dict[str, DecodedImage | None], stored: dict[str, Artifacts], lease: Lease
-    ) -> None:
-        sha_by_check = {check.id: _sha_of(check, images[check.id]) for check in todo}
-        unique = {sha: images[check_id] for check_id, sha in sha_by_check.items()}  # same bytes twice: once
-        versions = self.detector.artifact_versions
-        known = {sha: stored[sha] for sha in unique if sha in stored}
-        with self.ledger.session() as session:
-            known |= self.ledger.load_artifacts(session, [sha for sha in unique if sha not in known], versions)
-        _count_reuse(known, list(unique))
-        by_sha = once_per_image(self._detect, unique, known)
-        outcomes = _Outcomes(self.version_id)
-        with self.ledger.session() as session:  # one transaction: artifacts and results land together
-            for sha, image in unique.items():
-                if image is not None:
-                    self.ledger.upsert_image(session, image)
-                new = {kind: key for kind, key in versions.items() if codec.get_field(known[sha], kind) is None}
-                self.ledger.save_artifacts(session, sha, by_sha[sha].artifacts, new)  # what was loaded is stored
-            for check in todo:
-                result = _result_of_detection(by_sha[sha_by_check[check.id]], sha_by_check[check.id])
-                self._done(session, check, result, lease, outcomes)
-        outcomes.report()
-        for detection in by_sha.values():
-            metrics.stage_times(detection.timings_ms)
-            metrics.stage_runs(detection.computed)
-        metrics.gpu_memory()
 
     def _detect(self, images: list[DecodedImage], known: list) -> list:
         """Runs the models. Each stage halves its own runs when the GPU runs out of memory; what still runs out
@@ -257,45 +341,57 @@ class CheckService:
     # ------------------------------------------------------------------ outcomes
 
     def fail(self, checks: list[CheckRow], error: ItemError, lease: Lease, stage: str) -> None:
-        """Ends `checks` for `error` in one transaction: rejected if it is permanent; else retried with backoff
-        and jitter, or failed once attempts are used up. Checks this lease no longer holds are left alone."""
+        """Ends `checks` for `error` in one transaction (see `_end`). Checks this lease no longer holds are left
+        alone."""
         outcomes = _Outcomes(self.version_id)
         with self.ledger.session() as session:
-            for check in checks:
-                self._fail_one(session, check, error, lease, stage, outcomes)
+            self._queue_deliveries(session, self._end(session, lease, [(c, error, stage) for c in checks], outcomes))
         outcomes.report()
 
-    def _fail_one(self, session: Session, check: CheckRow, error: ItemError, lease: Lease, stage: str, outcomes):
-        code, message = error.code, error.message
+    def _end(
+        self, session: Session, lease: Lease, errors: list[tuple[CheckRow, ItemError, str]], outcomes: _Outcomes
+    ) -> list[CheckRow]:
+        """Each check ends for its error: rejected if the error is permanent; else retried with backoff and
+        jitter, or failed once attempts are used up. One statement per kind of ending, whatever their number.
+        Returns the checks that ended (not those retried); checks this lease no longer holds are left alone."""
+        if not errors:
+            return []
+        endings = {check.id: self._ending(check, error) for check, error, _ in errors}
+        why = {check.id: (error, stage) for check, error, stage in errors}
+        ended = []
+        for row in self.ledger.end_many(session, lease.token, endings):
+            (error, stage), ending = why[row.id], endings[row.id]
+            if ending.status == CheckStatus.queued:
+                delay = max(0.0, (ending.available_at - utcnow()).total_seconds())
+                outcomes.add("retried", row, stage, error.code, error.message, delay=delay)
+            else:
+                outcomes.add(ending.status.value, row, stage, error.code, error.message)
+                ended.append(row)
+        return ended
+
+    def _queue_deliveries(self, session: Session, finished: list[CheckRow]) -> None:
+        """Finished checks' results are queued for delivery in the transaction that finishes them, so a stored
+        outcome always has its deliveries."""
+        outbox.record_outcomes(session, finished, results_stream=bool(self.settings.results_stream))
+
+    def _ending(self, check: CheckRow, error: ItemError) -> Ending:
         if error.permanent:
-            if self._finished(session, self.ledger.finish_rejected(session, check.id, code, message, lease.token)):
-                outcomes.add("rejected", check, stage, code, message)
-            return
+            return Ending(CheckStatus.rejected, error.code, error.message)
         if check.attempts >= self.settings.max_attempts:
-            if self._finished(session, self.ledger.finish_failed(session, check.id, code, message, lease.token)):
-                outcomes.add("failed", check, stage, code, message)
-            return
-        delay = self.backoff(check.attempts)
-        available_at = utcnow() + timedelta(seconds=delay)
-        if self.ledger.mark_queued(
-            session, check.id, lease.token, available_at=available_at, error_code=code, error_message=message
-        ):
-            outcomes.add("retried", check, stage, code, message, delay=delay)
-
-    def _done(self, session: Session, check: CheckRow, result: dict, lease: Lease, outcomes: _Outcomes) -> None:
-        row = self._finished(session, self.ledger.finish_done(session, check.id, lease.token, **result))
-        if row is not None:
-            outcomes.add("done", row, "store")
-
-    def _finished(self, session: Session, row: CheckRow | None) -> CheckRow | None:
-        """A check just ended (row is None if this lease no longer held it): its result is queued for delivery in
-        the same transaction, so a stored outcome always has its deliveries."""
-        if row is not None:
-            outbox.record_outcome(session, row, results_stream=bool(self.settings.results_stream))
-        return row
+            return Ending(CheckStatus.failed, error.code, error.message)
+        available_at = utcnow() + timedelta(seconds=self.backoff(check.attempts))
+        return Ending(CheckStatus.queued, error.code, error.message, available_at)
 
     def backoff(self, attempts: int) -> float:
         return backoff_s(attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
+
+
+def _missing(known: Artifacts | None, kind: str) -> bool:
+    return known is None or codec.get_field(known, kind) is None
+
+
+def _blob_names(checks: list[CheckRow]) -> list[str]:
+    return [check.source["blob"] for check in checks if isinstance(check.source.get("blob"), str)]
 
 
 def _has_features(artifacts: Artifacts | None) -> bool:

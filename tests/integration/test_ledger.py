@@ -379,7 +379,7 @@ def test_done_checks_for_images_answers_duplicates(ledger):
     other_version = _create(ledger, "dup-3", OTHER_VERSION)
     with ledger.session() as session:
         assert ledger.done_checks_for_images(session, [image.sha256], VERSION.id) == {}
-        ledger.upsert_image(session, image)
+        ledger.upsert_images(session, [image])
         lease, _ = _claim(ledger, session, limit=2)  # running, not done: not an answer yet
         other = Lease.new("test:2", 60)
         ledger.claim(session, pipeline_version_id=OTHER_VERSION.id, limit=1, lease=other, max_attempts=5)
@@ -398,8 +398,8 @@ def test_done_checks_for_images_answers_duplicates(ledger):
 def test_images_and_blobs_are_written_once(ledger):
     image = decoded(2, width=40, height=30)
     with ledger.session() as session:
-        ledger.upsert_image(session, image)
-        ledger.upsert_image(session, image)
+        ledger.upsert_images(session, [image])
+        ledger.upsert_images(session, [image])
         ledger.put_blob(session, "c" * 64, b"\x00original bytes\xff")
         ledger.put_blob(session, "c" * 64, b"\x00original bytes\xff")
         row = session.execute(sa.text("SELECT n_bytes, width, height, format FROM images")).one()

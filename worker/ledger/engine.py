@@ -19,16 +19,20 @@ def normalize_url(url: str | sa.URL) -> sa.URL:
 
 
 def make_engine(url: str | sa.URL, *, foreign_keys: bool = True) -> sa.Engine:
-    """An engine with liveness checks on checkout; for SQLite also the setup several processes need.
+    """An engine; for SQLite also the setup several processes need.
+
+    No liveness check (`pool_pre_ping`) on checkout: it would cost a round trip per transaction, and every
+    caller already treats a broken connection as an outage and tries again. SQLAlchemy drops the whole pool
+    when one connection turns out dead, so the retry after a database restart gets a fresh connection.
 
     `foreign_keys=False` is for migrations: SQLite batch migrations copy and drop tables, which enforced
     foreign keys would refuse.
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(parsed, pool_pre_ping=True)
+        return sa.create_engine(parsed)
     _make_parent_folder(parsed)
-    engine = sa.create_engine(parsed, pool_pre_ping=True)
+    engine = sa.create_engine(parsed)
     _configure_sqlite(engine, foreign_keys=foreign_keys)
     return engine
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker.ledger.models import CheckRow, DeliveryRow, new_id, utcnow
-from worker.ledger.queries import claim_rows, dialect_insert, fresh
+from worker.ledger.queries import claim_rows, dialect_insert, fresh, in_chunks
 from worker.ledger.states import STREAM_TARGET, DeliveryStatus
 from worker.ledger.views import check_dict
 
@@ -28,12 +28,12 @@ def record_outcome(session: Session, check: CheckRow, *, results_stream: bool) -
     Returns how many deliveries were added; a check that ends twice (it cannot, but a retried transaction might
     try) adds none the second time.
     """
-    targets = [check.callback_url] if check.callback_url else []
-    if results_stream:
-        targets.append(STREAM_TARGET)
-    if not targets:
-        return 0
-    now, body = utcnow(), result_body(check)
+    return record_outcomes(session, [check], results_stream=results_stream)
+
+
+def record_outcomes(session: Session, checks: list[CheckRow], *, results_stream: bool) -> int:
+    """`record_outcome` for a batch of finished checks: one INSERT (per IN_CHUNK rows), whatever their number."""
+    now = utcnow()
     rows = [
         {
             "id": new_id(),
@@ -41,20 +41,28 @@ def record_outcome(session: Session, check: CheckRow, *, results_stream: bool) -
             "target": target,
             "status": DeliveryStatus.pending,
             "attempts": 0,
-            "body": body,
+            "body": result_body(check),
             "next_attempt_at": now,
             "created_at": now,
             "updated_at": now,
         }
-        for target in targets
+        for check in checks
+        for target in _targets(check, results_stream)
     ]
-    statement = (
-        dialect_insert(session, DeliveryRow)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["check_id", "target"])
-        .returning(DeliveryRow.id)
-    )
-    return len(session.execute(statement).all())
+    added = 0
+    for chunk in in_chunks(rows):
+        statement = (
+            dialect_insert(session, DeliveryRow)
+            .values(chunk)
+            .on_conflict_do_nothing(index_elements=["check_id", "target"])
+            .returning(DeliveryRow.id)
+        )
+        added += len(session.execute(statement).all())
+    return added
+
+
+def _targets(check: CheckRow, results_stream: bool) -> list[str]:
+    return [check.callback_url] * bool(check.callback_url) + [STREAM_TARGET] * results_stream
 
 
 def result_body(check: CheckRow) -> dict:

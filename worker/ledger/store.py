@@ -7,6 +7,8 @@ terminal status. So a check has one row, and its first result is the one that st
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from pipeline.core import codec
@@ -80,6 +83,35 @@ class RescoreSelection:
         return [condition(value) for value, condition in tests if value is not None]
 
 
+@dataclass(frozen=True)
+class NewCheck:
+    """A check to create: a platform's id for an image, where its bytes are, and where to send its result."""
+
+    external_id: str
+    source: dict
+    callback_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a check held by a lease ends when it cannot be scored: `status` rejected or failed, or queued again
+    for a retry no earlier than `available_at`."""
+
+    status: CheckStatus
+    code: str | None  # None: a retry keeps the error already stored
+    message: str | None
+    available_at: datetime | None = None  # a retry only
+
+    def values(self) -> dict:
+        if self.status != CheckStatus.queued:
+            return _ended_with_error(self.status, self.code, self.message)
+        values = {"status": CheckStatus.queued, "enqueued_at": utcnow(), "available_at": self.available_at}
+        values["lease_expires_at"] = None
+        if self.code is not None:
+            values |= {"error_code": self.code, "error_message": self.message}
+        return values
+
+
 # Unfinished checks no worker is moving (`item_checks_stuck`): running ones whose lease nobody renews and nobody
 # took over, and fresh ones nobody claims (no live worker of their version). A queued re-score is left out:
 # waiting behind fresh uploads for hours is its job.
@@ -90,6 +122,14 @@ _STUCK = sa.or_(
 _MAX_EXTERNAL_ID = CheckRow.__table__.c.external_id.type.length
 
 
+@dataclass
+class LedgerTally:
+    """What a piece of work (a worker's batch) cost the ledger: statements sent, and time in its transactions."""
+
+    statements: int = 0
+    ms: float = 0.0
+
+
 class Ledger:
     """One database: an engine, a session factory, and the operations on checks, images and artifacts."""
 
@@ -97,12 +137,28 @@ class Ledger:
         self.engine = make_engine(database_url)
         # Rows stay readable after commit: callers hand them on after the session is closed.
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._tallies = threading.local()  # the tally of the transaction this thread is in, if it keeps one
+        event.listen(self.engine, "before_cursor_execute", self._count_statement)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A transaction: committed when the block ends, rolled back if it raises."""
-        with self._sessions.begin() as session:
-            yield session
+    def session(self, tally: LedgerTally | None = None) -> Iterator[Session]:
+        """A transaction: committed when the block ends, rolled back if it raises; `tally` adds up its cost."""
+        if tally is None:
+            with self._sessions.begin() as session:
+                yield session
+            return
+        started, self._tallies.current = time.perf_counter(), tally
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        finally:
+            self._tallies.current = None
+            tally.ms += (time.perf_counter() - started) * 1000
+
+    def _count_statement(self, *_args) -> None:
+        tally = getattr(self._tallies, "current", None)
+        if tally is not None:
+            tally.statements += 1
 
     def dispose(self) -> None:
         """Closes the pooled connections (tests and short-lived commands)."""
@@ -170,31 +226,51 @@ class Ledger:
         source: dict,
         callback_url: str | None = None,
     ) -> tuple[CheckRow, bool]:
-        """The check for (external_id, version), and whether this call created it.
+        """The check for (external_id, version), and whether this call created it (see `create_checks`)."""
+        new = NewCheck(external_id, source, callback_url)
+        return self.create_checks(session, pipeline_version_id, [new])[0]
+
+    def create_checks(
+        self, session: Session, pipeline_version_id: str, new: list[NewCheck]
+    ) -> list[tuple[CheckRow, bool]]:
+        """The check of each (external_id, version), and whether this call created it: two statements (an INSERT
+        and a SELECT per IN_CHUNK checks), however many.
 
         Race-safe without locks: of two concurrent inserts, one wins and the other's ON CONFLICT DO NOTHING
-        waits for it, then the SELECT reads the winner's row.
+        waits for it, then the SELECT reads the winner's row. An external id given twice is created once.
         """
-        if len(external_id) > _MAX_EXTERNAL_ID:  # PostgreSQL would refuse it and SQLite keep it: refuse on both
-            raise ValueError(f"external_id is {len(external_id)} characters; the limit is {_MAX_EXTERNAL_ID}")
-        values = _queued_check(
-            utcnow(),
-            external_id=external_id,
-            pipeline_version_id=pipeline_version_id,
-            source=source,
-            callback_url=callback_url,
-        )
-        statement = (
-            dialect_insert(session, CheckRow)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=["external_id", "pipeline_version_id"])
-            .returning(CheckRow.id)
-        )
-        created = session.execute(statement).scalar_one_or_none() is not None
-        check = self.find_check(session, external_id, pipeline_version_id)
-        if check is None:  # cannot happen: the row was inserted or conflicted with a committed one
-            raise RuntimeError(f"check {external_id!r} under {pipeline_version_id} vanished after insert")
-        return check, created
+        for one in new:
+            if len(one.external_id) > _MAX_EXTERNAL_ID:  # PostgreSQL would refuse it and SQLite keep it
+                raise ValueError(f"external_id is {len(one.external_id)} characters; the limit is {_MAX_EXTERNAL_ID}")
+        now, created, rows = utcnow(), set(), {}
+        first = list({one.external_id: one for one in reversed(new)}.values())  # the first of each id wins
+        for chunk in in_chunks(first):
+            values = [
+                _queued_check(
+                    now, external_id=one.external_id, pipeline_version_id=pipeline_version_id, source=one.source,
+                    callback_url=one.callback_url,
+                )
+                for one in chunk
+            ]  # fmt: skip
+            statement = (
+                dialect_insert(session, CheckRow)
+                .values(values)
+                .on_conflict_do_nothing(index_elements=["external_id", "pipeline_version_id"])
+                .returning(CheckRow.external_id)
+            )
+            created.update(session.scalars(statement))
+            query = sa.select(CheckRow).where(
+                CheckRow.pipeline_version_id == pipeline_version_id,
+                CheckRow.external_id.in_([one.external_id for one in chunk]),
+            )
+            rows.update({row.external_id: row for row in session.scalars(fresh(query))})
+        answers = []
+        for one in new:
+            if one.external_id not in rows:  # cannot happen: inserted, or conflicted with a committed row
+                raise RuntimeError(f"check {one.external_id!r} under {pipeline_version_id} vanished after insert")
+            answers.append((rows[one.external_id], one.external_id in created))
+            created.discard(one.external_id)  # the same id again later in `new`: not created twice
+        return answers
 
     def get_check(self, session: Session, check_id: str) -> CheckRow | None:
         return session.scalars(fresh(sa.select(CheckRow).where(CheckRow.id == check_id))).one_or_none()
@@ -260,6 +336,17 @@ class Ledger:
         )
         return session.execute(statement).rowcount
 
+    def release(self, session: Session, lease: Lease) -> int:
+        """Gives back the checks still held under `lease` that were never run (a stopping worker's prefetched
+        batch): queued and claimable at once, the attempt not counted. Returns how many."""
+        now = utcnow()
+        statement = (
+            sa.update(CheckRow)
+            .where(_held(lease.token))
+            .values(status=CheckStatus.queued, attempts=CheckRow.attempts - 1, lease_expires_at=None, updated_at=now)
+        )
+        return session.execute(statement).rowcount
+
     def mark_queued(
         self,
         session: Session,
@@ -272,17 +359,8 @@ class Ledger:
     ) -> CheckRow | None:
         """Back to queued for a retry, not claimable before `available_at`, recording why (an error left as None
         keeps the one already stored). Only the holder of the lease `token` can do it."""
-        values: dict = {
-            "status": CheckStatus.queued,
-            "enqueued_at": utcnow(),
-            "available_at": available_at,
-            "lease_expires_at": None,
-        }
-        if error_code is not None:
-            values["error_code"] = error_code
-        if error_message is not None:
-            values["error_message"] = error_message
-        return _transition(session, check_id, _held(token), values)
+        retry = Ending(CheckStatus.queued, error_code, error_message, available_at)
+        return _one(self.end_many(session, token, {check_id: retry}))
 
     def finish_done(
         self,
@@ -304,8 +382,7 @@ class Ledger:
         A worker that lost its lease (it stalled past it, and another took over) changes nothing. A retry's error
         is cleared: a done check's error columns would only mislead.
         """
-        values = {
-            "status": CheckStatus.done,
+        result = {
             "image_sha256": image_sha256,
             "p_fake": p_fake,
             "verdict": verdict,
@@ -314,12 +391,21 @@ class Ledger:
             "objects": objects,
             "object_count": object_count,
             "timings_ms": timings_ms,
-            "error_code": None,
-            "error_message": None,
-            "finished_at": utcnow(),
-            "lease_expires_at": None,
         }
-        return _transition(session, check_id, _held(token), values)
+        return _one(self.finish_done_many(session, token, {check_id: result}))
+
+    def finish_done_many(self, session: Session, token: str, results: dict[str, dict]) -> list[CheckRow]:
+        """`finish_done` for a batch, {check id: result}, in one statement; returns the rows this lease finished."""
+        now = utcnow()
+        ended = {"status": CheckStatus.done, "error_code": None, "error_message": None, "finished_at": now}
+        rows = [{"id": check_id, **result, **ended, "lease_expires_at": None} for check_id, result in results.items()]
+        return _transition_many(session, _held(token), rows)
+
+    def end_many(self, session: Session, token: str, endings: dict[str, Ending]) -> list[CheckRow]:
+        """Ends checks with an error or sends them back for a retry, {check id: ending}, in one statement per
+        shape (ended, retried); returns the rows this lease changed. See `finish_rejected` and `mark_queued`."""
+        rows = [{"id": check_id, **ending.values()} for check_id, ending in endings.items()]
+        return _transition_many(session, _held(token), rows)
 
     def finish_rejected(
         self, session: Session, check_id: str, code: str, message: str, token: str | None = None
@@ -335,8 +421,9 @@ class Ledger:
     def _finish_with_error(
         self, session: Session, check_id: str, status: CheckStatus, code: str, message: str, token: str | None
     ) -> CheckRow | None:
-        condition = _held(token) if token is not None else _never_claimed()
-        return _transition(session, check_id, condition, _ended_with_error(status, code, message))
+        if token is not None:
+            return _one(self.end_many(session, token, {check_id: Ending(status, code, message)}))
+        return _transition(session, check_id, _never_claimed(), _ended_with_error(status, code, message))
 
     def abandoned_checks(self, session: Session, max_attempts: int, limit: int = 500) -> list[CheckRow]:
         """Running checks whose lease expired with every attempt used: each time, the worker died on them."""
@@ -562,20 +649,32 @@ class Ledger:
 
     # ------------------------------------------------------------------ images and blobs
 
-    def upsert_image(self, session: Session, image: DecodedImage) -> None:
-        """Records the decoded image once; the same bytes always decode the same, so nothing to update."""
-        values = {
-            "sha256": image.sha256,
-            "n_bytes": image.n_bytes,
-            "width": image.width,
-            "height": image.height,
-            "format": image.format,
-            "created_at": utcnow(),
+    def upsert_images(self, session: Session, images: list[DecodedImage]) -> None:
+        """Records decoded images once each, in one statement; the same bytes always decode the same, so nothing
+        is ever updated."""
+        now = utcnow()
+        rows = {
+            image.sha256: {
+                "sha256": image.sha256,
+                "n_bytes": image.n_bytes,
+                "width": image.width,
+                "height": image.height,
+                "format": image.format,
+                "created_at": now,
+            }
+            for image in images
         }
-        session.execute(dialect_insert(session, ImageRow).values(values).on_conflict_do_nothing())
+        for chunk in in_chunks(list(rows.values())):
+            session.execute(dialect_insert(session, ImageRow).values(chunk).on_conflict_do_nothing())
 
     def put_blob(self, session: Session, sha256: str, data: bytes) -> None:
-        session.execute(dialect_insert(session, BlobRow).values(sha256=sha256, data=data).on_conflict_do_nothing())
+        self.put_blobs(session, {sha256: data})
+
+    def put_blobs(self, session: Session, blobs: dict[str, bytes]) -> None:
+        """Stores inline images by sha256, in one statement per IN_CHUNK of them; one already stored is kept."""
+        rows = [{"sha256": sha256, "data": data} for sha256, data in blobs.items()]
+        for chunk in in_chunks(rows):
+            session.execute(dialect_insert(session, BlobRow).values(chunk).on_conflict_do_nothing())
 
     def get_blobs(self, session: Session, sha256s: list[str]) -> dict[str, bytes]:
         """The stored bytes of each of these blobs that exists, by sha256."""
@@ -603,16 +702,21 @@ class Ledger:
 
     def save_artifacts(self, session: Session, sha256: str, artifacts: Artifacts, versions: dict[str, str]) -> None:
         """Stores each artifact present under its version key; one already stored is left as it is."""
+        self.save_artifacts_many(session, {sha256: (artifacts, versions)})
+
+    def save_artifacts_many(self, session: Session, items: dict[str, tuple[Artifacts, dict[str, str]]]) -> None:
+        """`save_artifacts` for many images, {sha256: (artifacts, version keys to store)}, in one statement."""
         now, rows = utcnow(), []
-        for kind, version in versions.items():
-            value = codec.get_field(artifacts, kind)
-            if value is None:
-                continue
-            payload, vectors = codec.encode(kind, value)
-            key = {"sha256": sha256, "kind": kind, "version_hash": codec.version_hash(version)}
-            rows.append({**key, "version": version, "payload": payload, "vectors": vectors, "created_at": now})
-        if rows:
-            session.execute(dialect_insert(session, ArtifactRow).values(rows).on_conflict_do_nothing())
+        for sha256, (artifacts, versions) in items.items():
+            for kind, version in versions.items():
+                value = codec.get_field(artifacts, kind)
+                if value is None:
+                    continue
+                payload, vectors = codec.encode(kind, value)
+                key = {"sha256": sha256, "kind": kind, "version_hash": codec.version_hash(version)}
+                rows.append({**key, "version": version, "payload": payload, "vectors": vectors, "created_at": now})
+        for chunk in in_chunks(rows):
+            session.execute(dialect_insert(session, ArtifactRow).values(chunk).on_conflict_do_nothing())
 
 
 def _queued_check(now: datetime, **fields) -> dict:
@@ -686,3 +790,49 @@ def _transition(session: Session, check_id: str, condition: sa.ColumnElement[boo
         .execution_options(populate_existing=True)
     )
     return session.scalars(statement).one_or_none()
+
+
+def _transition_many(session: Session, condition: sa.ColumnElement[bool], rows: list[dict]) -> list[CheckRow]:
+    """`_transition` for many checks, each row {"id", column: value...}: on PostgreSQL one UPDATE ... FROM
+    (VALUES ...) per shape of row (the same columns) and per IN_CHUNK rows, whatever the batch size."""
+    if not rows:
+        return []
+    if session.get_bind().dialect.name != "postgresql":  # a local file: a statement costs no round trip
+        changed = (_transition(session, row["id"], condition, _without_id(row)) for row in rows)
+        return [row for row in changed if row is not None]
+    shapes: dict[tuple[str, ...], list[dict]] = {}
+    for row in rows:
+        shapes.setdefault(tuple(row), []).append(row)
+    return [
+        changed
+        for columns, same in shapes.items()
+        for chunk in in_chunks(same)
+        for changed in _update_from_values(session, condition, columns, chunk)
+    ]
+
+
+def _update_from_values(
+    session: Session, condition: sa.ColumnElement[bool], columns: tuple[str, ...], rows: list[dict]
+) -> list[CheckRow]:
+    table = CheckRow.__table__
+    incoming = sa.values(*(sa.column(name, table.c[name].type) for name in columns), name="incoming").data(
+        [tuple(row[name] for name in columns) for row in rows]
+    )
+    # A VALUES list has no column types of its own: each value is cast to the type of the column it sets.
+    assignments = {name: sa.cast(incoming.c[name], table.c[name].type) for name in columns if name != "id"}
+    statement = (
+        sa.update(CheckRow)
+        .where(CheckRow.id == incoming.c.id, condition)
+        .values(**assignments, updated_at=utcnow())
+        .returning(CheckRow)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    )
+    return list(session.scalars(statement))
+
+
+def _without_id(row: dict) -> dict:
+    return {name: value for name, value in row.items() if name != "id"}
+
+
+def _one(rows: list[CheckRow]) -> CheckRow | None:
+    return rows[0] if rows else None
