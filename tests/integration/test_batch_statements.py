@@ -23,7 +23,7 @@ from worker import rescore
 from worker.intake import CheckRequest, Intake
 from worker.ledger import migrate
 from worker.ledger.states import CheckStatus
-from worker.ledger.store import Ledger, Lease, RescoreSelection
+from worker.ledger.store import Lease, Ledger, RescoreSelection
 from worker.service import CheckService
 from worker.settings import Settings
 
