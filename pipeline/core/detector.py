@@ -4,6 +4,9 @@ Each step runs only for the images whose artifact for it is missing, so a caller
 (the worker's ledger, a feature cache) passes them back in and pays only for what changed. Artifacts are
 keyed by `artifact_versions`, which chain each stage's version to the ones it consumed: a new captioner
 invalidates boxes and embeddings too, a new CLIP keeps captions and boxes.
+
+Before any stage looks at an image, the image is downscaled once to `max_side` (see there); stages work in the
+pixels of that copy, and results report boxes in the original's.
 """
 
 from __future__ import annotations
@@ -19,11 +22,20 @@ import torch
 from pipeline.core import misalignment as eq
 from pipeline.core.devices import resolve_device
 from pipeline.core.head import Head, HeadMetadata
-from pipeline.core.imaging import DecodedImage, square_crop
+from pipeline.core.imaging import DecodedImage, StageImage, downscale
 from pipeline.core.model_store import ModelStore
 from pipeline.core.phrases import object_phrases
 from pipeline.core.profiles import Profile
-from pipeline.core.results import Analysis, Artifacts, DetectedObject, Detection, Embeddings, Features, PipelineVersion
+from pipeline.core.results import (
+    Analysis,
+    Artifacts,
+    DetectedObject,
+    Detection,
+    Embeddings,
+    Features,
+    GroundedObject,
+    PipelineVersion,
+)
 from pipeline.core.stages.base import Stage
 from pipeline.core.stages.caption import Captioner
 from pipeline.core.stages.embed import Embedder
@@ -49,6 +61,7 @@ class Detector:
         self.captioner = Captioner(store.locate(profile.caption), self.device, precision.get("caption"))
         self.grounder = make_grounder(store.locate(profile.ground), self.device, precision.get("ground"))
         self.embedder = Embedder(store.locate(profile.embed), self.device, precision.get("embed"))
+        self.max_side = _downscale_side([stage.input_side for stage in (self.captioner, self.grounder, self.embedder)])
         self.head: Head | None = None
         self._pipeline_version: PipelineVersion | None = None
         if head is not None:
@@ -58,14 +71,18 @@ class Detector:
 
     @property
     def stage_versions(self) -> dict[str, str]:
-        return {stage.name: stage.version for stage in (self.captioner, self.grounder, self.embedder)}
+        """Each stage's version and the side its images were downscaled to, which the profile decides, not the
+        stage: a profile with a larger grounder canvas gives its captioner larger images."""
+        side = f"|max_side={self.max_side}" if self.max_side else ""
+        return {stage.name: stage.version + side for stage in (self.captioner, self.grounder, self.embedder)}
 
     @property
     def artifact_versions(self) -> dict[str, str]:
         """The key each artifact is stored under: its stage's version plus a digest of its inputs' keys."""
-        caption = self.captioner.version
-        ground = f"{self.grounder.version}|after={_digest(caption)}"
-        embed = f"{self.embedder.version}|after={_digest(ground)}"
+        versions = self.stage_versions
+        caption = versions["caption"]
+        ground = f"{versions['ground']}|after={_digest(caption)}"
+        embed = f"{versions['embed']}|after={_digest(ground)}"
         features = f"{FEATURES_VERSION}|after={_digest(embed)}"
         return {"caption": caption, "ground": ground, "embed": embed, "features": features}
 
@@ -131,11 +148,25 @@ class Detector:
             Analysis(image.sha256 if image else None, replace(artifacts) if artifacts else Artifacts())
             for image, artifacts in zip(images, known, strict=True)
         ]
-        self._caption(images, analyses)
-        self._ground(images, analyses)
-        self._embed(images, analyses)
+        staged = self._prepare(images, analyses)
+        self._caption(staged, analyses)
+        self._ground(staged, analyses)
+        self._embed(staged, analyses)
         self._misalign(analyses)
         return analyses
+
+    def _prepare(self, images: Sequence[DecodedImage | None], analyses: list[Analysis]) -> list[StageImage | None]:
+        """Each image a stage will look at, downscaled once to `max_side`; None for those no stage needs.
+
+        Timed as `prepare`, like a stage: its cost grows with the upload's size, the models' does not.
+        """
+        todo = _missing(analyses, "embeddings", images)  # every earlier stage's images are among these
+        started = time.perf_counter()
+        staged = [None] * len(images)
+        for index in todo:
+            staged[index] = downscale(images[index].image, self.max_side)
+        _charge(analyses, todo, "prepare", started)
+        return staged
 
     def _caption(self, images, analyses: list[Analysis]) -> None:
         todo = _missing(analyses, "caption", images)
@@ -151,19 +182,23 @@ class Detector:
         with _timed(analyses, todo, self.grounder):
             found = self.grounder.ground([images[i].image for i in todo], phrases)
         for index, objects in zip(todo, found, strict=True):
-            analyses[index].artifacts.objects = objects
+            staged = images[index]
+            analyses[index].artifacts.objects = [
+                GroundedObject(obj.phrase, staged.to_original(obj.box), obj.score) for obj in objects
+            ]
 
     def _embed(self, images, analyses: list[Analysis]) -> None:
         """One batched image forward and one text forward for all wholes and crops of the batch."""
         todo = _missing(analyses, "embeddings", images)
-        pictures, texts, counts = [], [], []
+        pictures, boxes, texts, counts = [], [], [], []
         for index in todo:
-            image, artifacts = images[index].image, analyses[index].artifacts
-            pictures += [image] + [square_crop(image, obj.box) for obj in artifacts.objects]
+            staged, artifacts = images[index], analyses[index].artifacts
+            pictures.append(staged.image)
+            boxes.append([staged.from_original(obj.box) for obj in artifacts.objects])  # stored boxes too
             texts += [artifacts.caption] + [obj.phrase for obj in artifacts.objects]
             counts.append(1 + len(artifacts.objects))
         with _timed(analyses, todo, self.embedder):
-            image_rows = self.embedder.embed_images(pictures).split(counts) if todo else []
+            image_rows = self.embedder.embed_images(pictures, boxes).split(counts) if todo else []
             text_rows = self.embedder.embed_texts(texts).split(counts) if todo else []
         for index, image_part, text_part in zip(todo, image_rows, text_rows, strict=True):
             embeddings = Embeddings(image_part[0], text_part[0], image_part[1:], text_part[1:])
@@ -177,6 +212,19 @@ class Detector:
                 artifacts.features = Features(
                     eq.misalignment(emb.image, emb.text), eq.misalignment(emb.object_images, emb.object_texts)
                 )
+
+
+def _downscale_side(sides: list[int | None]) -> int | None:
+    """The longest side any stage makes use of, which images are downscaled to: the grounder's canvas in every
+    profile (800 against BLIP's 384 and CLIP's 224; 96 against 64 and 64 in `tiny`), so no stage gets fewer
+    pixels along the longer side than its own processor would have kept.
+
+    The largest rather than CLIP's size, because CLIP also sees crops: at 800 pixels an object a quarter of the
+    image wide still gets ~200 of CLIP's 224, and its box was placed on that same 800-pixel canvas, so more
+    pixels would not make the crop more faithful. What it costs: the short side of a panorama wider than about
+    2:1 falls below BLIP's square input, which then stretches it (it squeezed it before).
+    """
+    return max((side for side in sides if side), default=None)
 
 
 def _missing(analyses: list[Analysis], field_name: str, images) -> list[int]:
@@ -203,12 +251,17 @@ def _timed(analyses: list[Analysis], todo: list[int], stage: Stage):
         stage.load()
     started = time.perf_counter()
     yield
+    _charge(analyses, todo, stage.name, started)
+    for index in todo:
+        analyses[index].computed.append(stage.name)
+
+
+def _charge(analyses: list[Analysis], todo: list[int], step: str, started: float) -> None:
+    """The time since `started`, in equal shares to the images in `todo` and 0 to the others, as `step`."""
     share = (time.perf_counter() - started) * 1000 / max(1, len(todo))
     touched = set(todo)
     for index, analysis in enumerate(analyses):
-        analysis.timings_ms[stage.name] = share if index in touched else 0.0
-        if index in touched:
-            analysis.computed.append(stage.name)
+        analysis.timings_ms[step] = share if index in touched else 0.0
 
 
 def _evidence(artifacts: Artifacts) -> list[DetectedObject]:

@@ -224,7 +224,10 @@ def _stage(text: str, profile_name: str) -> str:
 
 def _catalog_spec(stage: str, model: str, base: Profile) -> ModelSpec:
     if stage == "ground" and model in ("off", "none", WHOLE_IMAGE):
-        limits = {key: base.ground.params[key] for key in ("max_objects", "max_phrases")}
+        # The canvas too: images are downscaled to the largest side any stage uses (the grounder's canvas), and
+        # keeping it keeps the captions and CLIP's inputs of the base profile, so the ablation changes boxes alone.
+        kept = ("max_objects", "max_phrases", "canvas")
+        limits = {key: base.ground.params[key] for key in kept if key in base.ground.params}
         return replace(CATALOG["ground"][WHOLE_IMAGE], params=limits)
     try:
         return CATALOG[stage][model]

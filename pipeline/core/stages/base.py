@@ -51,6 +51,12 @@ class Stage(ABC):
         return f"{self.name}:{self.located.spec.source}@{self.located.revision}|impl={self.implementation},{params}"
 
     @property
+    def input_side(self) -> int | None:
+        """The longest image side this stage's model makes use of, read without loading it; None for a stage
+        that looks at no pixels."""
+        return None
+
+    @property
     def batch_size(self) -> int:
         configured = int(self.params.get("batch_size", self.default_batch_size))
         return min(configured, self.memory_limit or configured)

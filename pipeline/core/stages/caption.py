@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from PIL import Image
 
 from pipeline.core.devices import compute_precision, weight_dtype
+from pipeline.core.errors import ModelLoadError
 from pipeline.core.stages.base import Stage
 
 # Parameters passed through to `generate`; anything else in the spec's params is ours.
 _GENERATE_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty")
+# Where a model folder keeps its image processor's settings: the hub's layout, then the one transformers 5 saves
+# (the image processor's settings inside the processor's, as the generated models have it).
+_PROCESSOR_FILES = (("preprocessor_config.json", None), ("processor_config.json", "image_processor"))
+_SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge")
 
 
 class Captioner(Stage):
@@ -32,6 +39,21 @@ class Captioner(Stage):
             return []
         self.load()
         return self.in_runs(images, self._generate)
+
+    @property
+    def input_side(self) -> int:
+        """The side the image processor resizes to (BLIP: a fixed square), read from the model folder."""
+        for name, section in _PROCESSOR_FILES:
+            path = self.located.path / name
+            if not path.is_file():
+                continue
+            try:
+                config = json.loads(path.read_text())
+                size = (config[section] if section else config)["size"]
+                return int(size) if isinstance(size, int) else max(int(size[k]) for k in _SIZE_KEYS if size.get(k))
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise ModelLoadError(f"Could not read the image size from {path}: {error}") from error
+        raise ModelLoadError(f"{self.located.path} has no image processor settings ({_PROCESSOR_FILES[0][0]}).")
 
     def _generate(self, images: list[Image.Image]) -> list[str]:
         inputs = self.processor(images=images, return_tensors="pt")

@@ -1,4 +1,8 @@
-"""Embed: images and texts into CLIP's joint space with open_clip (paper: ViT-L/14, OpenAI weights)."""
+"""Embed: images and texts into CLIP's joint space with open_clip (paper: ViT-L/14, OpenAI weights).
+
+An image and its objects' square crops are cut from one tensor of the image on the device and preprocessed there
+(`pipeline.core.clip_input`), in batches of `batch_size` pictures.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 import torch
 from PIL import Image
 
+from pipeline.core.clip_input import Box, ClipTransform, image_tensor, square_crop
 from pipeline.core.devices import compute_precision
 from pipeline.core.errors import ModelLoadError
 from pipeline.core.stages.base import Stage
@@ -17,6 +22,9 @@ CONFIG_FILE = "open_clip_config.json"  # what open_clip's `local-dir:` loader re
 class Embedder(Stage):
     name = "embed"
     default_precision = "tf32"  # on CUDA (fp32 on a CPU): README, "Precision"
+    # 2: crops and preprocessing as tensors (`clip_input`), from images the detector downscaled first; the
+    # part of a box outside the image is padded with PAD_COLOR (Pillow's crop filled it with black).
+    implementation = 2
 
     def _load(self) -> None:
         import open_clip
@@ -24,19 +32,22 @@ class Embedder(Stage):
         source = f"local-dir:{self.located.path}"
         # fp32 weights even on CUDA: D is a small difference of unit vectors, and fp16 embeddings visibly move it;
         # tf32 or bf16 autocast only when the stage's precision asks for it.
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, _, _ = open_clip.create_model_and_transforms(
             source, force_quick_gelu=bool(self.params.get("quick_gelu")), device=self.device
         )
         self.model = model.eval()
-        self.preprocess = preprocess  # the model's own eval transform: resize, center-crop, normalise
+        self.transform = ClipTransform.of(model)  # the model's own eval transform (`preprocess`), on tensors
         self.tokenizer = open_clip.get_tokenizer(source)
 
     @torch.inference_mode()
-    def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """Unnormalised image embeddings, float32 on the CPU, shape (len(images), d)."""
+    def embed_images(self, images: list[Image.Image], boxes: list[list[Box]] | None = None) -> torch.Tensor:
+        """Unnormalised embeddings of each image followed by the square crops of its `boxes` (in its pixels):
+        float32 on the CPU, shape (len(images) + number of boxes, d), rows in that order."""
         self.load()
-        with compute_precision(self.precision, self.device):
-            parts = self.in_runs(images, lambda part: [self._encode_images(part)])
+        boxes = boxes if boxes is not None else [[] for _ in images]
+        pixels = [image_tensor(image, self.device) for image in images]  # one copy per image, every crop cut from it
+        pictures = [(whole, box) for whole, own in zip(pixels, boxes, strict=True) for box in (None, *own)]
+        parts = self.in_runs(pictures, lambda part: [self._encode_pictures(part)])
         return _concat(parts, self.dim)
 
     @torch.inference_mode()
@@ -47,20 +58,31 @@ class Embedder(Stage):
             parts = self.in_runs(texts, lambda part: [self.model.encode_text(self.tokenizer(part).to(self.device))])
         return _concat(parts, self.dim)
 
-    def _encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.model.encode_image(torch.stack([self.preprocess(image) for image in images]).to(self.device))
+    def _encode_pictures(self, pictures: list[tuple[torch.Tensor, Box | None]]) -> torch.Tensor:
+        """One model call for (image tensor, box or None for the whole image) pairs."""
+        batch = self.transform([whole if box is None else square_crop(whole, box) for whole, box in pictures])
+        with compute_precision(self.precision, self.device):  # the model's products only: inputs stay float32
+            return self.model.encode_image(batch)
+
+    @property
+    def input_side(self) -> int:
+        """CLIP's input size, read from the model folder's config: asking loads no model."""
+        size = self._from_config("input size", lambda config: config["model_cfg"]["vision_cfg"]["image_size"])
+        return int(max(size) if isinstance(size, (list, tuple)) else size)
 
     @property
     def dim(self) -> int:
         """The embedding width, read from the model folder's config: asking loads no model."""
         if self.loaded:
             return int(self.model.visual.output_dim)
+        return int(self._from_config("embedding width", lambda config: config["model_cfg"]["embed_dim"]))
+
+    def _from_config(self, what: str, pick):
+        config_path = self.located.path / CONFIG_FILE
         try:
-            config = json.loads((self.located.path / CONFIG_FILE).read_text())
-            return int(config["model_cfg"]["embed_dim"])
+            return pick(json.loads(config_path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as error:
-            config_path = self.located.path / CONFIG_FILE
-            raise ModelLoadError(f"Could not read the embedding width from {config_path}: {error}") from error
+            raise ModelLoadError(f"Could not read the {what} from {config_path}: {error}") from error
 
 
 def _concat(chunks: list[torch.Tensor], dim: int) -> torch.Tensor:

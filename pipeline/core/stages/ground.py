@@ -3,7 +3,9 @@
 Decisions the paper leaves open, made here:
 - Every image is letterboxed onto a square canvas (padded bottom/right with the normalisation mean) before
   the processor resizes it. All images of a batch then share one size, so no image is padded to fit a
-  larger neighbour: an image's boxes do not depend on what else was in its batch.
+  larger neighbour: an image's boxes do not depend on what else was in its batch. Boxes are in the pixels of
+  the image the stage is given; in the detector that image is downscaled to the canvas side at most, and the
+  detector maps the boxes back to the original.
 - A phrase's score for a box is the highest token probability over that phrase's tokens; each phrase keeps
   its best box if that score reaches `box_threshold`; at most `max_objects` are kept, by score.
 """
@@ -46,6 +48,11 @@ class Grounder(Stage):
         for index, objects in zip(todo, found, strict=True):
             results[index] = objects
         return results
+
+    @property
+    def input_side(self) -> int:
+        """The canvas side: the letterboxed image is resized to a square of it, whatever its size."""
+        return int(self.params["canvas"])
 
     def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[GroundedObject]]:
         canvas = int(self.params["canvas"])
@@ -136,6 +143,13 @@ class WholeImageGrounder(Stage):
 
     def _load(self) -> None:
         """Nothing to load: this stage runs no model."""
+
+    @property
+    def input_side(self) -> int | None:
+        """The canvas of the grounder this stands in for (`with_models` keeps it): no model looks at it, but it
+        keeps the side images are downscaled to, and with it the other stages' inputs."""
+        canvas = self.params.get("canvas")
+        return int(canvas) if canvas else None
 
     def ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[GroundedObject]]:
         limit = int(self.params["max_objects"])

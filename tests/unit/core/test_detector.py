@@ -41,7 +41,7 @@ def test_detection_fields(tiny_detector):
         assert 0.0 <= d.p_fake <= 1.0
         assert d.verdict == ("fake" if d.p_fake >= d.threshold else "real")
         assert d.object_count == len(d.objects) == d.artifacts.features.objects.shape[0]
-        assert set(d.timings_ms) == {"caption", "ground", "embed", "head"}
+        assert set(d.timings_ms) == {"prepare", "caption", "ground", "embed", "head"}
         assert d.pipeline_version.stages == {**tiny_detector.stage_versions, "head": tiny_detector.head.version}
         for obj in d.objects:
             expected = float(eq.magnitudes(d.artifacts.features.objects)[d.objects.index(obj)])

@@ -21,10 +21,11 @@ from pipeline.core.imaging import (
     ALLOWED_FORMATS,
     BACKGROUND,
     PAD_COLOR,
+    StageImage,
     decode_image,
+    downscale,
     letterbox,
     sniff_format,
-    square_crop,
     to_rgb,
 )
 
@@ -363,20 +364,27 @@ def test_letterbox_leaves_square_images_alone():
     assert letterbox(image).tobytes() == image.tobytes()
 
 
-@pytest.mark.parametrize("box", [(10, 5, 30, 13), (4, 2, 9, 30), (0, 0, 12, 12)], ids=["wide", "tall", "square"])
-def test_square_crop_centres_the_box_on_a_padded_square(box):
-    # given
-    rng = np.random.default_rng(4)
-    pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    x0, y0, x1, y1 = box
-    width, height = x1 - x0, y1 - y0
-    # when
-    crop = np.asarray(square_crop(Image.fromarray(pixels), box))
-    # then
-    side = max(width, height)
-    left, top = (side - width) // 2, (side - height) // 2
-    assert crop.shape == (side, side, 3)
-    assert (crop[top : top + height, left : left + width] == pixels[y0:y1, x0:x1]).all()
-    padding = np.ones((side, side), dtype=bool)
-    padding[top : top + height, left : left + width] = False
-    assert (crop[padding] == PAD_COLOR).all()
+@pytest.mark.parametrize(("size", "expected"), [((3000, 2000), (800, 533)), ((2000, 3000), (533, 800))])
+def test_downscale_brings_the_longer_side_to_the_limit_keeping_the_aspect(size, expected):
+    staged = downscale(quadrant_image(*size), 800)
+    assert staged.image.size == expected
+    assert (staged.scale_x, staged.scale_y) == pytest.approx((size[0] / expected[0], size[1] / expected[1]))
+    # the quadrants are where they were: a smooth filter, no shift
+    assert staged.image.getpixel((expected[0] // 4, expected[1] // 4)) == QUADRANTS[0]
+    assert staged.image.getpixel((3 * expected[0] // 4, 3 * expected[1] // 4)) == QUADRANTS[3]
+
+
+@pytest.mark.parametrize("size", [(800, 600), (64, 64), (1, 800)])
+def test_downscale_leaves_images_within_the_limit_alone(size):
+    image = quadrant_image(*size)
+    staged = downscale(image, 800)
+    assert staged.image is image and (staged.scale_x, staged.scale_y) == (1.0, 1.0)
+    assert downscale(image, None).image is image
+
+
+def test_stage_boxes_map_to_the_original_and_back():
+    staged = StageImage(Image.new("RGB", (800, 533)), 3000 / 800, 2000 / 533)
+    whole = staged.to_original((0.0, 0.0, 800.0, 533.0))
+    assert whole == (0.0, 0.0, 3000.0, 2000.0)  # an edge box stays on the edge, exactly
+    box = (10.5, 20.25, 400.0, 300.75)
+    assert staged.from_original(staged.to_original(box)) == pytest.approx(box, abs=0.01)

@@ -95,8 +95,8 @@ def test_swapping_in_the_same_model_gives_the_base_profile():
 
 
 def test_grounding_off_keeps_the_base_profiles_limits():
-    assert get_profile("paper+ground=off").ground.params == {"max_objects": 8, "max_phrases": 8}
-    assert get_profile("tiny+ground=off").ground.params == {"max_objects": 4, "max_phrases": 4}
+    assert get_profile("paper+ground=off").ground.params == {"max_objects": 8, "max_phrases": 8, "canvas": 800}
+    assert get_profile("tiny+ground=off").ground.params == {"max_objects": 4, "max_phrases": 4, "canvas": 96}
 
 
 @pytest.mark.parametrize(
