@@ -271,3 +271,35 @@ def image_server() -> Iterator[ImageServer]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextmanager
+def serve_images(images: dict[str, bytes], delay_s: float = 0.0) -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 answering `/<name>` with `images[name]` (read at request time) after
+    `delay_s`, 404 otherwise; yields its base URL. Allow it with ITEM_FETCH_ALLOWED_NETWORKS."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = images.get(self.path.lstrip("/"))
+            if body is None:
+                self.send_error(404)
+                return
+            time.sleep(delay_s)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -254,11 +254,10 @@ class Ledger:
             ]  # fmt: skip
             statement = (
                 dialect_insert(session, CheckRow)
-                .values(values)
                 .on_conflict_do_nothing(index_elements=["external_id", "pipeline_version_id"])
                 .returning(CheckRow.external_id)
             )
-            created.update(session.scalars(statement))
+            created.update(session.scalars(statement, values))  # one executemany: see `_insert_many`
             query = sa.select(CheckRow).where(
                 CheckRow.pipeline_version_id == pipeline_version_id,
                 CheckRow.external_id.in_([one.external_id for one in chunk]),
@@ -664,17 +663,14 @@ class Ledger:
             }
             for image in images
         }
-        for chunk in in_chunks(list(rows.values())):
-            session.execute(dialect_insert(session, ImageRow).values(chunk).on_conflict_do_nothing())
+        _insert_many(session, ImageRow, list(rows.values()))
 
     def put_blob(self, session: Session, sha256: str, data: bytes) -> None:
         self.put_blobs(session, {sha256: data})
 
     def put_blobs(self, session: Session, blobs: dict[str, bytes]) -> None:
         """Stores inline images by sha256, in one statement per IN_CHUNK of them; one already stored is kept."""
-        rows = [{"sha256": sha256, "data": data} for sha256, data in blobs.items()]
-        for chunk in in_chunks(rows):
-            session.execute(dialect_insert(session, BlobRow).values(chunk).on_conflict_do_nothing())
+        _insert_many(session, BlobRow, [{"sha256": sha256, "data": data} for sha256, data in blobs.items()])
 
     def get_blobs(self, session: Session, sha256s: list[str]) -> dict[str, bytes]:
         """The stored bytes of each of these blobs that exists, by sha256."""
@@ -715,8 +711,18 @@ class Ledger:
                 payload, vectors = codec.encode(kind, value)
                 key = {"sha256": sha256, "kind": kind, "version_hash": codec.version_hash(version)}
                 rows.append({**key, "version": version, "payload": payload, "vectors": vectors, "created_at": now})
-        for chunk in in_chunks(rows):
-            session.execute(dialect_insert(session, ArtifactRow).values(chunk).on_conflict_do_nothing())
+        _insert_many(session, ArtifactRow, rows)
+
+
+def _insert_many(session: Session, model: type, rows: list[dict]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING of many rows as one executemany: SQLAlchemy sends them as multi-row
+    VALUES pages of up to 1,000 (one statement for a batch) from one compiled, cached statement, where
+    `.values(rows)` would compile a new statement for every batch size. The RETURNING is what makes SQLAlchemy
+    page the rows (without it psycopg would send one INSERT per row)."""
+    if rows:
+        table = model.__table__
+        statement = dialect_insert(session, table).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        session.connection().execute(statement, rows).all()
 
 
 def _queued_check(now: datetime, **fields) -> dict:
