@@ -76,10 +76,10 @@ class Settings(BaseSettings):
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Whole-download time limit for image URLs.")
     fetch_concurrency: int = Field(
-        16, ge=1, le=256, description="Images a worker reads at once (URLs, S3, files): downloads wait on the network."
+        32, ge=1, le=256, description="Images a worker reads at once (URLs, S3, files): downloads wait on the network."
     )
     fetch_per_host: int = Field(
-        8, ge=1, le=256, description="Of those, at most this many from one host, so one slow server cannot take all."
+        16, ge=1, le=256, description="Of those, at most this many from one host, so one slow server cannot take all."
     )
     fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each one re-checked).")
     fetch_allowed_networks: list[str] = Field(

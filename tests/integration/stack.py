@@ -295,7 +295,10 @@ def serve_images(images: dict[str, bytes], delay_s: float = 0.0) -> Iterator[str
         def log_message(self, *args) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 128  # the default 5 drops concurrent connects, which then wait a second to retry
+
+    httpd = Server(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
