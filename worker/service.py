@@ -161,7 +161,11 @@ class CheckService:
         deadline = time.monotonic() + self.settings.batch_max_wait_s
         while len(claimed) < size and time.monotonic() < deadline:
             time.sleep(0.05)
-            claimed += self.claim(lease, size - len(claimed), Priority.fresh)
+            try:
+                claimed += self.claim(lease, size - len(claimed), Priority.fresh)
+            except INFRASTRUCTURE_ERRORS:  # what is claimed is committed: run it, or its attempt is lost
+                log.info("the ledger broke while filling a batch; running the %d checks claimed", len(claimed))
+                break
         if claimed:
             metrics.claimed(len(claimed), [row.enqueued_at or row.created_at for row in claimed])
         return claimed

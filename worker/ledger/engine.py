@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+IDLE_PING_S = 1.0  # a connection unused for longer is checked before use; one in steady use never is
 
 
 def normalize_url(url: str | sa.URL) -> sa.URL:
@@ -21,20 +23,45 @@ def normalize_url(url: str | sa.URL) -> sa.URL:
 def make_engine(url: str | sa.URL, *, foreign_keys: bool = True) -> sa.Engine:
     """An engine; for SQLite also the setup several processes need.
 
-    No liveness check (`pool_pre_ping`) on checkout: it would cost a round trip per transaction, and every
-    caller already treats a broken connection as an outage and tries again. SQLAlchemy drops the whole pool
-    when one connection turns out dead, so the retry after a database restart gets a fresh connection.
+    No liveness check (`pool_pre_ping`) on every checkout: it would cost a round trip per transaction, and a
+    worker's batches reuse one connection within milliseconds. Only a connection idle for IDLE_PING_S is pinged
+    (see `_ping_when_idle`); for the rest, every caller treats a broken connection as an outage and tries
+    again, and SQLAlchemy drops the whole pool when one connection turns out dead.
 
     `foreign_keys=False` is for migrations: SQLite batch migrations copy and drop tables, which enforced
     foreign keys would refuse.
     """
     parsed = normalize_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(parsed)
+        engine = sa.create_engine(parsed, pool_use_lifo=True)  # the hot connection is the one reused
+        _ping_when_idle(engine)
+        return engine
     _make_parent_folder(parsed)
     engine = sa.create_engine(parsed)
     _configure_sqlite(engine, foreign_keys=foreign_keys)
     return engine
+
+
+def _ping_when_idle(engine: sa.Engine) -> None:
+    """A pooled connection unused for IDLE_PING_S is checked with `SELECT 1` before it is handed out, and
+    replaced if the database dropped it meanwhile (a restart, an idle timeout, a terminated backend): the loops
+    that wake up now and then (heartbeats, deliveries, an idle worker's claim) then never start on a dead one."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection, record) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection, record, _proxy) -> None:
+        if time.monotonic() - record.info.get("checked_in_at", time.monotonic()) < IDLE_PING_S:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+            dbapi_connection.rollback()  # the driver opened a transaction for the ping: leave none behind
+        except Exception as error:
+            raise sa.exc.DisconnectionError("the pooled connection was dropped while idle") from error
 
 
 def _make_parent_folder(url: sa.URL) -> None:
