@@ -1,8 +1,8 @@
 """Image preparation, before and after: full-size images and PIL crops, against one downscale and tensor crops.
 
 Run on demand, never as a timed test:
-    python tests/bench/bench_prep.py --profile tiny --n 16 --batch-size 8 --repeat 5 --device cpu
-    python tests/bench/bench_prep.py --profile small-random --n 2 --batch-size 2 --repeat 1 --device cpu
+    python -m tests.bench.bench_prep --profile tiny --n 16 --batch-size 8 --repeat 5 --device cpu
+    python -m tests.bench.bench_prep --profile small-random --n 2 --batch-size 2 --repeat 1 --device cpu
 
 Both paths run in the same process on the same decoded images, for each size: `pil`, the detector as it was
 (every stage gets the full decoded image, CLIP's crops are cut with PIL and go through open_clip's PIL transform
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import statistics
 import time
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from pipeline.core.model_store import ModelStore
 from pipeline.core.profiles import get_profile
 from pipeline.core.stages.embed import Embedder
 from pipeline.lab.synthetic import FAMILIES, make_image
+from tests.bench.bench_pipeline import _device_name, _sync
 
 
 def pil_square_crop(image: Image.Image, box) -> Image.Image:
@@ -161,17 +161,6 @@ def run(args: argparse.Namespace) -> dict:
         timings, detections = median_rounds(paths, encoded_images(args.n, width, height), args)
         result["sizes"][size] = {**timings, "agreement": agreement(detections["pil"], detections["tensor"])}
     return result
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from PIL import Image
 from pipeline.core.clip_input import ClipTransform, image_tensor, square_crop
 from pipeline.core.imaging import PAD_COLOR
 from pipeline.core.stages.embed import Embedder
+from tests.bench.bench_prep import pil_square_crop
 from tests.conftest import noise_image
 
 CPU = torch.device("cpu")
@@ -28,17 +29,6 @@ OUTSIDE = {
     "wider-than-the-image": (-2, 5, 50, 12),
     "under-a-pixel-past-the-corner": (47.6, 39.6, 47.9, 39.9),  # widened to the pixel just outside
 }
-
-
-def pil_square_crop(image: Image.Image, box) -> Image.Image:
-    """The PIL crop this replaced (`imaging.square_crop` until then), kept here as the geometry's reference."""
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-    region = image.crop((x0, y0, x1, y1))
-    side = max(region.width, region.height)
-    canvas = Image.new("RGB", (side, side), PAD_COLOR)
-    canvas.paste(region, ((side - region.width) // 2, (side - region.height) // 2))
-    return canvas
 
 
 def on_padding(image: Image.Image, margin: int) -> Image.Image:
