@@ -9,14 +9,15 @@ from worker.settings import Settings
 PROBE_TIMEOUT_S = 3
 
 
-def check_health(settings: Settings, *, load_models: bool = False) -> dict:
-    probes: dict[str, Callable[[], str]] = {
+def check_health(settings: Settings, *, load_models: bool = False, probes: tuple[str, ...] | None = None) -> dict:
+    """Runs the probes (all, or those named in `probes`: `item serve`'s readiness needs no broker or model)."""
+    every: dict[str, Callable[[], str]] = {
         "database": lambda: _database(settings),
         "migrations": lambda: _migrations(settings),
         "broker": lambda: _broker(settings),
         "models": lambda: _models(settings, load_models),
     }
-    checks = {name: _run(probe) for name, probe in probes.items()}
+    checks = {name: _run(probe) for name, probe in every.items() if probes is None or name in probes}
     return {"ok": all(part["ok"] for part in checks.values()), "checks": checks}
 
 

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
+from worker.ledger import reviews
+from worker.ledger.models import utcnow
 from worker.ledger.store import Lease
 from worker.ledger.wakeups import Listener
 from worker.logs import OutageLog
@@ -36,6 +38,7 @@ log = logging.getLogger("item.worker")
 
 WATCHDOG_GRACE_S = 30  # after the budget, how long the interruption may take before the process is ended
 WATCHDOG_EXIT_STATUS = 70  # EX_SOFTWARE: the supervisor replaces the process
+HEARTBEAT_S = 10.0  # how often a loop tells the ledger it is alive (the console's workers), one statement each
 
 
 def owner_name() -> str:
@@ -69,6 +72,47 @@ class Renewal:
                 log.warning("lease %s holds %d of its %d checks: the rest ended or were taken over",
                             self.lease.token, held, self.checks)  # fmt: skip
                 self.checks = held
+
+
+class Presence:
+    """A loop's row in the ledger's `workers`, written at its start and every `every_s` on a thread of its own,
+    and deleted when it stops: the console's list of live workers. A ledger outage only delays the next beat
+    (a killed worker's row simply stops being seen)."""
+
+    def __init__(self, service: CheckService, owner: str, every_s: float):
+        self.service, self.owner, self.every_s = service, owner, every_s
+        self.started_at = utcnow()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat_until_done, name="item-presence", daemon=True)
+        self._outage = OutageLog(log, "could not record this worker's heartbeat", "still no heartbeat recorded")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops beating, then deletes the row (after the last beat, which would otherwise bring it back)."""
+        self._done.set()
+        self._thread.join(5)
+        try:
+            with self.service.ledger.session() as session:
+                reviews.worker_gone(session, self.owner)
+        except Exception:  # the row ages out of the console's list on its own
+            log.warning("could not remove this worker's heartbeat", exc_info=True)
+
+    def _beat_until_done(self) -> None:
+        while True:
+            self._beat()
+            if self._done.wait(self.every_s):
+                return
+
+    def _beat(self) -> None:
+        try:
+            with self.service.ledger.session() as session:
+                reviews.heartbeat(session, self.owner, self.service.version_id, self.started_at)
+        except Exception:
+            self._outage.failed()
+        else:
+            self._outage.recovered()
 
 
 class Loop:
@@ -119,6 +163,8 @@ class Loop:
     def run_forever(self) -> None:
         """The worker's loop: the models run in this thread, batches are prepared and stored around them."""
         prefetch, store = Prefetch(self), Store(self.service)
+        presence = Presence(self.service, self.owner, HEARTBEAT_S)
+        presence.start()
         prefetch.start()
         store.start()
         try:
@@ -131,6 +177,7 @@ class Loop:
             prefetch.join(self.settings.batch_time_budget_s + WATCHDOG_GRACE_S)
             store.finish()
             self.listener.close()
+            presence.stop()
 
     def _run_models(self, batch: Batch) -> None:
         try:

@@ -72,6 +72,21 @@ WORKER_READY = Gauge("item_worker_ready", "GPU loop processes with their models 
 GPU_MEMORY = Gauge(
     "item_gpu_memory_bytes", "GPU memory held by torch in worker processes.", ["kind"], multiprocess_mode="livesum"
 )
+HTTP_REQUESTS = Counter(
+    "item_http_requests_total",
+    "Requests to `item serve`, by route template (never the path itself), method and status code.",
+    ["route", "method", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "item_http_request_seconds", "Time to answer a request to `item serve`, by route template.", ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)  # fmt: skip
+AUTH_FAILURES = Counter(
+    "item_http_auth_failures_total",
+    "Requests refused for their key: missing, malformed, unknown (or revoked), scope (valid key, wrong scope), "
+    "session (console sign-in expired or absent), csrf (a form without its token).",
+    ["reason"],
+)
 # Every series an alert takes increase() of exists from the start at 0: increase() cannot see a series' first sample.
 for _target in ("callback", "stream"):
     for _outcome in ("delivered", "retried", "failed"):
@@ -84,6 +99,8 @@ for _code in codes.FAILED:
     RETRIES.labels(_code)
 for _code in (*codes.DEAD_LETTER, "message.invalid"):
     DEAD_LETTERS.labels(_code)
+for _reason in ("missing", "malformed", "unknown", "scope", "session", "csrf"):
+    AUTH_FAILURES.labels(_reason)
 for _outcome in ("hit", "miss"):  # so a hit ratio reads 0, not "no data", before the first hit
     DUPLICATE_BYTES.labels(_outcome)
     for _artifact in ("caption", "objects", "embeddings", "features"):
@@ -112,6 +129,9 @@ METRIC_NAMES = frozenset(
         "item_worker_ready",
         "item_gpu_memory_bytes",
         "item_dead_letters_total",
+        "item_http_requests_total",
+        "item_http_request_seconds",
+        "item_http_auth_failures_total",
         QUEUE_DEPTH_NAME,
         WAITING_NAME,
         STUCK_NAME,

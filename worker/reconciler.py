@@ -4,6 +4,8 @@ With leases a dead worker's checks are claimed again by any live worker of their
 left to do here: checks that used every attempt and whose last worker died on them too (an input that kills
 its worker each time) are failed `check.stuck`, since no claim will take them again; and checks nobody moves
 (no live worker of their version, a version never started) are counted and logged for an operator, who decides.
+It also deletes what is kept only for a while: thumbnails past ITEM_THUMBNAIL_RETENTION_DAYS, and expired console
+sign-ins.
 
 Every `item worker` runs it every `reconcile_interval_s`, but on PostgreSQL only the one holding the
 deployment's advisory lock does (the lock is held for the life of its connection, so when that worker goes,
@@ -20,7 +22,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from worker import metrics
-from worker.ledger import outbox
+from worker.ledger import access, outbox, reviews
 from worker.ledger.store import Ledger
 from worker.settings import Settings
 
@@ -34,10 +36,12 @@ STUCK_MESSAGE = "Every attempt ended with its worker gone (killed, out of memory
 class Reconciled:
     failed: int  # abandoned checks failed as check.stuck
     stuck: dict[str, int]  # unfinished checks nobody moved for reconcile_after_s, per status
+    thumbnails_purged: int = 0  # older than thumbnail_retention_days
+    sessions_purged: int = 0  # console sign-ins that expired
 
 
 def reconcile(settings: Settings, ledger: Ledger) -> Reconciled:
-    """One pass: fails the abandoned checks, counts the stuck ones."""
+    """One pass: fails the abandoned checks, counts the stuck ones, deletes what outlived its retention."""
     failed = []
     with ledger.session() as session:
         for check in ledger.abandoned_checks(session, settings.max_attempts):
@@ -52,7 +56,19 @@ def reconcile(settings: Settings, ledger: Ledger) -> Reconciled:
         log.warning("check failed: %s", STUCK_MESSAGE, extra=about)
     if any(stuck.values()):
         log.warning("unfinished checks no worker moved for %.0fs: %s", settings.reconcile_after_s, stuck)
-    return Reconciled(len(failed), stuck)
+    thumbnails, sessions = _purge(settings, ledger)
+    return Reconciled(len(failed), stuck, thumbnails, sessions)
+
+
+def _purge(settings: Settings, ledger: Ledger) -> tuple[int, int]:
+    """Deletes old thumbnails and expired console sessions, in a transaction of their own: a large first purge
+    must not hold the locks of the checks failed above. Returns how many of each went."""
+    with ledger.session() as session:
+        thumbnails = reviews.purge_thumbnails(session, timedelta(days=settings.thumbnail_retention_days))
+        sessions = access.purge_sessions(session)
+    if thumbnails or sessions:
+        log.info("deleted %d thumbnails past their retention and %d expired console sessions", thumbnails, sessions)
+    return thumbnails, sessions
 
 
 class ReconcilerThread:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -24,11 +24,12 @@ from pipeline.core.batches import Reader, once_per_image
 from pipeline.core.detector import Detector
 from pipeline.core.devices import free_gpu_memory, is_out_of_memory
 from pipeline.core.errors import ItemError
-from pipeline.core.imaging import DecodedImage
+from pipeline.core.imaging import DecodedImage, thumbnail_jpeg
 from pipeline.core.results import Artifacts
 from worker import metrics, sources
-from worker.ledger import outbox
+from worker.ledger import outbox, reviews
 from worker.ledger.models import CheckRow, utcnow
+from worker.ledger.reviews import Thumbnail
 from worker.ledger.states import CheckStatus, Priority
 from worker.ledger.store import Ending, Lease, Ledger, LedgerTally
 from worker.settings import Settings, backoff_s
@@ -97,6 +98,7 @@ class Batch:
     answers: dict[str, dict] = field(default_factory=dict)  # by check id: an earlier check of the same bytes
     errors: list[tuple[CheckRow, ItemError, str]] = field(default_factory=list)  # (check, why, stage)
     detections: dict = field(default_factory=dict)  # by sha256
+    thumbnails: list[Thumbnail] = field(default_factory=list)  # of the images decoded, one per sha256
     tally: LedgerTally = field(default_factory=LedgerTally)
     read_ms: float = 0.0
     model_ms: float = 0.0
@@ -219,13 +221,16 @@ class CheckService:
                 batch.images[check.id] = images[check.id]
 
     def _read(self, batch: Batch, checks: list[CheckRow], blobs: dict[str, bytes]) -> dict[str, DecodedImage]:
-        """Fetches and decodes on the reader's threads; an input that fails is the batch's error for its check."""
+        """Fetches and decodes on the reader's threads; an input that fails is the batch's error for its check.
+        Thumbnails are made here too, while the pixels are at hand, and counted in the batch's reading time."""
         started, images = time.perf_counter(), {}
         for one in self.reader.load(checks, lambda check: self._source_bytes(check, blobs, batch)):
             if one.ok:
                 images[one.item.id] = self._decoded(one.item, one.image)
             else:
                 batch.errors.append((one.item, one.error, "decode"))
+        if self.settings.thumbnail_max_side > 0:
+            batch.thumbnails = _thumbnails(images.values(), self.settings.thumbnail_max_side)
         batch.read_ms = (time.perf_counter() - started) * 1000
         return images
 
@@ -274,8 +279,9 @@ class CheckService:
             batch.model_ms = (time.perf_counter() - started) * 1000
 
     def store(self, batch: Batch) -> None:
-        """One transaction, a fixed number of statements whatever the batch's size: the images, the artifacts
-        the models made, every result and ending, and their deliveries. Reported once it committed."""
+        """One transaction, a fixed number of statements whatever the batch's size: the images and their
+        thumbnails, the artifacts the models made, every result and ending, and their deliveries. Reported once
+        it committed."""
         results = dict(batch.answers)
         for check in batch.todo:
             sha = _sha_of(check, batch.images[check.id])
@@ -285,6 +291,7 @@ class CheckService:
         def write(session: Session) -> _Outcomes:
             outcomes = _Outcomes(self.version_id)
             self._store_artifacts(session, batch)
+            reviews.put_thumbnails(session, batch.thumbnails)
             done = self.ledger.finish_done_many(session, batch.lease.token, results)
             for row in done:
                 outcomes.add("done", row, "store")
@@ -388,6 +395,22 @@ class CheckService:
 
     def backoff(self, attempts: int) -> float:
         return backoff_s(attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
+
+
+def _thumbnails(images: Iterable[DecodedImage], max_side: int) -> list[Thumbnail]:
+    """One thumbnail per distinct image, for the console to show without fetching anything itself. A thumbnail
+    is a convenience: one that cannot be made is skipped, and never costs its check anything."""
+    made: dict[str, Thumbnail] = {}
+    for image in images:
+        if image.sha256 in made:
+            continue
+        try:
+            data, width, height = thumbnail_jpeg(image.image, max_side)
+        except Exception:
+            log.debug("no thumbnail of image %s", image.sha256, exc_info=True)
+            continue
+        made[image.sha256] = Thumbnail(image.sha256, data, width, height)
+    return list(made.values())
 
 
 def _missing(known: Artifacts | None, kind: str) -> bool:

@@ -159,6 +159,17 @@ class Settings(BaseSettings):
     delivery_backoff_max_s: float = Field(600.0, gt=0, description="Longest delivery retry delay.")
     delivery_poll_s: float = Field(1.0, gt=0, description="How often a worker looks for deliveries that are due.")
 
+    # the HTTP API and console (`item serve`)
+    http_addr: str = Field("127.0.0.1", description="Address `item serve` listens on.")
+    http_port: int = Field(8000, ge=0, le=65535, description="Port of `item serve`.")
+    console_session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a console sign-in lasts.")
+    thumbnail_max_side: int = Field(
+        256, ge=0, le=1024, description="Longest side of the thumbnail a worker keeps of each image; 0 keeps none."
+    )
+    thumbnail_retention_days: float = Field(
+        30.0, gt=0, description="How long thumbnails are kept (the reconciler deletes older ones)."
+    )
+
     # operations
     metrics_port: int = Field(9808, ge=0, le=65535, description="Port of the /metrics endpoint of `item worker`.")
     metrics_addr: str = Field("0.0.0.0", description="Address the metrics endpoint listens on.")

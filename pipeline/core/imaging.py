@@ -199,6 +199,30 @@ def downscale(image: Image.Image, max_side: int | None) -> StageImage:
     return StageImage(small, image.width / size[0], image.height / size[1])
 
 
+THUMBNAIL_QUALITY = 80  # JPEG quality of thumbnails: small files, artefacts a reviewer does not notice at that size
+# Box-reduce by the largest whole factor that stays at or above the thumbnail's size, then bicubic for the rest:
+# a few times cheaper than a fairer gap (about a millisecond for a 1024-pixel image), and a thumbnail only has
+# to show a reviewer what was checked, not feed a model.
+THUMBNAIL_REDUCING_GAP = 1.0
+
+
+def thumbnail_jpeg(image: Image.Image, max_side: int) -> tuple[bytes, int, int]:
+    """A baseline RGB JPEG of `image` with its longer side at most `max_side` (aspect kept, never upscaled), and
+    its width and height. Its size is bounded by its pixels, whatever the original's; no metadata is carried."""
+    if max_side < 1:
+        raise ValueError(f"max_side must be at least 1, not {max_side}")
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    if max(image.size) > max_side:
+        factor = max_side / max(image.size)
+        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=THUMBNAIL_REDUCING_GAP)
+    buffer = io.BytesIO()
+    # Pillow carries the original's JPEG comment over unless told not to: an upload's text stays with the upload.
+    image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY, comment=b"")
+    return buffer.getvalue(), image.width, image.height
+
+
 def letterbox(image: Image.Image) -> Image.Image:
     """Pads to a square at the bottom/right, so relative box coordinates scale back with one factor."""
     if image.width == image.height:

@@ -17,7 +17,19 @@ import sqlalchemy as sa
 
 from tests.integration.stack import image_server
 from worker.ledger import migrate
-from worker.ledger.models import ArtifactRow, BlobRow, CheckRow, DeliveryRow, ImageRow, PipelineVersionRow
+from worker.ledger.models import (
+    ApiKeyRow,
+    ArtifactRow,
+    BlobRow,
+    CheckRow,
+    ConsoleSessionRow,
+    DecisionRow,
+    DeliveryRow,
+    ImageRow,
+    PipelineVersionRow,
+    ThumbnailRow,
+    WorkerRow,
+)
 from worker.ledger.store import Ledger
 
 POSTGRES_URL = os.environ.get("ITEM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -90,7 +102,10 @@ def migrated_ledger(database_url) -> Iterator[Ledger]:
 def ledger(migrated_ledger) -> Ledger:
     """The module's migrated ledger, emptied, so each test starts from no rows."""
     with migrated_ledger.session() as session:
-        for model in (DeliveryRow, CheckRow, ArtifactRow, BlobRow, ImageRow, PipelineVersionRow):
+        for model in (
+            *(DecisionRow, DeliveryRow, CheckRow, ArtifactRow, BlobRow, ImageRow, PipelineVersionRow),
+            *(ConsoleSessionRow, ApiKeyRow, ThumbnailRow, WorkerRow),
+        ):
             session.execute(sa.delete(model))
     return migrated_ledger
 

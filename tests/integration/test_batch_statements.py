@@ -2,9 +2,9 @@
 
 Every statement the worker sends between claiming a batch and storing it is counted with SQLAlchemy's cursor
 events, for a batch of one check and for a batch of 32, in each of the shapes a batch takes: fresh inline
-images with a callback and the results stream (blobs, images, artifacts, results, deliveries), bytes already
-checked (answered from the earlier result), undecodable inputs (rejected), and a head-only re-score (stored
-features, no decoding).
+images with a callback and the results stream (blobs, images, thumbnails, artifacts, results, deliveries), bytes
+already checked (answered from the earlier result; their thumbnails offered again, one INSERT that keeps what is
+there), undecodable inputs (rejected), and a head-only re-score (stored features, no decoding).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from tests.conftest import encode, noise_image
 from tests.integration.stack import Worker, make_stack
 from worker import s3
 from worker.intake import CheckRequest
+from worker.ledger import reviews
 from worker.ledger.store import Lease
 from worker.runtime import InProcess
 from worker.service import CheckService
@@ -138,6 +139,16 @@ def test_an_s3_object_is_checked_and_its_bytes_recorded(s3_server, ledger, tiny_
     assert row.image_sha256 == hashlib.sha256(IMAGE).hexdigest()
     assert row.source == {"s3": {"bucket": BUCKET, "key": "cat.png"}}  # the string form, recorded as the object
     assert sent == []
+
+
+def test_an_s3_object_gets_a_thumbnail_like_any_other_source(s3_server, ledger, tiny_detector):
+    settings = _settings(s3_server, thumbnail_max_side=32)
+    row, _ = _check(ledger, tiny_detector, settings, {"s3": f"s3://{BUCKET}/cat.png"})
+    assert row.status == "done", (row.error_code, row.error_message)
+    with ledger.session() as session:
+        thumbnail = reviews.get_thumbnail(session, row.image_sha256)
+    assert thumbnail is not None and thumbnail.data.startswith(b"\xff\xd8\xff")
+    assert max(thumbnail.width, thumbnail.height) == 32
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,10 @@ import os
 
 import typer
 
-from worker.cli import checks, deliveries, experiments, operations, versions
+from worker.cli import checks, deliveries, experiments, operations, versions, web
 
 app = typer.Typer(help="ITEM: detect AI-generated images by image-text misalignment.", no_args_is_help=True)
-for group in (checks, experiments, versions, deliveries, operations):
+for group in (checks, experiments, versions, deliveries, operations, web):
     app.add_typer(group.app)
 
 

@@ -133,18 +133,21 @@ def health(
 
 @app.command()
 def reconcile(as_json: JsonOpt = False) -> None:
-    """Fail checks every attempt of which died with its worker, and count those no worker moves (workers also run
-    this every ITEM_RECONCILE_INTERVAL_S, once per deployment)."""
+    """Fail checks every attempt of which died with its worker, count those no worker moves, and delete old
+    thumbnails and expired console sessions (workers also run this every ITEM_RECONCILE_INTERVAL_S, once per
+    deployment)."""
     from worker.ledger.store import Ledger
     from worker.reconciler import reconcile as reconcile_once
 
     settings = settings_from()
     result = reconcile_once(settings, Ledger(settings.database_url))
     if as_json:
-        print(json.dumps({"failed": result.failed, "stuck": result.stuck}))
+        purged = {"thumbnails_purged": result.thumbnails_purged, "sessions_purged": result.sessions_purged}
+        print(json.dumps({"failed": result.failed, "stuck": result.stuck, **purged}))
         return
     stuck = ", ".join(f"{count} {status}" for status, count in result.stuck.items() if count) or "none"
     out.print(f"failed {result.failed} abandoned checks (check.stuck); stuck, no worker moving them: {stuck}")
+    out.print(f"deleted {result.thumbnails_purged} old thumbnails, {result.sessions_purged} expired console sessions")
 
 
 @db_app.command("upgrade")

@@ -147,6 +147,7 @@ class CheckRow(Base):
         sa.Index(None, "image_sha256"),  # answering duplicate bytes from an earlier check
         sa.Index(None, "finished_at"),
         sa.Index(None, "rescore_of"),
+        sa.Index(None, "created_at", "id"),  # lists newest first, a page at a time (the API, the console)
         # Claiming a batch (see `Ledger.claim`): the queued checks, and the running ones (a lease that expired is
         # taken over), each of a version in claim order, then the time from which a row is claimable, so a claim
         # reads its first entries without sorting and skips a retry not due or a live lease inside the index.
@@ -229,3 +230,72 @@ class DeadLetterRow(Base):
     task: Mapped[str | None] = mapped_column(sa.String(255))
     content_type: Mapped[str | None] = mapped_column(sa.String(255))
     body: Mapped[str | None] = mapped_column(sa.Text)  # the raw body, cut at DEAD_LETTER_BODY_CHARS
+
+
+class ApiKeyRow(Base):
+    """A key of the HTTP API and console: its public id, what it may do, and a hash of its secret (never the
+    secret itself: `item keys create` prints that once)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)  # the key's public prefix, "k" + 12 hex
+    name: Mapped[str] = mapped_column(sa.String(128))
+    scopes: Mapped[list] = mapped_column(sa.JSON)  # of worker.web.keys.SCOPES
+    secret_sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ConsoleSessionRow(Base):
+    """A console sign-in: the cookie holds a random token, the ledger its hash, the key it was made with and
+    the form token (CSRF) of its forms. Revoking the key ends its sessions."""
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (sa.Index(None, "expires_at"),)
+
+    token_sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(sa.String(32), sa.ForeignKey("api_keys.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DecisionRow(Base):
+    """A moderator's decision on a check: every decision is kept (who, when); the latest one counts."""
+
+    __tablename__ = "decisions"
+    __table_args__ = (sa.Index(None, "check_id", "decided_at"), sa.Index(None, "decided_at"))
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
+    check_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("checks.id"))
+    label: Mapped[str] = mapped_column(sa.String(16))  # ai_generated | authentic | unsure
+    reviewer: Mapped[str] = mapped_column(sa.String(128))  # the name of the key that decided
+    key_id: Mapped[str | None] = mapped_column(sa.String(32))
+    note: Mapped[str | None] = mapped_column(sa.Text)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ThumbnailRow(Base):
+    """A small JPEG of a checked image, made by the worker that decoded it, so the console shows URL and S3
+    uploads without ever fetching an arbitrary URL itself. Kept for ITEM_THUMBNAIL_RETENTION_DAYS."""
+
+    __tablename__ = "thumbnails"
+    __table_args__ = (sa.Index(None, "created_at"),)
+
+    sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    width: Mapped[int] = mapped_column(sa.Integer)
+    height: Mapped[int] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WorkerRow(Base):
+    """A GPU loop's heartbeat: which version it serves and when it was last seen (the console's workers alive)."""
+
+    __tablename__ = "workers"
+
+    owner: Mapped[str] = mapped_column(sa.String(128), primary_key=True)  # host:pid, as in leases
+    pipeline_version_id: Mapped[str] = mapped_column(sa.String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

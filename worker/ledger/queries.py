@@ -46,6 +46,17 @@ def dialect_insert(session: Session, model: type) -> postgresql.Insert | sqlite.
     raise NotImplementedError(f"the ledger runs on PostgreSQL or SQLite, not {dialect}")
 
 
+def insert_many(session: Session, model: type, rows: list[dict]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING of many rows as one executemany: SQLAlchemy sends them as multi-row
+    VALUES pages of up to 1,000 (one statement for a batch) from one compiled, cached statement, where
+    `.values(rows)` would compile a new statement for every batch size. The RETURNING is what makes SQLAlchemy
+    page the rows (without it psycopg would send one INSERT per row)."""
+    if rows:
+        table = model.__table__
+        statement = dialect_insert(session, table).on_conflict_do_nothing().returning(*table.primary_key.columns)
+        session.connection().execute(statement, rows).all()
+
+
 def claim_rows(
     session: Session,
     model: type,

@@ -32,7 +32,7 @@ from worker.ledger.models import (
     new_id,
     utcnow,
 )
-from worker.ledger.queries import claim_rows, dialect_insert, fresh, in_chunks
+from worker.ledger.queries import claim_rows, dialect_insert, fresh, in_chunks, insert_many
 from worker.ledger.states import CheckStatus, Priority
 
 if TYPE_CHECKING:  # decoding imports Pillow and numpy: the client side reads the ledger without them
@@ -257,7 +257,7 @@ class Ledger:
                 .on_conflict_do_nothing(index_elements=["external_id", "pipeline_version_id"])
                 .returning(CheckRow.external_id)
             )
-            created.update(session.scalars(statement, values))  # one executemany: see `_insert_many`
+            created.update(session.scalars(statement, values))  # one executemany: see `insert_many`
             query = sa.select(CheckRow).where(
                 CheckRow.pipeline_version_id == pipeline_version_id,
                 CheckRow.external_id.in_([one.external_id for one in chunk]),
@@ -479,14 +479,21 @@ class Ledger:
         session: Session,
         *,
         status: str | None = None,
-        verdict: str | None = None,
+        verdict: str | list[str] | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
         external_id: str | None = None,
         pipeline_version_id: str | None = None,
+        p_fake_at_least: float | None = None,
+        p_fake_below: float | None = None,
+        after: tuple[datetime, str] | None = None,
         limit: int = 100,
     ) -> list[CheckRow]:
-        """Checks newest first; `since` is inclusive and `until` exclusive, both on created_at."""
+        """Checks newest first; `since` is inclusive and `until` exclusive, both on created_at.
+
+        `after` is a page's cursor: the (created_at, id) of the last check of the previous page, so a page is
+        an index range read however deep it is, and checks filed meanwhile never shift the pages.
+        """
         query = sa.select(CheckRow).order_by(CheckRow.created_at.desc(), CheckRow.id.desc()).limit(limit)
         if external_id is not None:
             query = query.where(CheckRow.external_id == external_id)
@@ -494,12 +501,23 @@ class Ledger:
             query = query.where(CheckRow.pipeline_version_id == pipeline_version_id)
         if status is not None:
             query = query.where(CheckRow.status == CheckStatus(status))  # ValueError names a bad status
-        if verdict is not None:
+        if isinstance(verdict, str):
             query = query.where(CheckRow.verdict == verdict)
+        elif verdict is not None:
+            query = query.where(CheckRow.verdict.in_(verdict))
         if since is not None:
             query = query.where(CheckRow.created_at >= since)
         if until is not None:
             query = query.where(CheckRow.created_at < until)
+        if p_fake_at_least is not None:
+            query = query.where(CheckRow.p_fake >= p_fake_at_least)
+        if p_fake_below is not None:
+            query = query.where(CheckRow.p_fake < p_fake_below)
+        if after is not None:
+            moment, check_id = after
+            query = query.where(
+                sa.or_(CheckRow.created_at < moment, sa.and_(CheckRow.created_at == moment, CheckRow.id < check_id))
+            )
         return list(session.scalars(fresh(query)))
 
     def count_by_status(self, session: Session) -> dict[str, int]:
@@ -663,14 +681,14 @@ class Ledger:
             }
             for image in images
         }
-        _insert_many(session, ImageRow, list(rows.values()))
+        insert_many(session, ImageRow, list(rows.values()))
 
     def put_blob(self, session: Session, sha256: str, data: bytes) -> None:
         self.put_blobs(session, {sha256: data})
 
     def put_blobs(self, session: Session, blobs: dict[str, bytes]) -> None:
         """Stores inline images by sha256, in one statement per IN_CHUNK of them; one already stored is kept."""
-        _insert_many(session, BlobRow, [{"sha256": sha256, "data": data} for sha256, data in blobs.items()])
+        insert_many(session, BlobRow, [{"sha256": sha256, "data": data} for sha256, data in blobs.items()])
 
     def get_blobs(self, session: Session, sha256s: list[str]) -> dict[str, bytes]:
         """The stored bytes of each of these blobs that exists, by sha256."""
@@ -711,18 +729,7 @@ class Ledger:
                 payload, vectors = codec.encode(kind, value)
                 key = {"sha256": sha256, "kind": kind, "version_hash": codec.version_hash(version)}
                 rows.append({**key, "version": version, "payload": payload, "vectors": vectors, "created_at": now})
-        _insert_many(session, ArtifactRow, rows)
-
-
-def _insert_many(session: Session, model: type, rows: list[dict]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING of many rows as one executemany: SQLAlchemy sends them as multi-row
-    VALUES pages of up to 1,000 (one statement for a batch) from one compiled, cached statement, where
-    `.values(rows)` would compile a new statement for every batch size. The RETURNING is what makes SQLAlchemy
-    page the rows (without it psycopg would send one INSERT per row)."""
-    if rows:
-        table = model.__table__
-        statement = dialect_insert(session, table).on_conflict_do_nothing().returning(*table.primary_key.columns)
-        session.connection().execute(statement, rows).all()
+        insert_many(session, ArtifactRow, rows)
 
 
 def _queued_check(now: datetime, **fields) -> dict:

@@ -26,6 +26,7 @@ from pipeline.core.imaging import (
     downscale,
     letterbox,
     sniff_format,
+    thumbnail_jpeg,
     to_rgb,
 )
 
@@ -388,3 +389,61 @@ def test_stage_boxes_map_to_the_original_and_back():
     assert whole == (0.0, 0.0, 3000.0, 2000.0)  # an edge box stays on the edge, exactly
     box = (10.5, 20.25, 400.0, 300.75)
     assert staged.from_original(staged.to_original(box)) == pytest.approx(box, abs=0.01)
+
+
+def _opened(jpeg: bytes) -> Image.Image:
+    assert jpeg.startswith(b"\xff\xd8\xff")  # a JPEG by its magic number, whatever Pillow would guess
+    image = Image.open(io.BytesIO(jpeg))
+    assert image.format == "JPEG" and image.mode == "RGB"
+    return image
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (768, 1024), (1000, 333), (3000, 2000), (5000, 3)])
+def test_thumbnail_brings_the_longer_side_to_the_limit_keeping_the_aspect(size):
+    jpeg, width, height = thumbnail_jpeg(quadrant_image(*size), 256)
+    factor = 256 / max(size)
+    assert (width, height) == (max(1, round(size[0] * factor)), max(1, round(size[1] * factor)))
+    assert max(width, height) == 256
+    assert _opened(jpeg).size == (width, height)
+
+
+def test_thumbnail_keeps_the_quadrants_where_they_were():
+    thumbnail = _opened(thumbnail_jpeg(quadrant_image(1200, 800), 256)[0])
+    width, height = thumbnail.size
+    for colour, (x, y) in zip(QUADRANTS, [(1, 1), (3, 1), (1, 3), (3, 3)], strict=True):
+        seen = thumbnail.getpixel((x * width // 4, y * height // 4))
+        assert max(abs(a - b) for a, b in zip(seen, colour, strict=True)) < 12, (colour, seen)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (256, 100), (1, 1)])
+def test_thumbnail_never_upscales(size):
+    jpeg, width, height = thumbnail_jpeg(quadrant_image(*size), 256)
+    assert (width, height) == size and _opened(jpeg).size == size
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "I;16"])
+def test_thumbnail_of_any_mode_is_an_rgb_jpeg(mode):
+    jpeg, width, height = thumbnail_jpeg(quadrant_image(400, 300).convert(mode), 100)
+    assert _opened(jpeg).size == (width, height) == (100, 75)
+
+
+def test_thumbnail_size_is_bounded_by_its_pixels_not_the_original():
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (2048, 2048, 3), dtype=np.uint8))
+    jpeg, width, height = thumbnail_jpeg(noise, 128)
+    assert (width, height) == (128, 128)
+    assert len(jpeg) < 128 * 128 * 3  # below the raw pixels even for noise, the worst case of JPEG
+
+
+def test_thumbnail_carries_no_metadata_of_the_upload():
+    exif = Image.Exif()
+    exif[0x010E] = "private description"
+    upload = encode(quadrant_image(600, 400), "JPEG", exif=exif.tobytes(), comment=b"private comment")
+    image = decode_image(upload).image
+    for max_side in (256, 1000):  # downscaled, and kept at its size
+        jpeg, _, _ = thumbnail_jpeg(image, max_side)
+        assert b"private" not in jpeg
+
+
+def test_thumbnail_needs_a_positive_side():
+    with pytest.raises(ValueError, match="max_side"):
+        thumbnail_jpeg(quadrant_image(), 0)

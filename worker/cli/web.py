@@ -1,0 +1,126 @@
+"""`item serve` and `item keys create | list | revoke`: the HTTP API and console, and the keys that open them."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from worker.cli.common import JsonOpt, err, fail, out, settings_from
+
+app = typer.Typer()
+keys_app = typer.Typer(help="Keys of the HTTP API and console: create, list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on [env ITEM_HTTP_ADDR].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env ITEM_HTTP_PORT].")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes (each with its own pool).")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "warning",
+) -> None:
+    """Serves the HTTP API (/v1, OpenAPI at /openapi.json) and the console (/console). Runs no model."""
+    import uvicorn
+
+    from worker.ledger import migrate
+
+    settings = settings_from(http_addr=host, http_port=port)
+    if not migrate.is_up_to_date(settings.database_url):
+        raise fail(RuntimeError("The ledger's schema is not this code's: run `item db upgrade` first."))
+    # The server processes read their settings from the environment, as every `item` process does.
+    os.environ["ITEM_HTTP_ADDR"], os.environ["ITEM_HTTP_PORT"] = settings.http_addr, str(settings.http_port)
+    err.print(f"serving on http://{settings.http_addr}:{settings.http_port} (console: /console, API: /v1, /docs)")
+    uvicorn.run(
+        "worker.web.app:app_from_environment",
+        factory=True,
+        host=settings.http_addr,
+        port=settings.http_port,
+        workers=workers,
+        log_level=log_level,
+        proxy_headers=False,  # a client's X-Forwarded-* is not trusted unless a proxy is configured to set them
+        server_header=False,
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="Who or what uses the key (shown in lists and decisions).")],
+    scope: Annotated[list[str], typer.Option("--scope", help="submit, read, review or admin (repeat for several).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Makes a key and prints it once: only its hash is stored."""
+    from worker.ledger.store import Ledger
+    from worker.web.keys import create_key
+
+    ledger = Ledger(settings_from().database_url)
+    try:
+        made = create_key(ledger, name, [part.strip() for value in scope for part in value.split(",") if part.strip()])
+    except Exception as error:  # a bad scope or name, or a ledger that is not migrated
+        raise fail(error) from None
+    finally:
+        ledger.dispose()
+    if as_json:
+        print(json.dumps({"key": made.key, "id": made.key_id, "name": made.name, "scopes": made.scopes}))
+        return
+    err.print(f"key {made.key_id} ({escape(made.name)}, scopes {', '.join(made.scopes)}); shown only this once:")
+    print(made.key)
+
+
+@keys_app.command("list")
+def keys_list(
+    all_keys: Annotated[bool, typer.Option("--all", help="Revoked keys too.")] = False, as_json: JsonOpt = False
+) -> None:
+    """Keys by id, name and scopes (never their secrets)."""
+    from worker.ledger import access
+    from worker.ledger.store import Ledger
+
+    ledger = Ledger(settings_from().database_url)
+    with ledger.session() as session:
+        rows = [_key_dict(row) for row in access.list_keys(session, include_revoked=all_keys)]
+    ledger.dispose()
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    if not rows:
+        err.print("no keys: `item keys create --scope read --name NAME`")
+        return
+    table = Table()
+    for column in ("id", "name", "scopes", "created", "last used", "revoked"):
+        table.add_column(column)
+    for row in rows:
+        times = [(row[key] or "")[:19].replace("T", " ") for key in ("created_at", "last_used_at", "revoked_at")]
+        table.add_row(row["id"], escape(row["name"]), ", ".join(row["scopes"]), *times)
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="A key's id (k...), or a name: every live key of that name.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Revokes keys at once for new sign-ins and sessions; servers stop accepting them within 5 seconds."""
+    from worker.ledger import access
+    from worker.ledger.store import Ledger
+
+    ledger = Ledger(settings_from().database_url)
+    with ledger.session() as session:
+        revoked = [_key_dict(row) for row in access.revoke_key(session, key)]
+    ledger.dispose()
+    if as_json:
+        print(json.dumps({"revoked": revoked}))
+    elif revoked:
+        err.print(f"revoked {', '.join(row['id'] for row in revoked)}")
+    if not revoked:
+        err.print(f"no live key has the id or name {escape(key)!r}")
+        raise typer.Exit(1)
+
+
+def _key_dict(row) -> dict:
+    times = {name: getattr(row, name) for name in ("created_at", "last_used_at", "revoked_at")}
+    return {"id": row.id, "name": row.name, "scopes": row.scopes, **{k: v and v.isoformat() for k, v in times.items()}}

@@ -1,0 +1,226 @@
+"""The versioned JSON API: file checks through the intake, read them back a page at a time.
+
+`POST /v1/checks` is the HTTP form of the `item.check` task: the same arguments (less `path`: a file on the
+server is no business of an HTTP client), the same idempotency on (external_id, active version), the same
+stable error codes. It runs no model and answers in milliseconds; workers claim the row from the ledger.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.core.errors import ItemError
+from worker.intake import MAX_EXTERNAL_ID, CheckRequest
+from worker.ledger.states import CheckStatus
+from worker.ledger.views import check_dict, shown_target
+from worker.web.auth import requires
+from worker.web.errors import ErrorBody, HttpError, error_json
+from worker.web.keys import Principal
+
+MAX_PAGE = 200
+
+router = APIRouter(prefix="/v1", tags=["checks"])
+_ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
+
+
+class S3Object(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bucket: str = Field(max_length=63)
+    key: str = Field(max_length=1024)
+
+
+class UrlImage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=8192, description="An http(s) URL the worker fetches (never a private address).")
+
+
+class InlineImage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    b64: str = Field(description="The image's bytes in base64, at most ITEM_MAX_B64_BYTES decoded.")
+
+
+class S3Image(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    s3: S3Object | str = Field(description='{"bucket", "key"} or "s3://bucket/key".')
+
+
+ImageIn = UrlImage | InlineImage | S3Image  # exactly one source: a second one is an extra field
+
+
+class CheckIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    external_id: str = Field(min_length=1, max_length=MAX_EXTERNAL_ID, description="The platform's id of the upload.")
+    image: ImageIn
+    callback_url: str | None = Field(None, max_length=2048, description="Where the signed result is POSTed.")
+
+
+class ObjectOut(BaseModel):
+    phrase: str
+    box: list[float]
+    score: float | None = None
+    misalignment: float | None = None
+
+
+class CheckOut(BaseModel):
+    id: str
+    external_id: str
+    status: Literal["queued", "running", "done", "rejected", "failed"]
+    created: bool | None = Field(None, description="On submission: false when this upload was already filed.")
+    attempts: int
+    error_code: str | None
+    error_message: str | None
+    p_fake: float | None
+    verdict: str | None
+    threshold: float | None
+    caption: str | None
+    objects: list[ObjectOut] | None
+    object_count: int | None
+    image_sha256: str | None
+    pipeline_version_id: str
+    timings_ms: dict[str, float] | None
+    rescore_of: str | None
+    callback_url: str | None = Field(description="Without its query string, which may hold a token.")
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+
+
+class CheckPage(BaseModel):
+    items: list[CheckOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class RejectedOut(ErrorBody):
+    check: CheckOut
+
+
+class VersionOut(BaseModel):
+    id: str
+    profile: str
+    caption: str
+    ground: str
+    embed: str
+    head: str
+    created_at: str
+    activated_at: str | None
+    active: bool
+
+
+def check_out(row, created: bool | None = None) -> dict:
+    body = check_dict(row)
+    body["status"] = str(body["status"])
+    body["created"] = created
+    if body["callback_url"]:
+        body["callback_url"] = shown_target(body["callback_url"])
+    return body
+
+
+@router.post(
+    "/checks",
+    status_code=202,
+    response_model=CheckOut,
+    responses={
+        200: {"model": CheckOut, "description": "Already filed under the active version: that check."},
+        413: {"model": ErrorBody},
+        422: {"model": RejectedOut | ErrorBody, "description": "Malformed, or filed and rejected at once."},
+        503: {"model": ErrorBody},
+        **_ERRORS,
+    },
+)
+def submit_check(
+    body: CheckIn, request: Request, response: Response, who: Principal = Depends(requires("submit"))
+) -> dict | Response:
+    """Files a check of an image for the workers; idempotent on (external_id, active version)."""
+    image = body.image.model_dump(exclude_none=True)
+    request_ = CheckRequest(body.external_id, image, body.callback_url)
+    try:
+        filed = request.app.state.web.intake.file([request_])[0]
+    except ItemError as error:  # no version registered yet: nothing can be filed
+        raise HttpError(503, error.code, error.message) from None
+    checked = check_out(filed.check, filed.created)
+    if filed.check.status == CheckStatus.rejected:
+        code, message = filed.check.error_code, filed.check.error_message
+        return error_json(422, code, message, check=checked)
+    if not filed.created:
+        response.status_code = 200
+    return checked
+
+
+@router.get("/checks/{check_id}", response_model=CheckOut, responses={404: {"model": ErrorBody}, **_ERRORS})
+def get_check(check_id: str, request: Request, who: Principal = Depends(requires("read"))) -> dict:
+    web = request.app.state.web
+    with web.ledger.session() as session:
+        row = web.ledger.get_check(session, check_id) if len(check_id) <= 36 else None
+        if row is None:
+            raise HttpError(404, "check.not_found", "No check has that id.")
+        return check_out(row)
+
+
+@router.get("/checks", response_model=CheckPage, responses={422: {"model": ErrorBody}, **_ERRORS})
+def list_checks(
+    request: Request,
+    who: Annotated[Principal, Depends(requires("read"))],
+    external_id: Annotated[str | None, Query(max_length=MAX_EXTERNAL_ID)] = None,
+    status: CheckStatus | None = None,
+    verdict: Annotated[str | None, Query(max_length=16)] = None,
+    since: Annotated[datetime | None, Query(description="Filed at or after (ISO 8601; UTC if no zone).")] = None,
+    until: Annotated[datetime | None, Query(description="Filed before.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> dict:
+    """Checks newest first, `limit` at a time; follow `next_cursor` for the next page."""
+    web = request.app.state.web
+    filters = {"external_id": external_id, "verdict": verdict, "since": _utc(since), "until": _utc(until)}
+    with web.ledger.session() as session:
+        rows = web.ledger.list_checks(
+            session, status=status.value if status else None, after=decode_cursor(cursor), limit=limit + 1, **filters
+        )
+        page = [check_out(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return {"items": page, "next_cursor": encode_cursor(rows[limit - 1]) if more else None}
+
+
+@router.get("/versions", response_model=list[VersionOut], tags=["versions"], responses=_ERRORS)
+def list_versions(request: Request, who: Principal = Depends(requires("read"))) -> list[dict]:
+    web = request.app.state.web
+    with web.ledger.session() as session:
+        active = web.ledger.active_version(session)
+        return [_version_out(row, active is not None and row.id == active.id) for row in web.ledger.versions(session)]
+
+
+def _version_out(row, active: bool) -> dict:
+    stages = {name: getattr(row, name) for name in ("id", "profile", "caption", "ground", "embed", "head")}
+    times = {"created_at": row.created_at.isoformat(), "activated_at": _iso(row.activated_at)}
+    return {**stages, **times, "active": active}
+
+
+def encode_cursor(row) -> str:
+    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    if cursor is None:
+        return None
+    try:
+        moment, check_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return _utc(datetime.fromisoformat(moment)), str(check_id)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise HttpError(422, "cursor.invalid", "That cursor is not one this API gave out.") from None
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None

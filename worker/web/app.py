@@ -1,0 +1,206 @@
+"""`item serve`'s application: the API under /v1, the console under /console, health and metrics.
+
+Three thin ASGI layers wrap every request, cheapest first: a cap on the body's size (checked against the
+declared length, and again while the body streams in), security headers (a Content-Security-Policy that allows
+nothing but this origin's own files), and metrics by route template.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from worker import metrics
+from worker.intake import Intake
+from worker.ledger.store import Ledger
+from worker.settings import Settings
+from worker.web import api, console
+from worker.web.auth import requires
+from worker.web.errors import HttpError, http_error, invalid_request
+from worker.web.keys import Authenticator
+
+HERE = Path(__file__).parent
+BODY_MARGIN = 64 * 1024  # JSON around the base64 of the largest inline image
+CSP = (
+    "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", CSP.encode()),
+]
+
+
+@dataclass
+class WebState:
+    settings: Settings
+    ledger: Ledger
+    keys: Authenticator
+    intake: Intake
+
+
+def create_app(settings: Settings) -> FastAPI:
+    ledger = Ledger(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        ledger.dispose()
+
+    app = FastAPI(
+        title="ITEM moderation API",
+        version="1",
+        summary="File image checks for AI-generation detection and read their results.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.web = WebState(settings, ledger, Authenticator(ledger), Intake(settings, ledger))
+    app.add_exception_handler(HttpError, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(console.SignInRequired, console.sign_in_redirect)
+    app.add_exception_handler(console.Forbidden, console.forbidden_page)
+    app.include_router(api.router)
+    app.include_router(console.router)
+    app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="static")
+    _add_service_routes(app)
+    app.add_middleware(Measured)
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyCap, limit=body_limit(settings))
+    return app
+
+
+def body_limit(settings: Settings) -> int:
+    return (settings.max_b64_bytes * 4) // 3 + BODY_MARGIN
+
+
+def _add_service_routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    def home() -> Response:
+        return RedirectResponse("/console", status_code=303)
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict:
+        """The process answers (no dependency is probed: for a liveness probe)."""
+        return {"ok": True}
+
+    @app.get("/readyz", tags=["service"], responses={503: {"description": "The ledger is unreachable or behind."}})
+    def readyz(request: Request) -> Response:
+        """The ledger answers and its schema is the one this code expects (for a readiness probe)."""
+        from worker.health import check_health
+
+        settings = request.app.state.web.settings
+        report = check_health(settings.model_copy(update={"broker_url": None}), probes=("database", "migrations"))
+        return JSONResponse(report, status_code=200 if report["ok"] else 503)
+
+    @app.get("/metrics", tags=["service"], response_class=Response, dependencies=[Depends(requires("read"))])
+    def metrics_text() -> Response:
+        """Prometheus metrics of this process (a `read` key: Prometheus sends it as a bearer token)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+class BodyCap:
+    """413 for a body over `limit` bytes, before it is read into memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _too_large(self.limit, send)
+        seen, exceeded = 0, False
+
+        async def counted():
+            nonlocal seen, exceeded
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                exceeded = True
+                raise _BodyTooLarge()
+            return message
+
+        async def unless_exceeded(message):
+            if not exceeded:  # the framework answers a body it could not read with its own error: ours goes instead
+                await send(message)
+
+        try:
+            await self.app(scope, counted, unless_exceeded)
+        except _BodyTooLarge:
+            pass
+        if exceeded:
+            await _too_large(self.limit, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(limit: int, send) -> None:
+    response = JSONResponse(
+        {"error": {"code": "request.too_large", "message": f"The request body is over {limit:,} bytes."}},
+        status_code=413,
+    )
+    await response({"type": "http"}, None, send)
+
+
+class SecurityHeaders:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+                if scope.get("scheme") == "https":
+                    message["headers"].append((b"strict-transport-security", b"max-age=31536000"))
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class Measured:
+    """Counts and times requests by route template: a label never holds a check id or a query."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def noting(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status[0])).inc()
+            metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
+
+
+def app_from_environment() -> FastAPI:
+    """The factory `item serve` hands uvicorn: each server process builds its app from ITEM_* settings."""
+    from worker.settings import load_settings
+
+    return create_app(load_settings())
