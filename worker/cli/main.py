@@ -11,10 +11,10 @@ import os
 
 import typer
 
-from worker.cli import checks, deliveries, experiments, operations, versions, web
+from worker.cli import checks, deliveries, experiments, labels, operations, versions, web
 
 app = typer.Typer(help="ITEM: detect AI-generated images by image-text misalignment.", no_args_is_help=True)
-for group in (checks, experiments, versions, deliveries, operations, web):
+for group in (checks, experiments, versions, deliveries, operations, web, labels):
     app.add_typer(group.app)
 
 

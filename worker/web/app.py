@@ -8,7 +8,7 @@ nothing but this origin's own files), and metrics by route template.
 from __future__ import annotations
 
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,10 +137,8 @@ class BodyCap:
             if not exceeded:  # the framework answers a body it could not read with its own error: ours goes instead
                 await send(message)
 
-        try:
+        with suppress(_BodyTooLarge):
             await self.app(scope, counted, unless_exceeded)
-        except _BodyTooLarge:
-            pass
         if exceeded:
             await _too_large(self.limit, send)
 
