@@ -85,7 +85,7 @@ def rows_of(manifest: Path) -> dict[str, dict]:
         return {row["external_id"]: row for row in csv.DictReader(handle)}
 
 
-def test_decisions_become_a_manifest_that_train_reads(ledger, images, served, tmp_path):
+def test_decisions_become_a_manifest_of_labelled_files(ledger, images, served, tmp_path):
     desk = Desk(ledger)
     fake = desk.blob("post-fake", JPEG, p_fake=0.97)
     real = desk.blob("post-real", PNG, p_fake=0.03)
@@ -257,10 +257,12 @@ def test_item_labels_export(ledger, images, tmp_path):
 
 @pytest.mark.slow
 def test_item_train_accepts_the_exported_manifest(ledger, env, tmp_path):  # noqa: F811
+    if ledger.engine.dialect.name != "sqlite":
+        pytest.skip("training reads only the files: once, on one database, is enough")
     desk = Desk(ledger)
     for i in range(4):  # two visibly different families, as the lab's synthetic benchmark makes them
-        desk.decide(desk.blob(f"post-real-{i}", encode(make_image("real", i))), "authentic")
-        desk.decide(desk.blob(f"post-fake-{i}", encode(make_image("fake", i), "JPEG")), "ai_generated")
+        desk.decide(desk.blob(f"post-real-{i}", encode(make_image("smooth", i))), "authentic")
+        desk.decide(desk.blob(f"post-fake-{i}", encode(make_image("patterned", i), "JPEG")), "ai_generated")
     report = export_labels(settings_for(ledger), ledger, tmp_path / "export")
     assert (report.real, report.fake, report.failed) == (4, 4, 0)
 
