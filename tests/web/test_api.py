@@ -226,3 +226,37 @@ def test_security_headers_on_every_answer(client, served):
     for answer in (client.get("/healthz"), client.get("/v1/versions")):
         assert "default-src 'none'" in answer.headers["content-security-policy"]
         assert answer.headers["x-content-type-options"] == "nosniff"
+
+
+def test_concurrent_submissions_share_transactions_and_lose_nothing(client, served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # given 200 submissions at once, every fifth a repeat of an earlier external id
+    bodies = [{"external_id": f"burst-{i - i % 5 if i % 5 == 4 else i}", "image": {"url": f"https://e.com/{i}"}}
+              for i in range(200)]  # fmt: skip
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda b: client.post("/v1/checks", json=b, headers=served.headers("submit")), bodies))
+    ids = {body["external_id"] for body in bodies}
+    assert {answer.status_code for answer in answers} <= {200, 202}
+    assert sum(answer.status_code == 202 for answer in answers) == len(ids)
+    with served.ledger.session() as session:
+        rows = served.ledger.list_checks(session, limit=1000)
+    assert sorted(row.external_id for row in rows) == sorted(ids)
+    by_external = {row.external_id: row.id for row in rows}
+    assert all(answer.json()["id"] == by_external[body["external_id"]] for answer, body in zip(answers, bodies))
+
+
+def test_an_unreachable_ledger_is_503_and_the_server_stays_up(served):
+    from fastapi.testclient import TestClient
+
+    from worker.web.app import create_app
+
+    dead = served.settings.model_copy(update={"database_url": "postgresql+psycopg://postgres@127.0.0.1:1/none"})
+    with TestClient(create_app(dead)) as down:
+        body = {"external_id": "e", "image": {"url": "https://a.example/x"}}
+        assert _error(down.post("/v1/checks", json=body, headers=served.headers("submit"))) == (
+            503,
+            "ledger.unavailable",
+        )
+        assert _error(down.get("/v1/versions", headers=served.headers("read"))) == (503, "ledger.unavailable")
+        assert down.get("/healthz").status_code == 200 and down.get("/readyz").status_code == 503

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipeline.core.errors import ItemError
 from worker.intake import MAX_EXTERNAL_ID, CheckRequest
@@ -134,16 +135,17 @@ def check_out(row, created: bool | None = None) -> dict:
         **_ERRORS,
     },
 )
-def submit_check(
+async def submit_check(
     body: CheckIn, request: Request, response: Response, who: Principal = Depends(requires("submit"))
 ) -> dict | Response:
     """Files a check of an image for the workers; idempotent on (external_id, active version)."""
     image = body.image.model_dump(exclude_none=True)
-    request_ = CheckRequest(body.external_id, image, body.callback_url)
     try:
-        filed = request.app.state.web.intake.file([request_])[0]
+        filed = await request.app.state.web.filer.file(CheckRequest(body.external_id, image, body.callback_url))
     except ItemError as error:  # no version registered yet: nothing can be filed
         raise HttpError(503, error.code, error.message) from None
+    except (OperationalError, InterfaceError):
+        raise HttpError(503, "ledger.unavailable", "The ledger cannot be reached; nothing was filed. Retry.") from None
     checked = check_out(filed.check, filed.created)
     if filed.check.status == CheckStatus.rejected:
         code, message = filed.check.error_code, filed.check.error_message

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker import metrics
 from worker.intake import Intake
@@ -23,7 +24,8 @@ from worker.ledger.store import Ledger
 from worker.settings import Settings
 from worker.web import api, console
 from worker.web.auth import requires
-from worker.web.errors import HttpError, http_error, invalid_request
+from worker.web.errors import HttpError, http_error, invalid_request, ledger_unavailable
+from worker.web.filing import GroupFiler
 from worker.web.keys import Authenticator
 
 HERE = Path(__file__).parent
@@ -46,6 +48,7 @@ class WebState:
     ledger: Ledger
     keys: Authenticator
     intake: Intake
+    filer: GroupFiler | None = None  # started with the app (its thread belongs to the serving process)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -53,7 +56,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        web = app.state.web
+        web.filer = GroupFiler(web.intake)
         yield
+        web.filer.stop()
         ledger.dispose()
 
     app = FastAPI(
@@ -66,6 +72,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.web = WebState(settings, ledger, Authenticator(ledger), Intake(settings, ledger))
     app.add_exception_handler(HttpError, http_error)
+    for broken in (OperationalError, InterfaceError):
+        app.add_exception_handler(broken, ledger_unavailable)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(console.SignInRequired, console.sign_in_redirect)
     app.add_exception_handler(console.Forbidden, console.forbidden_page)

@@ -36,6 +36,11 @@ async def http_error(request: Request, error: HttpError) -> JSONResponse:
     return error_json(error.status, error.code, error.message, error.headers)
 
 
+async def ledger_unavailable(request: Request, error: Exception) -> JSONResponse:
+    """The database is down or the link broke: a retry later can succeed, and nothing was half done."""
+    return error_json(503, "ledger.unavailable", "The ledger cannot be reached; nothing was changed. Retry.")
+
+
 # Where a malformed body's first problem lies → the code the same problem gets from the Celery intake.
 _CODE_BY_FIELD = {
     "external_id": "message.no_external_id",
