@@ -24,6 +24,8 @@ def checked_callback_url(url: str | None) -> str | None:
         return None
     if not isinstance(url, str) or not url:
         raise CallbackError("The callback URL must be a non-empty string.")
+    if "\x00" in url:
+        raise CallbackError("The callback URL holds a NUL character.")
     if len(url) > MAX_CALLBACK_URL:
         raise CallbackError(f"The callback URL is {len(url):,} characters long; the limit is {MAX_CALLBACK_URL:,}.")
     try:

@@ -189,6 +189,8 @@ def _external_id_problem(external_id: Any) -> str | None:
         return f"`external_id` must be a string; got {type(external_id).__name__}."
     if not external_id.strip():
         return "`external_id` is empty."
+    if "\x00" in external_id:
+        return "`external_id` holds a NUL character."
     if len(external_id) > MAX_EXTERNAL_ID:
         return f"`external_id` is {len(external_id):,} characters; the limit is {MAX_EXTERNAL_ID}."
     return None

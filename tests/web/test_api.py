@@ -243,7 +243,9 @@ def test_concurrent_submissions_share_transactions_and_lose_nothing(client, serv
         rows = served.ledger.list_checks(session, limit=1000)
     assert sorted(row.external_id for row in rows) == sorted(ids)
     by_external = {row.external_id: row.id for row in rows}
-    assert all(answer.json()["id"] == by_external[body["external_id"]] for answer, body in zip(answers, bodies))
+    assert all(
+        answer.json()["id"] == by_external[body["external_id"]] for answer, body in zip(answers, bodies, strict=True)
+    )
 
 
 def test_an_unreachable_ledger_is_503_and_the_server_stays_up(served):
@@ -260,3 +262,13 @@ def test_an_unreachable_ledger_is_503_and_the_server_stays_up(served):
         )
         assert _error(down.get("/v1/versions", headers=served.headers("read"))) == (503, "ledger.unavailable")
         assert down.get("/healthz").status_code == 200 and down.get("/readyz").status_code == 503
+
+
+def test_nul_characters_are_refused_with_a_code_not_a_database_error(client, served):
+    headers = served.headers("submit") | served.headers("admin")
+    nul_id = {"external_id": "a\x00b", "image": {"url": "https://a.example/x"}}
+    assert _error(client.post("/v1/checks", json=nul_id, headers=headers)) == (422, "message.no_external_id")
+    nul_url = {"external_id": "ok", "image": {"url": "https://a.example/\x00"}}
+    assert _error(client.post("/v1/checks", json=nul_url, headers=headers)) == (422, "source.invalid")
+    assert _error(client.get("/v1/checks", params={"verdict": "\x00"}, headers=headers)) == (422, "request.invalid")
+    assert _error(client.get("/v1/checks/%00", headers=headers)) == (422, "request.invalid")

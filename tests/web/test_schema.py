@@ -7,6 +7,9 @@ this pytest), with every one of schemathesis' checks.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
@@ -40,3 +43,8 @@ def test_the_description_declares_bearer_keys(client):
     assert "HTTPBearer" in described["components"]["securitySchemes"]
     secured = described["paths"]["/v1/checks"]["post"]["security"]
     assert secured == [{"HTTPBearer": []}]
+
+
+def test_the_description_in_docs_is_the_served_one(client):
+    checked_in = json.loads((Path(__file__).parents[2] / "docs" / "openapi.json").read_text())
+    assert checked_in == client.get("/openapi.json").json(), "run: python -m worker.web.openapi > docs/openapi.json"

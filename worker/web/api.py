@@ -13,7 +13,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -26,6 +26,7 @@ from worker.web.errors import ErrorBody, HttpError, error_json
 from worker.web.keys import Principal
 
 MAX_PAGE = 200
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refused here with a code, not as a database error
 
 router = APIRouter(prefix="/v1", tags=["checks"])
 _ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
@@ -33,13 +34,15 @@ _ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
 
 class S3Object(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    bucket: str = Field(max_length=63)
-    key: str = Field(max_length=1024)
+    bucket: str = Field(max_length=63, pattern=NO_NUL)
+    key: str = Field(max_length=1024, pattern=NO_NUL)
 
 
 class UrlImage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: str = Field(max_length=8192, description="An http(s) URL the worker fetches (never a private address).")
+    url: str = Field(
+        max_length=8192, pattern=NO_NUL, description="An http(s) URL the worker fetches (never a private address)."
+    )
 
 
 class InlineImage(BaseModel):
@@ -49,7 +52,7 @@ class InlineImage(BaseModel):
 
 class S3Image(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    s3: S3Object | str = Field(description='{"bucket", "key"} or "s3://bucket/key".')
+    s3: S3Object | Annotated[str, Field(pattern=NO_NUL)] = Field(description='{"bucket", "key"} or "s3://bucket/key".')
 
 
 ImageIn = UrlImage | InlineImage | S3Image  # exactly one source: a second one is an extra field
@@ -57,9 +60,13 @@ ImageIn = UrlImage | InlineImage | S3Image  # exactly one source: a second one i
 
 class CheckIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    external_id: str = Field(min_length=1, max_length=MAX_EXTERNAL_ID, description="The platform's id of the upload.")
+    external_id: str = Field(
+        min_length=1, max_length=MAX_EXTERNAL_ID, pattern=NO_NUL, description="The platform's id of the upload."
+    )
     image: ImageIn
-    callback_url: str | None = Field(None, max_length=2048, description="Where the signed result is POSTed.")
+    callback_url: str | None = Field(
+        None, max_length=2048, pattern=NO_NUL, description="Where the signed result is POSTed."
+    )
 
 
 class ObjectOut(BaseModel):
@@ -156,7 +163,9 @@ async def submit_check(
 
 
 @router.get("/checks/{check_id}", response_model=CheckOut, responses={404: {"model": ErrorBody}, **_ERRORS})
-def get_check(check_id: str, request: Request, who: Principal = Depends(requires("read"))) -> dict:
+def get_check(
+    check_id: Annotated[str, Path(pattern=NO_NUL)], request: Request, who: Principal = Depends(requires("read"))
+) -> dict:
     web = request.app.state.web
     with web.ledger.session() as session:
         row = web.ledger.get_check(session, check_id) if len(check_id) <= 36 else None
@@ -169,9 +178,9 @@ def get_check(check_id: str, request: Request, who: Principal = Depends(requires
 def list_checks(
     request: Request,
     who: Annotated[Principal, Depends(requires("read"))],
-    external_id: Annotated[str | None, Query(max_length=MAX_EXTERNAL_ID)] = None,
+    external_id: Annotated[str | None, Query(max_length=MAX_EXTERNAL_ID, pattern=NO_NUL)] = None,
     status: CheckStatus | None = None,
-    verdict: Annotated[str | None, Query(max_length=16)] = None,
+    verdict: Annotated[str | None, Query(max_length=16, pattern=NO_NUL)] = None,
     since: Annotated[datetime | None, Query(description="Filed at or after (ISO 8601; UTC if no zone).")] = None,
     until: Annotated[datetime | None, Query(description="Filed before.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,

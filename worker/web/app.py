@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
 from worker import metrics
 from worker.intake import Intake
@@ -24,7 +24,7 @@ from worker.ledger.store import Ledger
 from worker.settings import Settings
 from worker.web import api, console
 from worker.web.auth import requires
-from worker.web.errors import HttpError, http_error, invalid_request, ledger_unavailable
+from worker.web.errors import HttpError, http_error, invalid_request, ledger_unavailable, unstorable
 from worker.web.filing import GroupFiler
 from worker.web.keys import Authenticator
 
@@ -74,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(HttpError, http_error)
     for broken in (OperationalError, InterfaceError):
         app.add_exception_handler(broken, ledger_unavailable)
+    app.add_exception_handler(DataError, unstorable)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(console.SignInRequired, console.sign_in_redirect)
     app.add_exception_handler(console.Forbidden, console.forbidden_page)

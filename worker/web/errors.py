@@ -41,6 +41,11 @@ async def ledger_unavailable(request: Request, error: Exception) -> JSONResponse
     return error_json(503, "ledger.unavailable", "The ledger cannot be reached; nothing was changed. Retry.")
 
 
+async def unstorable(request: Request, error: Exception) -> JSONResponse:
+    """A value the database cannot hold or compare (a NUL character, say) that got past the checks above."""
+    return error_json(422, "request.invalid", "The request holds a value the ledger cannot store or compare.")
+
+
 # Where a malformed body's first problem lies → the code the same problem gets from the Celery intake.
 _CODE_BY_FIELD = {
     "external_id": "message.no_external_id",

@@ -15,9 +15,13 @@ import logging
 import threading
 from concurrent.futures import Future
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from pipeline.core.errors import ItemError
 from worker.intake import CheckRequest, Filed, Intake
 
 log = logging.getLogger("item.web")
+BROKEN_LEDGER = (OperationalError, InterfaceError, ItemError)  # the same for every request: no use filing singly
 MAX_BATCH = 128  # requests per transaction: a few milliseconds of ledger work, whatever the arrival rate
 
 
@@ -60,6 +64,10 @@ class GroupFiler:
         try:
             filed = self.intake.file([request for request, _ in batch])
         except Exception as error:  # the ledger, or no version: each request answers with it
+            if len(batch) > 1 and not isinstance(error, BROKEN_LEDGER):
+                for one in batch:  # one poisonous request must not fail the others: each on its own
+                    self._file([one])
+                return
             log.warning("filing %d checks failed: %s", len(batch), type(error).__name__)
             for _, future in batch:
                 future.set_exception(error)
