@@ -12,6 +12,9 @@ from rich.table import Table
 
 from worker.cli.common import JsonOpt, err, fail, out, settings_from
 
+LIMIT_CONCURRENCY = 1024  # connections and requests a server process holds at once; beyond, 503 at once
+KEEP_ALIVE_S = 5  # an idle connection is closed after this
+
 app = typer.Typer()
 keys_app = typer.Typer(help="Keys of the HTTP API and console: create, list, revoke.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -23,6 +26,10 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port [env ITEM_HTTP_PORT].")] = None,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Server processes (each with its own pool).")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "warning",
+    proxy: Annotated[
+        str | None,
+        typer.Option(help="Address(es) of a TLS proxy in front, whose X-Forwarded-Proto/For are trusted (comma list)."),
+    ] = None,
 ) -> None:
     """Serves the HTTP API (/v1, OpenAPI at /openapi.json) and the console (/console). Runs no model."""
     import uvicorn
@@ -34,6 +41,8 @@ def serve(
         raise fail(RuntimeError("The ledger's schema is not this code's: run `item db upgrade` first."))
     # The server processes read their settings from the environment, as every `item` process does.
     os.environ["ITEM_HTTP_ADDR"], os.environ["ITEM_HTTP_PORT"] = settings.http_addr, str(settings.http_port)
+    if workers > 1:
+        _share_metrics()
     err.print(f"serving on http://{settings.http_addr}:{settings.http_port} (console: /console, API: /v1, /docs)")
     uvicorn.run(
         "worker.web.app:app_from_environment",
@@ -42,9 +51,23 @@ def serve(
         port=settings.http_port,
         workers=workers,
         log_level=log_level,
-        proxy_headers=False,  # a client's X-Forwarded-* is not trusted unless a proxy is configured to set them
+        # A client's X-Forwarded-* is trusted only from the named proxy: then the console sees https, and its
+        # session cookie is Secure.
+        proxy_headers=proxy is not None,
+        forwarded_allow_ips=proxy,
         server_header=False,
+        limit_concurrency=LIMIT_CONCURRENCY,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
+
+
+def _share_metrics() -> None:
+    """Several server processes: each writes its samples to files that any of them sums at /metrics, so a
+    scrape sees the whole server whichever process answers it (prometheus_client's multiprocess mode)."""
+    import tempfile
+
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="item-serve-metrics-")
 
 
 @keys_app.command("create")

@@ -153,6 +153,8 @@ async def submit_check(
         raise HttpError(503, error.code, error.message) from None
     except (OperationalError, InterfaceError):
         raise HttpError(503, "ledger.unavailable", "The ledger cannot be reached; nothing was filed. Retry.") from None
+    except TimeoutError:  # it may still commit: a retry finds it, since filing is idempotent
+        raise HttpError(503, "ledger.timeout", "The ledger did not answer in time. Retry.") from None
     checked = check_out(filed.check, filed.created)
     if filed.check.status == CheckStatus.rejected:
         code, message = filed.check.error_code, filed.check.error_message

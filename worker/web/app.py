@@ -7,6 +7,7 @@ nothing but this origin's own files), and metrics by route template.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -114,9 +115,14 @@ def _add_service_routes(app: FastAPI) -> None:
     @app.get("/metrics", tags=["service"], response_class=Response, dependencies=[Depends(requires("read"))])
     def metrics_text() -> Response:
         """Prometheus metrics of this process (a `read` key: Prometheus sends it as a bearer token)."""
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
 
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        registry = REGISTRY
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # `item serve --workers N`: every process's samples
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class BodyCap:

@@ -23,6 +23,7 @@ from worker.intake import CheckRequest, Filed, Intake
 log = logging.getLogger("item.web")
 BROKEN_LEDGER = (OperationalError, InterfaceError, ItemError)  # the same for every request: no use filing singly
 MAX_BATCH = 128  # requests per transaction: a few milliseconds of ledger work, whatever the arrival rate
+FILE_TIMEOUT_S = 30.0  # a request waits no longer for its commit; a retry is safe (filing is idempotent)
 
 
 class GroupFiler:
@@ -42,7 +43,7 @@ class GroupFiler:
                 raise RuntimeError("the server is stopping")
             self._waiting.append((request, future))
             self._ready.notify()
-        return await asyncio.wrap_future(future)
+        return await asyncio.wait_for(asyncio.wrap_future(future), FILE_TIMEOUT_S)
 
     def stop(self) -> None:
         with self._ready:
