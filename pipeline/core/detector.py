@@ -5,8 +5,11 @@ Each step runs only for the images whose artifact for it is missing, so a caller
 keyed by `artifact_versions`, which chain each stage's version to the ones it consumed: a new captioner
 invalidates boxes and embeddings too, a new CLIP keeps captions and boxes.
 
-Before any stage looks at an image, the image is downscaled once to `max_side` (see there); stages work in the
-pixels of that copy, and results report boxes in the original's.
+Before any stage looks at an image, the head's input transform (what its training images went through, such
+as a JPEG re-encoding) is applied, and the image is downscaled once to `max_side` (see there); stages work in
+the pixels of that copy, and results report boxes in the original's. The transform and the code rules the
+features depend on (the phrase chunker, the no-object rule) are part of the artifacts' keys, and a head records
+the rules it was trained with: a change to any of them is never a silent reuse of stored artifacts.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import torch
 
 from pipeline.core import misalignment as eq
 from pipeline.core.devices import resolve_device
+from pipeline.core.errors import HeadError
 from pipeline.core.head import Head, HeadMetadata
 from pipeline.core.imaging import DecodedImage, StageImage, downscale
 from pipeline.core.model_store import ModelStore
-from pipeline.core.phrases import object_phrases
+from pipeline.core.phrases import PHRASES_VERSION, object_phrases
 from pipeline.core.profiles import Profile
 from pipeline.core.results import (
     Analysis,
@@ -40,8 +44,10 @@ from pipeline.core.stages.base import Stage
 from pipeline.core.stages.caption import Captioner
 from pipeline.core.stages.embed import Embedder
 from pipeline.core.stages.ground import make_grounder
+from pipeline.core.transforms import IDENTITY, Chain, parse_transform
 
 FEATURES_VERSION = "misalign:eq3-7,no_object=global"
+RULE_VERSIONS = {"phrases": PHRASES_VERSION, "features": FEATURES_VERSION}  # recorded by heads, checked on load
 _ARTIFACT_ORDER = ("caption", "objects", "embeddings", "features")  # each computed from the ones before
 
 
@@ -63,6 +69,7 @@ class Detector:
         self.embedder = Embedder(store.locate(profile.embed), self.device, precision.get("embed"))
         self.max_side = _downscale_side([stage.input_side for stage in (self.captioner, self.grounder, self.embedder)])
         self.head: Head | None = None
+        self.input_transform: Chain = IDENTITY  # the head's: what its training images went through
         self._pipeline_version: PipelineVersion | None = None
         if head is not None:
             self.use_head(head)
@@ -78,13 +85,21 @@ class Detector:
 
     @property
     def artifact_versions(self) -> dict[str, str]:
-        """The key each artifact is stored under: its stage's version plus a digest of its inputs' keys."""
+        """The key each artifact is stored under (see `artifact_versions_under`), for this detector's inputs."""
+        return self.artifact_versions_under(self.input_transform)
+
+    def artifact_versions_under(self, transform: Chain) -> dict[str, str]:
+        """The key of each artifact of images that went through `transform`: its stage's version (grounding with
+        the chunker's rules that made its phrases) plus a digest of its inputs' keys; and the transform, unless
+        none (so untransformed keys stay what they were)."""
         versions = self.stage_versions
         caption = versions["caption"]
-        ground = f"{versions['ground']}|after={_digest(caption)}"
+        ground = f"{versions['ground']}|phrases={PHRASES_VERSION}|after={_digest(caption)}"
         embed = f"{versions['embed']}|after={_digest(ground)}"
         features = f"{FEATURES_VERSION}|after={_digest(embed)}"
-        return {"caption": caption, "ground": ground, "embed": embed, "features": features}
+        keys = {"caption": caption, "ground": ground, "embed": embed, "features": features}
+        suffix = "" if transform.id == IDENTITY.id else f"|input={transform.id}"
+        return {kind: key + suffix for kind, key in keys.items()}
 
     @property
     def pipeline_version(self) -> PipelineVersion:
@@ -93,7 +108,11 @@ class Detector:
         return self._pipeline_version
 
     def use_head(self, head: Head) -> None:
-        head.check_compatible(self.stage_versions)
+        head.check_compatible(self.stage_versions, RULE_VERSIONS)
+        try:
+            self.input_transform = parse_transform(head.metadata.input_transform)
+        except ValueError as error:
+            raise HeadError(f"The head's input transform is unusable: {error}", code="head.corrupt") from None
         self.head = head
         # Computed once: hashing the head's weights costs ~1 ms, and the worker asks for the version per check.
         self._pipeline_version = PipelineVersion(**self.stage_versions, head=head.version)
@@ -163,8 +182,10 @@ class Detector:
         todo = _missing(analyses, "embeddings", images)  # every earlier stage's images are among these
         started = time.perf_counter()
         staged = [None] * len(images)
+        transform = None if self.input_transform.id == IDENTITY.id else self.input_transform
         for index in todo:
-            staged[index] = downscale(images[index].image, self.max_side)
+            pixels = images[index].image if transform is None else transform(images[index].image)
+            staged[index] = downscale(pixels, self.max_side)
         _charge(analyses, todo, "prepare", started)
         return staged
 
@@ -282,5 +303,6 @@ def untrained_head(detector: Detector, seed: int = 0) -> Head:
         stage_versions=detector.stage_versions,
         input_dim=detector.embedder.dim,
         training={"untrained": True, "seed": seed},
+        rules=dict(RULE_VERSIONS),
     )
     return Head.create(metadata, seed=seed)

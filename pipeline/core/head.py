@@ -43,6 +43,18 @@ class HeadMetadata:
     threshold: float = DEFAULT_THRESHOLD
     training: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # What the inputs went through before the stages (`item train --reencode`): scoring applies it too.
+    input_transform: str = "none"
+    # The code rules the features depend on besides the models (the phrase chunker, the no-object rule), as
+    # they were at training; empty for heads saved before they were recorded.
+    rules: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict) -> HeadMetadata:
+        """Heads saved before `input_transform` was a field kept it in their training summary."""
+        if "input_transform" not in data:
+            data = {**data, "input_transform": data.get("training", {}).get("input_transform", "none")}
+        return cls(**data)
 
 
 class Head:
@@ -63,6 +75,10 @@ class Head:
         same version, while any change of weights or threshold gives a new one.
         """
         scoring = {key: value for key, value in asdict(self.metadata).items() if key != "training"}
+        # Left out at their defaults, so heads saved before these fields existed keep their versions.
+        for key, default in (("input_transform", "none"), ("rules", {})):
+            if scoring[key] == default:
+                del scoring[key]
         digest = hashlib.sha256(json.dumps(scoring, sort_keys=True).encode())
         for name, tensor in sorted(self.module.state_dict().items()):
             digest.update(name.encode())
@@ -77,12 +93,19 @@ class Head:
         logits = self.module(features.float())
         return logits.softmax(dim=-1)[:, 1]
 
-    def check_compatible(self, stage_versions: dict[str, str]) -> None:
-        """Refuses features from any stage version other than the ones this head was trained on."""
+    def check_compatible(self, stage_versions: dict[str, str], rules: dict[str, str] | None = None) -> None:
+        """Refuses features from any stage version, or code rule, other than the ones this head was trained on.
+
+        A head that recorded no rules (saved before they were) is taken to have been trained with today's."""
         differing = [
             f"{stage}: head has {self.metadata.stage_versions.get(stage)!r}, models are {stage_versions.get(stage)!r}"
             for stage in HEAD_STAGES
             if self.metadata.stage_versions.get(stage) != stage_versions.get(stage)
+        ]
+        differing += [
+            f"{rule}: head has {trained!r}, this code has {(rules or {}).get(rule)!r}"
+            for rule, trained in self.metadata.rules.items()
+            if rules is not None and rules.get(rule) != trained
         ]
         if differing:
             raise HeadError(
@@ -106,7 +129,7 @@ class Head:
             if not required.is_file():
                 raise HeadError(f"Head file {required} does not exist.", code="head.missing")
         try:
-            metadata = HeadMetadata(**json.loads(meta.read_text()))
+            metadata = HeadMetadata.from_json(json.loads(meta.read_text()))
             module = mlp(metadata.input_dim, metadata.hidden)
             module.load_state_dict(load_file(weights))
         except Exception as error:

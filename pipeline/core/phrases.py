@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import re
 
+# The chunker's rules as a version: any change to the word lists or the rules below gives other phrases, hence
+# other boxes, so it must be a new version of the grounding artifacts (and heads trained before are refused).
+PHRASES_VERSION = "chunker:1"
+
 _FUNCTION_WORDS = frozenset(
     """
     a an the this that these those some any each every another its his her their our my your one two three

@@ -17,11 +17,11 @@ import numpy as np
 
 from pipeline.core.detector import Detector
 from pipeline.core.head import Head
+from pipeline.core.transforms import IDENTITY, PAPER_PERTURBATIONS, Chain, perturbation
 from pipeline.lab import detection_metrics
 from pipeline.lab.datasets import Sample
 from pipeline.lab.detection_metrics import GroupMetrics
-from pipeline.lab.features import ArtifactCache, FeatureSet, extract
-from pipeline.lab.transforms import IDENTITY, PAPER_PERTURBATIONS, Chain, perturbation
+from pipeline.lab.features import ArtifactCache, FeatureSet, effective_transform, extract
 
 
 def score(features: FeatureSet, head: Head) -> np.ndarray:
@@ -171,7 +171,7 @@ def robustness(
         transform = Chain((*base.steps, perturbation(kind, level)))
         progress = on_level(kind, level)
         features = extract(samples, detector, cache, transform=transform, progress=progress, **extract_options)
-        rows.append(_robustness_row(kind, level, transform, features, head))
+        rows.append(_robustness_row(kind, level, effective_transform(detector, transform), features, head))
     return rows
 
 

@@ -33,8 +33,8 @@ from pipeline.core.errors import ItemError
 from pipeline.core.files import read_image_file
 from pipeline.core.imaging import sniff_format
 from pipeline.core.results import Artifacts
+from pipeline.core.transforms import IDENTITY, Chain
 from pipeline.lab.datasets import Sample
-from pipeline.lab.transforms import IDENTITY, Chain
 
 # Embeddings are not cached: they are the largest artifact, and nothing downstream of them needs them once
 # the features exist. Captions and boxes are, because they are the expensive part and survive a CLIP swap.
@@ -42,11 +42,17 @@ CACHED_KINDS = ("caption", "ground", "features")
 
 
 def cache_versions(detector: Detector, transform: Chain = IDENTITY) -> dict[str, str]:
-    """The cache key of each cached artifact kind. Untransformed inputs use the worker's own keys, so a cache
-    in the ledger shares artifacts with the checks the worker ran."""
-    suffix = "" if transform.id == IDENTITY.id else f"|input={transform.id}"
-    versions = detector.artifact_versions
-    return {kind: versions[kind] + suffix for kind in CACHED_KINDS}
+    """The cache key of each cached artifact kind, for images that go through `transform` here and then
+    through the detector's own (its head's). These are the worker's own keys, so a cache in the ledger shares
+    artifacts with the checks the worker ran, and features extracted for training with `--reencode T` are the
+    ones a head trained on them finds when it is evaluated or served."""
+    versions = detector.artifact_versions_under(effective_transform(detector, transform))
+    return {kind: versions[kind] for kind in CACHED_KINDS}
+
+
+def effective_transform(detector: Detector, transform: Chain = IDENTITY) -> Chain:
+    """What an image goes through in all: `transform` here, then the detector's own."""
+    return Chain((*transform.steps, *detector.input_transform.steps))
 
 
 class ArtifactCache(Protocol):

@@ -59,7 +59,8 @@ def test_training_records_the_paper_recipe_and_what_it_saw(lab):
     assert summary["n_train"] + round(40 * 0.1) == 40  # 10% held out per generator and class
     assert summary["validation"]["accuracy"] >= 0.75
     metadata = json.loads((root / "head.json").read_text())
-    assert metadata["profile"] == "tiny" and metadata["training"]["input_transform"] == "none"
+    assert metadata["profile"] == "tiny" and metadata["input_transform"] == "none"
+    assert set(metadata["rules"]) == {"phrases", "features"}  # the code rules the features depend on
 
 
 def test_second_extraction_reuses_every_cached_feature(lab):

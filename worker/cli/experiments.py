@@ -36,8 +36,8 @@ from worker.settings import Settings
 
 if TYPE_CHECKING:  # imported for real inside the commands: `item --help` should not load torch
     from pipeline.core.detector import Detector
+    from pipeline.core.transforms import Chain
     from pipeline.lab.features import ArtifactCache
-    from pipeline.lab.transforms import Chain
 
 DataArg = Annotated[
     list[Path],
@@ -54,8 +54,8 @@ ReencodeOpt = Annotated[
     str | None,
     typer.Option(
         "--reencode",
-        help="Re-encode every image alike before extraction, e.g. jpeg:95 (format-bias guard). "
-        "eval and calibrate default to the head's own setting.",
+        help="Re-encode every image alike before extraction, e.g. jpeg:95 (format-bias guard); the head records "
+        "it, and scan, eval, calibrate, workers and re-scores apply it wherever the head scores.",
     ),
 ]
 CacheDirOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Feature cache [env ITEM_FEATURE_DIR].")]
@@ -179,6 +179,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the MLP head on cached features, the paper's way by default (AdamW, 50 epochs, lr/wd 1e-3)."""
+    from pipeline.core.detector import RULE_VERSIONS
     from pipeline.core.head import HeadMetadata
     from pipeline.lab.datasets import split
     from pipeline.lab.training import TrainConfig
@@ -198,17 +199,20 @@ def train(
     _need_both_classes(train_set)
     config = TrainConfig(epochs, lr, weight_decay, train_batch_size, hidden, seed)
     dim = int(train_set.global_.shape[1])
-    metadata = HeadMetadata(name, run.detector.stage_versions, dim, w1=weights[0], w2=weights[1])
+    metadata = HeadMetadata(
+        name, run.detector.stage_versions, dim, w1=weights[0], w2=weights[1], input_transform=run.transform.id,
+        rules=dict(RULE_VERSIONS),
+    )  # fmt: skip
     head = _fit(train_set, val_set, metadata, config)
     head.metadata.training.update(
         datasets=[str(path) for path in data],
         validation_source=[str(path) for path in val] if val else f"split {val_fraction:g} (seed {seed})",
         representation=representation,
-        input_transform=run.transform.id,
         features=_extraction_summary(extracted, dataset),
     )
     weights_path = head.save(head_out)
     summary = {"head": str(weights_path), "version": head.version, "profile": name, **head.metadata.training}
+    summary["input_transform"] = head.metadata.input_transform
     _finish(summary, as_json, lambda: _print_training(head, weights_path, train_set, val_set))
 
 
@@ -234,7 +238,7 @@ def evaluate(
 ) -> None:
     """ACC and AP per generator and on average (paper Tables I-III), as a table, CSV and Markdown, with plots."""
     from pipeline.lab import evaluation
-    from pipeline.lab.features import format_bias_warning
+    from pipeline.lab.features import effective_transform, format_bias_warning
 
     settings = settings_from(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
     head, run = _head_run(head_path, settings, offline, cache_in_ledger, reencode)
@@ -249,12 +253,12 @@ def evaluate(
     if kinds:
         robustness = _robustness(run, dataset.samples, head, kinds, report)
         written.update(_write_robustness(robustness, out_dir, plots))
-    warning = format_bias_warning(extracted, run.transform)
+    warning = format_bias_warning(extracted, effective_transform(run.detector, run.transform))
     summary = {
         "head": str(head_path),
         "head_version": head.version,
         "threshold": head.metadata.threshold,
-        "input_transform": run.transform.id,
+        "input_transform": effective_transform(run.detector, run.transform).id,
         "metrics": [row.to_dict() for row in report.rows()],
         "robustness": [row.to_dict() for row in robustness],
         "features": _extraction_summary(extracted, dataset),
@@ -361,7 +365,7 @@ def _head(path: Path):
 
 
 def _transform(text: str | None):
-    from pipeline.lab.transforms import parse_transform
+    from pipeline.core.transforms import parse_transform
 
     try:
         return parse_transform(text or "none")
@@ -372,10 +376,10 @@ def _transform(text: str | None):
 def _head_run(head_path: Path, settings, offline: bool, in_ledger: bool, reencode: str | None):
     """The head and an extraction run with its models and, unless told otherwise, its input transform."""
     head = _head(head_path)
-    trained = head.metadata.training.get("input_transform", "none")
-    transform = _transform(reencode or trained)
-    if transform.id != trained:
-        err.print(f"[yellow]note[/] the head was trained on inputs {trained!r}; scoring {transform.id!r}.")
+    trained = head.metadata.input_transform  # applied by the detector itself, as wherever this head scores
+    transform = _transform(None if reencode in (None, trained) else reencode)
+    if transform.steps:
+        err.print(f"[yellow]note[/] the head was trained on inputs {trained!r}; {transform.id!r} comes before it.")
     return head, _Run.start(settings, _detector(head.metadata.profile, settings, offline, head), in_ledger, transform)
 
 
@@ -521,7 +525,9 @@ def _robustness(run: _Run, samples, head, kinds, report):
         rows = evaluation.robustness(
             samples, run.detector, run.cache, head, base=run.transform, kinds=kinds, on_level=on_level, **run.limits()
         )
-    return [evaluation.clean_row(report, run.transform), *rows]
+    from pipeline.lab.features import effective_transform
+
+    return [evaluation.clean_row(report, effective_transform(run.detector, run.transform)), *rows]
 
 
 # ---------------------------------------------------------------------------------------------- outputs

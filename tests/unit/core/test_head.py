@@ -93,3 +93,65 @@ def test_probabilities_are_softmax_of_the_fake_logit():
     head = make_head()
     logits = head.module(FEATURES)
     assert torch.allclose(head.predict(FEATURES), torch.softmax(logits, dim=-1)[:, 1])
+
+
+def test_heads_saved_before_the_transform_field_keep_their_version_and_transform(tmp_path):
+    # given a head as saved before `input_transform` and `rules` were fields (its transform in the summary)
+    old = Head.create(HeadMetadata("tiny", VERSIONS, input_dim=8, hidden=4, training={"input_transform": "jpeg:95"}))
+    path = old.save(tmp_path / "old")
+    legacy = {
+        k: v
+        for k, v in json.loads(path.with_suffix(".json").read_text()).items()
+        if k not in ("input_transform", "rules")
+    }
+    path.with_suffix(".json").write_text(json.dumps(legacy))
+    plain = Head.create(HeadMetadata("tiny", VERSIONS, input_dim=8, hidden=4))
+    # when it is loaded, then the transform is read from the summary, and an untransformed head's version is
+    # what it was (the new fields at their defaults do not enter the hash)
+    assert Head.load(path).metadata.input_transform == "jpeg:95"
+    scoring = {k: v for k, v in asdict(plain.metadata).items() if k not in ("training", "input_transform", "rules")}
+    assert plain.version == _version_of(scoring, plain)
+
+
+def _version_of(scoring: dict, head: Head) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(scoring, sort_keys=True).encode())
+    for name, tensor in sorted(head.module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"head:{digest.hexdigest()[:16]}"
+
+
+def test_the_transform_and_the_rules_enter_the_version_and_the_check():
+    base = HeadMetadata("tiny", VERSIONS, input_dim=8, hidden=4)
+    versions = {
+        Head.create(HeadMetadata(**{**asdict(base), **change})).version
+        for change in ({}, {"input_transform": "jpeg:95"}, {"rules": {"phrases": "chunker:1"}})
+    }
+    assert len(versions) == 3
+    trained = Head.create(HeadMetadata(**{**asdict(base), "rules": {"phrases": "chunker:0"}}))
+    with pytest.raises(HeadError) as refused:
+        trained.check_compatible(VERSIONS, {"phrases": "chunker:1", "features": "f"})
+    assert refused.value.code == "head.version_mismatch" and "chunker:0" in refused.value.message
+    Head.create(base).check_compatible(VERSIONS, {"phrases": "chunker:1"})  # recorded no rules: today's assumed
+
+
+def test_the_detector_applies_its_heads_transform_before_every_stage(tiny_store):
+    from pipeline.core.detector import RULE_VERSIONS, Detector
+    from pipeline.core.imaging import DecodedImage
+    from pipeline.core.profiles import get_profile
+    from pipeline.core.transforms import parse_transform
+    from tests.conftest import decoded, random_head
+
+    detector = Detector(get_profile("tiny"), tiny_store, device="cpu")
+    head = random_head(detector, input_transform="jpeg:40", rules=dict(RULE_VERSIONS))
+    detector.use_head(head)
+    image = decoded(5)
+    assert all(key.endswith("|input=jpeg:40") for key in detector.artifact_versions.values())
+    transformed = DecodedImage(**{**vars(image), "image": parse_transform("jpeg:40")(image.image)})
+    plain = Detector(get_profile("tiny"), tiny_store, device="cpu")
+    plain.use_head(random_head(plain, rules=dict(RULE_VERSIONS)))
+    served, by_hand = detector.analyze([image])[0], plain.analyze([transformed])[0]
+    assert torch.equal(served.artifacts.features.global_, by_hand.artifacts.features.global_)
+    assert not torch.equal(served.artifacts.features.global_, plain.analyze([image])[0].artifacts.features.global_)

@@ -10,9 +10,9 @@ import torch
 from pipeline.core.detector import Detector
 from pipeline.core.profiles import get_profile
 from pipeline.core.results import Artifacts, Features, GroundedObject
+from pipeline.core.transforms import parse_transform
 from pipeline.lab.datasets import Sample
 from pipeline.lab.features import DiskCache, cache_versions, extract, format_bias_warning
-from pipeline.lab.transforms import parse_transform
 from tests.conftest import encode, noise_image
 
 

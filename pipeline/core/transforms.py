@@ -1,5 +1,9 @@
 """Deterministic image perturbations: the paper's robustness study (noise, blur, JPEG) and format re-encoding.
 
+In the core because a head may be trained on transformed inputs (`item train --reencode jpeg:95`): the detector
+then applies the same transform wherever it scores (scan, the worker, re-scores), or it would serve another
+detector than the one trained.
+
 Evaluation results are cached by transform id, so a transform must be a pure function of the input pixels:
 the same image always comes out the same, even the "random" noise, which is seeded from the pixels themselves.
 That way a cached score and a fresh one can never disagree, and two runs of `item eval` are comparable.

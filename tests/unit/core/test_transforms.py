@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.lab.transforms: each perturbation checked against the definition it claims to implement.
+"""Unit tests for pipeline.core.transforms: each perturbation checked against the definition it claims to implement.
 
 Expected values are derived here (noise statistics, the blur's spread, the IJG quantisation formula), never
 copied from a previous run of the code under test.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.lab.transforms import (
+from pipeline.core.transforms import (
     IDENTITY,
     PAPER_PERTURBATIONS,
     Chain,
