@@ -64,7 +64,11 @@ SCORES = Histogram(
     ["pipeline_version"],
     buckets=SCORE_BUCKETS,
 )
-FLAGGED = Counter("item_flagged_total", "Finished checks judged fake, per pipeline version.", ["pipeline_version"])
+FLAGGED = Counter(
+    "item_flagged_total",
+    "Finished checks judged fake or uncertain, per pipeline version and verdict (real ones are not counted).",
+    ["pipeline_version", "verdict"],
+)
 DEAD_LETTERS = Counter(
     "item_dead_letters_total", "Messages the intake could not file as a check (`item deadletters`).", ["code"]
 )
@@ -145,10 +149,10 @@ def finished(status: str, code: str | None, created_at: datetime | None) -> None
         CHECK_LATENCY.observe(max(0.0, (datetime.now(UTC) - created_at).total_seconds()))
 
 
-def scored(pipeline_version: str, p_fake: float, fake: bool) -> None:
+def scored(pipeline_version: str, p_fake: float, verdict: str | None) -> None:
     SCORES.labels(pipeline_version).observe(p_fake)
-    if fake:
-        FLAGGED.labels(pipeline_version).inc()
+    if verdict in ("fake", "uncertain"):
+        FLAGGED.labels(pipeline_version, verdict).inc()
 
 
 def claimed(batch_size: int, waited_since: list[datetime | None]) -> None:

@@ -85,10 +85,11 @@ class Flips:
     to_fake: int
     to_real: int
     compared: int
+    to_uncertain: int = 0  # into the band of a head that has one
 
     @property
     def total(self) -> int:
-        return self.to_fake + self.to_real
+        return self.to_fake + self.to_real + self.to_uncertain
 
 
 def target_version(ledger: Ledger) -> str:
@@ -227,7 +228,8 @@ def flips(ledger: Ledger, run: RescoreRun) -> Flips:
     done = {(before, after): count for (status, before, after), count in outcomes if status == CheckStatus.done}
     to_fake = sum(count for (before, after), count in done.items() if before != after and after == "fake")
     to_real = sum(count for (before, after), count in done.items() if before != after and after == "real")
-    return Flips(to_fake, to_real, sum(done.values()))
+    to_uncertain = sum(n for (before, after), n in done.items() if before != after and after == "uncertain")
+    return Flips(to_fake, to_real, sum(done.values()), to_uncertain)
 
 
 def _outcomes(ledger: Ledger, run: RescoreRun) -> dict[tuple[str, str | None, str | None], int]:

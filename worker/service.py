@@ -73,7 +73,7 @@ class _Outcomes:
                 continue
             metrics.finished(status, code, check.created_at)
             if status == "done":
-                metrics.scored(self.version_id, check.p_fake, check.verdict == "fake")
+                metrics.scored(self.version_id, check.p_fake, check.verdict)
                 log.info("check done: %s %.3f", check.verdict, check.p_fake, extra=about)
             elif status == "rejected":
                 log.info("check rejected: %s", text, extra=about)
@@ -443,7 +443,7 @@ def _count_reuse(known: dict, shas: list[str]) -> None:
 
 
 def _result_of(done: CheckRow) -> dict:
-    fields = ("image_sha256", "p_fake", "verdict", "threshold", "caption", "objects", "object_count")
+    fields = ("image_sha256", "p_fake", "verdict", "threshold", "threshold_low", "caption", "objects", "object_count")
     return {field: getattr(done, field) for field in fields}
 
 
@@ -454,6 +454,7 @@ def _result_of_detection(d, sha256: str) -> dict:
         "p_fake": d.p_fake,
         "verdict": d.verdict,
         "threshold": d.threshold,
+        "threshold_low": d.threshold_low,
         "caption": d.caption,
         "objects": as_dict["objects"],
         "object_count": d.object_count,

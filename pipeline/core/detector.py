@@ -141,6 +141,7 @@ class Detector:
                 sha256=analysis.sha256,
                 p_fake=p_fake,
                 threshold=self.head.metadata.threshold,
+                threshold_low=self.head.metadata.threshold_low,
                 caption=analysis.artifacts.caption or "",
                 objects=_evidence(analysis.artifacts),
                 timings_ms={**analysis.timings_ms, "head": head_ms},

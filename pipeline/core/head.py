@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.core.errors import HeadError
 from pipeline.core.misalignment import DEFAULT_W1, DEFAULT_W2
+from pipeline.core.results import verdict
 
 FORMAT_VERSION = 1
 DEFAULT_HIDDEN = 256  # the paper gives no width; 256 is ample for a 768-d input and trains in seconds
@@ -40,7 +41,7 @@ class HeadMetadata:
     hidden: int = DEFAULT_HIDDEN
     w1: float = DEFAULT_W1
     w2: float = DEFAULT_W2
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float = DEFAULT_THRESHOLD  # fake at or above
     training: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     # What the inputs went through before the stages (`item train --reencode`): scoring applies it too.
@@ -48,6 +49,8 @@ class HeadMetadata:
     # The code rules the features depend on besides the models (the phrase chunker, the no-object rule), as
     # they were at training; empty for heads saved before they were recorded.
     rules: dict[str, str] = field(default_factory=dict)
+    # The lower edge of the uncertain band (`item calibrate --fakes`): real below it. None: no band.
+    threshold_low: float | None = None
 
     @classmethod
     def from_json(cls, data: dict) -> HeadMetadata:
@@ -76,7 +79,7 @@ class Head:
         """
         scoring = {key: value for key, value in asdict(self.metadata).items() if key != "training"}
         # Left out at their defaults, so heads saved before these fields existed keep their versions.
-        for key, default in (("input_transform", "none"), ("rules", {})):
+        for key, default in (("input_transform", "none"), ("rules", {}), ("threshold_low", None)):
             if scoring[key] == default:
                 del scoring[key]
         digest = hashlib.sha256(json.dumps(scoring, sort_keys=True).encode())
@@ -92,6 +95,9 @@ class Head:
             return torch.empty(0)
         logits = self.module(features.float())
         return logits.softmax(dim=-1)[:, 1]
+
+    def verdict(self, p_fake: float) -> str:
+        return verdict(p_fake, self.metadata.threshold, self.metadata.threshold_low)
 
     def check_compatible(self, stage_versions: dict[str, str], rules: dict[str, str] | None = None) -> None:
         """Refuses features from any stage version, or code rule, other than the ones this head was trained on.

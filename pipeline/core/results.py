@@ -15,6 +15,19 @@ if TYPE_CHECKING:
     import torch
 
 
+VERDICTS = ("real", "uncertain", "fake")
+
+
+def verdict(p_fake: float, threshold: float, threshold_low: float | None = None) -> str:
+    """`fake` at or above `threshold`; with a band, `real` below `threshold_low` and `uncertain` between: an honest
+    "unsure" instead of a coin flip near the threshold. Without one, `real` below `threshold`, as always."""
+    if p_fake >= threshold:
+        return "fake"
+    if threshold_low is not None and p_fake >= threshold_low:
+        return "uncertain"
+    return "real"
+
+
 @dataclass(frozen=True)
 class GroundedObject:
     """An object phrase of the caption and where the grounder found it."""
@@ -102,10 +115,11 @@ class Detection:
     pipeline_version: PipelineVersion
     artifacts: Artifacts
     computed: list[str] = field(default_factory=list)  # the model stages that ran (the rest reused artifacts)
+    threshold_low: float | None = None  # the uncertain band's lower edge, when the head has one
 
     @property
     def verdict(self) -> str:
-        return "fake" if self.p_fake >= self.threshold else "real"
+        return verdict(self.p_fake, self.threshold, self.threshold_low)
 
     @property
     def object_count(self) -> int:
@@ -117,6 +131,7 @@ class Detection:
             "p_fake": round(self.p_fake, 6),
             "verdict": self.verdict,
             "threshold": self.threshold,
+            "threshold_low": self.threshold_low,
             "caption": self.caption,
             "objects": [
                 {

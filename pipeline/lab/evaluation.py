@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core import results
 from pipeline.core.detector import Detector
 from pipeline.core.head import Head
 from pipeline.core.transforms import IDENTITY, PAPER_PERTURBATIONS, Chain, perturbation
@@ -38,6 +39,7 @@ class EvalReport:
     threshold: float
     features: FeatureSet
     scores: np.ndarray
+    threshold_low: float | None = None  # the head's uncertain band, if it has one: verdicts in scores.csv
 
     @property
     def labels(self) -> np.ndarray:
@@ -60,6 +62,7 @@ def evaluate(features: FeatureSet, head: Head) -> EvalReport:
         threshold=threshold,
         features=features,
         scores=scores,
+        threshold_low=head.metadata.threshold_low,
     )
 
 
@@ -82,7 +85,7 @@ def scores_csv(report: EvalReport) -> str:
     features = report.features
     for index, sample in enumerate(features.samples):
         p_fake = float(report.scores[index])
-        verdict = "fake" if p_fake >= report.threshold else "real"
+        verdict = results.verdict(p_fake, report.threshold, report.threshold_low)
         row = [sample.path, sample.group, sample.label, f"{p_fake:.6f}", verdict, features.sha256s[index]]
         writer.writerow([*row, features.formats[index], int(features.n_objects[index])])
     return buffer.getvalue()

@@ -189,3 +189,33 @@ def test_bad_input_gets_a_clear_error(lab, tmp_path):
         path.unlink()
     result = run_item(env, "train", str(tmp_path / "real-only"), "--out", str(tmp_path / "h"), check_exit=2)
     assert "no readable fake images" in result.stderr
+
+
+def test_calibration_with_fakes_sets_an_uncertain_band_that_eval_reports(lab):
+    root, env, _ = lab
+    banded = root / "banded.safetensors"
+    args = ("calibrate", str(root / "test"), "--head", str(root / "head.safetensors"), "--out", str(banded))
+    # known fakes that look like the reals (a generator the head never saw makes real-looking images): no one
+    # threshold can meet both targets, so the band opens
+    lookalikes = root / "lookalikes"
+    lookalikes.mkdir(exist_ok=True)
+    for path in sorted((root / "test").glob("*/0_real/*.png"))[:10]:
+        (lookalikes / f"{path.parent.parent.name}-{path.name}").write_bytes(path.read_bytes())
+    hard = ("--target-fpr", "0.0", "--fakes", str(lookalikes), "--target-catch", "0.9")
+    report = json.loads(run_item(env, *args, *hard, "--json").stdout)
+    assert report["n_fake"] == 10 and report["target_catch"] == 0.9
+    head = Head.load(banded)
+    assert head.metadata.threshold_low == report["threshold_low"]
+    assert report["threshold_low"] < report["threshold"] and report["fakes_caught"] >= 0.9
+    assert report["real_in_band"] > 0  # the lookalikes' own originals are in the band too
+    out = root / "eval-banded"
+    run_item(env, "eval", str(root / "test"), "--head", str(banded), "--out", str(out), "--no-plots", "--json")
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    edges = (head.metadata.threshold, report["threshold_low"])
+    for row in rows:  # every verdict follows the two thresholds (scores.csv rounds to 6 decimals: edges aside)
+        p = float(row["p_fake"])
+        if min(abs(p - edge) for edge in edges) < 1e-6:
+            continue
+        expected = "fake" if p >= head.metadata.threshold else "uncertain" if p >= report["threshold_low"] else "real"
+        assert row["verdict"] == expected
+    assert {row["verdict"] for row in rows} >= {"uncertain"}

@@ -71,7 +71,7 @@ def test_metrics_add_up_the_work_of_every_process(stack, worked):
     assert samples[("item_batch_size_count", ())] >= 16
     version = next(iter(rows.values())).pipeline_version_id
     assert samples[("item_score_count", (("pipeline_version", version),))] == 16
-    flagged = samples.get(("item_flagged_total", (("pipeline_version", version),)), 0)
+    flagged = samples.get(("item_flagged_total", (("pipeline_version", version), ("verdict", "fake"))), 0)
     assert flagged == sum(row.verdict == "fake" for row in rows.values())
     assert samples[("item_queue_depth", (("queue", "item.checks"),))] == 0
     assert samples[("item_checks_waiting", (("priority", "fresh"),))] == 0

@@ -272,3 +272,28 @@ def test_nul_characters_are_refused_with_a_code_not_a_database_error(client, ser
     assert _error(client.post("/v1/checks", json=nul_url, headers=headers)) == (422, "source.invalid")
     assert _error(client.get("/v1/checks", params={"verdict": "\x00"}, headers=headers)) == (422, "request.invalid")
     assert _error(client.get("/v1/checks/%00", headers=headers)) == (422, "request.invalid")
+
+
+def test_a_head_with_an_uncertain_band_gives_three_verdicts_everywhere(client, served):
+    from tests.conftest import random_head
+
+    # given a head whose band covers every score below 0.999: every check is honestly unsure
+    detector = served.service.detector
+    detector.use_head(random_head(detector, threshold=0.999, threshold_low=0.0))
+    served.service.register_version(activate=True)
+    before = metrics.FLAGGED.labels(served.service.version_id, "uncertain")._value.get()
+    body = {"external_id": "unsure-1", "image": {"b64": image_b64(3)}}
+    filed = client.post("/v1/checks", json=body, headers=served.headers("submit")).json()
+    served.run_checks()
+    check = client.get(f"/v1/checks/{filed['id']}", headers=served.headers("read")).json()
+    # then the result, the list filter, the metric and the console's queue all carry it
+    assert (check["verdict"], check["threshold"], check["threshold_low"]) == ("uncertain", 0.999, 0.0)
+    listed = client.get("/v1/checks", params={"verdict": "uncertain"}, headers=served.headers("read")).json()
+    assert [item["id"] for item in listed["items"]] == [filed["id"]]
+    assert metrics.FLAGGED.labels(served.service.version_id, "uncertain")._value.get() == before + 1
+    form = client.get("/console/signin")
+    csrf = form.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    client.post("/console/signin", data={"key": served.keys["read"], "csrf": csrf, "next": "/console"})
+    queue = client.get("/console", params={"verdict": "uncertain"})
+    assert queue.status_code == 200 and f"/console/checks/{filed['id']}" in queue.text
+    assert "unsure-1" not in client.get("/console", params={"verdict": "fake"}).text

@@ -274,6 +274,19 @@ def calibrate(
     real: Annotated[Path, typer.Argument(help="Known-real images: a folder, or the real half of a dataset.")],
     head_path: Annotated[Path, typer.Option("--head", help="Head to calibrate.")],
     target_fpr: Annotated[float, typer.Option(min=0, max=0.5, help="Share of real images it may flag.")] = 0.01,
+    fakes: Annotated[
+        Path | None,
+        typer.Option("--fakes", help="Known-fake images for the uncertain band (default: REAL's fake half, if any)."),
+    ] = None,
+    target_catch: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            max=1.0,
+            help="Share of known fakes that must not pass as real: sets the uncertain band's "
+            "lower edge (real below it, uncertain up to the threshold). Unset: one threshold.",
+        ),
+    ] = None,
     head_out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write it; default: in place.")] = None,
     reencode: ReencodeOpt = None,
     model_dir: ModelDirOpt = None,
@@ -284,23 +297,26 @@ def calibrate(
     offline: OfflineOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Set the head's threshold so at most --target-fpr of known-real images are flagged; store it in the head."""
+    """Set the head's threshold so at most --target-fpr of known-real images are flagged, and with --target-catch
+    an uncertain band below it; store them in the head."""
     from pipeline.core.errors import ItemError
     from pipeline.lab.calibration import calibrate as calibrate_head
-    from pipeline.lab.calibration import real_samples
+    from pipeline.lab.calibration import labelled_samples
     from pipeline.lab.evaluation import score
 
     settings = settings_from(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
     try:
-        samples = real_samples(real)
+        samples = labelled_samples(real, 0)
+        fake_samples = labelled_samples(fakes or real, 1) if target_catch is not None else []
     except ItemError as error:
         raise fail(error) from None
     head, run = _head_run(head_path, settings, offline, cache_in_ledger, reencode)
     extracted = run.extract(samples)
     if not len(extracted.samples):
         raise fail(ValueError(f"None of the {len(samples)} files under {real} could be read."))
+    fake_scores = score(run.extract(fake_samples), head) if fake_samples else None
     try:
-        calibrated, report = calibrate_head(head, score(extracted, head), target_fpr)
+        calibrated, report = calibrate_head(head, score(extracted, head), target_fpr, fake_scores, target_catch)
     except ValueError as error:
         raise fail(error) from None
     weights_path = calibrated.save(head_out or head_path)
@@ -666,6 +682,12 @@ def _print_calibration(report, weights_path: Path, version: str) -> None:
         f"{report.n_real} real images ({report.fpr:.2%}; target {report.target_fpr:.2%}; "
         f"95% upper bound {report.fpr_upper_95:.2%})"
     )
+    if report.threshold_low is not None:
+        out.print(
+            f"uncertain band [{report.threshold_low:.6g}, {report.threshold:.6g}): {report.fakes_caught:.2%} of "
+            f"{report.n_fake} fakes not called real (target {report.target_catch:.0%}), {report.fakes_flagged:.2%} "
+            f"called fake; in the band: {report.real_in_band:.2%} of reals, {report.fake_in_band:.2%} of fakes"
+        )
     for warning in report.warnings:
         err.print(f"[yellow]warning[/] {escape(warning)}")
     out.print(f"head written to {weights_path} ({version})", soft_wrap=True)

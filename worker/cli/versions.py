@@ -269,6 +269,7 @@ def _summary(ledger, run, complete: bool, waited: bool) -> dict:
         "flipped": flips.total,
         "flipped_to_fake": flips.to_fake,
         "flipped_to_real": flips.to_real,
+        "flipped_to_uncertain": flips.to_uncertain,
         "compared": flips.compared,
     }
 
@@ -297,7 +298,8 @@ def _report(summary: dict, as_json: bool) -> None:
     )
     out.print(
         f"verdicts flipped: {summary['flipped']} of {summary['compared']} "
-        f"({summary['flipped_to_fake']} to fake, {summary['flipped_to_real']} to real)"
+        f"({summary['flipped_to_fake']} to fake, {summary['flipped_to_real']} to real, "
+        f"{summary['flipped_to_uncertain']} to uncertain)"
     )
 
 

@@ -167,8 +167,9 @@ class CheckRow(Base):
     error_code: Mapped[str | None] = mapped_column(sa.String(128))
     error_message: Mapped[str | None] = mapped_column(sa.Text)
     p_fake: Mapped[float | None] = mapped_column(sa.Float)
-    verdict: Mapped[str | None] = mapped_column(sa.String(16))
+    verdict: Mapped[str | None] = mapped_column(sa.String(16))  # real, uncertain or fake
     threshold: Mapped[float | None] = mapped_column(sa.Float)
+    threshold_low: Mapped[float | None] = mapped_column(sa.Float)  # the uncertain band's lower edge, if any
     object_count: Mapped[int | None] = mapped_column(sa.Integer)
     caption: Mapped[str | None] = mapped_column(sa.Text)
     objects: Mapped[list | None] = mapped_column(_NULLABLE_JSON)  # [{phrase, box, score, misalignment}]

@@ -64,7 +64,7 @@ class RescoreSelection:
     from_version: str | None = None  # only checks scored under this pipeline version
     since: datetime | None = None  # created at or after
     until: datetime | None = None  # created before
-    verdict: str | None = None  # real or fake
+    verdict: str | None = None  # real, uncertain or fake
     min_score: float | None = None  # p_fake at or above
     max_score: float | None = None  # p_fake at or below
     external_ids: tuple[str, ...] | None = None  # only these (from a file)
@@ -371,6 +371,7 @@ class Ledger:
         p_fake: float,
         verdict: str,
         threshold: float,
+        threshold_low: float | None = None,
         caption: str | None,
         objects: list[dict],
         object_count: int,
@@ -386,6 +387,7 @@ class Ledger:
             "p_fake": p_fake,
             "verdict": verdict,
             "threshold": threshold,
+            "threshold_low": threshold_low,
             "caption": caption,
             "objects": objects,
             "object_count": object_count,

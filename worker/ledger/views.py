@@ -19,6 +19,7 @@ CHECK_FIELDS = (
     "p_fake",
     "verdict",
     "threshold",
+    "threshold_low",
     "caption",
     "objects",
     "object_count",

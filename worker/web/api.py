@@ -85,8 +85,9 @@ class CheckOut(BaseModel):
     error_code: str | None
     error_message: str | None
     p_fake: float | None
-    verdict: str | None
-    threshold: float | None
+    verdict: Literal["real", "uncertain", "fake"] | None
+    threshold: float | None = Field(description="fake at or above it")
+    threshold_low: float | None = Field(None, description="real below it, uncertain up to `threshold`; null: no band")
     caption: str | None
     objects: list[ObjectOut] | None
     object_count: int | None
