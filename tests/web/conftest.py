@@ -7,9 +7,16 @@ process, so every result, artifact and thumbnail the pages read was written by t
 from __future__ import annotations
 
 import base64
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
@@ -26,6 +33,8 @@ from worker.service import CheckService
 from worker.settings import Settings
 from worker.web.app import create_app
 from worker.web.keys import SCOPES, create_key
+
+ITEM = Path(sys.executable).parent / "item"
 
 
 @dataclass
@@ -83,3 +92,38 @@ def served(served_database, tiny_store) -> Iterator[Served]:
 def client(served) -> Iterator[TestClient]:
     with TestClient(create_app(served.settings), follow_redirects=False) as test_client:
         yield test_client
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server(served, tmp_path) -> Iterator[tuple[str, Path]]:
+    """`item serve` on a free port; yields its base URL and the file its output goes to."""
+    port, log = _free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "ITEM_DATABASE_URL": served.settings.database_url, "ITEM_HTTP_PORT": str(port)}
+    with log.open("w") as output:
+        process = subprocess.Popen([ITEM, "serve", "--log-level", "info"], env=env, stdout=output, stderr=output)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(base, process, log)
+        yield base, log
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _wait_until_up(base: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"item serve exited: {log.read_text()}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError(f"item serve did not answer in 30 s: {log.read_text()}")
