@@ -40,3 +40,10 @@ def test_bad_scopes_and_unknown_keys_say_so(served):
     bad = _item(served, "keys", "create", "--scope", "root", "--name", "x")
     assert bad.returncode == 2 and "key.invalid" in bad.stderr and "root" in bad.stderr
     assert _item(served, "keys", "revoke", "nobody").returncode == 1
+
+
+def test_an_unmigrated_ledger_says_what_to_run(tmp_path):
+    env = {**os.environ, "ITEM_DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.sqlite3'}", "COLUMNS": "200"}
+    for args in (("keys", "create", "--scope", "read", "--name", "x"), ("keys", "list"), ("serve",)):
+        result = subprocess.run([ITEM, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "item db upgrade" in result.stderr, args

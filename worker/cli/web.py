@@ -34,11 +34,8 @@ def serve(
     """Serves the HTTP API (/v1, OpenAPI at /openapi.json) and the console (/console). Runs no model."""
     import uvicorn
 
-    from worker.ledger import migrate
-
     settings = settings_from(http_addr=host, http_port=port)
-    if not migrate.is_up_to_date(settings.database_url):
-        raise fail(RuntimeError("The ledger's schema is not this code's: run `item db upgrade` first."))
+    _require_migrated(settings.database_url)
     # The server processes read their settings from the environment, as every `item` process does.
     os.environ["ITEM_HTTP_ADDR"], os.environ["ITEM_HTTP_PORT"] = settings.http_addr, str(settings.http_port)
     if workers > 1:
@@ -80,7 +77,7 @@ def keys_create(
     from worker.ledger.store import Ledger
     from worker.web.keys import create_key
 
-    ledger = Ledger(settings_from().database_url)
+    ledger = Ledger(_require_migrated(settings_from().database_url))
     try:
         made = create_key(ledger, name, [part.strip() for value in scope for part in value.split(",") if part.strip()])
     except Exception as error:  # a bad scope or name, or a ledger that is not migrated
@@ -102,7 +99,7 @@ def keys_list(
     from worker.ledger import access
     from worker.ledger.store import Ledger
 
-    ledger = Ledger(settings_from().database_url)
+    ledger = Ledger(_require_migrated(settings_from().database_url))
     with ledger.session() as session:
         rows = [_key_dict(row) for row in access.list_keys(session, include_revoked=all_keys)]
     ledger.dispose()
@@ -131,7 +128,7 @@ def keys_revoke(
     from worker.ledger import access
     from worker.ledger.store import Ledger
 
-    ledger = Ledger(settings_from().database_url)
+    ledger = Ledger(_require_migrated(settings_from().database_url))
     with ledger.session() as session:
         revoked = [_key_dict(row) for row in access.revoke_key(session, key)]
     ledger.dispose()
@@ -142,6 +139,19 @@ def keys_revoke(
     if not revoked:
         err.print(f"no live key has the id or name {escape(key)!r}")
         raise typer.Exit(1)
+
+
+def _require_migrated(database_url: str) -> str:
+    """The URL of a ledger at this code's schema; else exit 2 saying what to run (not an SQL traceback)."""
+    from worker.ledger import migrate
+
+    try:
+        current = migrate.is_up_to_date(database_url)
+    except Exception as error:  # unreachable, or not a database: said in one line
+        raise fail(error) from None
+    if not current:
+        raise fail(RuntimeError("The ledger's schema is not this code's: run `item db upgrade` first."))
+    return database_url
 
 
 def _key_dict(row) -> dict:
