@@ -29,8 +29,8 @@ from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from pipeline.core.errors import ImageError, ItemError
-from pipeline.core.imaging import sniff_format
+from pipeline.core.errors import ItemError
+from pipeline.core.imaging import FILE_EXTENSIONS, check_size, sniff_format
 from worker import sources
 from worker.settings import Settings
 
@@ -53,7 +53,6 @@ COLUMNS = (
     "p_fake",
     "pipeline_version_id",
 )
-EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 CHUNK = 64  # checks whose bytes are read (and blobs held in memory) at once
 
 
@@ -217,13 +216,7 @@ def _checked(one: _Decided, data: bytes | ItemError, settings: Settings) -> tupl
     """The bytes' sha256 and file extension, or the reason they cannot stand for the decided image."""
     if isinstance(data, ItemError):
         raise data
-    if not data:
-        raise ImageError("The file is empty (0 bytes).", code="image.empty")
-    if len(data) > settings.max_image_bytes:
-        raise ImageError(
-            f"The file is {len(data):,} bytes; the limit is {settings.max_image_bytes:,} bytes.",
-            code="image.too_large",
-        )
+    check_size(data, settings.max_image_bytes)
     sha = hashlib.sha256(data).hexdigest()
     if one.image_sha256 and sha != one.image_sha256:
         raise _Refused(
@@ -231,7 +224,7 @@ def _checked(one: _Decided, data: bytes | ItemError, settings: Settings) -> tupl
             f"({one.image_sha256}): the decision is not theirs.",
             code="labels.image_changed",
         )
-    return sha, EXTENSIONS[sniff_format(data)]
+    return sha, FILE_EXTENSIONS[sniff_format(data)]
 
 
 def _row(one: _Decided, path: str, sha: str) -> dict:

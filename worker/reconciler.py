@@ -30,6 +30,7 @@ log = logging.getLogger("item.reconciler")
 
 ADVISORY_LOCK = 0x17E4_0001  # any fixed number: every item deployment sharing a database shares this lock
 STUCK_MESSAGE = "Every attempt ended with its worker gone (killed, out of memory): no worker finished this check."
+FORGET_WORKERS_AFTER = timedelta(hours=1)  # a worker silent this long is gone: its row leaves the ledger
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ def _purge(settings: Settings, ledger: Ledger) -> tuple[int, int]:
     with ledger.session() as session:
         thumbnails = reviews.purge_thumbnails(session, timedelta(days=settings.thumbnail_retention_days))
         sessions = access.purge_sessions(session)
+        reviews.forget_workers(session, FORGET_WORKERS_AFTER)
     if thumbnails or sessions:
         log.info("deleted %d thumbnails past their retention and %d expired console sessions", thumbnails, sessions)
     return thumbnails, sessions

@@ -33,6 +33,7 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"MM\x00*", 0, "TIFF"),
 )
 ALLOWED_FORMATS = tuple(sorted({fmt for _, _, fmt in _SIGNATURES}))
+FILE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
 
 # Things people upload that are not images, named so the refusal says what was received.
 _LOOKALIKES: tuple[tuple[bytes, str], ...] = (
@@ -58,10 +59,7 @@ class DecodedImage:
 def decode_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> DecodedImage:
-    if not data:
-        raise ImageError("The file is empty (0 bytes).", code="image.empty")
-    if len(data) > max_bytes:
-        raise ImageError(f"The file is {len(data):,} bytes; the limit is {max_bytes:,} bytes.", code="image.too_large")
+    check_size(data, max_bytes)
     image_format = sniff_format(data)
     image = _open_checked(data, image_format, max_pixels)
     image = _orient(image)
@@ -74,6 +72,14 @@ def decode_image(
         height=rgb.height,
         n_bytes=len(data),
     )
+
+
+def check_size(data: bytes, max_bytes: int) -> None:
+    """Refuses an empty file, or one over `max_bytes`, before anything looks inside it."""
+    if not data:
+        raise ImageError("The file is empty (0 bytes).", code="image.empty")
+    if len(data) > max_bytes:
+        raise ImageError(f"The file is {len(data):,} bytes; the limit is {max_bytes:,} bytes.", code="image.too_large")
 
 
 def sniff_format(data: bytes) -> str:

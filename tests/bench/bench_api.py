@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import sqlalchemy as sa
 
 from pipeline.core.results import PipelineVersion
 from tests.conftest import encode, noise_image
+from tests.integration.brokers import free_port
 from tests.integration.conftest import temporary_postgres_database
 from worker.ledger import migrate
 from worker.ledger.models import CheckRow
@@ -102,7 +102,7 @@ def _image_json(kind: str) -> str:
 
 
 def _run(args, url: str, key: str) -> dict:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "ITEM_DATABASE_URL": url, "ITEM_HTTP_PORT": str(port)}
     server = subprocess.Popen([ITEM, "serve", "--workers", str(args.workers)], env=env)
     try:
@@ -164,12 +164,6 @@ def _cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "unknown CPU"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait(url: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from fastapi.testclient import TestClient
 from pipeline.core.detector import Detector
 from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
+from tests.integration.brokers import free_port
 from tests.integration.conftest import temporary_postgres_database
 from worker.ledger import migrate
 from worker.ledger.models import Base
@@ -94,16 +94,10 @@ def client(served) -> Iterator[TestClient]:
         yield test_client
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def server(served, tmp_path) -> Iterator[tuple[str, Path]]:
     """`item serve` on a free port; yields its base URL and the file its output goes to."""
-    port, log = _free_port(), tmp_path / "serve.log"
+    port, log = free_port(), tmp_path / "serve.log"
     env = {**os.environ, "ITEM_DATABASE_URL": served.settings.database_url, "ITEM_HTTP_PORT": str(port)}
     with log.open("w") as output:
         process = subprocess.Popen([ITEM, "serve", "--log-level", "info"], env=env, stdout=output, stderr=output)

@@ -102,9 +102,13 @@ def worker_gone(session: Session, owner: str) -> None:
     session.execute(sa.delete(WorkerRow).where(WorkerRow.owner == owner))
 
 
+def forget_workers(session: Session, older_than: timedelta) -> int:
+    """Deletes the rows of workers silent for `older_than`: killed ones, which could not delete their own."""
+    return session.execute(sa.delete(WorkerRow).where(WorkerRow.seen_at < utcnow() - older_than)).rowcount or 0
+
+
 def workers_seen(session: Session, within: timedelta) -> list[WorkerRow]:
-    """Workers whose heartbeat is at most `within` old; older rows are forgotten here (a killed worker's)."""
-    session.execute(sa.delete(WorkerRow).where(WorkerRow.seen_at < utcnow() - 10 * within))
+    """Workers whose heartbeat is at most `within` old."""
     query = sa.select(WorkerRow).where(WorkerRow.seen_at >= utcnow() - within).order_by(WorkerRow.owner)
     return list(session.scalars(fresh(query)))
 

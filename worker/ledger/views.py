@@ -35,7 +35,7 @@ def check_dict(row: CheckRow) -> dict:
     """A check as platforms read it (`item status --json`, `item results --json`, callbacks)."""
     result = {field: getattr(row, field) for field in CHECK_FIELDS}
     for moment in ("created_at", "started_at", "finished_at"):
-        result[moment] = _as_time(getattr(row, moment))
+        result[moment] = as_time(getattr(row, moment))
     return result
 
 
@@ -49,7 +49,7 @@ def delivery_dict(row: DeliveryRow) -> dict:
         "status": DeliveryStatus(row.status).value,
         "attempts": row.attempts,
         "last_error": row.last_error,
-        **{moment: _as_time(getattr(row, moment)) for moment in ("created_at", "next_attempt_at", "delivered_at")},
+        **{moment: as_time(getattr(row, moment)) for moment in ("created_at", "next_attempt_at", "delivered_at")},
     }
 
 
@@ -67,5 +67,5 @@ def shown_target(target: str) -> str:
         return "(invalid URL)"
 
 
-def _as_time(value: datetime | None) -> str | None:
+def as_time(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None

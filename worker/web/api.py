@@ -20,7 +20,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from pipeline.core.errors import ItemError
 from worker.intake import MAX_EXTERNAL_ID, CheckRequest
 from worker.ledger.states import CheckStatus
-from worker.ledger.views import check_dict, shown_target
+from worker.ledger.views import as_time, check_dict, shown_target
 from worker.web.auth import requires
 from worker.web.errors import ErrorBody, HttpError, error_json
 from worker.web.keys import Principal
@@ -191,7 +191,7 @@ def list_checks(
 ) -> dict:
     """Checks newest first, `limit` at a time; follow `next_cursor` for the next page."""
     web = request.app.state.web
-    filters = {"external_id": external_id, "verdict": verdict, "since": _utc(since), "until": _utc(until)}
+    filters = {"external_id": external_id, "verdict": verdict, "since": as_utc(since), "until": as_utc(until)}
     with web.ledger.session() as session:
         rows = web.ledger.list_checks(
             session, status=status.value if status else None, after=decode_cursor(cursor), limit=limit + 1, **filters
@@ -211,7 +211,7 @@ def list_versions(request: Request, who: Principal = Depends(requires("read"))) 
 
 def _version_out(row, active: bool) -> dict:
     stages = {name: getattr(row, name) for name in ("id", "profile", "caption", "ground", "embed", "head")}
-    times = {"created_at": row.created_at.isoformat(), "activated_at": _iso(row.activated_at)}
+    times = {"created_at": as_time(row.created_at), "activated_at": as_time(row.activated_at)}
     return {**stages, **times, "active": active}
 
 
@@ -225,16 +225,13 @@ def decode_cursor(cursor: str | None) -> tuple[datetime, str] | None:
         return None
     try:
         moment, check_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return _utc(datetime.fromisoformat(moment)), str(check_id)
+        return as_utc(datetime.fromisoformat(moment)), str(check_id)
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
         raise HttpError(422, "cursor.invalid", "That cursor is not one this API gave out.") from None
 
 
-def _utc(moment: datetime | None) -> datetime | None:
+def as_utc(moment: datetime | None) -> datetime | None:
+    """A time a client gave, in UTC: one without a zone is taken as UTC."""
     if moment is None:
         return None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None

@@ -12,9 +12,9 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import jinja2
 from fastapi import APIRouter, Depends, Form, Query, Request
@@ -24,6 +24,7 @@ from worker import metrics
 from worker.ledger import access, reviews
 from worker.ledger.models import ImageRow, utcnow
 from worker.ledger.views import delivery_dict
+from worker.web.api import as_utc, decode_cursor, encode_cursor
 from worker.web.keys import Principal
 
 router = APIRouter(prefix="/console", include_in_schema=False)
@@ -172,31 +173,19 @@ def review_queue(
     until: datetime | None = None,
     cursor: str | None = Query(None, max_length=200),
 ) -> Response:
-    from worker.web.api import decode_cursor, encode_cursor
-
     web = request.app.state.web
     verdicts = None if verdict == "any" else [verdict]
     with web.ledger.session() as session:
         rows = web.ledger.list_checks(
-            session, status="done", verdict=verdicts, pipeline_version_id=version or None, since=_utc(since),
-            until=_utc(until), p_fake_at_least=p_min, p_fake_below=p_max, after=decode_cursor(cursor), limit=PAGE + 1,
+            session, status="done", verdict=verdicts, pipeline_version_id=version or None, since=as_utc(since),
+            until=as_utc(until), p_fake_at_least=p_min, p_fake_below=p_max, after=decode_cursor(cursor), limit=PAGE + 1,
         )  # fmt: skip
         versions = web.ledger.versions(session)
     filters = {"verdict": verdict, "p_min": p_min, "p_max": p_max, "version": version, "since": since, "until": until}
     next_cursor = encode_cursor(rows[PAGE - 1]) if len(rows) > PAGE else None
     query = {k: v for k, v in filters.items() if v not in (None, "")}
     return render(request, "queue.html", visitor=who, rows=rows[:PAGE], filters=filters, versions=versions,
-                  next_query=_query({**query, "cursor": next_cursor}) if next_cursor else None)  # fmt: skip
-
-
-def _query(values: dict) -> str:
-    return "&".join(f"{quote(str(k))}={quote(str(v), safe='')}" for k, v in values.items())
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+                  next_query=urlencode({**query, "cursor": next_cursor}) if next_cursor else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- one check
