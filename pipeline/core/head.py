@@ -1,5 +1,9 @@
 """The classification head: a two-layer MLP from the misalignment vector D to P(AI-generated).
 
+An attribution head (`item train --attribute`) has one output per training group instead of two: "real" and
+each generator. Its P(fake) is 1 - P(real), so thresholds, calibration and evaluation treat it as any head,
+and `attribute` gives the share of each group.
+
 On disk a head is two files side by side: `NAME.safetensors` (weights; never pickle) and `NAME.json`
 (what it was trained on: profile, stage versions, w1/w2, widths, threshold, training summary). A head only
 makes sense on features from the exact stage versions it was trained with, so loading it next to other
@@ -28,9 +32,12 @@ DEFAULT_THRESHOLD = 0.5  # the paper reports accuracy at a fixed 0.5
 HEAD_STAGES = ("caption", "ground", "embed")
 
 
-def mlp(input_dim: int, hidden: int) -> nn.Sequential:
-    """Paper Eq. 9: a two-layer fully connected head with 2 outputs (real, fake)."""
-    return nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+REAL_GROUP = "real"  # an attribution head's first output
+
+
+def mlp(input_dim: int, hidden: int, outputs: int = 2) -> nn.Sequential:
+    """Paper Eq. 9: a two-layer fully connected head, with 2 outputs (real, fake) or one per group."""
+    return nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
 @dataclass
@@ -51,6 +58,17 @@ class HeadMetadata:
     rules: dict[str, str] = field(default_factory=dict)
     # The lower edge of the uncertain band (`item calibrate --fakes`): real below it. None: no band.
     threshold_low: float | None = None
+    # An attribution head's outputs, in order: "real" first, then each generator it was trained on. None: the
+    # paper's two outputs (real, fake).
+    groups: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.groups is not None and (len(self.groups) < 2 or self.groups[0] != REAL_GROUP):
+            raise HeadError(f"An attribution head's groups start with {REAL_GROUP!r}; got {self.groups!r}.")
+
+    @property
+    def outputs(self) -> int:
+        return len(self.groups) if self.groups else 2
 
     @classmethod
     def from_json(cls, data: dict) -> HeadMetadata:
@@ -68,7 +86,7 @@ class Head:
     @classmethod
     def create(cls, metadata: HeadMetadata, seed: int = 0) -> Head:
         torch.manual_seed(seed)
-        return cls(mlp(metadata.input_dim, metadata.hidden), metadata)
+        return cls(mlp(metadata.input_dim, metadata.hidden, metadata.outputs), metadata)
 
     @property
     def version(self) -> str:
@@ -79,7 +97,7 @@ class Head:
         """
         scoring = {key: value for key, value in asdict(self.metadata).items() if key != "training"}
         # Left out at their defaults, so heads saved before these fields existed keep their versions.
-        for key, default in (("input_transform", "none"), ("rules", {}), ("threshold_low", None)):
+        for key, default in (("input_transform", "none"), ("rules", {}), ("threshold_low", None), ("groups", None)):
             if scoring[key] == default:
                 del scoring[key]
         digest = hashlib.sha256(json.dumps(scoring, sort_keys=True).encode())
@@ -88,13 +106,29 @@ class Head:
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return f"head:{digest.hexdigest()[:16]}"
 
+    @property
+    def attributes(self) -> bool:
+        """Whether this head names generators (one output per group), not only real against fake."""
+        return self.metadata.groups is not None
+
     @torch.inference_mode()
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
-        """P(fake) for each row of D, shape (n, input_dim) → (n,)."""
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """Softmax over the outputs for each row of D, shape (n, input_dim) → (n, outputs)."""
         if features.shape[0] == 0:
-            return torch.empty(0)
-        logits = self.module(features.float())
-        return logits.softmax(dim=-1)[:, 1]
+            return torch.empty(0, self.metadata.outputs)
+        return self.module(features.float()).softmax(dim=-1)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """P(fake) for each row of D, shape (n, input_dim) → (n,): the fake output, or for an attribution head
+        everything but "real"."""
+        probabilities = self.probabilities(features)
+        return probabilities[:, 1] if not self.attributes else 1 - probabilities[:, 0]
+
+    def attribute(self, features: torch.Tensor) -> torch.Tensor:
+        """P(group) for each row of D, in the order of `metadata.groups`: (n, len(groups))."""
+        if not self.attributes:
+            raise HeadError("This head was not trained to attribute generators (item train --attribute).")
+        return self.probabilities(features)
 
     def verdict(self, p_fake: float) -> str:
         return verdict(p_fake, self.metadata.threshold, self.metadata.threshold_low)
@@ -136,7 +170,7 @@ class Head:
                 raise HeadError(f"Head file {required} does not exist.", code="head.missing")
         try:
             metadata = HeadMetadata.from_json(json.loads(meta.read_text()))
-            module = mlp(metadata.input_dim, metadata.hidden)
+            module = mlp(metadata.input_dim, metadata.hidden, metadata.outputs)
             module.load_state_dict(load_file(weights))
         except Exception as error:
             raise HeadError(f"Head {weights} is unreadable or inconsistent: {error}", code="head.corrupt") from error

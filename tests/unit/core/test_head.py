@@ -109,7 +109,7 @@ def test_heads_saved_before_the_transform_field_keep_their_version_and_transform
     # when it is loaded, then the transform is read from the summary, and an untransformed head's version is
     # what it was (the new fields at their defaults do not enter the hash)
     assert Head.load(path).metadata.input_transform == "jpeg:95"
-    new_fields = ("training", "input_transform", "rules", "threshold_low")
+    new_fields = ("training", "input_transform", "rules", "threshold_low", "groups")
     scoring = {k: v for k, v in asdict(plain.metadata).items() if k not in new_fields}
     assert plain.version == _version_of(scoring, plain)
 
@@ -156,3 +156,22 @@ def test_the_detector_applies_its_heads_transform_before_every_stage(tiny_store)
     served, by_hand = detector.analyze([image])[0], plain.analyze([transformed])[0]
     assert torch.equal(served.artifacts.features.global_, by_hand.artifacts.features.global_)
     assert not torch.equal(served.artifacts.features.global_, plain.analyze([image])[0].artifacts.features.global_)
+
+
+def test_an_attribution_head_has_one_output_per_group_and_its_p_fake_is_all_but_real(tmp_path):
+    # given an attribution head over real and two generators, saved and loaded back
+    groups = ["real", "gen_a", "gen_b"]
+    head = Head.create(HeadMetadata("tiny", VERSIONS, input_dim=8, hidden=4, groups=groups), seed=3)
+    loaded = Head.load(head.save(tmp_path / "attr"))
+    features = torch.randn(5, 8)
+    # when it scores, then each row's shares sum to one and P(fake) is one minus the real share
+    shares = loaded.attribute(features)
+    assert shares.shape == (5, 3)
+    assert torch.allclose(shares.sum(dim=1), torch.ones(5))
+    assert torch.allclose(loaded.predict(features), 1 - shares[:, 0])
+    assert loaded.metadata.groups == groups and loaded.version == head.version
+    # and a binary head refuses to attribute, while groups that do not start with "real" are refused
+    with pytest.raises(HeadError):
+        Head.create(HeadMetadata("tiny", VERSIONS, input_dim=8, hidden=4)).attribute(features)
+    with pytest.raises(HeadError):
+        HeadMetadata("tiny", VERSIONS, input_dim=8, groups=["gen_a", "real"])
