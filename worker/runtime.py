@@ -35,7 +35,10 @@ def build_detector(settings: Settings):
         raise HeadError(message, code="head.untrained_refused")
     store = ModelStore(settings.model_dir, allow_download=settings.allow_download)
     head = None if untrained else Head.load(settings.head)
-    detector = Detector(profile, store, head, settings.device, precision=settings.stage_precision)
+    detector = Detector(
+        profile, store, head, settings.device, precision=settings.stage_precision,
+        provenance_policy=settings.provenance_decides,
+    )  # fmt: skip
     if untrained:  # random models: their scores mean nothing whatever the head, so an untrained one serves
         detector.use_head(untrained_head(detector))
     return detector

@@ -25,6 +25,7 @@ from pipeline.core.detector import Detector
 from pipeline.core.devices import free_gpu_memory, is_out_of_memory
 from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage, thumbnail_jpeg
+from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
 from worker import metrics, sources
 from worker.ledger import outbox, reviews
@@ -32,7 +33,7 @@ from worker.ledger.models import CheckRow, utcnow
 from worker.ledger.reviews import Thumbnail
 from worker.ledger.states import CheckStatus, Priority
 from worker.ledger.store import Ending, Lease, Ledger, LedgerTally
-from worker.settings import Settings, backoff_s
+from worker.settings import Settings, backoff_s, provenance_reader
 
 log = logging.getLogger("item.worker")
 
@@ -115,12 +116,30 @@ class CheckService:
     ledger: Ledger
     detector: Detector
     reader: Reader = field(init=False)  # fetches and decodes a batch's images a few at a time
+    provenance: ProvenanceReader | None = field(init=False)  # None: ITEM_READ_PROVENANCE is off
 
     def __post_init__(self) -> None:
+        self.provenance = provenance_reader(self.settings)
         self.reader = Reader(
             max_pixels=self.settings.max_pixels,
             max_bytes=self.settings.max_image_bytes,
             threads=self.settings.fetch_concurrency,
+            provenance=self.provenance,
+        )
+
+    @property
+    def artifact_versions(self) -> dict[str, str]:
+        """The keys of what is stored of an image: the detector's artifacts, and its provenance when it is read."""
+        versions = self.detector.artifact_versions
+        return versions if self.provenance is None else {**versions, "provenance": self.provenance.version}
+
+    def _head_only(self, stored: Artifacts | None) -> bool:
+        """Whether only the head has to run for an image: its features are stored, and its provenance when read
+        (a trust list changed since: its bytes are read again, its stages still reused)."""
+        return (
+            stored is not None
+            and stored.features is not None
+            and (self.provenance is None or stored.provenance is not None)
         )
 
     @property
@@ -191,12 +210,12 @@ class CheckService:
         already checked under this version. A check whose bytes were seen before (a re-score) skips decoding,
         and even fetching, when its features are stored under this pipeline's stages: only the head runs for it.
         """
-        versions = self.detector.artifact_versions
+        versions = self.artifact_versions
         known_bytes = sorted({check.image_sha256 for check in batch.checks if check.image_sha256})
 
         def stored_and_blobs(session: Session) -> tuple[dict[str, Artifacts], list[CheckRow], dict[str, bytes]]:
             stored = self.ledger.load_artifacts(session, known_bytes, versions) if known_bytes else {}
-            to_read = [check for check in batch.checks if not _has_features(stored.get(check.image_sha256))]
+            to_read = [check for check in batch.checks if not self._head_only(stored.get(check.image_sha256))]
             names = _blob_names(to_read)
             return stored, to_read, self.ledger.get_blobs(session, names) if names else {}
 
@@ -314,7 +333,7 @@ class CheckService:
         """The decoded images and what the models made of them that is not stored yet, under the kinds the
         settings keep (ITEM_STORE_ARTIFACTS)."""
         kept = set(self.settings.store_artifacts)
-        versions = {kind: key for kind, key in self.detector.artifact_versions.items() if kind in kept}
+        versions = {kind: key for kind, key in self.artifact_versions.items() if kind in kept}
         fresh_images = [image for image in batch.images.values() if image is not None]
         self.ledger.upsert_images(session, list({image.sha256: image for image in fresh_images}.values()))
         new = {}
@@ -421,10 +440,6 @@ def _blob_names(checks: list[CheckRow]) -> list[str]:
     return [check.source["blob"] for check in checks if isinstance(check.source.get("blob"), str)]
 
 
-def _has_features(artifacts: Artifacts | None) -> bool:
-    return artifacts is not None and artifacts.features is not None
-
-
 def _sha_of(check: CheckRow, image: DecodedImage | None) -> str:
     return image.sha256 if image is not None else check.image_sha256
 
@@ -442,9 +457,14 @@ def _count_reuse(known: dict, shas: list[str]) -> None:
             metrics.ARTIFACT_REUSE.labels(artifact, "hit" if hit else "miss").inc()
 
 
+RESULT_FIELDS = (
+    "image_sha256", "p_fake", "verdict", "verdict_reason", "threshold", "threshold_low", "caption", "objects",
+    "object_count", "attribution", "provenance",
+)  # fmt: skip
+
+
 def _result_of(done: CheckRow) -> dict:
-    fields = ("image_sha256", "p_fake", "verdict", "threshold", "threshold_low", "caption", "objects", "object_count")
-    return {field: getattr(done, field) for field in fields}
+    return {field: getattr(done, field) for field in RESULT_FIELDS}
 
 
 def _result_of_detection(d, sha256: str) -> dict:
@@ -453,10 +473,13 @@ def _result_of_detection(d, sha256: str) -> dict:
         "image_sha256": sha256,
         "p_fake": d.p_fake,
         "verdict": d.verdict,
+        "verdict_reason": d.verdict_reason,
         "threshold": d.threshold,
         "threshold_low": d.threshold_low,
         "caption": d.caption,
         "objects": as_dict["objects"],
         "object_count": d.object_count,
+        "attribution": d.attribution,
+        "provenance": as_dict["provenance"],
         "timings_ms": as_dict["timings_ms"],
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,10 +33,11 @@ DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"
 CHECK_QUEUE = "item.checks"
 RESCORE_QUEUE = "item.rescore"  # consumed after CHECK_QUEUE: fresh uploads keep their latency during a rescore
 CHECK_TASK = "item.check"
-ARTIFACT_KINDS = ("caption", "ground", "embed", "features")  # as `pipeline.core.codec.FIELDS` names them
+ARTIFACT_KINDS = ("caption", "ground", "embed", "features", "provenance")  # as `pipeline.core.codec.FIELDS` names
 # What a later re-score needs: a new head reads the features, a new CLIP the caption and boxes, a new grounder the
-# caption. The CLIP embeddings serve only a change of the misalignment rule, and are the largest by far.
-DEFAULT_STORED_ARTIFACTS = ("caption", "ground", "features")
+# caption, and every one the provenance (else the image is read again). The CLIP embeddings serve only a change of
+# the misalignment rule, and are the largest by far.
+DEFAULT_STORED_ARTIFACTS = ("caption", "ground", "features", "provenance")
 
 
 def backoff_s(attempts: int, first_s: float, max_s: float) -> float:
@@ -75,6 +77,20 @@ class Settings(BaseSettings):
         default_factory=list, description="Folders whose files may be checked by `path`; empty refuses all paths."
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Whole-download time limit for image URLs.")
+    read_provenance: bool = Field(True, description="Read C2PA manifests and XMP DigitalSourceType from each image.")
+    c2pa_trust_anchors: Path | None = Field(
+        None,
+        description="PEM file of the C2PA trust anchors: manifests signed under them are `valid`, others "
+        "`untrusted`; unset: none is trusted.",
+    )
+    provenance_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Time limit of one image's C2PA parse; past it, a provenance error."
+    )
+    provenance_decides: Literal["off", "trusted", "declared"] = Field(
+        "off",
+        description="Which declarations of AI generation make the verdict fake whatever the score: off (the "
+        "score decides), trusted (a valid C2PA manifest of a trusted signer) or declared (also untrusted ones, XMP).",
+    )
     fetch_concurrency: int = Field(
         32, ge=1, le=256, description="Images a worker reads at once (URLs, S3, files): downloads wait on the network."
     )
@@ -210,6 +226,26 @@ class SettingsError(ItemError):
     """A setting has a value it cannot take. Nothing can run until it is fixed."""
 
     code = "settings.invalid"
+
+
+def provenance_reader(settings: Settings):
+    """What reads each image's provenance under these settings (the trust anchors' file read now), or None."""
+    from pipeline.core.provenance import ProvenanceReader
+
+    if not settings.read_provenance:
+        return None
+    anchors = None
+    if settings.c2pa_trust_anchors is not None:
+        try:
+            anchors = settings.c2pa_trust_anchors.expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ItemError(
+                f"ITEM_C2PA_TRUST_ANCHORS: cannot read {settings.c2pa_trust_anchors}: {error}", code="settings.invalid"
+            ) from None
+        if "-----BEGIN CERTIFICATE-----" not in anchors:
+            message = f"ITEM_C2PA_TRUST_ANCHORS: {settings.c2pa_trust_anchors} holds no PEM certificate."
+            raise ItemError(message, code="settings.invalid")
+    return ProvenanceReader(anchors, settings.provenance_timeout_s)
 
 
 def load_settings(**overrides) -> Settings:

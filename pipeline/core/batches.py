@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 from pipeline.core.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage, decode_image
+from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
 
 T = TypeVar("T")
@@ -64,9 +65,11 @@ class Reader:
         max_bytes: int = DEFAULT_MAX_BYTES,
         transform: Callable | None = None,
         threads: int = READ_THREADS,
+        provenance: ProvenanceReader | None = None,
     ):
         self.limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
         self.transform = transform  # applied to each decoded image (a perturbation, a re-encoding)
+        self.provenance = provenance  # reads what each image's original bytes declare; None: not read
         self.threads = threads
 
     def read(self, items: Sequence[T], read: Callable[[T], bytes]) -> list[Input[T]]:
@@ -111,6 +114,8 @@ class Reader:
         started = time.perf_counter()
         try:
             image = decode_image(one.data, **self.limits)
+            if self.provenance is not None:  # from the original bytes, never from a re-encoded copy
+                image = replace(image, provenance=self.provenance.read(one.data, image.format))
             if self.transform is not None:
                 image = _transformed(image, self.transform)
             one.image = image

@@ -14,13 +14,20 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
+from pipeline.core.provenance import Provenance
 from pipeline.core.results import Artifacts, Embeddings, Features, GroundedObject
 
 if TYPE_CHECKING:
     import torch
 
 # Artifact kind (the version key's name) → the `Artifacts` field it fills.
-FIELDS = {"caption": "caption", "ground": "objects", "embed": "embeddings", "features": "features"}
+FIELDS = {
+    "caption": "caption",
+    "ground": "objects",
+    "embed": "embeddings",
+    "features": "features",
+    "provenance": "provenance",
+}
 _FLOAT32_LE = "<f4"  # numpy's name for float32, little-endian: the stored byte order on every machine
 
 
@@ -62,6 +69,14 @@ def encode_objects(objects: list[GroundedObject]) -> tuple[dict, None]:
 
 def decode_objects(payload: dict, _vectors: bytes | None) -> list[GroundedObject]:
     return [GroundedObject(o["phrase"], tuple(o["box"]), o["score"]) for o in payload["objects"]]
+
+
+def encode_provenance(provenance: Provenance) -> tuple[dict, None]:
+    return provenance.to_dict(), None
+
+
+def decode_provenance(payload: dict, _vectors: bytes | None) -> Provenance:
+    return Provenance.from_dict(payload)
 
 
 def encode_embeddings(e: Embeddings) -> tuple[dict, bytes]:
@@ -113,10 +128,12 @@ _ENCODERS = {
     "ground": encode_objects,
     "embed": encode_embeddings,
     "features": encode_features,
+    "provenance": encode_provenance,
 }
 _DECODERS = {
     "caption": decode_caption,
     "ground": decode_objects,
     "embed": decode_embeddings,
     "features": decode_features,
+    "provenance": decode_provenance,
 }

@@ -30,6 +30,7 @@ from pipeline.core.imaging import DecodedImage, StageImage, downscale
 from pipeline.core.model_store import ModelStore
 from pipeline.core.phrases import PHRASES_VERSION, object_phrases
 from pipeline.core.profiles import Profile
+from pipeline.core.provenance import deciding_reason
 from pipeline.core.results import (
     Analysis,
     Artifacts,
@@ -39,6 +40,7 @@ from pipeline.core.results import (
     Features,
     GroundedObject,
     PipelineVersion,
+    top_generators,
 )
 from pipeline.core.stages.base import Stage
 from pipeline.core.stages.caption import Captioner
@@ -59,9 +61,13 @@ class Detector:
         head: Head | None = None,
         device: str = "auto",
         precision: dict[str, str] | None = None,
+        provenance_policy: str = "off",
     ):
-        """`precision` overrides the profile's per stage (`{"ground": "bf16"}`); it enters the stage versions."""
+        """`precision` overrides the profile's per stage (`{"ground": "bf16"}`); it enters the stage versions.
+        `provenance_policy` says which declarations of AI generation make a verdict `fake` whatever the score
+        (see `pipeline.core.provenance.deciding_reason`)."""
         self.profile = profile
+        self.provenance_policy = provenance_policy
         self.device = resolve_device(device)
         precision = precision or {}
         self.captioner = Captioner(store.locate(profile.caption), self.device, precision.get("caption"))
@@ -134,6 +140,7 @@ class Detector:
         started = time.perf_counter()
         features = torch.stack([self.representation(a.artifacts.features) for a in analyses]) if analyses else None
         probabilities = self.head.predict(features).tolist() if features is not None else []
+        attributions = self._attribute(features, len(analyses))
         head_ms = (time.perf_counter() - started) * 1000 / max(1, len(analyses))
         version = self.pipeline_version
         return [
@@ -148,9 +155,19 @@ class Detector:
                 pipeline_version=version,
                 artifacts=analysis.artifacts,
                 computed=analysis.computed,
+                provenance=analysis.artifacts.provenance,
+                decided_by=deciding_reason(analysis.artifacts.provenance, self.provenance_policy),
+                attribution=attribution,
             )
-            for analysis, p_fake in zip(analyses, probabilities, strict=True)
+            for analysis, p_fake, attribution in zip(analyses, probabilities, attributions, strict=True)
         ]
+
+    def _attribute(self, features: torch.Tensor | None, count: int) -> list[list[dict] | None]:
+        """The likeliest generators of each image, for an attribution head; None for each with another head."""
+        if features is None or not self.head.attributes:
+            return [None] * count
+        groups = self.head.metadata.groups
+        return [top_generators(shares, groups) for shares in self.head.attribute(features).tolist()]
 
     def representation(self, features: Features) -> torch.Tensor:
         """D for one image with the head's w1/w2 (Eq. 7-8)."""
@@ -168,6 +185,9 @@ class Detector:
             Analysis(image.sha256 if image else None, replace(artifacts) if artifacts else Artifacts())
             for image, artifacts in zip(images, known, strict=True)
         ]
+        for image, analysis in zip(images, analyses, strict=True):
+            if image is not None and analysis.artifacts.provenance is None:
+                analysis.artifacts.provenance = image.provenance  # read from its bytes: see `batches.Reader`
         staged = self._prepare(images, analyses)
         self._caption(staged, analyses)
         self._ground(staged, analyses)

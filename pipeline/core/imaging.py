@@ -11,12 +11,16 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.core.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.core.errors import ImageError
+
+if TYPE_CHECKING:
+    from pipeline.core.provenance import Provenance
 
 PAD_COLOR = (124, 116, 104)  # the ImageNet/CLIP mean: padding normalises to about zero in every model
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, the way most viewers show them
@@ -54,6 +58,7 @@ class DecodedImage:
     width: int
     height: int
     n_bytes: int
+    provenance: Provenance | None = None  # what the original bytes declare (see `pipeline.core.provenance`)
 
 
 def decode_image(

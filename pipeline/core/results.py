@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.core.provenance import Provenance
+
 
 VERDICTS = ("real", "uncertain", "fake")
 
@@ -26,6 +28,15 @@ def verdict(p_fake: float, threshold: float, threshold_low: float | None = None)
     if threshold_low is not None and p_fake >= threshold_low:
         return "uncertain"
     return "real"
+
+
+TOP_GENERATORS = 3  # the likeliest generators a result names
+
+
+def top_generators(shares: list[float], groups: list[str], limit: int = TOP_GENERATORS) -> list[dict]:
+    """An attribution head's shares (in the order of its groups, "real" first) as the likeliest generators."""
+    ranked = sorted(zip(groups[1:], shares[1:], strict=True), key=lambda pair: -pair[1])
+    return [{"generator": name, "p": round(float(p), 6)} for name, p in ranked[:limit]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class Artifacts:
     objects: list[GroundedObject] | None = None
     embeddings: Embeddings | None = None
     features: Features | None = None
+    provenance: Provenance | None = None  # read from the bytes, not by a stage: kept with the rest for re-scores
 
 
 @dataclass
@@ -116,10 +128,17 @@ class Detection:
     artifacts: Artifacts
     computed: list[str] = field(default_factory=list)  # the model stages that ran (the rest reused artifacts)
     threshold_low: float | None = None  # the uncertain band's lower edge, when the head has one
+    provenance: Provenance | None = None  # what the bytes declare; None where it was not read
+    decided_by: str | None = None  # set when provenance, not the score, made the verdict (`provenance.c2pa`)
+    attribution: list[dict] | None = None  # an attribution head's likeliest generators: [{"generator", "p"}]
 
     @property
     def verdict(self) -> str:
-        return verdict(self.p_fake, self.threshold, self.threshold_low)
+        return "fake" if self.decided_by else verdict(self.p_fake, self.threshold, self.threshold_low)
+
+    @property
+    def verdict_reason(self) -> str:
+        return self.decided_by or "score"
 
     @property
     def object_count(self) -> int:
@@ -130,6 +149,7 @@ class Detection:
             "sha256": self.sha256,
             "p_fake": round(self.p_fake, 6),
             "verdict": self.verdict,
+            "verdict_reason": self.verdict_reason,
             "threshold": self.threshold,
             "threshold_low": self.threshold_low,
             "caption": self.caption,
@@ -143,6 +163,8 @@ class Detection:
                 for o in self.objects
             ],
             "object_count": self.object_count,
+            "attribution": self.attribution,
+            "provenance": self.provenance.to_dict() if self.provenance is not None else None,
             "timings_ms": {stage: round(ms, 2) for stage, ms in self.timings_ms.items()},
             "pipeline_version": self.pipeline_version.to_dict(),
         }

@@ -14,6 +14,7 @@ from pipeline.core.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.core.detector import Detector
 from pipeline.core.errors import ItemError
 from pipeline.core.files import read_image_file
+from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Detection
 
 
@@ -28,7 +29,8 @@ class ScanRow:
         if self.detection is not None:
             row.update(self.detection.to_dict())
         else:
-            row.update({key: None for key in ("sha256", "p_fake", "verdict", "caption", "pipeline_version")})
+            empty = ("sha256", "p_fake", "verdict", "caption", "attribution", "provenance", "pipeline_version")
+            row.update({key: None for key in empty})
             row["objects"] = []
         row["error"] = self.error.to_dict() if self.error else None
         return row
@@ -41,9 +43,11 @@ def scan(
     batch_size: int = 8,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    provenance: ProvenanceReader | None = None,
 ) -> Iterator[ScanRow]:
-    """Yields one row per file, in order, batching the decodable ones through the detector."""
-    reader = Reader(max_pixels=max_pixels, max_bytes=max_bytes)
+    """Yields one row per file, in order, batching the decodable ones through the detector; with `provenance`,
+    each row says what its file's bytes declare."""
+    reader = Reader(max_pixels=max_pixels, max_bytes=max_bytes, provenance=provenance)
     for batch in batched(files, batch_size):
         inputs = reader.load(batch, lambda path: read_image_file(path, max_bytes))
         detections = once_per_image(detector.detect, {one.sha256: one.image for one in inputs if one.ok}, {})

@@ -43,17 +43,23 @@ def scan(
     as_json: JsonOpt = False,
 ) -> None:
     """Score images in-process and print a table (or JSON lines). Bad files get an error row."""
+    from pipeline.core.errors import ItemError
     from pipeline.core.files import collect_files
     from pipeline.core.scan import scan as run_scan
+    from worker.settings import provenance_reader
 
     settings = settings_from(profile=profile, head=head, model_dir=model_dir, device=device, batch_size=batch_size)
     detector = _loaded_detector(settings, offline)
+    try:
+        reader = provenance_reader(settings)
+    except ItemError as error:
+        raise fail(error) from None
     files = collect_files(paths)
     table, failed = _scan_table(detector), 0
     with progress("scanning") as bar:
         task = bar.add_task("scan", total=len(files))
         limits = {"max_pixels": settings.max_pixels, "max_bytes": settings.max_image_bytes}
-        for row in run_scan(files, detector, batch_size=settings.batch_size, **limits):
+        for row in run_scan(files, detector, batch_size=settings.batch_size, provenance=reader, **limits):
             bar.advance(task)
             failed += row.error is not None
             if as_json:
@@ -87,20 +93,41 @@ def _loaded_detector(settings, offline: bool):
 
 def _scan_table(detector) -> Table:
     table = Table(title=f"ITEM scan · profile {detector.profile.name} · {detector.pipeline_version.id}")
-    for column in ("file", "verdict", "p(fake)", "objects", "caption / error"):
+    columns = ["file", "verdict", "p(fake)", "objects", "provenance", "caption / error"]
+    if detector.head is not None and detector.head.attributes:
+        columns.insert(3, "generator")
+    for column in columns:
         table.add_column(column, overflow="fold")
     return table
 
 
 def _add_scan_row(table: Table, row) -> None:
+    attributes = len(table.columns) == 7
     if row.error:
         message = f"[red]{escape(row.error.code)}[/] {escape(row.error.message)}"
-        table.add_row(escape(str(row.path)), "[red]error[/]", "", "", message)
+        table.add_row(escape(str(row.path)), "[red]error[/]", *[""] * (4 + attributes), message)
         return
     d = row.detection
-    style = "magenta" if d.verdict == "fake" else "green"
-    cells = (f"[{style}]{d.verdict}[/]", f"{d.p_fake:.3f}", str(d.object_count), escape(d.caption))
+    style = {"fake": "magenta", "uncertain": "yellow"}.get(d.verdict, "green")
+    verdict = f"[{style}]{d.verdict}[/]" + (f" ({escape(d.verdict_reason)})" if d.decided_by else "")
+    cells = [verdict, f"{d.p_fake:.3f}", str(d.object_count), _provenance_cell(d.provenance), escape(d.caption)]
+    if attributes:
+        top = d.attribution[0] if d.attribution else None
+        cells.insert(2, escape(f"{top['generator']} {top['p']:.2f}") if top else "")
     table.add_row(escape(str(row.path)), *cells)
+
+
+def _provenance_cell(provenance) -> str:
+    """`c2pa valid: AI`, `xmp: AI`, `c2pa invalid`...: what the bytes declare, in a few words."""
+    if provenance is None:
+        return ""
+    parts = []
+    if provenance.c2pa is not None:
+        parts.append(f"c2pa {provenance.c2pa.validation_state}" + (": AI" if provenance.c2pa.ai_generated else ""))
+    if provenance.xmp is not None and provenance.xmp.digital_source_type:
+        parts.append("xmp: AI" if provenance.xmp.ai_generated else "xmp")
+    parts = [escape(part) for part in parts] + [f"[red]{escape(error.code)}[/]" for error in provenance.errors[:1]]
+    return ", ".join(parts)
 
 
 @app.command()

@@ -168,12 +168,15 @@ class CheckRow(Base):
     error_message: Mapped[str | None] = mapped_column(sa.Text)
     p_fake: Mapped[float | None] = mapped_column(sa.Float)
     verdict: Mapped[str | None] = mapped_column(sa.String(16))  # real, uncertain or fake
+    verdict_reason: Mapped[str | None] = mapped_column(sa.String(32))  # score, or provenance.c2pa|xmp that forced it
     threshold: Mapped[float | None] = mapped_column(sa.Float)
     threshold_low: Mapped[float | None] = mapped_column(sa.Float)  # the uncertain band's lower edge, if any
     object_count: Mapped[int | None] = mapped_column(sa.Integer)
     caption: Mapped[str | None] = mapped_column(sa.Text)
     objects: Mapped[list | None] = mapped_column(_NULLABLE_JSON)  # [{phrase, box, score, misalignment}]
     timings_ms: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)
+    attribution: Mapped[list | None] = mapped_column(_NULLABLE_JSON)  # [{generator, p}] from an attribution head
+    provenance: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)  # `Provenance.to_dict()` of the image's bytes
     priority: Mapped[int] = mapped_column(sa.SmallInteger, default=Priority.fresh, server_default="0")
     rescore_of: Mapped[str | None] = mapped_column(sa.String(36))  # the earlier check this one re-scores
     callback_url: Mapped[str | None] = mapped_column(sa.Text)  # where the result is POSTed, signed

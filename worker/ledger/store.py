@@ -376,6 +376,9 @@ class Ledger:
         objects: list[dict],
         object_count: int,
         timings_ms: dict | None,
+        verdict_reason: str | None = "score",
+        attribution: list[dict] | None = None,
+        provenance: dict | None = None,
     ) -> CheckRow | None:
         """Stores the result if the lease `token` still holds the check; returns the finished row, else None.
 
@@ -392,6 +395,9 @@ class Ledger:
             "objects": objects,
             "object_count": object_count,
             "timings_ms": timings_ms,
+            "verdict_reason": verdict_reason,
+            "attribution": attribution,
+            "provenance": provenance,
         }
         return _one(self.finish_done_many(session, token, {check_id: result}))
 

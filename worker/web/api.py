@@ -76,6 +76,44 @@ class ObjectOut(BaseModel):
     misalignment: float | None = None
 
 
+class GeneratorOut(BaseModel):
+    generator: str = Field(description="A generator the attribution head was trained on (a benchmark folder).")
+    p: float = Field(description="Its share of the head's probability.")
+
+
+class C2paOut(BaseModel):
+    present: bool = Field(description="Whether the bytes hold C2PA data, readable or not.")
+    validation_state: Literal["valid", "untrusted", "invalid"] | None = Field(
+        None, description="valid: intact and signed under a configured trust anchor; untrusted: intact, other signer"
+    )
+    claim_generator: str | None = None
+    signer: str | None = None
+    actions: list[dict[str, str | None]] = Field(
+        default_factory=list, description="Actions whose digital source type declares generation by a trained model."
+    )
+    failures: list[str] = Field(default_factory=list, description="The validator's failure codes.")
+    ai_generated: bool | None = None
+
+
+class XmpOut(BaseModel):
+    present: bool
+    digital_source_type: str | None = Field(None, description="IPTC DigitalSourceType, as the packet wrote it.")
+    ai_generated: bool | None = None
+
+
+class ProvenanceErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class ProvenanceOut(BaseModel):
+    c2pa: C2paOut
+    xmp: XmpOut
+    declares_ai: bool = Field(description="An intact C2PA manifest or the XMP packet declares AI generation.")
+    declared_by: list[Literal["c2pa", "xmp"]]
+    errors: list[ProvenanceErrorOut] = Field(description="What could not be read; the image is scored all the same.")
+
+
 class CheckOut(BaseModel):
     id: str
     external_id: str
@@ -86,11 +124,18 @@ class CheckOut(BaseModel):
     error_message: str | None
     p_fake: float | None
     verdict: Literal["real", "uncertain", "fake"] | None
+    verdict_reason: str | None = Field(
+        None, description="score, or the provenance that made the verdict fake (provenance.c2pa, provenance.xmp)"
+    )
     threshold: float | None = Field(description="fake at or above it")
     threshold_low: float | None = Field(None, description="real below it, uncertain up to `threshold`; null: no band")
     caption: str | None
     objects: list[ObjectOut] | None
     object_count: int | None
+    attribution: list[GeneratorOut] | None = Field(
+        None, description="An attribution head's likeliest generators; null with a real-or-fake head."
+    )
+    provenance: ProvenanceOut | None = Field(None, description="What the image's bytes declare; null: not read.")
     image_sha256: str | None
     pipeline_version_id: str
     timings_ms: dict[str, float] | None
