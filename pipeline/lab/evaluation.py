@@ -3,6 +3,10 @@ per-image scores, and the robustness grid of Fig. 4.
 
 Accuracy is taken at the head's own threshold (0.5 unless calibrated), so the table says what the deployed
 head would do; AP is threshold-free. The "mean" row averages generators, as the paper's tables do.
+
+An attribution head also gets a confusion matrix: which class (real or a generator) it names for the images of
+each true class. Fakes of a generator it was not trained on have no column of their own; they share a row
+"other", which shows where unseen generators end up.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ import numpy as np
 
 from pipeline.core import results
 from pipeline.core.detector import Detector
-from pipeline.core.head import Head
+from pipeline.core.head import REAL_GROUP, Head
 from pipeline.core.transforms import IDENTITY, PAPER_PERTURBATIONS, Chain, perturbation
 from pipeline.lab import detection_metrics
-from pipeline.lab.datasets import Sample
+from pipeline.lab.datasets import REAL, Sample
 from pipeline.lab.detection_metrics import GroupMetrics
 from pipeline.lab.features import ArtifactCache, FeatureSet, effective_transform, extract
 
@@ -29,6 +33,70 @@ def score(features: FeatureSet, head: Head) -> np.ndarray:
     """P(fake) for every image of the set, with the head's own w1/w2."""
     representation = features.representation(head.metadata.w1, head.metadata.w2)
     return head.predict(representation).numpy().astype(np.float64)
+
+
+OTHER = "other"  # the confusion row of fakes from generators the head has no output for
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """Counts of (true class, predicted class): rows `labels`, columns the head's `groups`."""
+
+    labels: list[str]  # the head's groups, then OTHER if any fake is unseen: row i < len(groups) is column i
+    groups: list[str]
+    matrix: np.ndarray  # (len(labels), len(groups)) counts
+
+    @property
+    def totals(self) -> np.ndarray:
+        return self.matrix.sum(axis=1)
+
+    def recall(self, row: int) -> float:
+        """The share of a row's images given their own class; NaN for OTHER, which has no column, and for a class
+        with no images."""
+        if row >= len(self.groups) or not self.totals[row]:
+            return math.nan
+        return float(self.matrix[row, row] / self.totals[row])
+
+    @property
+    def accuracy(self) -> float:
+        """The share of images of a known class (real, or a generator the head was trained on) given their own
+        class; OTHER is left out, since no answer could be right for it. NaN when no such image is given."""
+        known = self.matrix[: len(self.groups)]  # the rows in the order of the columns: right answers on the diagonal
+        total = int(known.sum())
+        return float(np.trace(known)) / total if total else math.nan
+
+    def to_dict(self) -> dict:
+        return {
+            "accuracy": self.accuracy,
+            "groups": list(self.groups),
+            "matrix": self.matrix.tolist(),
+            "labels": list(self.labels),
+        }
+
+
+def confusion(true: Sequence[str], predicted: Sequence[str], groups: Sequence[str]) -> Confusion:
+    """Counts each (true, predicted) pair; a true class outside `groups` is counted in the row OTHER."""
+    groups = list(groups)
+    rows = [label if label in groups else OTHER for label in true]
+    labels = groups + ([OTHER] if OTHER in rows else [])
+    matrix = np.zeros((len(labels), len(groups)), dtype=np.int64)
+    for row, column in zip(rows, predicted, strict=True):
+        matrix[labels.index(row), groups.index(column)] += 1
+    return Confusion(labels, groups, matrix)
+
+
+def attribution(features: FeatureSet, head: Head) -> Confusion:
+    """The attribution head's confusion on a set: true class "real" for every real image and the generator
+    folder for a fake; predicted class the likeliest of the head's groups."""
+    groups = head.metadata.groups
+    representation = features.representation(head.metadata.w1, head.metadata.w2)
+    predicted = [groups[index] for index in head.attribute(representation).argmax(dim=-1).tolist()]
+    generators = set(groups[1:])
+    true = [
+        REAL_GROUP if sample.label == REAL else sample.group if sample.group in generators else OTHER
+        for sample in features.samples
+    ]
+    return confusion(true, predicted, groups)
 
 
 @dataclass
@@ -40,6 +108,7 @@ class EvalReport:
     features: FeatureSet
     scores: np.ndarray
     threshold_low: float | None = None  # the head's uncertain band, if it has one: verdicts in scores.csv
+    attribution: Confusion | None = None  # attribution heads only
 
     @property
     def labels(self) -> np.ndarray:
@@ -63,6 +132,7 @@ def evaluate(features: FeatureSet, head: Head) -> EvalReport:
         features=features,
         scores=scores,
         threshold_low=head.metadata.threshold_low,
+        attribution=attribution(features, head) if head.attributes else None,
     )
 
 
@@ -111,6 +181,28 @@ def long_table(rows: Sequence[GroupMetrics]) -> str:
         lines.append(
             f"| {row.group} | {row.n} | {row.n_real} | {row.n_fake} | " + " | ".join(map(percent, figures)) + " |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def confusion_csv(matrix: Confusion) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["true", *matrix.groups, "total", "recall"])
+    for row, label in enumerate(matrix.labels):
+        recall = matrix.recall(row)
+        writer.writerow([label, *matrix.matrix[row].tolist(), int(matrix.totals[row]), _csv_value(round(recall, 6))])
+    return buffer.getvalue()
+
+
+def confusion_table(matrix: Confusion) -> str:
+    """Markdown: one row per true class, one column per predicted class, then the row's total and recall."""
+    lines = [
+        "| true \\ predicted | " + " | ".join(matrix.groups) + " | total | recall % |",
+        "|---|" + "---:|" * (len(matrix.groups) + 2),
+    ]
+    for row, label in enumerate(matrix.labels):
+        counts = " | ".join(str(count) for count in matrix.matrix[row].tolist())
+        lines.append(f"| {label} | {counts} | {int(matrix.totals[row])} | {percent(matrix.recall(row))} |")
     return "\n".join(lines) + "\n"
 
 

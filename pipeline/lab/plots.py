@@ -159,6 +159,29 @@ def plot_embedding(points: np.ndarray, labels: ArrayLike, path: Path, title: str
     _save(figure, path)
 
 
+def plot_confusion(matrix: ArrayLike, true_labels: Sequence[str], predicted_labels: Sequence[str], path: Path) -> None:
+    """An attribution head's confusion matrix as a heatmap: true classes as rows, predicted ones as columns, and
+    each cell's count written in it (the colour alone hides small counts)."""
+    counts = np.asarray(matrix)
+    if counts.shape != (len(true_labels), len(predicted_labels)):
+        raise ValueError(
+            f"matrix must have one row per true and one column per predicted label; got shape {counts.shape} for "
+            f"{len(true_labels)} and {len(predicted_labels)} labels."
+        )
+    figure = _new_figure(1.2 + 0.8 * len(predicted_labels), 1.0 + 0.6 * len(true_labels))
+    axes = figure.add_subplot()
+    image = axes.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max(initial=0)), 1))
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    axes.set_xticks(range(len(predicted_labels)), predicted_labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(true_labels)), true_labels)
+    axes.set(xlabel="Predicted class", ylabel="True class", title="Attribution")
+    dark = 0.6 * counts.max(initial=0)
+    for (row, column), count in np.ndenumerate(counts):
+        color = "white" if count > dark else "black"  # readable on either end of the colour map
+        axes.text(column, row, str(count), ha="center", va="center", fontsize=8, color=color)
+    _save(figure, path)
+
+
 def plot_robustness(results: dict[str, Sequence[tuple[float, float]]], clean_ap: float | None, path: Path) -> None:
     """AP under each perturbation (the paper's Fig. 4): one panel per kind, levels as categories in given order.
 

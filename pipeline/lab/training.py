@@ -1,5 +1,9 @@
 """Training the head on misalignment vectors, the paper's way: AdamW, lr 1e-3, wd 1e-3, 50 epochs, CE on 2 logits.
 
+An attribution head (`item train --attribute`) is trained the same way with one logit per class: "real", then
+each generator among the fakes. Its validation keeps the real-against-fake figures, so both kinds of head read
+alike, and adds how often a fake is put down to its own generator.
+
 Only the head is trained; every pretrained model stays frozen, so training needs only the D vectors.
 Same features + same seed → the same head, bit for bit (on the same device and torch version).
 The head of the last epoch is kept, as in the paper; a validation set is scored after every epoch so the
@@ -8,15 +12,19 @@ curve shows whether that was a good place to stop.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.head import DEFAULT_HIDDEN, Head, HeadMetadata
+from pipeline.core.head import DEFAULT_HIDDEN, REAL_GROUP, Head, HeadMetadata
+from pipeline.lab.datasets import REAL, Sample
 from pipeline.lab.detection_metrics import accuracy, average_precision
+
+UNSEEN = -1  # the class of a validation fake from a generator the attribution head has no output for
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,34 @@ class Epoch:
     val_loss: float | None = None
     val_accuracy: float | None = None
     val_ap: float | None = None
+    val_attribution_accuracy: float | None = None  # attribution heads only
+
+
+def attribution_groups(samples: Sequence[Sample]) -> list[str]:
+    """An attribution head's classes: "real" (every real sample, whatever its folder), then each generator
+    among the fakes, sorted by name so that the same data gives the same outputs in the same order."""
+    return [REAL_GROUP, *sorted({sample.group for sample in samples if sample.label != REAL})]
+
+
+def class_indices(samples: Sequence[Sample], groups: Sequence[str]) -> torch.Tensor:
+    """Each sample's class among `groups` (0 for every real sample), or UNSEEN for a fake of another generator."""
+    position = {group: index for index, group in enumerate(groups) if index > 0}
+    return torch.tensor(
+        [REAL if sample.label == REAL else position.get(sample.group, UNSEEN) for sample in samples],
+        dtype=torch.long,
+    )
+
+
+def attribution_accuracy(probabilities: torch.Tensor, classes: torch.Tensor) -> float:
+    """The share of fakes of a known generator whose likeliest generator (real left aside) is their own.
+
+    Real left aside, so that this says how well the head names generators, apart from how well it spots fakes.
+    NaN when no such fake is given."""
+    known = classes > 0
+    if not known.any():
+        return math.nan
+    named = probabilities[known, 1:].argmax(dim=-1) + 1
+    return float((named == classes[known]).float().mean())
 
 
 def train_head(
@@ -49,11 +85,14 @@ def train_head(
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     on_epoch: Callable[[Epoch], None] = lambda epoch: None,
 ) -> Head:
-    """Fits a fresh head to (D, label) pairs; labels are 0 = real, 1 = fake."""
+    """Fits a fresh head to (D, label) pairs; labels are 0 = real, 1 = fake, or for an attribution head
+    (`metadata.groups`) each sample's `class_indices`. Validation labels are of the same kind."""
     if features.shape[0] == 0 or features.shape[0] != labels.shape[0]:
         raise ValueError(
             f"Need matching, non-empty features and labels; got {features.shape[0]} and {labels.shape[0]}."
         )
+    if labels.min() < 0 or labels.max() >= metadata.outputs:
+        raise ValueError(f"Training labels must be class indices from 0 to {metadata.outputs - 1}.")
     started = time.perf_counter()
     head = Head.create(replace(metadata, hidden=config.hidden), seed=config.seed)
     model = head.module
@@ -80,30 +119,42 @@ def train_head(
 def _epoch(head: Head, number: int, train_loss: float, validation) -> Epoch:
     if validation is None or len(validation[1]) == 0:
         return Epoch(number, train_loss)
-    features, labels = validation[0].float(), validation[1].long()
-    with torch.inference_mode():
-        loss = float(F.cross_entropy(head.module(features), labels))
+    features, classes = validation[0].float(), validation[1].long()
+    fake = (classes != REAL).long()
     p_fake = head.predict(features)
     return Epoch(
         number,
         train_loss,
-        val_loss=loss,
-        val_accuracy=accuracy(labels, p_fake, head.metadata.threshold),
-        val_ap=average_precision(labels.numpy(), p_fake.numpy()),
+        val_loss=_real_fake_loss(head, features, fake),
+        val_accuracy=accuracy(fake, p_fake, head.metadata.threshold),
+        val_ap=average_precision(fake.numpy(), p_fake.numpy()),
+        val_attribution_accuracy=attribution_accuracy(head.attribute(features), classes) if head.attributes else None,
     )
 
 
+def _real_fake_loss(head: Head, features: torch.Tensor, fake: torch.Tensor) -> float:
+    """Cross-entropy of real against fake, P(fake) being every output but real's: for a two-output head this is
+    its training loss, and an attribution head's validation loss stays comparable with it."""
+    with torch.inference_mode():
+        log_p = head.module(features).log_softmax(dim=-1)
+    log_fake = log_p[:, 1:].logsumexp(dim=-1)
+    return float(-torch.where(fake == 1, log_fake, log_p[:, 0]).mean())
+
+
 def _summary(head: Head, config: TrainConfig, features, labels, epochs: list[Epoch], seconds: float) -> dict:
-    last = epochs[-1]
+    last, fake = epochs[-1], (labels != REAL).long()
     summary = {
         **asdict(config),
         "n_train": int(len(labels)),
-        "n_fake": int(labels.sum()),
+        "n_fake": int(fake.sum()),
         "final_loss": round(last.train_loss, 6),
-        "train_accuracy": round(accuracy(labels, head.predict(features), head.metadata.threshold), 6),
+        "train_accuracy": round(accuracy(fake, head.predict(features), head.metadata.threshold), 6),
         "loss_curve": [round(epoch.train_loss, 6) for epoch in epochs],
         "seconds": round(seconds, 3),
     }
+    if head.attributes:
+        counts = torch.bincount(labels, minlength=head.metadata.outputs).tolist()
+        summary["classes"] = dict(zip(head.metadata.groups, counts, strict=True))
     if last.val_loss is not None:
         summary["validation"] = {
             "loss": round(last.val_loss, 6),
@@ -111,4 +162,6 @@ def _summary(head: Head, config: TrainConfig, features, labels, epochs: list[Epo
             "average_precision": round(last.val_ap, 6),
             "loss_curve": [round(epoch.val_loss, 6) for epoch in epochs],
         }
+        if head.attributes:
+            summary["validation"]["attribution_accuracy"] = round(last.val_attribution_accuracy, 6)
     return summary

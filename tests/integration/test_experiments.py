@@ -219,3 +219,59 @@ def test_calibration_with_fakes_sets_an_uncertain_band_that_eval_reports(lab):
         expected = "fake" if p >= head.metadata.threshold else "uncertain" if p >= report["threshold_low"] else "real"
         assert row["verdict"] == expected
     assert {row["verdict"] for row in rows} >= {"uncertain"}
+
+
+def test_an_attribution_head_names_generators_and_eval_writes_its_confusion(lab):
+    root, env, _ = lab
+    groups = ["real", *TRAIN_GROUPS]
+    summary = _train(env, root / "train", root / "head-attr", "--attribute")
+    assert summary["groups"] == groups and json.loads((root / "head-attr.json").read_text())["groups"] == groups
+    assert list(summary["classes"]) == groups and sum(summary["classes"].values()) == summary["n_train"]
+    assert summary["classes"]["real"] == summary["n_train"] - summary["n_fake"]
+    assert 0 <= summary["validation"]["attribution_accuracy"] <= 1
+    out = root / "eval-attr"
+    args = ("eval", str(root / "test"), "--head", str(root / "head-attr.safetensors"), "--out", str(out))
+    report = json.loads(run_item(env, *args, "--json").stdout)
+    with (out / "confusion.csv").open() as file:
+        assert next(csv.reader(file)) == ["true", *groups, "total", "recall"]
+    rows = list(csv.DictReader((out / "confusion.csv").open()))
+    counts = [[int(row[group]) for group in groups] for row in rows]
+    assert sum(map(sum, counts)) == report["metrics"][-1]["n"] == len(list(csv.DictReader((out / "scores.csv").open())))
+    assert {row["true"]: int(row["total"]) for row in rows} == {"real": 18, "gen-a": 6, "gen-b": 6, "other": 6}
+    attribution = report["attribution"]
+    assert (attribution["matrix"], attribution["labels"], attribution["groups"]) == (counts, [*groups, "other"], groups)
+    assert json.loads((out / "summary.json").read_text())["attribution"] == attribution
+    markdown = (out / "confusion.md").read_text().splitlines()
+    assert len(markdown) == 2 + len(rows) and markdown[-1].startswith(f"| other | {' | '.join(map(str, counts[-1]))} |")
+    with Image.open(out / "confusion.png") as image:
+        assert image.size[0] > 100
+    assert set(report["files"]) >= {"confusion_csv", "confusion_md", "confusion_png"}
+
+
+def test_an_attribution_head_on_the_console_and_calibrated(lab):
+    root, env, _ = lab
+    trained = run_item(
+        env, "train", str(root / "train"), "--out", str(root / "head-attr-1"), "--attribute", "--epochs", "1"
+    )
+    assert "real (18), gen-a (9), gen-b (9)" in trained.stdout and "validation attribution" in trained.stdout
+    out = root / "eval-attr-console"
+    args = ("eval", str(root / "test"), "--head", str(root / "head-attr-1.safetensors"), "--out", str(out))
+    shown = run_item(env, *args, "--no-plots").stdout
+    assert "attribution · ACC %" in shown and "other" in shown and "recall %" in shown
+    assert (out / "confusion.csv").is_file() and not (out / "confusion.png").exists()
+    calibrated = root / "head-attr-calibrated.safetensors"
+    args = ("calibrate", str(root / "test"), "--head", str(root / "head-attr-1.safetensors"), "--out", str(calibrated))
+    report = json.loads(run_item(env, *args, "--target-fpr", "0.1", "--json").stdout)
+    head = Head.load(calibrated)
+    assert report["fpr"] <= 0.1 and head.metadata.groups == ["real", *TRAIN_GROUPS]
+    assert head.metadata.threshold == report["threshold"]
+
+
+def test_attribution_needs_two_generators(lab, tmp_path):
+    root, env, _ = lab
+    write_benchmark(tmp_path / "one", ("gen-a",), per_class=3)
+    args = ("train", str(tmp_path / "one"), "--out", str(tmp_path / "h"), "--attribute")
+    result = run_item(env, *args, check_exit=2)
+    assert "at least 2 generator folders" in result.stderr and "only 'gen-a'" in result.stderr
+    assert not (tmp_path / "h.safetensors").exists()
+    run_item(env, *args[:-1], "--epochs", "1", "--json")  # the same data make a real-against-fake head

@@ -169,6 +169,10 @@ def train(
     train_batch_size: Annotated[int, typer.Option(min=1, help="Feature vectors per optimiser step.")] = 64,
     hidden: Annotated[int, typer.Option(min=1, help="Hidden width of the MLP head.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the split and the training: same data + seed, same head.")] = 0,
+    attribute: Annotated[
+        bool,
+        typer.Option("--attribute", help="One output per generator folder besides real: eval names the generator."),
+    ] = False,
     reencode: ReencodeOpt = None,
     model_dir: ModelDirOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -182,7 +186,7 @@ def train(
     from pipeline.core.detector import RULE_VERSIONS
     from pipeline.core.head import HeadMetadata
     from pipeline.lab.datasets import split
-    from pipeline.lab.training import TrainConfig
+    from pipeline.lab.training import TrainConfig, attribution_groups
 
     settings = settings_from(
         profile=profile, model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device
@@ -197,11 +201,14 @@ def train(
     else:
         train_set, val_set = _split(extracted, split, val_fraction, seed)
     _need_both_classes(train_set)
+    groups = attribution_groups(extracted.samples) if attribute else None
+    if groups:
+        _need_attribution_classes(train_set, groups)
     config = TrainConfig(epochs, lr, weight_decay, train_batch_size, hidden, seed)
     dim = int(train_set.global_.shape[1])
     metadata = HeadMetadata(
         name, run.detector.stage_versions, dim, w1=weights[0], w2=weights[1], input_transform=run.transform.id,
-        rules=dict(RULE_VERSIONS),
+        rules=dict(RULE_VERSIONS), groups=groups,
     )  # fmt: skip
     head = _fit(train_set, val_set, metadata, config)
     head.metadata.training.update(
@@ -213,6 +220,8 @@ def train(
     weights_path = head.save(head_out)
     summary = {"head": str(weights_path), "version": head.version, "profile": name, **head.metadata.training}
     summary["input_transform"] = head.metadata.input_transform
+    if groups:
+        summary["groups"] = groups
     _finish(summary, as_json, lambda: _print_training(head, weights_path, train_set, val_set))
 
 
@@ -265,6 +274,8 @@ def evaluate(
         "format_warning": warning,
         "files": {key: str(path) for key, path in written.items()},
     }
+    if report.attribution:
+        summary["attribution"] = report.attribution.to_dict()
     (out_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2, default=str) + "\n")
     _finish(summary, as_json, lambda: _print_eval(report, robustness, written, warning))
 
@@ -487,6 +498,32 @@ def _need_both_classes(train_set) -> None:
         raise fail(ValueError(f"The training data has no readable {missing} images; a head needs both classes."))
 
 
+def _need_attribution_classes(train_set, groups: list[str]) -> None:
+    """An attribution head needs two generators to tell apart, and a training image of every class it names."""
+    from pipeline.core.head import REAL_GROUP
+
+    generators = groups[1:]
+    if len(generators) < 2:
+        found = f"only {generators[0]!r}" if generators else "none"
+        raise fail(
+            ValueError(
+                f"--attribute needs fakes from at least 2 generator folders; found {found}. "
+                "Train without --attribute for real against fake."
+            )
+        )
+    if REAL_GROUP in generators:
+        raise fail(ValueError(f"A generator folder named {REAL_GROUP!r} clashes with the real class; rename it."))
+    present = {REAL_GROUP if sample.label == 0 else sample.group for sample in train_set.samples}
+    missing = [group for group in groups if group not in present]
+    if missing:
+        raise fail(
+            ValueError(
+                f"The training data has no readable images of {', '.join(missing)}; --attribute "
+                "needs every class it names."
+            )
+        )
+
+
 def _weights(representation: str, w1: float | None, w2: float | None) -> tuple[float, float]:
     defaults = {"both": (1.0, 1.0), "global": (1.0, 0.0), "local": (0.0, 1.0)}
     if representation not in defaults:
@@ -499,7 +536,7 @@ def _fit(train_set, val_set, metadata, config):
     from pipeline.lab.training import train_head
 
     w1, w2 = metadata.w1, metadata.w2
-    validation = (val_set.representation(w1, w2), val_set.labels) if len(val_set.samples) else None
+    validation = (val_set.representation(w1, w2), _targets(val_set, metadata)) if len(val_set.samples) else None
     with progress("training") as bar:
         task = bar.add_task("training", total=config.epochs)
 
@@ -507,11 +544,21 @@ def _fit(train_set, val_set, metadata, config):
             text = f"loss {epoch.train_loss:.4f}"
             if epoch.val_accuracy is not None:
                 text += f" · val acc {epoch.val_accuracy:.1%} AP {epoch.val_ap:.3f}"
+            if epoch.val_attribution_accuracy is not None:
+                text += f" · attribution {epoch.val_attribution_accuracy:.1%}"
             bar.update(task, advance=1, description=f"training · {text}")
 
+        features = train_set.representation(w1, w2)
         return train_head(
-            train_set.representation(w1, w2), train_set.labels, metadata, config, validation=validation, on_epoch=show
+            features, _targets(train_set, metadata), metadata, config, validation=validation, on_epoch=show
         )
+
+
+def _targets(feature_set, metadata):
+    """What the head learns for each image: its label, or an attribution head's class index."""
+    from pipeline.lab.training import class_indices
+
+    return class_indices(feature_set.samples, metadata.groups) if metadata.groups else feature_set.labels
 
 
 def _kinds(text: str) -> list[str]:
@@ -566,6 +613,22 @@ def _write_eval(report, out_dir: Path, head, plots: bool, tsne_max: int) -> dict
     written = {key: path for key, (path, _) in files.items()}
     if plots:
         written.update(_plot_eval(report, out_dir, tsne_max, head))
+    if report.attribution:
+        written.update(_write_confusion(report.attribution, out_dir, plots))
+    return written
+
+
+def _write_confusion(matrix, out_dir: Path, plots_on: bool) -> dict[str, Path]:
+    from pipeline.lab import evaluation
+
+    written = {"confusion_csv": out_dir / "confusion.csv", "confusion_md": out_dir / "confusion.md"}
+    written["confusion_csv"].write_text(evaluation.confusion_csv(matrix))
+    written["confusion_md"].write_text(evaluation.confusion_table(matrix))
+    if plots_on:
+        from pipeline.lab import plots
+
+        written["confusion_png"] = out_dir / "confusion.png"
+        plots.plot_confusion(matrix.matrix, matrix.labels, matrix.groups, written["confusion_png"])
     return written
 
 
@@ -643,12 +706,17 @@ def _print_training(head, weights_path: Path, train_set, val_set) -> None:
         f"{summary['epochs']} epochs: final loss {summary['final_loss']:.4f}, "
         f"train accuracy {summary['train_accuracy']:.1%}"
     )
+    if head.attributes:
+        classes = ", ".join(f"{group} ({count})" for group, count in summary["classes"].items())
+        out.print(f"groups (training images): {escape(classes)}")
     if "validation" in summary:
         val = summary["validation"]
         out.print(
             f"validation ({len(val_set.samples)} images): accuracy {val['accuracy']:.1%}, "
             f"AP {val['average_precision']:.4f}, loss {val['loss']:.4f}"
         )
+        if "attribution_accuracy" in val:
+            out.print(f"validation attribution: {val['attribution_accuracy']:.1%} of fakes put down to their generator")
     out.print(f"head written to {weights_path} ({head.version})", soft_wrap=True)
 
 
@@ -670,10 +738,25 @@ def _print_eval(report, robustness, written: dict[str, Path], warning: str | Non
             level = "" if row.level is None else f"{row.level:g}"
             rtable.add_row(row.kind, level, str(row.n), percent(row.accuracy), percent(row.average_precision))
         out.print(rtable)
+    if report.attribution:
+        out.print(_confusion_table(report.attribution))
     if warning:
         err.print(f"[yellow]format bias[/] {escape(warning)}")
     for path in written.values():
         out.print(f"wrote {path}", soft_wrap=True)
+
+
+def _confusion_table(matrix) -> Table:
+    from pipeline.lab.evaluation import percent
+
+    corner = "true \\ predicted"
+    table = Table(title=f"attribution · ACC % {percent(matrix.accuracy)}")
+    for column in (corner, *matrix.groups, "total", "recall %"):
+        table.add_column(escape(column), justify="left" if column == corner else "right")
+    for row, label in enumerate(matrix.labels):
+        counts = [str(count) for count in matrix.matrix[row].tolist()]
+        table.add_row(escape(label), *counts, str(int(matrix.totals[row])), percent(matrix.recall(row)))
+    return table
 
 
 def _print_calibration(report, weights_path: Path, version: str) -> None:

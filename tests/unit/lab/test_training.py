@@ -42,3 +42,15 @@ def test_learns_separable_data_and_records_a_summary():
 def test_rejects_mismatched_inputs():
     with pytest.raises(ValueError):
         train_head(torch.zeros(3, 16), torch.zeros(2), METADATA, TrainConfig())
+
+
+def test_validation_loss_of_a_two_output_head_is_its_cross_entropy():
+    features, labels = clusters(3)
+    val_features, val_labels = clusters(4)
+    head = train_head(
+        features, labels, METADATA, TrainConfig(epochs=2, hidden=8), validation=(val_features, val_labels)
+    )
+    with torch.inference_mode():
+        expected = float(torch.nn.functional.cross_entropy(head.module(val_features), val_labels))
+    assert head.metadata.training["validation"]["loss"] == pytest.approx(expected, abs=1e-6)
+    assert "classes" not in head.metadata.training  # a two-output head's summary is as before
