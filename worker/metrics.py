@@ -69,6 +69,15 @@ FLAGGED = Counter(
     "Finished checks judged fake or uncertain, per pipeline version and verdict (real ones are not counted).",
     ["pipeline_version", "verdict"],
 )
+PROVENANCE = Counter(
+    "item_provenance_total",
+    "Finished checks whose image holds C2PA or XMP provenance, by source and what it says: valid, untrusted or "
+    "invalid manifests, XMP that declares AI generation or not.",
+    ["source", "state"],
+)
+PROVENANCE_ERRORS = Counter(
+    "item_provenance_errors_total", "Provenance that could not be read (the image was scored all the same).", ["code"]
+)
 DEAD_LETTERS = Counter(
     "item_dead_letters_total", "Messages the intake could not file as a check (`item deadletters`).", ["code"]
 )
@@ -130,6 +139,8 @@ METRIC_NAMES = frozenset(
         "item_duplicate_bytes_total",
         "item_score",
         "item_flagged_total",
+        "item_provenance_total",
+        "item_provenance_errors_total",
         "item_worker_ready",
         "item_gpu_memory_bytes",
         "item_dead_letters_total",
@@ -153,6 +164,19 @@ def scored(pipeline_version: str, p_fake: float, verdict: str | None) -> None:
     SCORES.labels(pipeline_version).observe(p_fake)
     if verdict in ("fake", "uncertain"):
         FLAGGED.labels(pipeline_version, verdict).inc()
+
+
+def provenance(found: dict | None) -> None:
+    """Counts what a finished check's image declared (`Provenance.to_dict()`), and what could not be read."""
+    if not found:
+        return
+    c2pa, xmp = found.get("c2pa") or {}, found.get("xmp") or {}
+    if c2pa.get("validation_state"):
+        PROVENANCE.labels("c2pa", c2pa["validation_state"]).inc()
+    if xmp.get("digital_source_type"):
+        PROVENANCE.labels("xmp", "ai" if xmp.get("ai_generated") else "other").inc()
+    for error in found.get("errors", []):
+        PROVENANCE_ERRORS.labels(error.get("code", "provenance.unknown")).inc()
 
 
 def claimed(batch_size: int, waited_since: list[datetime | None]) -> None:

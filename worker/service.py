@@ -75,6 +75,7 @@ class _Outcomes:
             metrics.finished(status, code, check.created_at)
             if status == "done":
                 metrics.scored(self.version_id, check.p_fake, check.verdict)
+                metrics.provenance(check.provenance)
                 log.info("check done: %s %.3f", check.verdict, check.p_fake, extra=about)
             elif status == "rejected":
                 log.info("check rejected: %s", text, extra=about)

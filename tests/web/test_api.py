@@ -297,3 +297,26 @@ def test_a_head_with_an_uncertain_band_gives_three_verdicts_everywhere(client, s
     queue = client.get("/console", params={"verdict": "uncertain"})
     assert queue.status_code == 200 and f"/console/checks/{filed['id']}" in queue.text
     assert "unsure-1" not in client.get("/console", params={"verdict": "fake"}).text
+
+
+def test_a_result_carries_what_the_uploads_bytes_declare(client, served):
+    import base64
+
+    from tests import provenance_files as files
+
+    # given an upload whose XMP packet declares AI generation, and one with a damaged C2PA manifest
+    served.service.register_version(activate=True)
+    declared = files.jpeg_with_xmp(files.xmp_packet())
+    damaged = files.truncated_manifest(files.signed(files.jpeg(), files.credentials()))
+    ids = {}
+    for name, data in (("declared", declared), ("damaged", damaged)):
+        body = {"external_id": f"provenance-{name}", "image": {"b64": base64.b64encode(data).decode()}}
+        ids[name] = client.post("/v1/checks", json=body, headers=served.headers("submit")).json()["id"]
+    served.run_checks()
+    # then each result, as the API serves it, says so, and both were scored
+    results = {name: client.get(f"/v1/checks/{i}", headers=served.headers("read")).json() for name, i in ids.items()}
+    assert {result["status"] for result in results.values()} == {"done"}
+    assert results["declared"]["provenance"]["declared_by"] == ["xmp"]
+    assert results["declared"]["verdict_reason"] == "score"  # the default policy: provenance accompanies the score
+    assert results["damaged"]["provenance"]["c2pa"]["validation_state"] == "invalid"
+    assert [error["code"] for error in results["damaged"]["provenance"]["errors"]] == ["provenance.c2pa_invalid"]

@@ -102,14 +102,32 @@ def test_model_output_is_text_never_markup(served, client, server, browser):
     base, _ = server
     check = _flagged_checks(served, client, n=1)[0]
     objects = [{**one, "phrase": HOSTILE} for one in check.objects or []]
+    # what an upload's own metadata says is as hostile as what a model wrote
+    c2pa = {"present": True, "validation_state": "untrusted", "claim_generator": HOSTILE, "signer": HOSTILE}
+    provenance = {
+        "c2pa": {**c2pa, "actions": [], "failures": [], "ai_generated": True},
+        "xmp": {"present": True, "digital_source_type": HOSTILE, "ai_generated": False},
+        "declares_ai": True,
+        "declared_by": ["c2pa"],
+        "errors": [{"code": "provenance.xmp_invalid", "message": HOSTILE}],
+    }
+    hostile = {
+        "caption": HOSTILE,
+        "objects": objects,
+        "provenance": provenance,
+        "attribution": [{"generator": HOSTILE, "p": 0.9}],
+    }
     with served.ledger.session() as session:
-        session.execute(sa.update(CheckRow).where(CheckRow.id == check.id).values(caption=HOSTILE, objects=objects))
+        session.execute(sa.update(CheckRow).where(CheckRow.id == check.id).values(**hostile))
     page = browser.new_page()
     _sign_in(page, base, served.keys["read"], to=f"/console/checks/{check.id}")
     assert f"/console/checks/{check.id}" in page.url
     assert page.locator("dd.caption").text_content() == HOSTILE
     assert page.evaluate("window.__pwned === undefined")
     assert page.locator("dd.caption img, dd.caption script, td.phrase img").count() == 0
+    assert page.locator("dd.provenance img, dd.provenance script, ol.attribution img").count() == 0
+    assert page.locator("dd.provenance").text_content().count(HOSTILE) == 4
+    assert page.locator("span.generator").text_content() == HOSTILE
     assert page.locator("button[value=ai_generated]").count() == 0  # a read key cannot decide
     _shot(page, "hostile-caption")
 
