@@ -39,12 +39,15 @@ LABEL, UNCERTAIN_LABEL = "ai_generated", "ai_generated_uncertain"
 
 @dataclass
 class ItemClassificationInfo(ClassificationInfo):
-    """A label with what ITEM measured: p(fake), the verdict, the check and its pipeline version."""
+    """A label with what ITEM measured: p(fake), the verdict and why (the score, or the image's own provenance),
+    the likeliest generator when the head names them, the check and its pipeline version."""
 
     p_fake: float = 0.0
     verdict: str = "real"
     check_id: str = ""
     pipeline_version: str = ""
+    verdict_reason: str = "score"
+    generator: str | None = None
 
     def weight_str(self) -> str:
         return f"{self.p_fake:.2f}"
@@ -144,7 +147,9 @@ def _submission(content_val: str) -> tuple[str, dict]:
 
 def _labels(check: dict) -> ClassificationResult[ItemClassificationInfo]:
     about = {"p_fake": float(check["p_fake"]), "verdict": check["verdict"], "check_id": check["id"],
-             "pipeline_version": check["pipeline_version_id"]}  # fmt: skip
+             "pipeline_version": check["pipeline_version_id"],
+             "verdict_reason": check.get("verdict_reason") or "score",
+             "generator": (check.get("attribution") or [{}])[0].get("generator")}  # fmt: skip
     return ClassificationResult(
         {
             LABEL: ItemClassificationInfo(is_match=check["verdict"] == "fake", **about),

@@ -138,3 +138,25 @@ def test_a_real_worker_reports_provenance_and_lets_a_trusted_declaration_decide(
     assert by_name["untrusted"].provenance["c2pa"]["validation_state"] == "untrusted"
     assert by_name["damaged"].provenance["errors"][0]["code"] == "provenance.c2pa_invalid"
     assert by_name["xmp"].provenance["xmp"]["ai_generated"] is True
+
+
+def test_a_head_upgrade_to_attribution_is_rescored_by_the_head_alone(ledger, tiny_store, uploads, tmp_path):
+    binary = _service(ledger, tiny_store, tmp_path)
+    first = _run(binary, {"plain": uploads["plain"], "xmp": uploads["xmp"]}, prefix="a-")
+    assert all(row.attribution is None for row in first.values())
+    # given an attribution head over two generators, re-scoring the earlier checks with the images gone
+    for path in uploads.values():
+        path.unlink()
+    attributing = _service(ledger, tiny_store, tmp_path)
+    attributing.detector.use_head(random_head(attributing.detector, seed=5, groups=["real", "gen-a", "gen-b"]))
+    stages = count_stage_images(attributing.detector)
+    rows = _rescore(attributing, list(first.values()))
+    # then only the head ran, under a new version, and each result names both generators, likeliest first, whose
+    # shares make up its P(fake)
+    assert sum(stages.values()) == 0 and {row.status for row in rows.values()} == {"done"}
+    for row in rows.values():
+        assert row.pipeline_version_id == attributing.version_id != binary.version_id
+        assert [one["generator"] for one in row.attribution] in (["gen-a", "gen-b"], ["gen-b", "gen-a"])
+        assert row.attribution[0]["p"] >= row.attribution[1]["p"]
+        assert abs(sum(one["p"] for one in row.attribution) - row.p_fake) < 1e-5
+    assert rows["a-xmp"].provenance == first["xmp"].provenance

@@ -37,6 +37,7 @@ def test_hma_asks_a_running_service_and_gets_the_verdict_it_stored(served, serve
     with served.ledger.session() as session:
         check = served.ledger.get_check(session, info.check_id)
     assert (check.status, check.p_fake, check.verdict) == ("done", info.p_fake, info.verdict)
+    assert info.verdict_reason == check.verdict_reason == "score" and info.generator is None
     assert info.is_match == (check.verdict == "fake") and not result.labels[UNCERTAIN_LABEL].is_match
     assert check.external_id.startswith("hma:sha256:")
     # the same photo again is the same check (idempotent on its bytes), answered without a model run

@@ -102,7 +102,7 @@ def _scan_table(detector) -> Table:
 
 
 def _add_scan_row(table: Table, row) -> None:
-    attributes = len(table.columns) == 7
+    attributes = any(column.header == "generator" for column in table.columns)
     if row.error:
         message = f"[red]{escape(row.error.code)}[/] {escape(row.error.message)}"
         table.add_row(escape(str(row.path)), "[red]error[/]", *[""] * (4 + attributes), message)
