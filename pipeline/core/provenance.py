@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 import zlib
@@ -149,6 +150,7 @@ class ProvenanceReader:
         self.trust_anchors = trust_anchors or None
         self.timeout_s = timeout_s
         self._context = None
+        self._context_pid = 0  # a context made before a fork is not the child's to use
         self._lock = threading.Lock()
 
     @property
@@ -197,7 +199,7 @@ class ProvenanceReader:
 
     def _c2pa_context(self):
         with self._lock:
-            if self._context is None:
+            if self._context is None or self._context_pid != os.getpid():
                 import c2pa
 
                 verify = {"remote_manifest_fetch": False, "ocsp_fetch": False, "verify_trust": True}
@@ -205,6 +207,7 @@ class ProvenanceReader:
                 if self.trust_anchors:
                     settings["trust"] = {"trust_anchors": self.trust_anchors}
                 self._context = c2pa.Context(c2pa.Settings.from_dict(settings))
+                self._context_pid = os.getpid()
             return self._context
 
 
@@ -429,12 +432,15 @@ def _c2pa_version() -> str:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
 def _c2pa_pool() -> ThreadPoolExecutor:
-    global _pool
+    """The C2PA threads of this process: a pool inherited through a fork has no threads left in the child."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(max_workers=C2PA_THREADS, thread_name_prefix="item-c2pa")
+            _pool_pid = os.getpid()
         return _pool

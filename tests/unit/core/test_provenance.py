@@ -203,3 +203,22 @@ def test_a_scan_reports_provenance_and_a_trusted_declaration_can_decide(tiny_det
     assert plain["verdict_reason"] == "score" and plain["provenance"]["declares_ai"] is False
     assert broken["error"] is None and broken["provenance"]["errors"][0]["code"] == "provenance.xmp_invalid"
     assert broken["verdict_reason"] == "score"
+
+
+def test_a_reader_made_before_a_fork_still_reads_in_the_child(creds, trusting):
+    import os
+
+    data = files.signed(files.jpeg(), creds)
+    assert trusting.read(data, "JPEG").c2pa.validation_state == "valid"  # its context and threads made here
+    readable, writable = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: a worker's pool process, as a fork makes it
+        try:
+            found = trusting.read(data, "JPEG")
+            os.write(writable, (found.c2pa.validation_state if found.c2pa else repr(found.errors)).encode())
+        finally:
+            os._exit(0)
+    os.close(writable)
+    os.waitpid(child, 0)
+    with os.fdopen(readable, "rb") as answer:
+        assert answer.read().decode() == "valid"
