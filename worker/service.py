@@ -137,11 +137,7 @@ class CheckService:
     def _head_only(self, stored: Artifacts | None) -> bool:
         """Whether only the head has to run for an image: its features are stored, and its provenance when read
         (a trust list changed since: its bytes are read again, its stages still reused)."""
-        return (
-            stored is not None
-            and stored.features is not None
-            and (self.provenance is None or stored.provenance is not None)
-        )
+        return _has_features(stored) and (self.provenance is None or stored.provenance is not None)
 
     @property
     def version_id(self) -> str:
@@ -221,7 +217,11 @@ class CheckService:
             return stored, to_read, self.ledger.get_blobs(session, names) if names else {}
 
         stored, to_read, blobs = self._transaction(batch, stored_and_blobs)  # the reader's threads never touch it
-        images = {check.id: None for check in batch.checks if check not in to_read} | self._read(batch, to_read, blobs)
+        # Read only for their provenance (stored before it was, or under another trust list): one whose image is
+        # gone is still scored from its features, without provenance, rather than failed.
+        optional = {check.id for check in to_read if _has_features(stored.get(check.image_sha256))}
+        images = {check.id: None for check in batch.checks if check not in to_read}
+        images |= self._read(batch, to_read, blobs, optional)
         ready = [check for check in batch.checks if check.id in images]
         sha_by_check = {check.id: _sha_of(check, images[check.id]) for check in ready}
 
@@ -240,17 +240,24 @@ class CheckService:
                 batch.todo.append(check)
                 batch.images[check.id] = images[check.id]
 
-    def _read(self, batch: Batch, checks: list[CheckRow], blobs: dict[str, bytes]) -> dict[str, DecodedImage]:
-        """Fetches and decodes on the reader's threads; an input that fails is the batch's error for its check.
-        Thumbnails are made here too, while the pixels are at hand, and counted in the batch's reading time."""
+    def _read(
+        self, batch: Batch, checks: list[CheckRow], blobs: dict[str, bytes], optional: set[str]
+    ) -> dict[str, DecodedImage | None]:
+        """Fetches and decodes on the reader's threads; an input that fails is the batch's error for its check,
+        unless reading it was `optional` (its features are stored): then it goes on without pixels. Thumbnails
+        are made here too, while the pixels are at hand, and counted in the batch's reading time."""
         started, images = time.perf_counter(), {}
         for one in self.reader.load(checks, lambda check: self._source_bytes(check, blobs, batch)):
             if one.ok:
                 images[one.item.id] = self._decoded(one.item, one.image)
+            elif one.item.id in optional:
+                log.info("image unreadable; scored from stored features without provenance: %s", one.error.code,
+                         extra=_about(one.item, "decode", code=one.error.code))  # fmt: skip
+                images[one.item.id] = None
             else:
                 batch.errors.append((one.item, one.error, "decode"))
         if self.settings.thumbnail_max_side > 0:
-            batch.thumbnails = _thumbnails(images.values(), self.settings.thumbnail_max_side)
+            batch.thumbnails = _thumbnails(filter(None, images.values()), self.settings.thumbnail_max_side)
         batch.read_ms = (time.perf_counter() - started) * 1000
         return images
 
@@ -435,6 +442,10 @@ def _thumbnails(images: Iterable[DecodedImage], max_side: int) -> list[Thumbnail
 
 def _missing(known: Artifacts | None, kind: str) -> bool:
     return known is None or codec.get_field(known, kind) is None
+
+
+def _has_features(artifacts: Artifacts | None) -> bool:
+    return artifacts is not None and artifacts.features is not None
 
 
 def _blob_names(checks: list[CheckRow]) -> list[str]:

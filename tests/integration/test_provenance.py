@@ -113,6 +113,20 @@ def test_a_new_trust_list_reads_the_bytes_again_but_reuses_every_stage(ledger, t
     assert rows["t-trusted"].provenance["c2pa"]["validation_state"] == "untrusted"
 
 
+def test_an_image_gone_since_its_check_is_rescored_from_its_features_without_provenance(
+    ledger, tiny_store, uploads, tmp_path
+):
+    # given checks stored without provenance (as before it was read), whose images are gone since
+    unread = _service(ledger, tiny_store, tmp_path)
+    unread = CheckService(unread.settings.model_copy(update={"read_provenance": False}), ledger, unread.detector)
+    first = _run(unread, {"trusted": uploads["trusted"]}, prefix="g-")
+    uploads["trusted"].unlink()
+    # when they are re-scored by a service that reads provenance, then they are scored from their features, not
+    # failed for an image only their provenance needed
+    rows = _rescore(_service(ledger, tiny_store, tmp_path, seed=3), list(first.values()))
+    assert rows["g-trusted"].status == "done" and rows["g-trusted"].provenance is None
+
+
 def test_provenance_can_be_turned_off(ledger, tiny_store, uploads, tmp_path):
     service = _service(ledger, tiny_store, tmp_path)
     service = CheckService(service.settings.model_copy(update={"read_provenance": False}), ledger, service.detector)
