@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -25,6 +26,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger("item.provenance")
 
 READER_VERSION = "provenance:1"
 DEFAULT_TIMEOUT_S = 2.0
@@ -161,6 +164,14 @@ class ProvenanceReader:
         return f"{READER_VERSION}|c2pa={_c2pa_version()}|trust={trust}"
 
     def read(self, data: bytes, image_format: str) -> Provenance:
+        """What `data` declares; never raises: whatever goes wrong reading untrusted bytes is an error in it."""
+        try:
+            return self._read(data, image_format)
+        except Exception as error:  # a case no parser here foresaw: said, and the check goes on
+            log.warning("provenance unreadable: %r", error, exc_info=True)
+            return Provenance(errors=[ProvenanceError("provenance.unreadable", f"Provenance unreadable: {error!r}")])
+
+    def _read(self, data: bytes, image_format: str) -> Provenance:
         errors: list[ProvenanceError] = []
         found = _locate(data, image_format, errors)
         xmp = _parse_xmp(found.xmp, errors) if found.xmp is not None else None

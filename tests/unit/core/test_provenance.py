@@ -222,3 +222,26 @@ def test_a_reader_made_before_a_fork_still_reads_in_the_child(creds, trusting):
     os.waitpid(child, 0)
     with os.fdopen(readable, "rb") as answer:
         assert answer.read().decode() == "valid"
+
+
+@pytest.mark.parametrize("base", ["jpeg", "png"])
+def test_random_damage_anywhere_never_raises(creds, trusting, base):
+    import random
+
+    # given signed files with XMP, damaged at random places: bytes flipped, cut short, segments repeated
+    mime, image_format = ("image/jpeg", "JPEG") if base == "jpeg" else ("image/png", "PNG")
+    original = files.signed(getattr(files, base)(), creds, mime)
+    with_xmp = files.jpeg_with_xmp if base == "jpeg" else files.png_with_xmp
+    original = with_xmp(files.xmp_packet(), original)
+    rng = random.Random(f"damage-{base}")
+    for _ in range(150):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 8)):
+            at = rng.randrange(len(data))
+            data[at] = rng.randrange(256)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(8, len(data))]
+        # when read, then the answer is a Provenance, whose errors, if any, have stable codes
+        found = trusting.read(bytes(data), image_format)
+        assert all(error.code.startswith("provenance.") and error.message for error in found.errors)
+        assert Provenance.from_dict(found.to_dict()) == found
