@@ -198,6 +198,10 @@ class Settings(BaseSettings):
         # A running check's heartbeat touches it every third of a lease: one untouched for longer is not moving.
         if self.reconcile_after_s <= self.lease_s:
             raise ValueError("reconcile_after_s must be longer than lease_s")
+        if self.provenance_decides != "off" and not self.read_provenance:
+            raise ValueError(f"provenance_decides={self.provenance_decides} needs read_provenance")
+        if self.provenance_decides == "trusted" and self.c2pa_trust_anchors is None:
+            raise ValueError("provenance_decides=trusted needs c2pa_trust_anchors: without anchors no signer is trusted")
         unknown = sorted(set(self.store_artifacts) - set(ARTIFACT_KINDS))
         if unknown:
             raise ValueError(f"store_artifacts: {', '.join(unknown)} not among {', '.join(ARTIFACT_KINDS)}")

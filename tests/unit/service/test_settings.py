@@ -62,3 +62,25 @@ def test_stored_artifacts_are_named_as_the_codec_names_them_and_checked(monkeypa
     monkeypatch.setenv("ITEM_STORE_ARTIFACTS", '["caption", "pixels"]')
     with pytest.raises(SettingsError, match="store_artifacts: pixels"):
         load_settings()
+
+
+def test_a_provenance_policy_that_could_never_apply_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("ITEM_PROVENANCE_DECIDES", "trusted")  # no anchors: no manifest could ever be trusted
+    with pytest.raises(SettingsError, match="needs c2pa_trust_anchors"):
+        load_settings()
+    monkeypatch.setenv("ITEM_PROVENANCE_DECIDES", "declared")
+    monkeypatch.setenv("ITEM_READ_PROVENANCE", "false")
+    with pytest.raises(SettingsError, match="needs read_provenance"):
+        load_settings()
+
+
+def test_unreadable_trust_anchors_are_one_clear_error(tmp_path):
+    from pipeline.core.errors import ItemError
+    from worker.settings import provenance_reader
+
+    for anchors, why in ((tmp_path / "missing.pem", "cannot read"), (tmp_path / "empty.pem", "no PEM certificate")):
+        if anchors.name == "empty.pem":
+            anchors.write_text("not a certificate")
+        with pytest.raises(ItemError, match=why) as refused:
+            provenance_reader(load_settings(c2pa_trust_anchors=anchors))
+        assert refused.value.code == "settings.invalid" and "ITEM_C2PA_TRUST_ANCHORS" in refused.value.message
