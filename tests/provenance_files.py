@@ -78,6 +78,23 @@ def truncated_manifest(data: bytes) -> bytes:
     return data[:start] + b"\xff\xeb" + struct.pack(">H", kept + 2) + segment + data[start + 2 + length :]
 
 
+def with_xmp(image_format: str, packet: bytes, color=(10, 120, 200)) -> bytes:
+    """An image in `image_format` carrying `packet` where that format keeps XMP: Pillow writes it for JPEG and
+    WebP, and for TIFF as tag 700; PNG takes an iTXt chunk (`png_with_xmp`)."""
+    image, buffer = Image.new("RGB", (64, 48), color), io.BytesIO()
+    if image_format == "PNG":
+        return png_with_xmp(packet)
+    if image_format == "TIFF":
+        from PIL import TiffImagePlugin
+
+        tags = TiffImagePlugin.ImageFileDirectory_v2()
+        tags[700], tags.tagtype[700] = packet, 1  # XMP, as bytes
+        image.save(buffer, "TIFF", tiffinfo=tags)
+    else:
+        image.save(buffer, image_format, xmp=packet)
+    return buffer.getvalue()
+
+
 @dataclass(frozen=True)
 class Credentials:
     """A test CA and a signing certificate it issued, as PEM."""

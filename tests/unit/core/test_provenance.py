@@ -50,6 +50,17 @@ def test_xmp_in_a_png_itxt_chunk_is_read_deflated_or_not(compressed):
     assert not found.xmp.ai_generated and found.declared_by == [] and not found.errors
 
 
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_every_format_that_keeps_metadata_gives_its_xmp_and_its_manifest(creds, trusting, image_format):
+    data = files.with_xmp(image_format, files.xmp_packet())
+    assert decode_image(data).format == image_format
+    assert trusting.read(data, image_format).declared_by == ["xmp"]
+    signed = files.signed(data, creds, f"image/{image_format.lower()}")
+    assert decode_image(signed).format == image_format
+    found = trusting.read(signed, image_format)
+    assert found.c2pa.validation_state == "valid" and "c2pa" in found.declared_by and not found.errors
+
+
 def test_a_manifest_signed_by_a_configured_anchor_is_valid_and_by_anyone_else_untrusted(creds, trusting):
     data = files.signed(files.jpeg(), creds)
     decode_image(data)
