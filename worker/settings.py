@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         if self.provenance_decides != "off" and not self.read_provenance:
             raise ValueError(f"provenance_decides={self.provenance_decides} needs read_provenance")
         if self.provenance_decides == "trusted" and self.c2pa_trust_anchors is None:
-            raise ValueError("provenance_decides=trusted needs c2pa_trust_anchors: without anchors no signer is trusted")
+            raise ValueError("provenance_decides=trusted needs c2pa_trust_anchors: without them no signer is trusted")
         unknown = sorted(set(self.store_artifacts) - set(ARTIFACT_KINDS))
         if unknown:
             raise ValueError(f"store_artifacts: {', '.join(unknown)} not among {', '.join(ARTIFACT_KINDS)}")
