@@ -193,6 +193,7 @@ class ProvenanceReader:
         try:
             report = future.result(timeout=self.timeout_s)
         except FutureTimeout:
+            future.cancel()  # still queued behind other parses: dropped; already running: it ends on its own
             errors.append(ProvenanceError("provenance.timeout", f"The C2PA parse took over {self.timeout_s:g} s."))
             return None
         except Exception as error:  # the library's errors for damaged stores: a readable error, a scored image
