@@ -17,6 +17,8 @@ ENDPOINTS = [
     ("post", "/v1/checks", {"external_id": "scoped", "image": {"url": "https://example.com/a.png"}}, "submit"),
     ("get", "/v1/checks", None, "read"),
     ("get", "/v1/checks/00000000-0000-0000-0000-000000000000", None, "read"),
+    ("post", "/v1/checks/00000000-0000-0000-0000-000000000000/decisions", {"label": "unsure"}, "review"),
+    ("get", "/v1/checks/00000000-0000-0000-0000-000000000000/decisions", None, "read"),
     ("get", "/v1/versions", None, "read"),
     ("get", "/metrics", None, "read"),
 ]
@@ -320,3 +322,32 @@ def test_a_result_carries_what_the_uploads_bytes_declare(client, served):
     assert results["declared"]["verdict_reason"] == "score"  # the default policy: provenance accompanies the score
     assert results["damaged"]["provenance"]["c2pa"]["validation_state"] == "invalid"
     assert [error["code"] for error in results["damaged"]["provenance"]["errors"]] == ["provenance.c2pa_invalid"]
+
+
+def test_decisions_are_recorded_by_key_and_become_labels(client, served, tmp_path):
+    from worker.labels import export_labels
+
+    # given a finished check
+    served.service.register_version(activate=True)
+    body = {"external_id": "decided-1", "image": {"b64": image_b64(5)}}
+    check_id = client.post("/v1/checks", json=body, headers=served.headers("submit")).json()["id"]
+    served.run_checks()
+    url = f"/v1/checks/{check_id}/decisions"
+    # when a moderation tool records two decisions through the API, the later overriding the earlier
+    first = client.post(url, json={"label": "unsure"}, headers=served.headers("review"))
+    second = client.post(url, json={"label": "ai_generated", "note": " seen before "}, headers=served.headers("review"))
+    assert first.status_code == second.status_code == 201
+    # then both are listed newest first, with the key that made them, and the export labels the check fake
+    listed = client.get(url, headers=served.headers("read")).json()
+    assert [(d["label"], d["reviewer"], d["note"]) for d in listed] == [
+        ("ai_generated", "test-review", "seen before"),
+        ("unsure", "test-review", None),
+    ]
+    exported = export_labels(served.settings, served.ledger, tmp_path)
+    assert exported.exported == 1
+    # and a label the console does not give, an unknown field or an unknown check is refused with a code
+    for wrong in ({"label": "maybe"}, {"label": "unsure", "why": "x"}):
+        refused = client.post(url, json=wrong, headers=served.headers("review"))
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "message.invalid"
+    missing = client.post("/v1/checks/nope/decisions", json={"label": "unsure"}, headers=served.headers("review"))
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "check.not_found"

@@ -19,6 +19,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipeline.core.errors import ItemError
 from worker.intake import MAX_EXTERNAL_ID, CheckRequest
+from worker.ledger import reviews
 from worker.ledger.states import CheckStatus
 from worker.ledger.views import as_time, check_dict, shown_target
 from worker.web.auth import requires
@@ -146,6 +147,23 @@ class CheckOut(BaseModel):
     finished_at: str | None
 
 
+class DecisionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: Literal["ai_generated", "authentic", "unsure"] = Field(
+        description="A moderator's call on the upload; `item labels export` turns the latest one into a label."
+    )
+    note: str | None = Field(None, max_length=2000, pattern=NO_NUL, description="Why, for the next moderator.")
+
+
+class DecisionOut(BaseModel):
+    id: str
+    check_id: str
+    label: Literal["ai_generated", "authentic", "unsure"]
+    reviewer: str = Field(description="The name of the key that decided.")
+    note: str | None
+    decided_at: str
+
+
 class CheckPage(BaseModel):
     items: list[CheckOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
@@ -216,10 +234,7 @@ def get_check(
 ) -> dict:
     web = request.app.state.web
     with web.ledger.session() as session:
-        row = web.ledger.get_check(session, check_id) if len(check_id) <= 36 else None
-        if row is None:
-            raise HttpError(404, "check.not_found", "No check has that id.")
-        return check_out(row)
+        return check_out(_check_or_404(web, session, check_id))
 
 
 @router.get("/checks", response_model=CheckPage, responses={422: {"model": ErrorBody}, **_ERRORS})
@@ -244,6 +259,56 @@ def list_checks(
         page = [check_out(row) for row in rows[:limit]]
     more = len(rows) > limit
     return {"items": page, "next_cursor": encode_cursor(rows[limit - 1]) if more else None}
+
+
+@router.post(
+    "/checks/{check_id}/decisions",
+    status_code=201,
+    response_model=DecisionOut,
+    tags=["decisions"],
+    responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, **_ERRORS},
+)
+def decide(
+    check_id: Annotated[str, Path(pattern=NO_NUL)],
+    body: DecisionIn,
+    request: Request,
+    who: Principal = Depends(requires("review")),
+) -> dict:
+    """Records a moderator's decision on a check, as the console's buttons do; every decision is kept, the latest
+    counting."""
+    web = request.app.state.web
+    with web.ledger.session() as session:
+        check = _check_or_404(web, session, check_id)
+        note = (body.note or "").strip() or None
+        return _decision_out(reviews.record_decision(session, check.id, body.label, who.name, who.key_id, note))
+
+
+@router.get(
+    "/checks/{check_id}/decisions",
+    response_model=list[DecisionOut],
+    tags=["decisions"],
+    responses={404: {"model": ErrorBody}, **_ERRORS},
+)
+def list_decisions(
+    check_id: Annotated[str, Path(pattern=NO_NUL)], request: Request, who: Principal = Depends(requires("read"))
+) -> list[dict]:
+    """Every decision on a check, newest first."""
+    web = request.app.state.web
+    with web.ledger.session() as session:
+        check = _check_or_404(web, session, check_id)
+        return [_decision_out(row) for row in reviews.decisions_of(session, check.id)]
+
+
+def _check_or_404(web, session, check_id: str):
+    row = web.ledger.get_check(session, check_id) if len(check_id) <= 36 else None
+    if row is None:
+        raise HttpError(404, "check.not_found", "No check has that id.")
+    return row
+
+
+def _decision_out(row) -> dict:
+    fields = ("id", "check_id", "label", "reviewer", "note")
+    return {**{name: getattr(row, name) for name in fields}, "decided_at": as_time(row.decided_at)}
 
 
 @router.get("/versions", response_model=list[VersionOut], tags=["versions"], responses=_ERRORS)
