@@ -21,12 +21,13 @@ import numpy as np
 
 from pipeline.core import results
 from pipeline.core.detector import Detector
-from pipeline.core.head import REAL_GROUP, Head
+from pipeline.core.head import Head
 from pipeline.core.transforms import IDENTITY, PAPER_PERTURBATIONS, Chain, perturbation
 from pipeline.lab import detection_metrics
-from pipeline.lab.datasets import REAL, Sample
+from pipeline.lab.datasets import Sample
 from pipeline.lab.detection_metrics import GroupMetrics
 from pipeline.lab.features import ArtifactCache, FeatureSet, effective_transform, extract
+from pipeline.lab.training import UNSEEN, class_indices
 
 
 def score(features: FeatureSet, head: Head) -> np.ndarray:
@@ -91,12 +92,8 @@ def attribution(features: FeatureSet, head: Head) -> Confusion:
     groups = head.metadata.groups
     representation = features.representation(head.metadata.w1, head.metadata.w2)
     predicted = [groups[index] for index in head.attribute(representation).argmax(dim=-1).tolist()]
-    generators = set(groups[1:])
-    true = [
-        REAL_GROUP if sample.label == REAL else sample.group if sample.group in generators else OTHER
-        for sample in features.samples
-    ]
-    return confusion(true, predicted, groups)
+    classes = class_indices(features.samples, groups).tolist()
+    return confusion([groups[index] if index != UNSEEN else OTHER for index in classes], predicted, groups)
 
 
 @dataclass

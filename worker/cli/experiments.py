@@ -501,6 +501,7 @@ def _need_both_classes(train_set) -> None:
 def _need_attribution_classes(train_set, groups: list[str]) -> None:
     """An attribution head needs two generators to tell apart, and a training image of every class it names."""
     from pipeline.core.head import REAL_GROUP
+    from pipeline.lab.training import class_indices
 
     generators = groups[1:]
     if len(generators) < 2:
@@ -513,8 +514,8 @@ def _need_attribution_classes(train_set, groups: list[str]) -> None:
         )
     if REAL_GROUP in generators:
         raise fail(ValueError(f"A generator folder named {REAL_GROUP!r} clashes with the real class; rename it."))
-    present = {REAL_GROUP if sample.label == 0 else sample.group for sample in train_set.samples}
-    missing = [group for group in groups if group not in present]
+    present = set(class_indices(train_set.samples, groups).tolist())
+    missing = [group for index, group in enumerate(groups) if index not in present]
     if missing:
         raise fail(
             ValueError(
