@@ -444,12 +444,12 @@ def _missing(known: Artifacts | None, kind: str) -> bool:
     return known is None or codec.get_field(known, kind) is None
 
 
-def _has_features(artifacts: Artifacts | None) -> bool:
-    return artifacts is not None and artifacts.features is not None
-
-
 def _blob_names(checks: list[CheckRow]) -> list[str]:
     return [check.source["blob"] for check in checks if isinstance(check.source.get("blob"), str)]
+
+
+def _has_features(artifacts: Artifacts | None) -> bool:
+    return artifacts is not None and artifacts.features is not None
 
 
 def _sha_of(check: CheckRow, image: DecodedImage | None) -> str:

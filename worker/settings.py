@@ -77,20 +77,6 @@ class Settings(BaseSettings):
         default_factory=list, description="Folders whose files may be checked by `path`; empty refuses all paths."
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Whole-download time limit for image URLs.")
-    read_provenance: bool = Field(True, description="Read C2PA manifests and XMP DigitalSourceType from each image.")
-    c2pa_trust_anchors: Path | None = Field(
-        None,
-        description="PEM file of the C2PA trust anchors: manifests signed under them are `valid`, others "
-        "`untrusted`; unset: none is trusted.",
-    )
-    provenance_timeout_s: float = Field(
-        2.0, gt=0, le=60, description="Time limit of one image's C2PA parse; past it, a provenance error."
-    )
-    provenance_decides: Literal["off", "trusted", "declared"] = Field(
-        "off",
-        description="Which declarations of AI generation make the verdict fake whatever the score: off (the "
-        "score decides), trusted (a valid C2PA manifest of a trusted signer) or declared (also untrusted ones, XMP).",
-    )
     fetch_concurrency: int = Field(
         32, ge=1, le=256, description="Images a worker reads at once (URLs, S3, files): downloads wait on the network."
     )
@@ -110,6 +96,22 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key, with s3_access_key_id.")
     s3_allowed_buckets: list[str] = Field(
         default_factory=list, description="Buckets checks may read; empty: any the credentials can read."
+    )
+
+    # provenance (pipeline/core/provenance.py)
+    read_provenance: bool = Field(True, description="Read C2PA manifests and XMP DigitalSourceType from each image.")
+    c2pa_trust_anchors: Path | None = Field(
+        None,
+        description="PEM file of the C2PA trust anchors: manifests signed under them are `valid`, others "
+        "`untrusted`; unset: none is trusted.",
+    )
+    provenance_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Time limit of one image's C2PA parse; past it, a provenance error."
+    )
+    provenance_decides: Literal["off", "trusted", "declared"] = Field(
+        "off",
+        description="Which declarations of AI generation make the verdict fake whatever the score: off (the "
+        "score decides), trusted (a valid C2PA manifest of a trusted signer) or declared (also untrusted ones, XMP).",
     )
 
     # the service

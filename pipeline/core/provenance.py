@@ -26,6 +26,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 log = logging.getLogger("item.provenance")
 
@@ -39,7 +40,6 @@ C2PA_THREADS = 2  # parses that run past their time limit keep a thread until th
 # IPTC's digital source types that declare generation by a trained model (https://cv.iptc.org/newscodes/
 # digitalsourcetype/): wholly generated, or a composite that includes generated parts.
 AI_SOURCE_TYPES = frozenset({"trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia"})
-POLICIES = ("off", "trusted", "declared")  # what makes a declaration decide the verdict; see `deciding_reason`
 
 _IPTC_EXT = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
 _RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
@@ -156,7 +156,7 @@ class ProvenanceReader:
         self._context_pid = 0  # a context made before a fork is not the child's to use
         self._lock = threading.Lock()
 
-    @property
+    @cached_property  # asked for on every batch; the anchors and the library do not change under a reader
     def version(self) -> str:
         """The key stored provenance is kept under: the reader, the C2PA library and the trust anchors (a
         signature's state depends on them), so a new trust list is a fresh read, not a stale `untrusted`."""
