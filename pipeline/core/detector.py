@@ -139,8 +139,9 @@ class Detector:
         analyses = self.analyze(images, known)
         started = time.perf_counter()
         features = torch.stack([self.representation(a.artifacts.features) for a in analyses]) if analyses else None
-        probabilities = self.head.predict(features).tolist() if features is not None else []
-        attributions = self._attribute(features, len(analyses))
+        shares = self.head.probabilities(features) if features is not None else None  # one pass for both answers
+        probabilities = self.head.fake_share(shares).tolist() if shares is not None else []
+        attributions = self._attribute(shares, len(analyses))
         head_ms = (time.perf_counter() - started) * 1000 / max(1, len(analyses))
         version = self.pipeline_version
         return [
@@ -162,12 +163,12 @@ class Detector:
             for analysis, p_fake, attribution in zip(analyses, probabilities, attributions, strict=True)
         ]
 
-    def _attribute(self, features: torch.Tensor | None, count: int) -> list[list[dict] | None]:
-        """The likeliest generators of each image, for an attribution head; None for each with another head."""
-        if features is None or not self.head.attributes:
+    def _attribute(self, shares: torch.Tensor | None, count: int) -> list[list[dict] | None]:
+        """The likeliest generators of each image from the head's `shares`, for an attribution head; None for each
+        with another head."""
+        if shares is None or not self.head.attributes:
             return [None] * count
-        groups = self.head.metadata.groups
-        return [top_generators(shares, groups) for shares in self.head.attribute(features).tolist()]
+        return [top_generators(row, self.head.metadata.groups) for row in shares.tolist()]
 
     def representation(self, features: Features) -> torch.Tensor:
         """D for one image with the head's w1/w2 (Eq. 7-8)."""

@@ -121,7 +121,10 @@ class Head:
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """P(fake) for each row of D, shape (n, input_dim) → (n,): the fake output, or for an attribution head
         everything but "real"."""
-        probabilities = self.probabilities(features)
+        return self.fake_share(self.probabilities(features))
+
+    def fake_share(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """P(fake) from the softmax over the outputs: the fake output, or everything but "real"."""
         return probabilities[:, 1] if not self.attributes else 1 - probabilities[:, 0]
 
     def attribute(self, features: torch.Tensor) -> torch.Tensor:
