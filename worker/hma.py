@@ -120,8 +120,8 @@ class ItemClassifier(Classifier):
     # ------------------------------------------------------------------ in this process
 
     def _check_here(self, external_id: str, image: dict) -> dict:
+        from worker.gpu.embedded import InProcess
         from worker.ledger.views import check_dict
-        from worker.runtime import InProcess
         from worker.settings import load_settings
 
         if self._local is None:

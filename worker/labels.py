@@ -6,7 +6,7 @@ that `item train` and `item calibrate` read as they are: `ai_generated` is `fake
 by their sha256, so identical uploads are one file and a second export into the same folder rewrites nothing.
 
 The bytes come from the ledger's blob of an inline upload, or are read again from the check's URL, path or S3
-object, through `worker.sources` and so with every check a worker makes (private addresses refused, size and
+object, through `worker.sources.kinds` and so with every check a worker makes (private addresses refused, size and
 time limits). A check whose bytes cannot be had is reported with its error code and left out; so is one whose
 source now serves other bytes than the ones scored and decided on. None of that stops the export.
 
@@ -31,8 +31,8 @@ from typing import IO, TYPE_CHECKING
 
 from pipeline.core.errors import ItemError
 from pipeline.core.imaging import FILE_EXTENSIONS, check_size, sniff_format
-from worker import sources
 from worker.settings import Settings
+from worker.sources import kinds as sources
 
 if TYPE_CHECKING:
     from worker.ledger.store import Ledger

@@ -29,10 +29,10 @@ from pipeline.core.profiles import get_profile
 from pipeline.lab.synthetic import make_image
 from tests.conftest import count_stage_images, encode
 from worker import rescore
-from worker.intake import CheckRequest
+from worker.gpu.embedded import InProcess
+from worker.intake.filing import CheckRequest
 from worker.ledger import migrate
 from worker.ledger.store import RescoreSelection
-from worker.runtime import InProcess
 from worker.settings import Settings
 
 

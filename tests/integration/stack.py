@@ -26,10 +26,10 @@ from pipeline.core.detector import Detector
 from pipeline.core.model_store import ModelStore
 from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
+from worker.gpu.build import build_service
 from worker.ledger import migrate
 from worker.ledger.models import CheckRow
 from worker.ledger.store import Ledger
-from worker.runtime import build_service
 from worker.settings import Settings
 
 ITEM = Path(sys.executable).parent / "item"

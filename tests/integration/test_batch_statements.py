@@ -20,11 +20,11 @@ from pipeline.core.detector import Detector
 from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
 from worker import rescore
-from worker.intake import CheckRequest, Intake
+from worker.gpu.batches import CheckService
+from worker.intake.filing import CheckRequest, Intake
 from worker.ledger import migrate
 from worker.ledger.states import CheckStatus
 from worker.ledger.store import Lease, Ledger, RescoreSelection
-from worker.service import CheckService
 from worker.settings import Settings
 
 SIZES = (1, 32)

@@ -10,10 +10,10 @@ import sqlalchemy as sa
 from pipeline.core.detector import Detector
 from pipeline.core.profiles import get_profile
 from tests.conftest import random_head
+from worker.gpu.batches import CheckService
 from worker.ledger.models import CheckRow
 from worker.ledger.states import Priority
 from worker.ledger.store import Lease
-from worker.service import CheckService
 from worker.settings import Settings
 
 

@@ -21,17 +21,17 @@ from sqlalchemy.exc import OperationalError
 
 from tests.conftest import encode, noise_image
 from tests.integration.stack import serve_images
-from worker import loop as worker_loop
-from worker import service as service_module
-from worker.intake import CheckRequest, Intake
+from worker.gpu import batches as service_module
+from worker.gpu import loop as worker_loop
+from worker.gpu.batches import CheckService
+from worker.gpu.loop import Loop
+from worker.intake.filing import CheckRequest, Intake
 from worker.ledger import access, reviews
 from worker.ledger.models import CheckRow, ConsoleSessionRow, ThumbnailRow, WorkerRow, utcnow
 from worker.ledger.reviews import Thumbnail
 from worker.ledger.states import CheckStatus
 from worker.ledger.store import Lease
-from worker.loop import Loop
-from worker.reconciler import reconcile
-from worker.service import CheckService
+from worker.ops.reconciler import reconcile
 from worker.settings import Settings
 
 ITEM = Path(sys.executable).parent / "item"

@@ -25,17 +25,17 @@ from typer.testing import CliRunner
 
 from tests.conftest import encode, noise_image, random_head
 from tests.integration.stack import REDIS_URL
-from worker.callbacks import CallbackError, checked_callback_url
-from worker.delivery import Deliverer
-from worker.intake import CheckRequest
+from worker.gpu.batches import CheckService
+from worker.gpu.embedded import InProcess
+from worker.intake.filing import CheckRequest
 from worker.ledger.models import CheckRow, DeliveryRow
 from worker.ledger.outbox import record_outcome
 from worker.ledger.store import Lease, Ledger
 from worker.ledger.views import check_dict
-from worker.runtime import InProcess
-from worker.service import CheckService
+from worker.outbox.callbacks import CallbackError, checked_callback_url
+from worker.outbox.delivery import Deliverer
+from worker.outbox.signing import verify
 from worker.settings import Settings
-from worker.signing import verify
 
 SECRET = "callback-secret-for-tests"
 FAST = {
@@ -475,7 +475,8 @@ def test_the_thread_survives_an_unreachable_ledger(caplog):
 
 def test_embedded_mode_delivers_what_is_due_and_leaves_later_retries(receivers, tiny_store, tiny_detector, tmp_path):
     """No broker: `submit` runs the checks here, then sends their results before it returns."""
-    from worker import client, runtime
+    from worker.gpu import embedded
+    from worker.intake import client
     from worker.ledger import migrate
 
     receiver = receivers(500, 200)  # the first result is refused, the second accepted
@@ -499,7 +500,7 @@ def test_embedded_mode_delivers_what_is_due_and_leaves_later_retries(receivers, 
         (tmp_path / f"{seed}.png").write_bytes(encode(noise_image(seed)))
         images.append((f"embedded-{seed}", client.image_from(str(tmp_path / f"{seed}.png"))))
 
-    runtime.submit_in_process(settings, images, callback_url=receiver.url)
+    embedded.submit_in_process(settings, images, callback_url=receiver.url)
 
     assert len(receiver.requests) == 2  # sent before submit returned; the retry, due in a minute, not waited for
     ledger = Ledger(database_url)

@@ -27,8 +27,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import encode, noise_image
-from worker import fetch
-from worker.fetch import AddressPolicy, FetchError, fetch_url
+from worker.sources import fetch
+from worker.sources.fetch import AddressPolicy, FetchError, fetch_url
 
 LOCAL = AddressPolicy(allowed=(ip_network("127.0.0.1/32"),))
 PNG = encode(noise_image(0, 32, 24))

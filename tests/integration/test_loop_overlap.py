@@ -9,10 +9,10 @@ import time
 from pipeline.core.detector import Detector
 from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
-from worker.intake import CheckRequest, Intake
+from worker.gpu.batches import CheckService
+from worker.gpu.loop import Loop
+from worker.intake.filing import CheckRequest, Intake
 from worker.ledger.states import CheckStatus
-from worker.loop import Loop
-from worker.service import CheckService
 from worker.settings import Settings
 
 

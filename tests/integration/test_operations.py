@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.core.results import PipelineVersion
 from tests.integration.stack import Worker, make_stack, run_item
-from worker.exporter import ScrapeTimeCollector
-from worker.metrics import METRIC_NAMES
+from worker.ops.exporter import ScrapeTimeCollector
+from worker.ops.metrics import METRIC_NAMES
 
 
 def _free_port() -> int:

@@ -11,8 +11,8 @@ from pipeline.core.profiles import get_profile
 from tests import provenance_files as files
 from tests.conftest import count_stage_images, random_head
 from tests.integration.stack import Worker, make_stack
-from worker.runtime import InProcess
-from worker.service import CheckService
+from worker.gpu.batches import CheckService
+from worker.gpu.embedded import InProcess
 from worker.settings import Settings
 
 
@@ -69,7 +69,7 @@ def _rescore(service: CheckService, earlier: list) -> dict:
 
 
 def _request(external_id, path):
-    from worker.intake import CheckRequest
+    from worker.intake.filing import CheckRequest
 
     return CheckRequest(external_id, {"path": str(path)})
 

@@ -17,10 +17,10 @@ from pipeline.core.head import Head
 from pipeline.core.profiles import get_profile
 from tests.conftest import count_stage_images, encode, noise_image, random_head
 from worker import rescore
+from worker.gpu.batches import CheckService
+from worker.gpu.embedded import InProcess
 from worker.ledger.states import CheckStatus, Priority
 from worker.ledger.store import Lease, RescoreSelection
-from worker.runtime import InProcess
-from worker.service import CheckService
 from worker.settings import Settings
 
 N = 6

@@ -24,13 +24,13 @@ from botocore.config import Config
 
 from tests.conftest import encode, noise_image
 from tests.integration.stack import Worker, make_stack
-from worker import s3
-from worker.intake import CheckRequest
+from worker.gpu.batches import CheckService
+from worker.gpu.embedded import InProcess
+from worker.intake.filing import CheckRequest
 from worker.ledger import reviews
 from worker.ledger.store import Lease
-from worker.runtime import InProcess
-from worker.service import CheckService
 from worker.settings import Settings
+from worker.sources import s3
 
 BUCKET, PRIVATE = "images", "private"  # the reader may read the first and not the second
 IMAGE = encode(noise_image(7))

@@ -10,10 +10,10 @@ import torch
 from pipeline.core.detector import Detector
 from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
-from worker.intake import CheckRequest
+from worker.gpu.batches import CheckService
+from worker.gpu.embedded import InProcess
+from worker.intake.filing import CheckRequest
 from worker.ledger.store import Lease
-from worker.runtime import InProcess
-from worker.service import CheckService
 from worker.settings import Settings
 
 

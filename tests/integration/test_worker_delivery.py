@@ -17,7 +17,7 @@ from tests.integration.stack import Worker, make_stack
 from tests.integration.test_delivery import Receiver
 from worker.ledger.models import DeliveryRow
 from worker.ledger.views import check_dict
-from worker.signing import verify
+from worker.outbox.signing import verify
 
 SECRET = "end-to-end-secret"
 STREAM = f"item-test-results-{uuid.uuid4().hex}"

@@ -98,7 +98,7 @@ def test_the_pipeline_knows_nothing_of_the_service():
 
 def test_the_graph_sees_the_imports_it_checks():
     # The checks above mean something only if the graph is read right: known edges must be found.
-    assert "pipeline.core.detector" in _edges()["worker.runtime"]
+    assert "pipeline.core.detector" in _edges()["worker.gpu.build"]
     assert "pipeline.core.model_store" in _edges()["pipeline.core.detector"]
     assert "pipeline.core.tiny" in _edges()["pipeline.core.model_store"]  # a lazy import, inside a function
     assert "worker.cli.common" in _edges()["worker.cli.checks"]

@@ -25,11 +25,11 @@ from pipeline.core.profiles import get_profile
 from tests.conftest import encode, noise_image, random_head
 from tests.integration.brokers import free_port
 from tests.integration.conftest import temporary_postgres_database
+from worker.gpu.batches import CheckService
+from worker.gpu.loop import Loop
 from worker.ledger import migrate
 from worker.ledger.models import Base
 from worker.ledger.store import Ledger
-from worker.loop import Loop
-from worker.service import CheckService
 from worker.settings import Settings
 from worker.web.app import create_app
 from worker.web.keys import SCOPES, create_key

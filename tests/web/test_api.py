@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 
 from tests.web.conftest import image_b64
-from worker import metrics
 from worker.ledger import access
 from worker.ledger.models import utcnow
+from worker.ops import metrics
 from worker.web.app import body_limit
 
 # (method, path, body, the scope it needs)

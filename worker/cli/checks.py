@@ -78,7 +78,7 @@ def scan(
 
 def _loaded_detector(settings, offline: bool):
     from pipeline.core.errors import ItemError
-    from worker.runtime import build_detector
+    from worker.gpu.build import build_detector
 
     try:
         detector = build_detector(
@@ -147,7 +147,7 @@ def submit(
     Inputs are image files, http(s) URLs, or s3://bucket/key objects (read with the ITEM_S3_* settings).
     """
     from pipeline.core.errors import ItemError
-    from worker import client
+    from worker.intake import client
 
     settings = settings_from()
     ids = external_id or inputs
@@ -158,7 +158,7 @@ def submit(
         if settings.broker_url:  # a service runs: file them for its workers
             submitted = client.submit(settings, items, callback_url=callback_url)
         else:  # embedded: the models load here, and the checks run before this command returns
-            from worker.runtime import submit_in_process
+            from worker.gpu.embedded import submit_in_process
 
             submitted = submit_in_process(settings, items, callback_url=callback_url)
     except ItemError as error:
@@ -213,7 +213,7 @@ def results(
     as_json: JsonOpt = False,
 ) -> None:
     """Checks from the ledger, newest first, filtered. After a re-score, each version keeps its own result."""
-    from worker.client import checks
+    from worker.intake.client import checks
 
     rows = checks(
         settings_from(),

@@ -48,14 +48,14 @@ def worker(
     settings = settings_from(worker_concurrency=concurrency)
     if intake and not settings.broker_url:
         raise fail(ValueError("ITEM_BROKER_URL is not set: the intake needs a broker (or pass --no-intake)."))
-    from worker import exporter, logs
     from worker.ledger import migrate
+    from worker.ops import exporter, logs
 
     logs.configure(settings.log_format, loglevel.upper())
     if not migrate.is_up_to_date(settings.database_url):
         raise fail(ValueError(f"The ledger is not at revision {migrate.head()}: run `item db upgrade` first."))
     exporter.prepare_multiprocess_dir(settings)  # before anything imports the metrics: children inherit it
-    from worker.supervisor import Supervisor
+    from worker.gpu.processes import Supervisor
 
     code = Supervisor(settings, loglevel=loglevel.upper(), intake=intake, reconcile=reconcile).run()
     raise typer.Exit(code)
@@ -101,7 +101,7 @@ def metrics(
     """Serve /metrics for the worker processes of this host (their ITEM_METRICS_DIR) until interrupted."""
     import time
 
-    from worker import exporter
+    from worker.ops import exporter
 
     settings = settings_from(metrics_port=port)
     if settings.metrics_dir is None:
@@ -119,7 +119,7 @@ def health(
     load_models: Annotated[bool, typer.Option(help="Also load every model (slow; proves the weights load).")] = False,
 ) -> None:
     """Database reachable and migrated, broker reachable, models loadable: exit 0, else 1 (a container probe)."""
-    from worker.health import check_health
+    from worker.ops.health import check_health
 
     report = check_health(settings_from(), load_models=load_models)
     if as_json:
@@ -137,7 +137,7 @@ def reconcile(as_json: JsonOpt = False) -> None:
     thumbnails and expired console sessions (workers also run this every ITEM_RECONCILE_INTERVAL_S, once per
     deployment)."""
     from worker.ledger.store import Ledger
-    from worker.reconciler import reconcile as reconcile_once
+    from worker.ops.reconciler import reconcile as reconcile_once
 
     settings = settings_from()
     result = reconcile_once(settings, Ledger(settings.database_url))

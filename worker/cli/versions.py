@@ -116,8 +116,8 @@ def versions_register(
 ) -> None:
     """Register the version that a profile and head make (no model is loaded), and by default activate it."""
     from pipeline.core.errors import ItemError
+    from worker.gpu.build import build_detector
     from worker.ledger.store import Ledger
-    from worker.runtime import build_detector
 
     settings = settings_from(profile=profile, head=head, model_dir=model_dir)
     try:
@@ -234,7 +234,7 @@ def _rescore(selection, *, limit, wait, timeout, dry_run, as_json) -> None:
 
 def _embedded(settings):
     """No broker: the re-scores run in this process, under the version the settings describe, made active."""
-    from worker.runtime import InProcess
+    from worker.gpu.embedded import InProcess
 
     runner = InProcess(settings)
     ledger = runner.service.ledger

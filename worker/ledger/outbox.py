@@ -1,7 +1,7 @@
 """The outbox: results waiting to be pushed to platforms (callbacks, the results stream), as ledger rows.
 
 When a check ends (done, rejected or failed), `record_outcome` writes one `deliveries` row per target in the
-same transaction as the outcome, so a stored result always has its deliveries. Senders (`worker.delivery`)
+same transaction as the outcome, so a stored result always has its deliveries. Senders (`worker.outbox.delivery`)
 claim due rows with a lease, send, and record each attempt here.
 """
 

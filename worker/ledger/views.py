@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from worker.fetch import FetchError, parse_target
 from worker.ledger.models import CheckRow, DeliveryRow
 from worker.ledger.states import STREAM_TARGET, DeliveryStatus
+from worker.sources.fetch import FetchError, parse_target
 
 CHECK_FIELDS = (
     "id",

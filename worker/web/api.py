@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipeline.core.errors import ItemError
-from worker.intake import MAX_EXTERNAL_ID, CheckRequest
+from worker.intake.filing import MAX_EXTERNAL_ID, CheckRequest
 from worker.ledger import reviews
 from worker.ledger.states import CheckStatus
 from worker.ledger.views import as_time, check_dict, shown_target

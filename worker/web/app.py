@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
-from worker import metrics
-from worker.intake import Intake
+from worker.intake.filing import Intake
 from worker.ledger.store import Ledger
+from worker.ops import metrics
 from worker.settings import Settings
 from worker.web import api, console
 from worker.web.auth import requires
@@ -106,7 +106,7 @@ def _add_service_routes(app: FastAPI) -> None:
     @app.get("/readyz", tags=["service"], responses={503: {"description": "The ledger is unreachable or behind."}})
     def readyz(request: Request) -> Response:
         """The ledger answers and its schema is the one this code expects (for a readiness probe)."""
-        from worker.health import check_health
+        from worker.ops.health import check_health
 
         settings = request.app.state.web.settings
         report = check_health(settings.model_copy(update={"broker_url": None}), probes=("database", "migrations"))

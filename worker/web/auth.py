@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from worker import metrics
+from worker.ops import metrics
 from worker.web.errors import HttpError
 from worker.web.keys import Principal
 

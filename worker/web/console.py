@@ -20,10 +20,10 @@ import jinja2
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from worker import metrics
 from worker.ledger import access, reviews
 from worker.ledger.models import ImageRow, utcnow
 from worker.ledger.views import delivery_dict
+from worker.ops import metrics
 from worker.web.api import as_utc, decode_cursor, encode_cursor
 from worker.web.keys import Principal
 

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipeline.core.errors import ItemError
-from worker.intake import CheckRequest, Filed, Intake
+from worker.intake.filing import CheckRequest, Filed, Intake
 
 log = logging.getLogger("item.web")
 BROKEN_LEDGER = (OperationalError, InterfaceError, ItemError)  # the same for every request: no use filing singly

@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 CLIENT_MODULES = (
-    "worker.client",
-    "worker.signing",
+    "worker.intake.client",
+    "worker.outbox.signing",
     "worker.cli.main",
     "worker.ledger.store",
     "worker.ledger.views",
     "worker.ledger.outbox",
     "worker.rescore",
-    "worker.intake",
+    "worker.intake.filing",
 )
 HEAVY = ("torch", "numpy", "open_clip", "transformers", "PIL", "sklearn", "scipy", "matplotlib")
 
@@ -34,7 +34,7 @@ def test_the_signing_module_needs_only_the_standard_library():
     code = (
         "import json, sys\n"
         "before = set(sys.modules)\n"
-        "import worker.signing\n"
+        "import worker.outbox.signing\n"
         "new = {name.split('.')[0] for name in set(sys.modules) - before}\n"
         "print(json.dumps(sorted(new - set(sys.stdlib_module_names) - {'worker'})))\n"
     )

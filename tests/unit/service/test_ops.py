@@ -1,5 +1,5 @@
 """The operations folder agrees with the code: alerts and dashboard panels query only metrics that
-`worker.metrics` defines, every alert has a severity, a summary and a runbook section that exists, the compose
+`worker.ops.metrics` defines, every alert has a severity, a summary and a runbook section that exists, the compose
 file sets only settings that exist. With `promtool` on PATH, Prometheus itself checks the rules, runs their unit
 tests (ops/prometheus/*.test.yml), checks the config and parses every dashboard query.
 """
@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from worker import metrics
-from worker.metrics import METRIC_NAMES
+from worker.ops import metrics
+from worker.ops.metrics import METRIC_NAMES
 from worker.settings import Settings
 
 yaml = pytest.importorskip("yaml")

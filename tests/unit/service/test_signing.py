@@ -7,7 +7,7 @@ import hmac
 
 import pytest
 
-from worker.signing import canonical, sign, verify
+from worker.outbox.signing import canonical, sign, verify
 
 SECRET = b"shared-secret"
 NOW = 1_900_000_000

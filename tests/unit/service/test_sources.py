@@ -1,4 +1,4 @@
-"""Unit tests for worker.sources: the shapes of the task's `image` object, the s3 kind above all.
+"""Unit tests for worker.sources.kinds: the shapes of the task's `image` object, the s3 kind above all.
 
 No network and no store: these are the checks made when a message arrives, before anything is read.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from worker.settings import Settings
-from worker.sources import S3_MAX_KEY_BYTES, SourceError, parse_s3_uri, to_stored, validate
+from worker.sources.kinds import S3_MAX_KEY_BYTES, SourceError, parse_s3_uri, to_stored, validate
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_a_host_gets_no_more_than_its_slots_and_a_wait_past_the_limit_is_a_trans
     import threading
     import time
 
-    from worker.sources import BusyHost, HostSlots
+    from worker.sources.kinds import BusyHost, HostSlots
 
     slots, inside, most = HostSlots(), [0], [0]
     lock = threading.Lock()

@@ -34,9 +34,9 @@ from kombu import Connection, Exchange, Queue
 from kombu.mixins import ConsumerMixin
 
 from pipeline.core.errors import ItemError
-from worker.intake import CheckRequest, Intake, dead_letter, from_message
+from worker.gpu.batches import INFRASTRUCTURE_ERRORS
+from worker.intake.filing import CheckRequest, Intake, dead_letter, from_message
 from worker.ledger.models import DeadLetterRow
-from worker.service import INFRASTRUCTURE_ERRORS
 from worker.settings import CHECK_QUEUE, Settings
 
 log = logging.getLogger("item.intake")

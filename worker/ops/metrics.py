@@ -119,7 +119,7 @@ for _outcome in ("hit", "miss"):  # so a hit ratio reads 0, not "no data", befor
     for _artifact in ("caption", "objects", "embeddings", "features"):
         ARTIFACT_REUSE.labels(_artifact, _outcome)
 
-# Read from the broker and the ledger at scrape time by the exporter (see worker/exporter.py).
+# Read from the broker and the ledger at scrape time by the exporter (see worker/ops/exporter.py).
 QUEUE_DEPTH_NAME = "item_queue_depth"
 WAITING_NAME = "item_checks_waiting"
 STUCK_NAME = "item_checks_stuck"

@@ -1,13 +1,13 @@
 """The callback URL a check may carry: its shape is checked when the check is submitted.
 
-Only the shape: where the host resolves is checked at every send (`worker.fetch.post`), since DNS answers may
+Only the shape: where the host resolves is checked at every send (`worker.sources.fetch.post`), since DNS answers may
 change by then. A URL refused here never reaches the ledger; the check is rejected `callback.invalid`.
 """
 
 from __future__ import annotations
 
 from pipeline.core.errors import ItemError
-from worker.fetch import FetchError, parse_target
+from worker.sources.fetch import FetchError, parse_target
 
 MAX_CALLBACK_URL = 2048
 

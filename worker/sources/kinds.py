@@ -1,6 +1,6 @@
 """Where a check's image comes from: exactly one of `url`, `b64`, `path` or `s3` (the task contract), or a stored blob.
 
-    url    an http(s) URL, fetched with the SSRF checks of `worker.fetch`
+    url    an http(s) URL, fetched with the SSRF checks of `worker.sources.fetch`
     b64    the image's bytes in base64, at most ITEM_MAX_B64_BYTES
     path   a file under one of ITEM_ALLOWED_PATH_ROOTS
     s3     {"bucket": ..., "key": ...} in the store of the ITEM_S3_* settings (the string "s3://bucket/key" is
@@ -180,7 +180,7 @@ def fetch(value: str, settings: Settings, *, timeout_s: float | None = None) -> 
     import ipaddress
     import urllib.parse
 
-    from worker.fetch import AddressPolicy, fetch_url
+    from worker.sources.fetch import AddressPolicy, fetch_url
 
     timeout_s = timeout_s or settings.fetch_timeout_s
     allowed = tuple(ipaddress.ip_network(network) for network in settings.fetch_allowed_networks)
@@ -197,7 +197,7 @@ def fetch(value: str, settings: Settings, *, timeout_s: float | None = None) -> 
 
 
 def read_s3(value: dict[str, str], settings: Settings, *, timeout_s: float | None = None) -> bytes:
-    from worker.s3 import read_object  # boto3 is imported only by workers that meet an s3 source
+    from worker.sources.s3 import read_object  # boto3 is imported only by workers that meet an s3 source
 
     return read_object(value["bucket"], value["key"], settings, timeout_s)
 

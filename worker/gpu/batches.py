@@ -1,7 +1,7 @@
 """What a batch of checks goes through, as plain functions over the ledger and the detector (no broker here).
 
 A worker claims up to `batch_size` ready checks of its pipeline version from the ledger under a lease (see
-`worker.loop`), and this runs them: stored answers and artifacts first, then fetching and decoding, the models
+`worker.gpu.loop`), and this runs them: stored answers and artifacts first, then fetching and decoding, the models
 once per distinct image, and one transaction for artifacts, results and outbox rows. Every change to a check
 names the lease token, so a worker that lost its lease (it stalled, another took over) can never overwrite
 the new owner's work. Metrics and logs of an outcome are emitted only once its transaction has committed.
@@ -27,13 +27,14 @@ from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage, thumbnail_jpeg
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
-from worker import metrics, sources
 from worker.ledger import outbox, reviews
 from worker.ledger.models import CheckRow, utcnow
 from worker.ledger.reviews import Thumbnail
 from worker.ledger.states import CheckStatus, Priority
 from worker.ledger.store import Ending, Lease, Ledger, LedgerTally
+from worker.ops import metrics
 from worker.settings import Settings, backoff_s, provenance_reader
+from worker.sources import kinds as sources
 
 log = logging.getLogger("item.worker")
 
@@ -87,7 +88,7 @@ class _Outcomes:
 class Batch:
     """A claimed batch on its way through a worker: prepared (read, decoded, looked up), run, then stored.
 
-    Each phase may run on its own thread (see `worker.loop`), so a batch carries everything the next phase
+    Each phase may run on its own thread (see `worker.gpu.loop`), so a batch carries everything the next phase
     needs, and what it cost: ledger statements and time, reading and model time.
     """
 
@@ -104,7 +105,7 @@ class Batch:
     tally: LedgerTally = field(default_factory=LedgerTally)
     read_ms: float = 0.0
     model_ms: float = 0.0
-    renewal: Any = None  # the heartbeat renewing its lease (see worker.loop)
+    renewal: Any = None  # the heartbeat renewing its lease (see worker.gpu.loop)
     timed_out: bool = False  # its checks were retried as check.timeout: nothing is left to store
 
     def left_s(self) -> float:
@@ -196,7 +197,7 @@ class CheckService:
     # ------------------------------------------------------------------ running
 
     def run_batch(self, checks: list[CheckRow], lease: Lease, deadline: float | None = None) -> None:
-        """Prepares, runs and stores a batch in this thread (`worker.loop` overlaps the phases of batches)."""
+        """Prepares, runs and stores a batch in this thread (`worker.gpu.loop` overlaps the phases of batches)."""
         batch = Batch(checks, lease, deadline or time.monotonic() + self.settings.batch_time_budget_s)
         self.prepare(batch)
         self.run_models(batch)

@@ -1,7 +1,7 @@
 """Intake: every submission becomes a ledger row (blob stored, `queued`) in milliseconds, running no model.
 
 Submissions come from `item submit` and the Python client (which write here directly) and from `item.check`
-messages of any client (read by `worker.consumer`, which acknowledges a message only after this has committed
+messages of any client (read by `worker.intake.consumer`, which acknowledges a message only after this has committed
 its row). Workers then claim the rows from the ledger; no message is needed to find a check again.
 
 What cannot be filed keeps a record with a stable code: a submission whose `external_id` is usable gets a
@@ -18,13 +18,14 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from pipeline.core.errors import ItemError
-from worker import metrics, sources
-from worker.callbacks import CallbackError, checked_callback_url
 from worker.ledger import outbox
 from worker.ledger.models import CheckRow, DeadLetterRow
 from worker.ledger.store import Ledger, NewCheck
 from worker.ledger.wakeups import notify_new_checks
+from worker.ops import metrics
+from worker.outbox.callbacks import CallbackError, checked_callback_url
 from worker.settings import CHECK_TASK, Settings
+from worker.sources import kinds as sources
 
 log = logging.getLogger("item.intake")
 

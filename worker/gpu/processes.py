@@ -2,9 +2,9 @@
 
     item worker (this process: no model library is imported here)
       ├─ GPU loop × concurrency   processes started fresh (spawn), each loading its models, then claiming batches
-      ├─ intake thread            `item.check` messages → ledger rows (worker.consumer)
-      ├─ deliverer thread         the outbox: callbacks and the results stream (worker.delivery)
-      ├─ reconciler thread        once per deployment (worker.reconciler)
+      ├─ intake thread            `item.check` messages → ledger rows (worker.intake.consumer)
+      ├─ deliverer thread         the outbox: callbacks and the results stream (worker.outbox.delivery)
+      ├─ reconciler thread        once per deployment (worker.ops.reconciler)
       └─ /metrics                 every process's samples, plus what is read at scrape time
 
 A GPU process that dies is replaced at once, and is never killed for taking long to load its models (the
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.core.errors import ItemError
-from worker import logs
+from worker.ops import logs
 from worker.settings import Settings
 
 log = logging.getLogger("item.worker")
@@ -58,10 +58,10 @@ class Supervisor:
     exit_status: int = 0
 
     def run(self) -> int:
-        from worker import exporter
-        from worker.delivery import Deliverer
         from worker.ledger.store import Ledger
-        from worker.reconciler import ReconcilerThread
+        from worker.ops import exporter
+        from worker.ops.reconciler import ReconcilerThread
+        from worker.outbox.delivery import Deliverer
 
         self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread or lock of ours
         self._events = self._context.Queue()
@@ -143,8 +143,8 @@ class Supervisor:
     def _start_intake(self, ledger):
         if not self.intake or not self.settings.broker_url:
             return None, None
-        from worker.consumer import make_intake
-        from worker.intake import Intake
+        from worker.intake.consumer import make_intake
+        from worker.intake.filing import Intake
 
         consumer = make_intake(self.settings, Intake(self.settings, ledger))
         thread = threading.Thread(target=consumer.run, name="item-intake", daemon=True)
@@ -194,9 +194,9 @@ def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us in order
-    from worker import metrics
-    from worker.loop import Loop
-    from worker.runtime import build_service
+    from worker.gpu.build import build_service
+    from worker.gpu.loop import Loop
+    from worker.ops import metrics
 
     try:
         service = build_service(settings)

@@ -17,7 +17,7 @@ What a platform receives:
   `Content-Type: application/json`, `X-Item-Timestamp` (Unix seconds), `X-Item-Signature`
   (`v1=<hex HMAC-SHA256(secret, f"{timestamp}." + body)>`), `X-Item-Delivery` (the delivery id) and
   `User-Agent`. Any 2xx answer counts as delivered; redirects are not followed. Verify with
-  `worker.signing.verify`.
+  `worker.outbox.signing.verify`.
 - Stream: `XADD <ITEM_RESULTS_STREAM> MAXLEN ~ <ITEM_RESULTS_STREAM_MAXLEN> * check_id <id> external_id <id>
   delivery_id <id> body <canonical JSON>`. The stream name is used as given: `ITEM_REDIS_KEY_PREFIX` is not
   applied, since the name is the platform's interface, not one of this service's internal keys.
@@ -28,7 +28,7 @@ Errors, as "code: message" in `last_error`:
     callback.no_secret   permanent  no ITEM_CALLBACK_SECRET: callbacks are never sent unsigned
     stream.unconfigured  permanent  a stream delivery with no ITEM_RESULTS_STREAM or no Redis to send it to
     stream.error         transient  Redis refused or could not be reached
-    url.invalid, url.refused, url.unresolvable   permanent  (see worker/fetch.py)
+    url.invalid, url.refused, url.unresolvable   permanent  (see worker/sources/fetch.py)
     anything else (url.http_5xx, url.http_4xx, url.timeout, url.connection...)  transient: retried with backoff
 """
 
@@ -43,15 +43,15 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import ItemError
-from worker import metrics
-from worker.fetch import AddressPolicy, post
 from worker.ledger.models import DeliveryRow, utcnow
 from worker.ledger.outbox import claim_due, record_attempt
 from worker.ledger.states import STREAM_TARGET, DeliveryStatus
 from worker.ledger.views import shown_target, target_kind
-from worker.logs import OutageLog
+from worker.ops import metrics
+from worker.ops.logs import OutageLog
+from worker.outbox.signing import canonical, sign
 from worker.settings import Settings, backoff_s
-from worker.signing import canonical, sign
+from worker.sources.fetch import AddressPolicy, post
 
 if TYPE_CHECKING:
     from worker.ledger.store import Ledger

@@ -54,7 +54,7 @@ def _migrations(settings: Settings) -> str:
 def _broker(settings: Settings) -> str:
     if not settings.broker_url:
         return "none configured: checks run in-process"
-    from worker.consumer import broker_connection
+    from worker.intake.consumer import broker_connection
 
     with broker_connection(settings) as connection:
         connection.ensure_connection(max_retries=1, timeout=PROBE_TIMEOUT_S)
@@ -63,7 +63,7 @@ def _broker(settings: Settings) -> str:
 
 def _models(settings: Settings, load: bool) -> str:
     """The profile's models are on disk (never downloaded here) and the head fits them."""
-    from worker.runtime import build_detector
+    from worker.gpu.build import build_detector
 
     detector = build_detector(settings.model_copy(update={"allow_download": False}))
     if load:

@@ -21,9 +21,9 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from worker import metrics
 from worker.ledger import access, outbox, reviews
 from worker.ledger.store import Ledger
+from worker.ops import metrics
 from worker.settings import Settings
 
 log = logging.getLogger("item.reconciler")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from worker.settings import CHECK_QUEUE, Settings
 
-# prometheus_client and worker.metrics are imported inside functions: prometheus_client picks its
+# prometheus_client and worker.ops.metrics are imported inside functions: prometheus_client picks its
 # in-memory or multiprocess mode when first imported, which must come after prepare_multiprocess_dir().
 
 log = logging.getLogger("item.metrics")
@@ -47,7 +47,7 @@ class ScrapeTimeCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        from worker.metrics import QUEUE_DEPTH_NAME, STUCK_NAME, WAITING_NAME
+        from worker.ops.metrics import QUEUE_DEPTH_NAME, STUCK_NAME, WAITING_NAME
 
         depth = GaugeMetricFamily(
             QUEUE_DEPTH_NAME, "Messages in the broker the intake has not filed yet, per queue.", labels=["queue"]
@@ -76,7 +76,7 @@ class ScrapeTimeCollector:
         try:
             if self.settings.broker_url.startswith(("redis://", "rediss://")):
                 return {CHECK_QUEUE: self._redis_length()}
-            from worker.consumer import broker_connection
+            from worker.intake.consumer import broker_connection
 
             with broker_connection(self.settings) as connection:
                 _, messages, _ = connection.default_channel.queue_declare(CHECK_QUEUE, passive=True)

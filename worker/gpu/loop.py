@@ -27,12 +27,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
+from worker.gpu.batches import INFRASTRUCTURE_ERRORS, Batch, BatchTimeout, CheckService, TransientError
 from worker.ledger import reviews
 from worker.ledger.models import utcnow
 from worker.ledger.store import Lease
 from worker.ledger.wakeups import Listener
-from worker.logs import OutageLog
-from worker.service import INFRASTRUCTURE_ERRORS, Batch, BatchTimeout, CheckService, TransientError
+from worker.ops.logs import OutageLog
 
 log = logging.getLogger("item.worker")
 

@@ -1,6 +1,6 @@
 """Signed callbacks: how the service signs a result body, and how a platform's receiver checks it.
 
-Standard library only, so a receiver can `from worker.signing import verify` without the service's
+Standard library only, so a receiver can `from worker.outbox.signing import verify` without the service's
 dependencies. The signature is `v1=<hex HMAC-SHA256(secret, f"{timestamp}." + body)>` over the exact bytes
 sent; the body is canonical JSON, so every retry of one delivery sends (and signs) the same bytes.
 """
@@ -45,7 +45,7 @@ def verify(
     more than `tolerance_s` away from `now` (a replayed request), or malformed headers. The signature header may
     list several `v1=` values separated by commas; one match is enough.
 
-        from worker.signing import verify
+        from worker.outbox.signing import verify
         if not verify(SECRET, request.body, request.headers.get("X-Item-Timestamp"),
                       request.headers.get("X-Item-Signature")):
             return 401

@@ -1,51 +1,17 @@
-"""Wiring: settings → ledger + detector + head → a `CheckService`. One place, used by the worker, CLI and tests.
-
-Also the embedded mode (no broker), where what a submission or a re-score files runs in this process.
-"""
+"""The embedded mode (no broker): what a submission or a re-score files runs in this process, now."""
 
 from __future__ import annotations
 
-from worker.client import Submitted
-from worker.delivery import Deliverer
-from worker.intake import CheckRequest, Filed, Intake
+from worker.gpu.batches import CheckService
+from worker.gpu.build import build_service
+from worker.gpu.loop import Loop
+from worker.intake.client import Submitted
+from worker.intake.filing import CheckRequest, Filed, Intake
 from worker.ledger.states import TERMINAL_STATUSES
-from worker.ledger.store import Ledger
-from worker.loop import Loop
-from worker.service import CheckService
+from worker.outbox.delivery import Deliverer
 from worker.settings import Settings
 
 EMBEDDED_BACKOFF_MAX_S = 5.0  # a person waits at the terminal: retry delays are honoured, but capped
-UNTRAINED_HEAD = "untrained"  # ITEM_HEAD / --head value: a seeded untrained head, for random-weight profiles only
-
-
-def build_detector(settings: Settings):
-    from pipeline.core.detector import Detector, untrained_head
-    from pipeline.core.errors import HeadError
-    from pipeline.core.head import Head
-    from pipeline.core.model_store import ModelStore
-    from pipeline.core.profiles import get_profile
-
-    profile = get_profile(settings.profile)
-    if settings.head is None:
-        message = "No head given: set ITEM_HEAD (or pass --head to `item scan`); `item demo` trains a tiny one."
-        raise HeadError(message, code="head.missing")
-    untrained = str(settings.head) == UNTRAINED_HEAD
-    if untrained and not profile.meaningless_scores:
-        message = f"--head {UNTRAINED_HEAD} is only for random-weight profiles; {profile.name!r} needs a trained head."
-        raise HeadError(message, code="head.untrained_refused")
-    store = ModelStore(settings.model_dir, allow_download=settings.allow_download)
-    head = None if untrained else Head.load(settings.head)
-    detector = Detector(
-        profile, store, head, settings.device, precision=settings.stage_precision,
-        provenance_policy=settings.provenance_decides,
-    )  # fmt: skip
-    if untrained:  # random models: their scores mean nothing whatever the head, so an untrained one serves
-        detector.use_head(untrained_head(detector))
-    return detector
-
-
-def build_service(settings: Settings) -> CheckService:
-    return CheckService(settings, Ledger(settings.database_url), build_detector(settings))
 
 
 class InProcess:
@@ -91,7 +57,7 @@ class InProcess:
 def submit_in_process(
     settings: Settings, items: list[tuple[str, dict]], *, callback_url: str | None = None
 ) -> list[Submitted]:
-    """`worker.client.submit` without a broker: the checks run here, now, under the version the settings make;
+    """`worker.intake.client.submit` without a broker: the checks run here, now, under the version the settings make;
     each comes back with the status it ended in."""
     runner = InProcess(settings)
     filed = runner.submit([CheckRequest(external_id, image, callback_url) for external_id, image in items])

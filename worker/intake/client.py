@@ -1,7 +1,7 @@
 """The Python client platforms use: checks are filed in the ledger, where the workers claim them.
 
 It loads no model library, so it starts in a blink. It is for a running service (`ITEM_BROKER_URL` set, workers
-up); without a broker the checks can run in this process instead: `worker.runtime.submit_in_process`, which
+up); without a broker the checks can run in this process instead: `worker.gpu.embedded.submit_in_process`, which
 `item submit` picks when no broker is configured.
 
 A platform in another language (or without ledger access) sends the Celery message instead (task `item.check`,
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import ItemError
-from worker import sources
-from worker.intake import CheckRequest, Intake
+from worker.intake.filing import CheckRequest, Intake
 from worker.ledger.models import CheckRow
 from worker.ledger.store import Ledger
 from worker.settings import Settings
+from worker.sources import kinds as sources
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Running it: metrics, the exporter, logs, health, the reconciler."""

@@ -1,0 +1,1 @@
+"""Results going out: signed callbacks and the results stream."""

@@ -1,0 +1,1 @@
+"""Where a check's image is read from: inline bytes, files, URLs, S3."""
