@@ -1,0 +1,113 @@
+"""What the ledger keeps per image, by sha256: decoded images, inline bytes (blobs), reusable artifacts, and
+the finished check that answers duplicates of the same bytes.
+
+The same bytes under the same stage versions always give the same results, so all of it is written once
+(INSERT ... ON CONFLICT DO NOTHING) and never updated, and a worker's batch reads and writes it a batch at a time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from pipeline.core import codec
+from pipeline.core.results import Artifacts
+from worker.ledger.models import ArtifactRow, BlobRow, CheckRow, ImageRow, utcnow
+from worker.ledger.queries import fresh, in_chunks, insert_many
+from worker.ledger.states import CheckStatus
+
+if TYPE_CHECKING:  # decoding imports Pillow and numpy: the client side reads the ledger without them
+    from pipeline.core.imaging import DecodedImage
+
+
+def upsert_images(session: Session, images: list[DecodedImage]) -> None:
+    """Records decoded images once each, in one statement; the same bytes always decode the same, so nothing
+    is ever updated."""
+    now = utcnow()
+    rows = {
+        image.sha256: {
+            "sha256": image.sha256,
+            "n_bytes": image.n_bytes,
+            "width": image.width,
+            "height": image.height,
+            "format": image.format,
+            "created_at": now,
+        }
+        for image in images
+    }
+    insert_many(session, ImageRow, list(rows.values()))
+
+
+def put_blob(session: Session, sha256: str, data: bytes) -> None:
+    put_blobs(session, {sha256: data})
+
+
+def put_blobs(session: Session, blobs: dict[str, bytes]) -> None:
+    """Stores inline images by sha256, in one statement per IN_CHUNK of them; one already stored is kept."""
+    insert_many(session, BlobRow, [{"sha256": sha256, "data": data} for sha256, data in blobs.items()])
+
+
+def get_blobs(session: Session, sha256s: list[str]) -> dict[str, bytes]:
+    """The stored bytes of each of these blobs that exists, by sha256."""
+    found = {}
+    for chunk in in_chunks(sorted(set(sha256s))):
+        query = sa.select(BlobRow.sha256, BlobRow.data).where(BlobRow.sha256.in_(chunk))
+        found.update({sha256: data for sha256, data in session.execute(query)})
+    return found
+
+
+def load_artifacts(session: Session, sha256s: list[str], versions: dict[str, str]) -> dict[str, Artifacts]:
+    """For every sha256, the artifacts stored under exactly these version keys (kinds not stored stay None)."""
+    found = {sha256: Artifacts() for sha256 in sha256s}
+    wanted = {(kind, codec.version_hash(version)): version for kind, version in versions.items()}
+    if not found or not wanted:
+        return found
+    key_match = sa.or_(*(sa.and_(ArtifactRow.kind == k, ArtifactRow.version_hash == h) for k, h in wanted))
+    for chunk in in_chunks(list(found)):
+        query = sa.select(ArtifactRow).where(ArtifactRow.sha256.in_(chunk), key_match)
+        for row in session.scalars(query):
+            if row.version == wanted[(row.kind, row.version_hash)]:  # a hash-prefix collision is not a match
+                codec.set_field(found[row.sha256], row.kind, codec.decode(row.kind, row.payload, row.vectors))
+    return found
+
+
+def save_artifacts(session: Session, sha256: str, artifacts: Artifacts, versions: dict[str, str]) -> None:
+    """Stores each artifact present under its version key; one already stored is left as it is."""
+    save_artifacts_many(session, {sha256: (artifacts, versions)})
+
+
+def save_artifacts_many(session: Session, items: dict[str, tuple[Artifacts, dict[str, str]]]) -> None:
+    """`save_artifacts` for many images, {sha256: (artifacts, version keys to store)}, in one statement."""
+    now, rows = utcnow(), []
+    for sha256, (artifacts, versions) in items.items():
+        for kind, version in versions.items():
+            value = codec.get_field(artifacts, kind)
+            if value is None:
+                continue
+            payload, vectors = codec.encode(kind, value)
+            key = {"sha256": sha256, "kind": kind, "version_hash": codec.version_hash(version)}
+            rows.append({**key, "version": version, "payload": payload, "vectors": vectors, "created_at": now})
+    insert_many(session, ArtifactRow, rows)
+
+
+def done_checks_for_images(session: Session, sha256s: list[str], pipeline_version_id: str) -> dict[str, CheckRow]:
+    """The first finished check of each of these bytes under this version: its answer serves duplicates.
+
+    One query per 500 images (IN_CHUNK) rather than one per check: a batch of re-scores asks for 64 at once.
+    """
+    first = {}
+    for chunk in in_chunks(sorted(set(sha256s))):
+        query = (
+            sa.select(CheckRow)
+            .where(
+                CheckRow.image_sha256.in_(chunk),
+                CheckRow.pipeline_version_id == pipeline_version_id,
+                CheckRow.status == CheckStatus.done,
+            )
+            .order_by(CheckRow.finished_at, CheckRow.id)
+        )
+        for row in session.scalars(fresh(query)):
+            first.setdefault(row.image_sha256, row)
+    return first

@@ -1,0 +1,125 @@
+"""Reading checks in bulk for people and metrics: pages of checks, counts per status, waiting and stuck checks,
+and the intake's dead letters.
+
+These only read, and none of them is on a worker's path: the command line, the API and console, the metrics
+endpoint and the reconciler ask them, each in one query.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.ledger.models import CheckRow, DeadLetterRow, utcnow
+from worker.ledger.queries import fresh
+from worker.ledger.states import CheckStatus, Priority
+
+_ACTIVE = (CheckStatus.queued, CheckStatus.running)
+
+
+# Unfinished checks no worker is moving (`item_checks_stuck`): running ones whose lease nobody renews and nobody
+# took over, and fresh ones nobody claims (no live worker of their version). A queued re-score is left out:
+# waiting behind fresh uploads for hours is its job.
+_STUCK = sa.or_(
+    CheckRow.status == CheckStatus.running,
+    sa.and_(CheckRow.status == CheckStatus.queued, CheckRow.priority == Priority.fresh),
+)
+
+
+def count_waiting(session: Session) -> dict[str, int]:
+    """Queued checks a worker may claim now, fresh uploads and re-scores apart (`item_checks_waiting`)."""
+    names = {Priority.fresh: "fresh", Priority.rescore: "rescore"}
+    query = (
+        sa.select(CheckRow.priority, sa.func.count())
+        .where(CheckRow.status == CheckStatus.queued, CheckRow.available_at <= utcnow())
+        .group_by(CheckRow.priority)
+    )
+    counts = dict.fromkeys(names.values(), 0)
+    counts.update({names.get(priority, str(priority)): int(n) for priority, n in session.execute(query)})
+    return counts
+
+
+def stuck_checks(session: Session, older_than: timedelta, limit: int = 500) -> list[CheckRow]:
+    """Unfinished checks untouched for `older_than`, oldest first: no worker is moving them (see _STUCK)."""
+    query = (
+        sa.select(CheckRow)
+        .where(_STUCK, CheckRow.updated_at < utcnow() - older_than)
+        .order_by(CheckRow.updated_at, CheckRow.id)
+        .limit(limit)
+    )
+    return list(session.scalars(fresh(query)))
+
+
+def count_stuck(session: Session, older_than: timedelta) -> dict[str, int]:
+    """Unfinished checks untouched for `older_than`, per status (for the metrics endpoint, at every scrape)."""
+    query = (
+        sa.select(CheckRow.status, sa.func.count())
+        .where(_STUCK, CheckRow.updated_at < utcnow() - older_than)
+        .group_by(CheckRow.status)
+    )
+    counts = {str(status): 0 for status in _ACTIVE}
+    counts.update({str(status): int(n) for status, n in session.execute(query)})
+    return counts
+
+
+def list_checks(
+    session: Session,
+    *,
+    status: str | None = None,
+    verdict: str | list[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    external_id: str | None = None,
+    pipeline_version_id: str | None = None,
+    p_fake_at_least: float | None = None,
+    p_fake_below: float | None = None,
+    after: tuple[datetime, str] | None = None,
+    limit: int = 100,
+) -> list[CheckRow]:
+    """Checks newest first; `since` is inclusive and `until` exclusive, both on created_at.
+
+    `after` is a page's cursor: the (created_at, id) of the last check of the previous page, so a page is
+    an index range read however deep it is, and checks filed meanwhile never shift the pages.
+    """
+    query = sa.select(CheckRow).order_by(CheckRow.created_at.desc(), CheckRow.id.desc()).limit(limit)
+    if external_id is not None:
+        query = query.where(CheckRow.external_id == external_id)
+    if pipeline_version_id is not None:
+        query = query.where(CheckRow.pipeline_version_id == pipeline_version_id)
+    if status is not None:
+        query = query.where(CheckRow.status == CheckStatus(status))  # ValueError names a bad status
+    if isinstance(verdict, str):
+        query = query.where(CheckRow.verdict == verdict)
+    elif verdict is not None:
+        query = query.where(CheckRow.verdict.in_(verdict))
+    if since is not None:
+        query = query.where(CheckRow.created_at >= since)
+    if until is not None:
+        query = query.where(CheckRow.created_at < until)
+    if p_fake_at_least is not None:
+        query = query.where(CheckRow.p_fake >= p_fake_at_least)
+    if p_fake_below is not None:
+        query = query.where(CheckRow.p_fake < p_fake_below)
+    if after is not None:
+        moment, check_id = after
+        query = query.where(
+            sa.or_(CheckRow.created_at < moment, sa.and_(CheckRow.created_at == moment, CheckRow.id < check_id))
+        )
+    return list(session.scalars(fresh(query)))
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    """Checks per status, every status present (zero included) so dashboards see stable keys."""
+    counts = {status.value: 0 for status in CheckStatus}
+    rows = session.execute(sa.select(CheckRow.status, sa.func.count()).group_by(CheckRow.status))
+    for status, count in rows:
+        counts[CheckStatus(status).value] = count
+    return counts
+
+
+def dead_letters(session: Session, *, limit: int = 100) -> list[DeadLetterRow]:
+    """Messages the intake could not file, newest first."""
+    query = sa.select(DeadLetterRow).order_by(DeadLetterRow.received_at.desc(), DeadLetterRow.id).limit(limit)
+    return list(session.scalars(query))
