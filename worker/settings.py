@@ -31,7 +31,6 @@ from pipeline.core.errors import ItemError
 DATA_HOME = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "item"
 DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"
 CHECK_QUEUE = "item.checks"
-RESCORE_QUEUE = "item.rescore"  # consumed after CHECK_QUEUE: fresh uploads keep their latency during a rescore
 CHECK_TASK = "item.check"
 ARTIFACT_KINDS = ("caption", "ground", "embed", "features", "provenance")  # as `pipeline.core.codec.FIELDS` names
 # What a later re-score needs: a new head reads the features, a new CLIP the caption and boxes, a new grounder the
@@ -144,6 +143,14 @@ class Settings(BaseSettings):
     )
     intake_prefetch: int = Field(256, ge=1, le=65_535, description="Messages the intake holds unacknowledged.")
     intake_batch_size: int = Field(64, ge=1, le=4096, description="Messages filed per ledger transaction.")
+    intake_threads: int = Field(
+        4, ge=1, le=64, description="Threads of a worker filing messages (Celery's pool): transactions in flight."
+    )
+    intake_visibility_timeout_s: float = Field(
+        30.0,
+        ge=5,
+        description="Redis: an intake message unacknowledged this long (its worker died) goes back to the queue.",
+    )
     reconcile_after_s: float = Field(
         900.0, gt=0, description="An unfinished check no worker moved for this long counts as stuck."
     )

@@ -26,7 +26,7 @@ from kombu import Connection
 from tests.conftest import encode, noise_image
 from tests.integration.brokers import RabbitServer, RedisServer
 from tests.integration.stack import platform_client
-from worker.intake.consumer import check_queue
+from worker.intake.broker import check_queue
 
 SETTINGS = {
     "redis (no persistence)": lambda folder: RedisServer(folder),

@@ -99,6 +99,37 @@ def test_the_pipeline_knows_nothing_of_the_service():
 def test_the_graph_sees_the_imports_it_checks():
     # The checks above mean something only if the graph is read right: known edges must be found.
     assert "pipeline.core.detector" in _edges()["worker.gpu.build"]
+    assert "worker.gpu.step" in _edges()["worker.intake.app"]
     assert "pipeline.core.model_store" in _edges()["pipeline.core.detector"]
     assert "pipeline.core.tiny" in _edges()["pipeline.core.model_store"]  # a lazy import, inside a function
     assert "worker.cli.common" in _edges()["worker.cli.checks"]
+
+
+GPU_MODEL_SIDE = ("worker.gpu.batches", "worker.gpu.build", "worker.gpu.loop", "worker.gpu.embedded")
+MAX_MODULE_LINES = 530
+
+
+def test_the_way_in_and_out_never_imports_the_model_side():
+    # Intake, sources, outbox and the web files rows and reads them: an intake-only worker or `item serve` must
+    # start without the models' code (the Celery app reaches the GPU step only to start processes).
+    offending = {
+        name: sorted(set(_edges()[name]) & set(GPU_MODEL_SIDE))
+        for name in _modules()
+        if name.startswith(("worker.intake", "worker.sources", "worker.outbox", "worker.web"))
+    }
+    assert {name: targets for name, targets in offending.items() if targets} == {}
+
+
+def test_the_house_has_folders_by_the_path_of_a_check():
+    for folder in ("intake", "gpu", "sources", "outbox", "ops", "ledger", "web", "cli"):
+        assert f"worker.{folder}" in _modules(), folder
+    flat = sorted(
+        name for name, path in _modules().items() if name.count(".") == 1 and name.startswith("worker.")
+        and path.name != "__init__.py"
+    )  # fmt: skip
+    assert len(flat) <= 6, flat  # a handful of modules beside the folders: settings, codes, ...
+
+
+def test_no_module_is_too_long_to_read():
+    lengths = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+    assert {name: n for name, n in lengths.items() if n > MAX_MODULE_LINES} == {}

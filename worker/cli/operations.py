@@ -39,26 +39,32 @@ def worker(
     reconcile: Annotated[bool, typer.Option(help="Take part in running the deployment's reconciler.")] = True,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
-    """Run a worker: GPU loops claiming checks from the ledger, the broker intake, deliveries and metrics.
+    """Run a Celery worker: the item.check intake, GPU loops claiming checks from the ledger, deliveries, metrics.
 
-    Needs a migrated ledger (`item db upgrade`); the intake needs ITEM_BROKER_URL (redis:// or amqp://). Each
-    GPU loop loads its models, registers its pipeline version and then claims batches of that version; a new
-    version takes fresh uploads only once activated (`item versions activate`, or ITEM_ACTIVATE_ON_START).
+    The same worker as `celery -A worker.intake.app worker --gpus N`, with this project's defaults (its own node
+    name, no mingle or gossip, JSON logs). Needs ITEM_BROKER_URL (redis:// or amqp://) and a migrated ledger
+    (`item db upgrade`). Each GPU loop loads its models, registers its pipeline version and then claims batches
+    of that version; a new version takes fresh uploads only once activated (`item versions activate`, or
+    ITEM_ACTIVATE_ON_START). Celery's tools see it: `celery -A worker.intake.app inspect item`, Flower.
     """
-    settings = settings_from(worker_concurrency=concurrency)
-    if intake and not settings.broker_url:
-        raise fail(ValueError("ITEM_BROKER_URL is not set: the intake needs a broker (or pass --no-intake)."))
-    from worker.ledger import migrate
-    from worker.ops import exporter, logs
+    import socket
 
-    logs.configure(settings.log_format, loglevel.upper())
+    settings = settings_from(worker_concurrency=concurrency)
+    if not settings.broker_url:
+        raise fail(ValueError("ITEM_BROKER_URL is not set: a worker takes its messages and commands from a broker."))
+    from worker.ledger import migrate
+
     if not migrate.is_up_to_date(settings.database_url):
         raise fail(ValueError(f"The ledger is not at revision {migrate.head()}: run `item db upgrade` first."))
-    exporter.prepare_multiprocess_dir(settings)  # before anything imports the metrics: children inherit it
-    from worker.gpu.processes import Supervisor
+    from worker.intake.app import create_app
 
-    code = Supervisor(settings, loglevel=loglevel.upper(), intake=intake, reconcile=reconcile).run()
-    raise typer.Exit(code)
+    argv = [
+        "--quiet", "worker", "--loglevel", loglevel.upper(), "--hostname", f"item-{os.getpid()}@{socket.gethostname()}",
+        "--without-mingle", "--without-gossip", "--gpus", str(settings.worker_concurrency),
+    ]  # fmt: skip
+    argv += [] if intake else ["--no-intake"]
+    argv += [] if reconcile else ["--no-reconcile"]
+    raise typer.Exit(create_app(settings).start(argv) or 0)
 
 
 @app.command()

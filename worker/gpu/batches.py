@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from pipeline.core import codec
@@ -28,6 +27,7 @@ from pipeline.core.imaging import DecodedImage, thumbnail_jpeg
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
 from worker.ledger import outbox, reviews
+from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import CheckRow, utcnow
 from worker.ledger.reviews import Thumbnail
 from worker.ledger.states import CheckStatus, Priority
@@ -38,9 +38,6 @@ from worker.sources import kinds as sources
 
 log = logging.getLogger("item.worker")
 
-# The ledger is unreachable: nothing can be recorded. Only connection-level errors: a programming error tried
-# again would just fail again, forever.
-INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
 TIMEOUT_MESSAGE = "The check's batch ran past its time budget (ITEM_BATCH_TIME_BUDGET_S)."
 LEDGER_TRIES = 4  # of one batch transaction whose connection broke: the pool reconnects between tries
 T = TypeVar("T")

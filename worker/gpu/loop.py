@@ -27,8 +27,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
-from worker.gpu.batches import INFRASTRUCTURE_ERRORS, Batch, BatchTimeout, CheckService, TransientError
+from worker.gpu.batches import Batch, BatchTimeout, CheckService, TransientError
 from worker.ledger import reviews
+from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import utcnow
 from worker.ledger.store import Lease
 from worker.ledger.wakeups import Listener
@@ -50,15 +51,19 @@ class Renewal:
     """One batch's heartbeat: renews its lease every `every_s` on a thread of its own until stopped, or until
     its budget and the watchdog's grace are spent (whatever holds it then is stuck: the lease must run out)."""
 
+    held: set[str] = set()  # the tokens of this process's leases being renewed now: `celery inspect item` shows it
+
     def __init__(self, service: CheckService, lease: Lease, checks: int, every_s: float, until: float):
         self.service, self.lease, self.checks, self.every_s, self.until = service, lease, checks, every_s, until
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="item-heartbeat", daemon=True)
+        Renewal.held.add(lease.token)
         self._thread.start()
 
     def stop(self) -> None:
         self._done.set()
         self._thread.join(5)
+        Renewal.held.discard(self.lease.token)
 
     def _renew(self) -> None:
         while not self._done.wait(self.every_s) and time.monotonic() < self.until:
@@ -124,6 +129,11 @@ class Loop:
         self.listener = listener or Listener(self.settings.database_url, service.version_id)
         self.stop = stop or threading.Event()
         self.owner = owner_name()
+        self.batches = self.checks_run = 0
+
+    def counters(self) -> dict:
+        """What this loop did so far and holds now, for `celery inspect item`."""
+        return {"batches": self.batches, "checks": self.checks_run, "leases": len(Renewal.held)}
 
     def claim(self) -> Batch | None:
         """A new batch under a new lease, its heartbeat started; None when nothing is ready."""
@@ -173,6 +183,8 @@ class Loop:
                 if batch is not None:
                     self._run_models(batch)
                     store.put(batch)
+                    self.batches += 1
+                    self.checks_run += len(batch.checks)
         finally:
             prefetch.join(self.settings.batch_time_budget_s + WATCHDOG_GRACE_S)
             store.finish()

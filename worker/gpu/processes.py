@@ -1,16 +1,16 @@
-"""`item worker`: a supervisor process per host, GPU loop processes under it, and the service's threads.
+"""One process per GPU, supervised by the Celery worker they run in (through `worker.gpu.step.GpuLoops`).
 
-    item worker (this process: no model library is imported here)
-      ├─ GPU loop × concurrency   processes started fresh (spawn), each loading its models, then claiming batches
-      ├─ intake thread            `item.check` messages → ledger rows (worker.intake.consumer)
-      ├─ deliverer thread         the outbox: callbacks and the results stream (worker.outbox.delivery)
-      ├─ reconciler thread        once per deployment (worker.ops.reconciler)
-      └─ /metrics                 every process's samples, plus what is read at scrape time
+    celery worker (no model library is imported here; no CUDA touched)
+      └─ GPU loop × N   processes started fresh (spawn), each loading its models, then claiming batches
 
-A GPU process that dies is replaced at once, and is never killed for taking long to load its models (the
-models are loaded by the process itself, after it started). "ready." is logged once every GPU process has
-loaded its models and registered its pipeline version, and the intake is consuming. SIGTERM (or Ctrl-C) stops
-the intake first, lets each GPU process finish its batch, then stops.
+A GPU process that dies is replaced at once (after a doubling delay if it keeps dying at start-up), and is
+never killed for taking long to load its models: it loads them itself, after it started. A model, head or
+profile that cannot be used at all stops the worker (exit 2) rather than restarting forever. Stopping sends
+each process SIGTERM: it finishes its batch (or gives back what it prepared), then exits; one still running past
+the batch budget and a grace is killed, and its lease lets another worker redo its checks.
+
+Each process reports over a queue: `ready` once its models are loaded and its version registered, then its
+`state` every few seconds (batches, checks, leases held), which `celery inspect item` and `inspect stats` show.
 """
 
 from __future__ import annotations
@@ -35,70 +35,98 @@ RESTART_BACKOFF_S = (1.0, 60.0)  # a GPU process that keeps dying is restarted a
 STABLE_AFTER_S = 60.0  # one that lived this long resets the delay
 STOP_GRACE_S = 30.0  # beyond the batch budget, how long a stopping GPU process may take to finish
 SETUP_FAILED_STATUS = 2  # as every `item` command that cannot run: a bad model, head or profile
+STATE_EVERY_S = 2.0  # how often a GPU process reports its counters
+SUPERVISE_EVERY_S = 0.5
 
 
 @dataclass
-class _GpuProcess:
+class GpuProcess:
     index: int
     process: multiprocessing.Process | None = None
     started_at: float = 0.0
     ready: bool = False
     restart_at: float = 0.0
     backoff_s: float = RESTART_BACKOFF_S[0]
+    restarts: int = 0
     version_id: str | None = None
+    device: str | None = None
+    state: dict = field(default_factory=dict)
+
+    def info(self) -> dict:
+        alive = self.process is not None and self.process.is_alive()
+        status = "ready" if self.ready and alive else "loading" if alive else "restarting"
+        pid = self.process.pid if self.process is not None else None
+        return {
+            "index": self.index, "pid": pid, "status": status, "version": self.version_id, "device": self.device,
+            "restarts": self.restarts, **self.state,
+        }  # fmt: skip
 
 
-@dataclass
-class Supervisor:
-    settings: Settings
-    loglevel: str = "INFO"
-    intake: bool = True
-    reconcile: bool = True
-    stopping: threading.Event = field(default_factory=threading.Event)
-    exit_status: int = 0
+class GpuFleet:
+    """The GPU processes of one worker, supervised from a thread of its main process."""
 
-    def run(self) -> int:
-        from worker.ledger.store import Ledger
-        from worker.ops import exporter
-        from worker.ops.reconciler import ReconcilerThread
-        from worker.outbox.delivery import Deliverer
-
+    def __init__(self, settings: Settings, count: int, loglevel: str = "INFO", on_unusable=None, on_ready=None):
+        self.settings, self.loglevel = settings, loglevel
+        self.on_unusable = on_unusable or (lambda: None)  # the worker stops: restarting would only fail again
+        self.on_ready = on_ready or (lambda: None)  # every process ready (called again after a replacement)
+        self.gpus = [GpuProcess(index) for index in range(count)]
+        self.stopping = threading.Event()
         self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread or lock of ours
         self._events = self._context.Queue()
-        self._install_signals()
-        ledger = Ledger(self.settings.database_url)
-        if self.settings.metrics_port:
-            exporter.serve(self.settings)
-        deliverer = Deliverer(self.settings, ledger)
-        deliverer.start()
-        reconciler = ReconcilerThread(self.settings, ledger) if self.reconcile else None
-        if reconciler:
-            reconciler.start()
-        self._gpus = [_GpuProcess(index) for index in range(self.settings.worker_concurrency)]
-        for gpu in self._gpus:
+        self._thread = threading.Thread(target=self._supervise, name="item-gpu-supervisor", daemon=True)
+
+    @property
+    def ready(self) -> bool:
+        return all(gpu.ready for gpu in self.gpus)
+
+    def start(self) -> None:
+        for gpu in self.gpus:
             self._start(gpu)
-        consumer, consuming = self._start_intake(ledger)
-        announced = False
-        while not self.stopping.is_set():
-            self._collect_events()
-            self._replace_dead()
-            if not announced and all(g.ready for g in self._gpus) and (consumer is None or consumer.ready.is_set()):
-                self._announce(consumer is not None)
-                announced = True
-            self.stopping.wait(0.5)
-        self._shut_down(consumer, consuming, deliverer, reconciler)
-        return self.exit_status
+        self._thread.start()
+        if not self.gpus:
+            self.on_ready()
 
-    # ------------------------------------------------------------------ GPU processes
+    def info(self) -> dict:
+        return {"gpu_loops": [gpu.info() for gpu in self.gpus], "ready": self.ready}
 
-    def _start(self, gpu: _GpuProcess) -> None:
+    def versions(self) -> list[str]:
+        return sorted({gpu.version_id for gpu in self.gpus if gpu.version_id})
+
+    def stop(self, *, grace_s: float | None = None) -> None:
+        """SIGTERM to each process, then wait for its batch to end (at most the budget and a grace), else kill."""
+        self.stopping.set()
+        self._thread.join(5)
+        for gpu in self.gpus:
+            if gpu.process is not None and gpu.process.is_alive():
+                gpu.process.terminate()
+        wait = self.settings.batch_time_budget_s + STOP_GRACE_S if grace_s is None else grace_s
+        deadline = time.monotonic() + wait
+        for gpu in self.gpus:
+            if gpu.process is None:
+                continue
+            gpu.process.join(max(0.0, deadline - time.monotonic()))
+            if gpu.process.is_alive():
+                log.warning("GPU loop %d did not stop in time; killing it (its lease lets others redo)", gpu.index)
+                gpu.process.kill()
+                gpu.process.join()
+        log.info("GPU loops stopped")
+
+    # ------------------------------------------------------------------ supervision
+
+    def _supervise(self) -> None:
+        while not self.stopping.wait(SUPERVISE_EVERY_S):
+            try:
+                self._collect_events()
+                self._replace_dead()
+            except Exception:  # this thread is what keeps the GPU processes alive: it must outlive any bug
+                log.exception("supervising the GPU loops failed; carrying on")
+
+    def _start(self, gpu: GpuProcess) -> None:
         gpu.process = self._context.Process(
-            target=gpu_main,
-            args=(self.settings, gpu.index, self.loglevel, self._events),
-            name=f"item-gpu-{gpu.index}",
+            target=gpu_main, args=(self.settings, gpu.index, self.loglevel, self._events), name=f"item-gpu-{gpu.index}"
         )
         gpu.process.start()
-        gpu.started_at, gpu.ready = time.monotonic(), False
+        gpu.started_at, gpu.ready, gpu.state = time.monotonic(), False, {}
         log.info("GPU loop %d starting (pid %d): loading its models", gpu.index, gpu.process.pid)
 
     def _collect_events(self) -> None:
@@ -107,21 +135,26 @@ class Supervisor:
                 kind, index, pid, *details = self._events.get_nowait()
             except queue.Empty:
                 return
-            gpu = self._gpus[index]
+            gpu = self.gpus[index]
+            current = gpu.process is not None and gpu.process.pid == pid
             if kind == "unusable":
                 code, message = details
                 log.critical("GPU loop %d cannot start: [%s] %s; stopping", index, code, message)
-                self.exit_status = SETUP_FAILED_STATUS
                 self.stopping.set()
-            elif kind == "ready" and gpu.process is not None and gpu.process.pid == pid:
-                version_id, active = details
-                gpu.ready, gpu.version_id = True, version_id
+                self.on_unusable()
+            elif kind == "ready" and current:
+                gpu.version_id, active, gpu.device = details
+                gpu.ready = True
                 state = "the active version" if active else "registered, NOT active: `item versions activate` it"
-                log.info("GPU loop %d (pid %d) ready: %s, %s", index, pid, version_id, state)
+                log.info("GPU loop %d (pid %d) ready: %s, %s", index, pid, gpu.version_id, state)
+                if self.ready:
+                    self.on_ready()
+            elif kind == "state" and current:
+                gpu.state = details[0]
 
     def _replace_dead(self) -> None:
         now = time.monotonic()
-        for gpu in self._gpus:
+        for gpu in self.gpus:
             process = gpu.process
             if process is not None and not process.is_alive():
                 process.join()
@@ -134,58 +167,10 @@ class Supervisor:
                     "GPU loop %d (pid %d) exited with status %s after %.0fs; replacing it in %.0fs",
                     gpu.index, process.pid, process.exitcode, lived, delay,
                 )  # fmt: skip
-                gpu.process, gpu.ready, gpu.restart_at = None, False, now + delay
+                gpu.process, gpu.ready, gpu.restart_at, gpu.state = None, False, now + delay, {}
+                gpu.restarts += 1
             if gpu.process is None and now >= gpu.restart_at and not self.stopping.is_set():
                 self._start(gpu)
-
-    # ------------------------------------------------------------------ intake
-
-    def _start_intake(self, ledger):
-        if not self.intake or not self.settings.broker_url:
-            return None, None
-        from worker.intake.consumer import make_intake
-        from worker.intake.filing import Intake
-
-        consumer = make_intake(self.settings, Intake(self.settings, ledger))
-        thread = threading.Thread(target=consumer.run, name="item-intake", daemon=True)
-        thread.start()
-        return consumer, thread
-
-    def _announce(self, intake: bool) -> None:
-        versions = sorted({gpu.version_id for gpu in self._gpus if gpu.version_id})
-        parts = [f"{len(self._gpus)} GPU loop(s) on {', '.join(versions) or 'no version'}"]
-        parts.append("intake on item.checks" if intake else "no intake")
-        log.info("item worker ready. %s", "; ".join(parts))
-
-    # ------------------------------------------------------------------ stopping
-
-    def _install_signals(self) -> None:
-        def stop(signum, frame) -> None:
-            log.info("stopping (signal %d): the intake first, then each GPU loop after its batch", signum)
-            self.stopping.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-
-    def _shut_down(self, consumer, consuming, deliverer, reconciler) -> None:
-        if consumer is not None:
-            consumer.stop()
-            consuming.join(10)
-        for gpu in self._gpus:
-            if gpu.process is not None and gpu.process.is_alive():
-                gpu.process.terminate()  # SIGTERM: the loop ends after its current batch
-        deadline = time.monotonic() + self.settings.batch_time_budget_s + STOP_GRACE_S
-        for gpu in self._gpus:
-            if gpu.process is not None:
-                gpu.process.join(max(0.0, deadline - time.monotonic()))
-                if gpu.process.is_alive():
-                    log.warning("GPU loop %d did not stop in time; killing it (its lease lets others redo)", gpu.index)
-                    gpu.process.kill()
-                    gpu.process.join()
-        deliverer.stop(timeout=self.settings.callback_timeout_s + 5)
-        if reconciler:
-            reconciler.stop()
-        log.info("item worker stopped")
 
 
 def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
@@ -193,7 +178,7 @@ def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
     logs.configure(settings.log_format, loglevel)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us in order
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which stops us in order
     from worker.gpu.build import build_service
     from worker.gpu.loop import Loop
     from worker.ops import metrics
@@ -204,10 +189,16 @@ def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
         detector.load()
         active = service.register_version(activate=settings.activate_on_start)
     except ItemError as error:
-        # A missing model, a head for other models: restarting would only fail again. The supervisor stops.
         events.put(("unusable", index, os.getpid(), error.code, error.message))
         sys.exit(SETUP_FAILED_STATUS)
     stages = (detector.captioner, detector.grounder, detector.embedder)
     metrics.models_loaded({stage.name: stage.load_seconds or 0.0 for stage in stages})
-    events.put(("ready", index, os.getpid(), service.version_id, active))
-    Loop(service, stop=stop).run_forever()
+    events.put(("ready", index, os.getpid(), service.version_id, active, str(detector.device)))
+    loop = Loop(service, stop=stop)
+    threading.Thread(target=_report_state, args=(loop, index, events), name="item-gpu-state", daemon=True).start()
+    loop.run_forever()
+
+
+def _report_state(loop, index: int, events) -> None:
+    while not loop.stop.wait(STATE_EVERY_S):
+        events.put(("state", index, os.getpid(), loop.counters()))

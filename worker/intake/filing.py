@@ -74,7 +74,8 @@ class Intake:
         names its own).
         """
         with self.ledger.session() as session:
-            version_id = version_id or self.active_version_id(session)
+            if submissions:  # dead letters belong to no version, and are kept before any is registered
+                version_id = version_id or self.active_version_id(session)
             filed: list[Filed | None] = [None] * len(submissions)
             blobs: dict[str, bytes] = {}
             valid: list[tuple[int, NewCheck]] = []

@@ -7,9 +7,14 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 IDLE_PING_S = 1.0  # a connection unused for longer is checked before use; one in steady use never is
+
+# The ledger is unreachable: nothing can be recorded. Only connection-level errors: a programming error tried
+# again would just fail again, forever.
+INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
 
 
 def normalize_url(url: str | sa.URL) -> sa.URL:

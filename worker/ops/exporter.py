@@ -76,7 +76,7 @@ class ScrapeTimeCollector:
         try:
             if self.settings.broker_url.startswith(("redis://", "rediss://")):
                 return {CHECK_QUEUE: self._redis_length()}
-            from worker.intake.consumer import broker_connection
+            from worker.intake.broker import broker_connection
 
             with broker_connection(self.settings) as connection:
                 _, messages, _ = connection.default_channel.queue_declare(CHECK_QUEUE, passive=True)

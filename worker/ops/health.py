@@ -54,7 +54,7 @@ def _migrations(settings: Settings) -> str:
 def _broker(settings: Settings) -> str:
     if not settings.broker_url:
         return "none configured: checks run in-process"
-    from worker.intake.consumer import broker_connection
+    from worker.intake.broker import broker_connection
 
     with broker_connection(settings) as connection:
         connection.ensure_connection(max_retries=1, timeout=PROBE_TIMEOUT_S)

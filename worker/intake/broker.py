@@ -1,0 +1,42 @@
+"""The broker as every side of the deployment must see it: the queue's declaration and the transport's options.
+
+The worker's Celery app, health probes and the queue-depth gauge all connect through these, so they agree with
+each other and with a platform's Celery client.
+"""
+
+from __future__ import annotations
+
+from kombu import Connection, Exchange, Queue
+
+from worker.settings import CHECK_QUEUE, Settings
+
+# Redis: a message stays unacknowledged at most ITEM_INTAKE_VISIBILITY_TIMEOUT_S before any worker gives it back to
+# the queue (its worker died holding it). The intake holds a message for milliseconds; a ledger outage holds it
+# longer, and a message given back meanwhile is filed once all the same (the external id is the idempotency key).
+RESTORE_EVERY_S = 2  # how often a Redis worker looks for such messages
+
+
+def check_queue() -> Queue:
+    """`item.checks` as Celery declares it by default (a durable direct exchange of the same name), so a
+    platform's Celery client and the workers agree on RabbitMQ."""
+    return Queue(CHECK_QUEUE, Exchange(CHECK_QUEUE, type="direct"), routing_key=CHECK_QUEUE, durable=True)
+
+
+def transport_options(settings: Settings) -> dict:
+    options: dict = {}
+    if settings.redis_key_prefix:
+        options["global_keyprefix"] = settings.redis_key_prefix
+    if (settings.broker_url or "").startswith(("redis://", "rediss://", "unix://")):
+        options.update(
+            visibility_timeout=settings.intake_visibility_timeout_s,
+            unacked_restore_interval=RESTORE_EVERY_S,
+            unacked_restore_throttle=1,  # every sweep looks: the interval alone sets the pace
+        )
+    return options
+
+
+def broker_connection(settings: Settings) -> Connection:
+    """A plain kombu connection to the deployment's broker (health probes, queue depth), with its key prefix."""
+    return Connection(
+        settings.broker_url, transport_options=transport_options(settings), heartbeat=0, connect_timeout=5
+    )

@@ -1,0 +1,166 @@
+"""The `item.check` task: messages filed in the ledger in batches, each acknowledged once its row is committed.
+
+    broker ─▶ Celery consumer ─▶ buffer (celery-batches) ─▶ a pool thread: Intake.file(batch), one transaction
+          ◀── ack each message ◀── committed; or, when the worker stops before the ledger came back, requeue
+
+The task body is the intake and nothing else: validate, keep inline bytes as a blob, file the row. No model runs
+here, so a message waits in the broker for milliseconds whatever the GPU backlog. A batch is what arrived within
+`FLUSH_EVERY_S`, at most `intake_batch_size` messages.
+
+Decoding never raises: a message that is not a well-formed `item.check` becomes a `rejected` row (a usable
+external id) or a dead letter, and is acknowledged like any other. While the ledger is unreachable the batch is
+held and tried again, unacknowledged: the messages stay the broker's, and come back if this worker dies.
+
+Flower and `celery events` see each message: `task-received` when it arrives (with its external id and the kind
+of its image, never the image), `task-succeeded` with its check id and status once filed, `task-failed` for a
+dead letter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from celery_batches import Batches
+
+from worker.settings import CHECK_TASK, Settings
+
+log = logging.getLogger("item.intake")
+
+FLUSH_EVERY_S = 0.02  # a quiet queue for this long files what arrived: a lone message waits no longer
+HOLD_BACKOFF_S = (0.5, 10.0)  # while the ledger is down: first and longest wait between attempts
+SHOWN_ID_CHARS = 64  # of an external id, in an event: enough to find it, not a way to fill a monitor
+
+
+class CheckIntake(Batches):
+    """`item.check`, run as batches: the buffer and its timer are celery-batches'; `flush` is ours."""
+
+    abstract = True
+    settings: Settings
+    stopping = threading.Event()  # set when the worker shuts down: a held batch is given back, not kept
+
+    def run(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(f"{CHECK_TASK} runs on a worker, in batches; send it through the broker")
+
+    def Strategy(self, task, app, consumer):  # noqa: N802  (celery's name)
+        self._consumer = consumer
+        self._warm_up()
+        return super().Strategy(task, app, consumer)
+
+    def _warm_up(self) -> None:
+        """Imports the intake and opens a ledger connection now, so the first message is filed as fast as any."""
+        try:
+            with self._intake().ledger.engine.connect():
+                pass
+        except Exception:  # the ledger is down: the first batch will hold on until it is back
+            log.warning("the ledger is unreachable at start; messages wait for it", exc_info=True)
+
+    def flush(self, requests) -> Any:
+        """Decodes each request (never raising), then files them all on a pool thread; acks on return."""
+        items = [_item_of(request) for request in requests]
+        for request, item in zip(requests, items, strict=True):
+            request.send_event("task-received", name=CHECK_TASK, args="[]", kwargs=_shown(item), retries=0)
+        started = time.monotonic()
+
+        def on_return(filed) -> None:
+            runtime = time.monotonic() - started
+            self._consumer.call_soon(_acknowledge, requests, items, filed, runtime)
+
+        return self._pool.apply_async(self._file, (items,), callback=on_return)
+
+    def _file(self, items: list) -> list | None:
+        """The filed checks (None in the place of a dead letter), or None when stopping with the ledger down."""
+        try:
+            return file_holding(self._intake(), items, self.stopping)
+        except Exception:  # a bug: nothing is acknowledged, and the broker gives the messages back later
+            log.exception("filing %d messages crashed; they stay unacknowledged", len(items))
+            return None
+
+    def _intake(self):
+        if getattr(self, "_intake_instance", None) is None:
+            from worker.intake.filing import Intake
+            from worker.ledger.store import Ledger
+
+            self._intake_instance = Intake(self.settings, Ledger(self.settings.database_url))
+        return self._intake_instance
+
+
+def register_check_task(app, settings: Settings) -> None:
+    app.task(
+        name=CHECK_TASK,
+        base=CheckIntake,
+        acks_late=True,
+        ignore_result=True,
+        flush_every=settings.intake_batch_size,
+        flush_interval=FLUSH_EVERY_S,
+        settings=settings,
+    )(_contract)
+
+
+def _contract(external_id: str, image: dict, callback_url: str | None = None) -> None:
+    """item.check(external_id, image, callback_url=None): the documented contract; the worker files it."""
+
+
+def file_holding(intake, items: list, stopping: threading.Event) -> list | None:
+    """Files `items` (requests and dead letters) in one transaction, holding on while the ledger is unreachable
+    (or no version is registered yet); returns what each became (None for a dead letter), or None if told to
+    stop meanwhile (the caller then gives the messages back)."""
+    from pipeline.core.errors import ItemError
+    from worker.ledger.engine import INFRASTRUCTURE_ERRORS
+    from worker.ledger.models import DeadLetterRow
+
+    requests = [item for item in items if not isinstance(item, DeadLetterRow)]
+    dead = [item for item in items if isinstance(item, DeadLetterRow)]
+    wait = HOLD_BACKOFF_S[0]
+    while True:
+        try:
+            filed = iter(intake.file(requests, dead))
+            return [None if isinstance(item, DeadLetterRow) else next(filed) for item in items]
+        except (*INFRASTRUCTURE_ERRORS, ItemError) as error:
+            if isinstance(error, ItemError) and error.code != "version.none":
+                raise
+            log.warning("cannot file %d messages yet (%s); holding them", len(items), error)
+        if stopping.wait(wait):
+            return None
+        wait = min(HOLD_BACKOFF_S[1], wait * 2)
+
+
+def _item_of(request):
+    """What a message asks for: a check request, or a dead letter saying why it cannot be one."""
+    from worker.intake.filing import dead_letter, from_message
+
+    message = request.message
+    try:
+        return from_message(message.payload, message.headers, message.delivery_info, message.body)
+    except Exception as error:  # a body no reader foresaw: kept, never a crash of the whole batch
+        return dead_letter("message.undecodable", f"The message cannot be decoded: {error!r}", message.body, None)
+
+
+def _shown(item) -> str:
+    """An item as an event shows it: its external id (cut) and its image's kind, never the image itself."""
+    external_id = getattr(item, "external_id", None)
+    if external_id is None:
+        return "{}"
+    image = getattr(item, "image", None)
+    kinds = sorted(image) if isinstance(image, dict) else [type(image).__name__]
+    return repr({"external_id": external_id[:SHOWN_ID_CHARS], "image": kinds[:4]})
+
+
+def _acknowledge(requests, items, filed, runtime: float) -> None:
+    """On the consumer's thread: ack what was filed (and tell the monitors), or give it all back."""
+    if filed is None:
+        for request in requests:
+            request.reject(requeue=True)
+        return
+    for request, item, one in zip(requests, items, filed, strict=True):
+        request.acknowledge()
+        if one is None:
+            reason = f"{item.code}: {item.reason}"
+            request.send_event("task-failed", exception=reason, traceback="", runtime=runtime)
+        else:
+            status = getattr(one.check.status, "value", one.check.status)
+            result = {"check_id": one.check.id, "status": status, "created": one.created}
+            request.send_event("task-succeeded", result=json.dumps(result), runtime=runtime)

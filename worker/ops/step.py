@@ -1,0 +1,62 @@
+"""The Celery worker step of the upkeep threads every worker runs beside its intake and GPU loops.
+
+deliverer    the outbox: signed callbacks and the results stream (worker.outbox.delivery)
+reconciler   once per deployment, whoever holds the advisory lock (worker.ops.reconciler); off with
+             `--no-reconcile`
+/metrics     every process's samples, plus what is read at scrape time (worker.ops.exporter), on
+             ITEM_METRICS_PORT (0: off)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import bootsteps
+
+from worker.settings import Settings
+
+log = logging.getLogger("item.worker")
+
+
+class Upkeep(bootsteps.StartStopStep):
+    label = "item upkeep"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker, no_reconcile: bool = False, **kwargs):
+        super().__init__(worker, **kwargs)
+        self.reconcile = not no_reconcile
+        self.deliverer = self.reconciler = None
+
+    def start(self, worker) -> None:
+        from worker.ledger.store import Ledger
+        from worker.ops import exporter
+        from worker.ops.reconciler import ReconcilerThread
+        from worker.outbox.delivery import Deliverer
+
+        settings: Settings = worker.app.item_settings
+        ledger = Ledger(settings.database_url)
+        if settings.metrics_port:
+            exporter.serve(settings)
+        self.deliverer = Deliverer(settings, ledger)
+        self.deliverer.start()
+        if self.reconcile:
+            self.reconciler = ReconcilerThread(settings, ledger)
+            self.reconciler.start()
+
+    def stop(self, worker) -> None:
+        settings: Settings = worker.app.item_settings
+        if self.deliverer is not None:
+            self.deliverer.stop(timeout=settings.callback_timeout_s + 5)
+        if self.reconciler is not None:
+            self.reconciler.stop()
+
+    def info(self, worker) -> dict:
+        threads = {"deliverer": self.deliverer, "reconciler": self.reconciler}
+        return {"item_upkeep": {name: _alive(thread) for name, thread in threads.items()}}
+
+
+def _alive(thread) -> str:
+    if thread is None:
+        return "off"
+    inner = getattr(thread, "_thread", None)
+    return "alive" if inner is not None and inner.is_alive() else "dead"
