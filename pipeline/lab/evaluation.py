@@ -242,6 +242,15 @@ def perturbation_grid(kinds: Sequence[str] = tuple(PAPER_PERTURBATIONS)) -> list
     return [(kind, level) for kind in kinds for level in PAPER_PERTURBATIONS[kind]]
 
 
+def perturbation_kinds(text: str) -> list[str]:
+    """The kinds of a comma-separated `--perturbations` list, checked (ValueError for none or an unknown one)."""
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    if not kinds:
+        raise ValueError("--perturbations needs at least one of noise, blur, jpeg.")
+    perturbation_grid(kinds)
+    return kinds
+
+
 def robustness(
     samples: Sequence[Sample],
     detector: Detector,

@@ -8,6 +8,10 @@ Only the head is trained; every pretrained model stays frozen, so training needs
 Same features + same seed → the same head, bit for bit (on the same device and torch version).
 The head of the last epoch is kept, as in the paper; a validation set is scored after every epoch so the
 curve shows whether that was a good place to stop.
+
+`item train` goes through `fit`: a head on the feature sets of cached extraction, after the checks of
+`check_classes` (both classes; for attribution, every class it names), with `representation_weights` for the
+Fig. 5 ablation and `split_features` for a held-out validation set.
 """
 
 from __future__ import annotations
@@ -16,15 +20,22 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.detector import RULE_VERSIONS, Detector
 from pipeline.core.head import DEFAULT_HIDDEN, REAL_GROUP, Head, HeadMetadata
-from pipeline.lab.datasets import REAL, Sample
+from pipeline.core.transforms import Chain
+from pipeline.lab.datasets import REAL, Sample, split
 from pipeline.lab.detection_metrics import accuracy, average_precision
 
+if TYPE_CHECKING:
+    from pipeline.lab.features import FeatureSet
+
 UNSEEN = -1  # the class of a validation fake from a generator the attribution head has no output for
+REPRESENTATIONS = {"both": (1.0, 1.0), "global": (1.0, 0.0), "local": (0.0, 1.0)}  # (w1, w2) of Eq. 8: Fig. 5
 
 
 @dataclass(frozen=True)
@@ -165,3 +176,84 @@ def _summary(head: Head, config: TrainConfig, features, labels, epochs: list[Epo
         if head.attributes:
             summary["validation"]["attribution_accuracy"] = round(last.val_attribution_accuracy, 6)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------- on feature sets
+
+
+def representation_weights(representation: str, w1: float | None, w2: float | None) -> tuple[float, float]:
+    """(w1, w2) for `--representation` (both, global or local), unless given themselves."""
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"--representation must be one of {', '.join(REPRESENTATIONS)}, not {representation!r}.")
+    d1, d2 = REPRESENTATIONS[representation]
+    return (d1 if w1 is None else w1), (d2 if w2 is None else w2)
+
+
+def split_features(features: FeatureSet, val_fraction: float, seed: int) -> tuple[FeatureSet, FeatureSet]:
+    """(train, validation): `val_fraction` held out per generator and class, as `datasets.split` does."""
+    train_samples, val_samples = split(features.samples, val_fraction, seed)
+    position = {id(sample): index for index, sample in enumerate(features.samples)}
+    rows = [position[id(sample)] for sample in train_samples], [position[id(sample)] for sample in val_samples]
+    return features.subset(rows[0]), features.subset(rows[1])
+
+
+def check_classes(train_set: FeatureSet, groups: list[str] | None = None) -> None:
+    """ValueError unless the training set has both classes and, for an attribution head (`groups`), two
+    generators to tell apart and a training image of every class it names."""
+    present = set(train_set.labels.tolist())
+    if present != {0, 1}:
+        missing = "fake" if 0 in present else "real"
+        raise ValueError(f"The training data has no readable {missing} images; a head needs both classes.")
+    if not groups:
+        return
+    generators = groups[1:]
+    if len(generators) < 2:
+        found = f"only {generators[0]!r}" if generators else "none"
+        raise ValueError(
+            f"--attribute needs fakes from at least 2 generator folders; found {found}. "
+            "Train without --attribute for real against fake."
+        )
+    if REAL_GROUP in generators:
+        raise ValueError(f"A generator folder named {REAL_GROUP!r} clashes with the real class; rename it.")
+    present = set(class_indices(train_set.samples, groups).tolist())
+    missing = [group for index, group in enumerate(groups) if index not in present]
+    if missing:
+        raise ValueError(
+            f"The training data has no readable images of {', '.join(missing)}; --attribute needs every class it names."
+        )
+
+
+def head_metadata(
+    profile: str,
+    detector: Detector,
+    train_set: FeatureSet,
+    weights: tuple[float, float],
+    transform: Chain,
+    groups: list[str] | None = None,
+) -> HeadMetadata:
+    """The metadata of a head to train on `train_set`: the models, the code rules and the input transform the
+    features came from, and (w1, w2)."""
+    dim = int(train_set.global_.shape[1])
+    return HeadMetadata(
+        profile, detector.stage_versions, dim, w1=weights[0], w2=weights[1], input_transform=transform.id,
+        rules=dict(RULE_VERSIONS), groups=groups,
+    )  # fmt: skip
+
+
+def targets(feature_set: FeatureSet, metadata: HeadMetadata) -> torch.Tensor:
+    """What the head learns for each image: its label, or an attribution head's class index."""
+    return class_indices(feature_set.samples, metadata.groups) if metadata.groups else feature_set.labels
+
+
+def fit(
+    train_set: FeatureSet,
+    val_set: FeatureSet,
+    metadata: HeadMetadata,
+    config: TrainConfig,
+    on_epoch: Callable[[Epoch], None] = lambda epoch: None,
+) -> Head:
+    """`train_head` on the representation (w1, w2 of `metadata`) of feature sets; an empty `val_set`: none."""
+    w1, w2 = metadata.w1, metadata.w2
+    validation = (val_set.representation(w1, w2), targets(val_set, metadata)) if len(val_set.samples) else None
+    features, labels = train_set.representation(w1, w2), targets(train_set, metadata)
+    return train_head(features, labels, metadata, config, validation=validation, on_epoch=on_epoch)

@@ -5,14 +5,15 @@ extract (or reuse) its features, then train, score or calibrate on them. Model s
 (`--caption-model`, `--clip-model`, `--no-grounding`) that end up in the profile name and the stage versions,
 so cached features and heads never mix across them. Files that cannot be read are reported and skipped; they
 never stop a run.
+
+The work is done in `pipeline.lab`; here are the options, what belongs to the service (the settings, a cache in
+the ledger), progress bars and printing.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,6 +21,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.core.errors import ItemError
 from worker.cli.common import (
     JsonOpt,
     ModelDirOpt,
@@ -34,10 +36,8 @@ from worker.cli.common import (
 )
 from worker.settings import Settings
 
-if TYPE_CHECKING:  # imported for real inside the commands: `item --help` should not load torch
-    from pipeline.core.detector import Detector
-    from pipeline.core.transforms import Chain
-    from pipeline.lab.features import ArtifactCache
+if TYPE_CHECKING:  # the lab is imported inside the commands: `item --help` should not load torch
+    from pipeline.lab.runs import Run
 
 DataArg = Annotated[
     list[Path],
@@ -137,15 +137,18 @@ def features(
     as_json: JsonOpt = False,
 ) -> None:
     """Extract and cache the features of datasets (resumable), so train and eval start at once."""
+    from pipeline.lab.runs import ablation_profile, input_transform
+    from pipeline.lab.summaries import features_summary, group_counts
+
     settings = settings_from(
         profile=profile, model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device
     )
     dataset = _dataset(data)
-    name = _ablation(settings.profile, caption_model, clip_model, grounding)
-    run = _Run.start(settings, _detector(name, settings, offline), cache_in_ledger, _transform(reencode))
-    extracted = run.extract(dataset.samples)
-    summary = {"profile": name, **_extraction_summary(extracted, dataset), "groups": _group_counts(extracted)}
-    _finish(summary, as_json, lambda: _print_groups(extracted, f"features · {name}"))
+    name = _checked(ablation_profile, settings.profile, caption_model, clip_model, grounding, errors=ItemError)
+    run = _start(settings, _detector(name, settings, offline), cache_in_ledger, _checked(input_transform, reencode))
+    extracted = _extract(run, dataset.samples)
+    summary = features_summary(name, extracted, dataset)
+    _finish(summary, as_json, lambda: _print_groups(extracted, group_counts(extracted), f"features · {name}"))
 
 
 @app.command()
@@ -183,45 +186,30 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the MLP head on cached features, the paper's way by default (AdamW, 50 epochs, lr/wd 1e-3)."""
-    from pipeline.core.detector import RULE_VERSIONS
-    from pipeline.core.head import HeadMetadata
-    from pipeline.lab.datasets import split
-    from pipeline.lab.training import TrainConfig, attribution_groups
+    from pipeline.lab import training
+    from pipeline.lab.runs import ablation_profile, input_transform
+    from pipeline.lab.summaries import train_summary, training_record
 
     settings = settings_from(
         profile=profile, model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device
     )
-    weights = _weights(representation, w1, w2)
-    name = _ablation(settings.profile, caption_model, clip_model, grounding)
+    weights = _checked(training.representation_weights, representation, w1, w2)
+    name = _checked(ablation_profile, settings.profile, caption_model, clip_model, grounding, errors=ItemError)
     dataset = _dataset(data)
-    run = _Run.start(settings, _detector(name, settings, offline), cache_in_ledger, _transform(reencode))
-    extracted = run.extract(dataset.samples)
+    run = _start(settings, _detector(name, settings, offline), cache_in_ledger, _checked(input_transform, reencode))
+    extracted = _extract(run, dataset.samples)
     if val:
-        train_set, val_set = extracted, run.extract(_dataset(val).samples)
+        train_set, val_set = extracted, _extract(run, _dataset(val).samples)
     else:
-        train_set, val_set = _split(extracted, split, val_fraction, seed)
-    _need_both_classes(train_set)
-    groups = attribution_groups(extracted.samples) if attribute else None
-    if groups:
-        _need_attribution_classes(train_set, groups)
-    config = TrainConfig(epochs, lr, weight_decay, train_batch_size, hidden, seed)
-    dim = int(train_set.global_.shape[1])
-    metadata = HeadMetadata(
-        name, run.detector.stage_versions, dim, w1=weights[0], w2=weights[1], input_transform=run.transform.id,
-        rules=dict(RULE_VERSIONS), groups=groups,
-    )  # fmt: skip
+        train_set, val_set = training.split_features(extracted, val_fraction, seed)
+    groups = training.attribution_groups(extracted.samples) if attribute else None
+    _checked(training.check_classes, train_set, groups)
+    config = training.TrainConfig(epochs, lr, weight_decay, train_batch_size, hidden, seed)
+    metadata = training.head_metadata(name, run.detector, train_set, weights, run.transform, groups)
     head = _fit(train_set, val_set, metadata, config)
-    head.metadata.training.update(
-        datasets=[str(path) for path in data],
-        validation_source=[str(path) for path in val] if val else f"split {val_fraction:g} (seed {seed})",
-        representation=representation,
-        features=_extraction_summary(extracted, dataset),
-    )
+    head.metadata.training.update(training_record(data, val, val_fraction, seed, representation, extracted, dataset))
     weights_path = head.save(head_out)
-    summary = {"head": str(weights_path), "version": head.version, "profile": name, **head.metadata.training}
-    summary["input_transform"] = head.metadata.input_transform
-    if groups:
-        summary["groups"] = groups
+    summary = train_summary(head, weights_path, name, groups)
     _finish(summary, as_json, lambda: _print_training(head, weights_path, train_set, val_set))
 
 
@@ -246,37 +234,26 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """ACC and AP per generator and on average (paper Tables I-III), as a table, CSV and Markdown, with plots."""
-    from pipeline.lab import evaluation
-    from pipeline.lab.features import effective_transform, format_bias_warning
+    from pipeline.lab import eval_files, evaluation
+    from pipeline.lab.features import format_bias_warning
+    from pipeline.lab.summaries import eval_summary
 
     settings = settings_from(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
     head, run = _head_run(head_path, settings, offline, cache_in_ledger, reencode)
-    kinds = _kinds(perturbations) if perturb else []  # checked now, not after a long extraction
+    kinds = _checked(evaluation.perturbation_kinds, perturbations) if perturb else []  # now, not after extraction
     dataset = _dataset(data)
-    extracted = run.extract(dataset.samples)
+    extracted = _extract(run, dataset.samples)
     if not len(extracted.samples):
         raise fail(ValueError("No readable images to evaluate."))
     report = evaluation.evaluate(extracted, head)
-    written = _write_eval(report, out_dir, head, plots, tsne_max)
+    written = eval_files.write_eval(report, out_dir, head, plots, tsne_max)
     robustness = []
     if kinds:
         robustness = _robustness(run, dataset.samples, head, kinds, report)
-        written.update(_write_robustness(robustness, out_dir, plots))
-    warning = format_bias_warning(extracted, effective_transform(run.detector, run.transform))
-    summary = {
-        "head": str(head_path),
-        "head_version": head.version,
-        "threshold": head.metadata.threshold,
-        "input_transform": effective_transform(run.detector, run.transform).id,
-        "metrics": [row.to_dict() for row in report.rows()],
-        "robustness": [row.to_dict() for row in robustness],
-        "features": _extraction_summary(extracted, dataset),
-        "format_warning": warning,
-        "files": {key: str(path) for key, path in written.items()},
-    }
-    if report.attribution:
-        summary["attribution"] = report.attribution.to_dict()
-    (out_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2, default=str) + "\n")
+        written.update(eval_files.write_robustness(robustness, out_dir, plots))
+    warning = format_bias_warning(extracted, run.effective_transform)
+    summary = eval_summary(head_path, head, run, report, robustness, extracted, dataset, warning, written)
+    eval_files.write_summary(summary, out_dir)
     _finish(summary, as_json, lambda: _print_eval(report, robustness, written, warning))
 
 
@@ -310,42 +287,40 @@ def calibrate(
 ) -> None:
     """Set the head's threshold so at most --target-fpr of known-real images are flagged, and with --target-catch
     an uncertain band below it; store them in the head."""
-    from pipeline.core.errors import ItemError
     from pipeline.lab.calibration import calibrate as calibrate_head
     from pipeline.lab.calibration import labelled_samples
     from pipeline.lab.evaluation import score
+    from pipeline.lab.summaries import calibration_summary
 
     settings = settings_from(model_dir=model_dir, feature_dir=cache_dir, batch_size=batch_size, device=device)
-    try:
-        samples = labelled_samples(real, 0)
-        fake_samples = labelled_samples(fakes or real, 1) if target_catch is not None else []
-    except ItemError as error:
-        raise fail(error) from None
+    samples = _checked(labelled_samples, real, 0, errors=ItemError)
+    fake_samples = _checked(labelled_samples, fakes or real, 1, errors=ItemError) if target_catch is not None else []
     head, run = _head_run(head_path, settings, offline, cache_in_ledger, reencode)
-    extracted = run.extract(samples)
+    extracted = _extract(run, samples)
     if not len(extracted.samples):
         raise fail(ValueError(f"None of the {len(samples)} files under {real} could be read."))
-    fake_scores = score(run.extract(fake_samples), head) if fake_samples else None
-    try:
-        calibrated, report = calibrate_head(head, score(extracted, head), target_fpr, fake_scores, target_catch)
-    except ValueError as error:
-        raise fail(error) from None
+    fake_scores = score(_extract(run, fake_samples), head) if fake_samples else None
+    calibrated, report = _checked(calibrate_head, head, score(extracted, head), target_fpr, fake_scores, target_catch)
     weights_path = calibrated.save(head_out or head_path)
-    summary = {"head": str(weights_path), "version": calibrated.version, **report.to_dict()}
+    summary = calibration_summary(weights_path, calibrated, report)
     _finish(summary, as_json, lambda: _print_calibration(report, weights_path, calibrated.version))
 
 
 # ---------------------------------------------------------------------------------------------- shared steps
 
 
+def _checked(call, *args, errors: type[Exception] | tuple = ValueError):
+    """call(*args); its errors of the kinds given end the command with status 2 (see `fail`)."""
+    try:
+        return call(*args)
+    except errors as error:
+        raise fail(error) from None
+
+
 def _dataset(paths: list[Path]):
-    from pipeline.core.errors import ItemError
     from pipeline.lab.datasets import load_datasets
 
-    try:
-        dataset = load_datasets(paths)
-    except ItemError as error:
-        raise fail(error) from None
+    dataset = _checked(load_datasets, paths, errors=ItemError)
     for problem in dataset.problems[:10]:
         err.print(f"[yellow]skipped[/] {escape(problem.where)}: {escape(problem.reason)}")
     if len(dataset.problems) > 10:
@@ -353,25 +328,12 @@ def _dataset(paths: list[Path]):
     return dataset
 
 
-def _ablation(profile: str, caption_model: str | None, clip_model: str | None, grounding: bool) -> str:
-    from pipeline.core.errors import ItemError
-    from pipeline.core.profiles import get_profile, with_models
-
-    try:
-        swaps = {"caption": caption_model, "embed": clip_model, "ground": None if grounding else "off"}
-        return with_models(get_profile(profile), **swaps).name
-    except ItemError as error:
-        raise fail(error) from None
-
-
-def _detector(profile_name: str, settings, offline: bool, head=None):
-    from pipeline.core.detector import Detector
-    from pipeline.core.errors import ItemError
-    from pipeline.core.profiles import get_profile
+def _detector(profile_name: str, settings: Settings, offline: bool, head=None):
+    from pipeline.lab.runs import load_detector
 
     try:
         store = model_store(settings, offline)
-        detector = Detector(get_profile(profile_name), store, head, settings.device, settings.stage_precision)
+        detector = load_detector(profile_name, store, settings.device, settings.stage_precision, head)
     except (ItemError, ValueError) as error:
         raise fail(error) from None
     if detector.profile.meaningless_scores:
@@ -381,79 +343,42 @@ def _detector(profile_name: str, settings, offline: bool, head=None):
     return detector
 
 
-def _head(path: Path):
-    from pipeline.core.errors import ItemError
-    from pipeline.core.head import Head
-
-    try:
-        return Head.load(path)
-    except ItemError as error:
-        raise fail(error) from None
-
-
-def _transform(text: str | None):
-    from pipeline.core.transforms import parse_transform
-
-    try:
-        return parse_transform(text or "none")
-    except ValueError as error:
-        raise fail(error) from None
-
-
-def _head_run(head_path: Path, settings, offline: bool, in_ledger: bool, reencode: str | None):
+def _head_run(head_path: Path, settings: Settings, offline: bool, in_ledger: bool, reencode: str | None):
     """The head and an extraction run with its models and, unless told otherwise, its input transform."""
-    head = _head(head_path)
-    trained = head.metadata.input_transform  # applied by the detector itself, as wherever this head scores
-    transform = _transform(None if reencode in (None, trained) else reencode)
+    from pipeline.core.head import Head
+    from pipeline.lab.runs import transform_before_head
+
+    head = _checked(Head.load, head_path, errors=ItemError)
+    transform = _checked(transform_before_head, head, reencode)
     if transform.steps:
+        trained = head.metadata.input_transform  # applied by the detector itself, as wherever this head scores
         err.print(f"[yellow]note[/] the head was trained on inputs {trained!r}; {transform.id!r} comes before it.")
-    return head, _Run.start(settings, _detector(head.metadata.profile, settings, offline, head), in_ledger, transform)
+    return head, _start(settings, _detector(head.metadata.profile, settings, offline, head), in_ledger, transform)
 
 
-@dataclass
-class _Run:
-    """What every extraction of one command shares: settings, models, one cache, the input transform."""
+def _start(settings: Settings, detector, in_ledger: bool, transform) -> Run:
+    """The run of one command: its models, one cache (a folder, or the ledger), the input transform and limits."""
+    from pipeline.lab.runs import Run
 
-    settings: Settings
-    detector: Detector
-    cache: ArtifactCache
-    transform: Chain
+    if in_ledger:
+        from worker.ledger.cache import LedgerCache
+        from worker.ledger.store import Ledger
 
-    @classmethod
-    def start(cls, settings, detector, in_ledger: bool, transform) -> _Run:
-        if in_ledger:
-            from worker.ledger.cache import LedgerCache
-            from worker.ledger.store import Ledger
-
-            return cls(settings, detector, LedgerCache(Ledger(settings.database_url)), transform)
+        cache = LedgerCache(Ledger(settings.database_url))
+    else:
         from pipeline.lab.features import DiskCache
 
-        return cls(settings, detector, DiskCache(settings.feature_dir), transform)
+        cache = DiskCache(settings.feature_dir)
+    return Run(detector, cache, transform, settings.batch_size, settings.max_pixels, settings.max_image_bytes)
 
-    def limits(self) -> dict:
-        """`extract`'s batch size and input limits, from the settings."""
-        return {
-            "batch_size": self.settings.batch_size,
-            "max_pixels": self.settings.max_pixels,
-            "max_bytes": self.settings.max_image_bytes,
-        }
 
-    def extract(self, samples):
-        from pipeline.core.errors import ItemError
-        from pipeline.lab.features import extract
-
-        label = f"features ({self.transform.id})" if self.transform.steps else "features"
-        with progress(label) as bar:
-            task = bar.add_task(label, total=len(samples))
-            advance = lambda n: bar.advance(task, n)  # noqa: E731
-            try:
-                extracted = extract(
-                    samples, self.detector, self.cache, transform=self.transform, progress=advance, **self.limits()
-                )
-            except ItemError as error:
-                raise fail(error) from None
-        _report_failures(extracted.failures, len(samples))
-        return extracted
+def _extract(run: Run, samples):
+    label = f"features ({run.transform.id})" if run.transform.steps else "features"
+    with progress(label) as bar:
+        task = bar.add_task(label, total=len(samples))
+        extracted = _checked(run.extract, samples, lambda n: bar.advance(task, n), errors=ItemError)
+    _report_failures(extracted.failures, len(samples))
+    return extracted
 
 
 def _report_failures(failures, total: int) -> None:
@@ -465,79 +390,9 @@ def _report_failures(failures, total: int) -> None:
         err.print(f"  {escape(str(failure.path))}: {escape(failure.message)}")
 
 
-def _extraction_summary(extracted, dataset) -> dict:
-    return {
-        "images": len(extracted.samples),
-        "computed": extracted.computed,
-        "reused": extracted.reused,
-        "unreadable": len(extracted.failures),
-        "unreadable_by_code": dict(Counter(f.code for f in extracted.failures)),
-        "skipped_entries": len(dataset.problems),
-    }
-
-
-def _group_counts(extracted) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
-    for sample in extracted.samples:
-        row = counts.setdefault(sample.group, {"real": 0, "fake": 0})
-        row["fake" if sample.label else "real"] += 1
-    return counts
-
-
-def _split(extracted, split, val_fraction: float, seed: int):
-    train_samples, val_samples = split(extracted.samples, val_fraction, seed)
-    position = {id(sample): index for index, sample in enumerate(extracted.samples)}
-    rows = [position[id(sample)] for sample in train_samples], [position[id(sample)] for sample in val_samples]
-    return extracted.subset(rows[0]), extracted.subset(rows[1])
-
-
-def _need_both_classes(train_set) -> None:
-    present = set(train_set.labels.tolist())
-    if present != {0, 1}:
-        missing = "fake" if 0 in present else "real"
-        raise fail(ValueError(f"The training data has no readable {missing} images; a head needs both classes."))
-
-
-def _need_attribution_classes(train_set, groups: list[str]) -> None:
-    """An attribution head needs two generators to tell apart, and a training image of every class it names."""
-    from pipeline.core.head import REAL_GROUP
-    from pipeline.lab.training import class_indices
-
-    generators = groups[1:]
-    if len(generators) < 2:
-        found = f"only {generators[0]!r}" if generators else "none"
-        raise fail(
-            ValueError(
-                f"--attribute needs fakes from at least 2 generator folders; found {found}. "
-                "Train without --attribute for real against fake."
-            )
-        )
-    if REAL_GROUP in generators:
-        raise fail(ValueError(f"A generator folder named {REAL_GROUP!r} clashes with the real class; rename it."))
-    present = set(class_indices(train_set.samples, groups).tolist())
-    missing = [group for index, group in enumerate(groups) if index not in present]
-    if missing:
-        raise fail(
-            ValueError(
-                f"The training data has no readable images of {', '.join(missing)}; --attribute "
-                "needs every class it names."
-            )
-        )
-
-
-def _weights(representation: str, w1: float | None, w2: float | None) -> tuple[float, float]:
-    defaults = {"both": (1.0, 1.0), "global": (1.0, 0.0), "local": (0.0, 1.0)}
-    if representation not in defaults:
-        raise fail(ValueError(f"--representation must be one of {', '.join(defaults)}, not {representation!r}."))
-    d1, d2 = defaults[representation]
-    return (d1 if w1 is None else w1), (d2 if w2 is None else w2)
-
-
 def _fit(train_set, val_set, metadata, config):
-    from pipeline.lab.training import train_head
+    from pipeline.lab.training import fit
 
-    w1, w2 = metadata.w1, metadata.w2
-    validation = (val_set.representation(w1, w2), _targets(val_set, metadata)) if len(val_set.samples) else None
     with progress("training") as bar:
         task = bar.add_task("training", total=config.epochs)
 
@@ -549,150 +404,40 @@ def _fit(train_set, val_set, metadata, config):
                 text += f" · attribution {epoch.val_attribution_accuracy:.1%}"
             bar.update(task, advance=1, description=f"training · {text}")
 
-        features = train_set.representation(w1, w2)
-        return train_head(
-            features, _targets(train_set, metadata), metadata, config, validation=validation, on_epoch=show
-        )
+        return fit(train_set, val_set, metadata, config, on_epoch=show)
 
 
-def _targets(feature_set, metadata):
-    """What the head learns for each image: its label, or an attribution head's class index."""
-    from pipeline.lab.training import class_indices
-
-    return class_indices(feature_set.samples, metadata.groups) if metadata.groups else feature_set.labels
-
-
-def _kinds(text: str) -> list[str]:
+def _robustness(run: Run, samples, head, kinds, report):
     from pipeline.lab.evaluation import perturbation_grid
 
-    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
-    try:
-        if not kinds:
-            raise ValueError("--perturbations needs at least one of noise, blur, jpeg.")
-        perturbation_grid(kinds)
-    except ValueError as error:
-        raise fail(error) from None
-    return kinds
-
-
-def _robustness(run: _Run, samples, head, kinds, report):
-    from pipeline.lab import evaluation
-
-    grid = evaluation.perturbation_grid(kinds)
     with progress("perturbations") as bar:
-        task = bar.add_task("perturbations", total=len(samples) * len(grid))
+        task = bar.add_task("perturbations", total=len(samples) * len(perturbation_grid(kinds)))
 
         def on_level(kind: str, level: float):
             bar.update(task, description=f"perturbations · {kind} {level:g}")
             return lambda n: bar.advance(task, n)
 
-        rows = evaluation.robustness(
-            samples, run.detector, run.cache, head, base=run.transform, kinds=kinds, on_level=on_level, **run.limits()
-        )
-    from pipeline.lab.features import effective_transform
-
-    return [evaluation.clean_row(report, effective_transform(run.detector, run.transform)), *rows]
+        return run.robustness(samples, head, kinds, report, on_level)
 
 
-# ---------------------------------------------------------------------------------------------- outputs
-
-
-def _write_eval(report, out_dir: Path, head, plots: bool, tsne_max: int) -> dict[str, Path]:
-    from pipeline.lab import evaluation
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "metrics_csv": (out_dir / "metrics.csv", evaluation.metrics_csv(report.rows())),
-        "metrics_md": (
-            out_dir / "metrics.md",
-            evaluation.paper_table(report) + "\n" + evaluation.long_table(report.rows()),
-        ),
-        "scores_csv": (out_dir / "scores.csv", evaluation.scores_csv(report)),
-    }
-    for path, text in files.values():
-        path.write_text(text)
-    written = {key: path for key, (path, _) in files.items()}
-    if plots:
-        written.update(_plot_eval(report, out_dir, tsne_max, head))
-    if report.attribution:
-        written.update(_write_confusion(report.attribution, out_dir, plots))
-    return written
-
-
-def _write_confusion(matrix, out_dir: Path, plots_on: bool) -> dict[str, Path]:
-    from pipeline.lab import evaluation
-
-    written = {"confusion_csv": out_dir / "confusion.csv", "confusion_md": out_dir / "confusion.md"}
-    written["confusion_csv"].write_text(evaluation.confusion_csv(matrix))
-    written["confusion_md"].write_text(evaluation.confusion_table(matrix))
-    if plots_on:
-        from pipeline.lab import plots
-
-        written["confusion_png"] = out_dir / "confusion.png"
-        plots.plot_confusion(matrix.matrix, matrix.labels, matrix.groups, written["confusion_png"])
-    return written
-
-
-def _plot_eval(report, out_dir: Path, tsne_max: int, head) -> dict[str, Path]:
-    from pipeline.lab import plots
-
-    labels, groups = report.labels, report.features.groups
-    curves = {"all": (labels, report.scores)}
-    for group in dict.fromkeys(groups):
-        rows = [index for index, name in enumerate(groups) if name == group]
-        curves[group] = (labels[rows], report.scores[rows])
-    written = {"pr_png": out_dir / "pr.png", "roc_png": out_dir / "roc.png", "tsne_png": out_dir / "tsne.png"}
-    plots.plot_curves(curves, written["pr_png"], written["roc_png"])
-    rows = list(range(len(labels)))
-    if len(rows) > tsne_max:
-        rows = sorted(random.Random(0).sample(rows, tsne_max))  # a fixed sample: the same plot on every run
-    representation = report.features.subset(rows).representation(head.metadata.w1, head.metadata.w2)
-    points = plots.tsne_2d(representation.numpy(), seed=0)
-    plots.plot_embedding(points, labels[rows], written["tsne_png"], "t-SNE of the misalignment representation D")
-    return written
-
-
-def _write_robustness(rows, out_dir: Path, plots_on: bool) -> dict[str, Path]:
-    from pipeline.lab import evaluation
-
-    written = {"robustness_csv": out_dir / "robustness.csv", "robustness_md": out_dir / "robustness.md"}
-    written["robustness_csv"].write_text(evaluation.robustness_csv(rows))
-    written["robustness_md"].write_text(evaluation.robustness_table(rows))
-    if plots_on:
-        from pipeline.lab import plots
-
-        by_kind: dict[str, list[tuple[float, float]]] = {}
-        for row in rows[1:]:
-            by_kind.setdefault(row.kind, []).append((row.level, row.average_precision))
-        written["robustness_png"] = out_dir / "robustness.png"
-        plots.plot_robustness(by_kind, rows[0].average_precision, written["robustness_png"])
-    return written
+# ---------------------------------------------------------------------------------------------- printing
 
 
 def _finish(summary: dict, as_json: bool, show) -> None:
+    from pipeline.lab.summaries import finite
+
     if as_json:
-        print(json.dumps(_finite(summary), default=str))
+        print(json.dumps(finite(summary), default=str))
     else:
         show()
 
 
-def _finite(value):
-    """NaN (AP of a one-class group) as null: JSON has no NaN, and strict parsers reject it."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _print_groups(extracted, title: str) -> None:
+def _print_groups(extracted, counts: dict[str, dict[str, int]], title: str) -> None:
     table = Table(title=title)
     for column in ("group", "real", "fake"):
         table.add_column(column, justify="right" if column != "group" else "left")
-    for group, counts in _group_counts(extracted).items():
-        table.add_row(group, str(counts["real"]), str(counts["fake"]))
+    for group, row in counts.items():
+        table.add_row(group, str(row["real"]), str(row["fake"]))
     out.print(table)
     out.print(
         f"{len(extracted.samples)} images: {extracted.computed} computed, {extracted.reused} from the cache, "
