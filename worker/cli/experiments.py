@@ -7,7 +7,7 @@ so cached features and heads never mix across them. Files that cannot be read ar
 never stop a run.
 
 The work is done in `pipeline.lab`; here are the options, what belongs to the service (the settings, a cache in
-the ledger), progress bars and printing.
+the ledger), progress bars and printing. train, eval and calibrate need the `lab` extra.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.core.errors import ItemError
+from pipeline.lab.extra import LabExtraMissing, require_lab_extra
 from worker.cli.common import (
     JsonOpt,
     ModelDirOpt,
@@ -186,6 +187,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the MLP head on cached features, the paper's way by default (AdamW, 50 epochs, lr/wd 1e-3)."""
+    _checked(require_lab_extra, "item train", errors=LabExtraMissing)
     from pipeline.lab import training
     from pipeline.lab.runs import ablation_profile, input_transform
     from pipeline.lab.summaries import train_summary, training_record
@@ -234,6 +236,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """ACC and AP per generator and on average (paper Tables I-III), as a table, CSV and Markdown, with plots."""
+    _checked(require_lab_extra, "item eval", errors=LabExtraMissing)
     from pipeline.lab import eval_files, evaluation
     from pipeline.lab.features import format_bias_warning
     from pipeline.lab.summaries import eval_summary
@@ -287,6 +290,7 @@ def calibrate(
 ) -> None:
     """Set the head's threshold so at most --target-fpr of known-real images are flagged, and with --target-catch
     an uncertain band below it; store them in the head."""
+    _checked(require_lab_extra, "item calibrate", errors=LabExtraMissing)
     from pipeline.lab.calibration import calibrate as calibrate_head
     from pipeline.lab.calibration import labelled_samples
     from pipeline.lab.evaluation import score
