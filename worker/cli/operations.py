@@ -56,7 +56,7 @@ def worker(
 
     if not migrate.is_up_to_date(settings.database_url):
         raise fail(ValueError(f"The ledger is not at revision {migrate.head()}: run `item db upgrade` first."))
-    from worker.intake.app import create_app
+    from worker.intake.app import create_app, run_celery
 
     argv = [
         "--quiet", "worker", "--loglevel", loglevel.upper(), "--hostname", f"item-{os.getpid()}@{socket.gethostname()}",
@@ -64,7 +64,7 @@ def worker(
     ]  # fmt: skip
     argv += [] if intake else ["--no-intake"]
     argv += [] if reconcile else ["--no-reconcile"]
-    raise typer.Exit(create_app(settings).start(argv) or 0)
+    raise typer.Exit(run_celery(create_app(settings), argv))
 
 
 @app.command()

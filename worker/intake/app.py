@@ -91,6 +91,17 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
     signals.worker_shutting_down.connect(shutting_down, weak=False)
 
 
+def run_celery(app: Celery, argv: list[str]) -> int:
+    """`celery ARGV` on `app`, returning its exit status (Celery's own `app.start` drops the worker's)."""
+    from celery.bin.celery import celery
+
+    celery.params[0].default = app  # the `-A` option's value, as `app.start` sets it
+    try:
+        return celery.main(args=argv, standalone_mode=False) or 0
+    finally:
+        celery.params[0].default = None
+
+
 @cache
 def _app_from_environment() -> Celery:
     return create_app(load_settings())

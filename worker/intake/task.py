@@ -45,10 +45,16 @@ class CheckIntake(Batches):
     def run(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(f"{CHECK_TASK} runs on a worker, in batches; send it through the broker")
 
-    def Strategy(self, task, app, consumer):  # noqa: N802  (celery's name)
+    def Strategy(self, task, app, consumer):  # noqa: N802  (celery's name; called at every (re)connection)
         self._consumer = consumer
         self._warm_up()
-        return super().Strategy(task, app, consumer)
+        # A reconnection clears the event loop's timers, celery-batches' flush timer with them, while it still
+        # thinks one runs: without this, what arrives after a broker restart would wait for a full batch.
+        self._tref = None
+        handler = super().Strategy(task, app, consumer)
+        if not self._buffer.empty():  # taken before the connection dropped: filed now (the ack may not land)
+            self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
+        return handler
 
     def _warm_up(self) -> None:
         """Imports the intake and opens a ledger connection now, so the first message is filed as fast as any."""
