@@ -1,11 +1,11 @@
 """The /metrics endpoint: every worker process's samples, plus what is read fresh at each scrape.
 
-Under Celery's prefork pool each process writes its own metric files; `MultiProcessCollector` sums them, so a
-scrape sees the work of every process, not of whichever one answered. Queue depth and stuck checks are not
-events any process observes: they are read from the broker and the ledger at scrape time, and a scrape still
-answers (without them) when either is down. The broker's `item.checks` holds only what the intake has not filed
-yet (milliseconds' worth while workers run); the work waiting is in the ledger: `item_checks_waiting`, fresh
-uploads and re-scores apart.
+Each process of a worker (the Celery worker itself, each of its GPU processes) writes its own metric files;
+`MultiProcessCollector` sums them, so a scrape sees the work of every process, not of whichever one answered.
+Queue depth and stuck checks are not events any process observes: they are read from the broker and the ledger
+at scrape time, and a scrape still answers (without them) when either is down. The broker's `item.checks` holds
+only what the intake has not filed yet (milliseconds' worth while workers run); the work waiting is in the
+ledger: `item_checks_waiting`, fresh uploads and re-scores apart.
 
 Live gauges of a process that is gone (a GPU loop killed and replaced) are dropped at every scrape, so
 `item_worker_ready` counts the processes alive now; this is the one place that forgets them.

@@ -1,4 +1,4 @@
-"""Prometheus metrics: every metric defined once, here, and correct under Celery's prefork pool.
+"""Prometheus metrics: every metric defined once, here, and summed over a worker's processes at scrape time.
 
 Worker processes write their samples to files in `PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess
 mode); the exporter that `item worker` (or `item metrics`) runs aggregates every process's files at scrape time,

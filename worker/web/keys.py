@@ -26,7 +26,9 @@ CACHE_S = 5.0  # how long a process trusts a key it checked: a revoked key is re
 TOUCH_EVERY_S = 60.0  # last_used_at is written at most this often per key and process, not on every request
 
 
-class KeyError_(ItemError):  # noqa: N801  (KeyError is a builtin)
+class InvalidKeyRequest(ItemError):
+    """A key asked for with scopes or a name it cannot have (`item keys create`)."""
+
     code = "key.invalid"
 
 
@@ -57,14 +59,14 @@ def hashed(secret: str) -> str:
 def checked_scopes(scopes: list[str]) -> list[str]:
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
-        raise KeyError_(f"Scopes must be among {', '.join(SCOPES)}; got {', '.join(unknown) or 'none'}.")
+        raise InvalidKeyRequest(f"Scopes must be among {', '.join(SCOPES)}; got {', '.join(unknown) or 'none'}.")
     return [scope for scope in SCOPES if scope in scopes]
 
 
 def create_key(ledger: Ledger, name: str, scopes: list[str]) -> NewKey:
     name = name.strip()
     if not name or len(name) > 128:
-        raise KeyError_("A key needs a name of 1 to 128 characters (who or what uses it).")
+        raise InvalidKeyRequest("A key needs a name of 1 to 128 characters (who or what uses it).")
     scopes = checked_scopes(scopes)
     key_id, secret = "k" + secrets.token_hex(6), secrets.token_urlsafe(32)
     with ledger.session() as session:
