@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,12 @@ def stack(postgres_url, tiny_store, tmp_path_factory):
 class CeleryWorker:
     """`celery -A worker.intake.app worker`, as a team running Celery starts it."""
 
-    def __init__(self, stack, name: str, *options: str):
+    def __init__(self, stack, name: str, *options: str, env: dict | None = None):
         self.name = f"{name}-{os.getpid()}@{socket.gethostname()}"
         self.log = stack.folder / f"{name}.log"
         command = [str(CELERY), "-A", APP, "worker", "--hostname", self.name, "--loglevel", "INFO", *options]
         self.process = subprocess.Popen(
-            command, env=stack.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+            command, env=env or stack.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + 90
         while "item worker ready." not in self.log.read_text():
@@ -238,3 +239,13 @@ def _screenshot(url: str, path: Path) -> None:
         if os.environ.get("ITEM_TEST_SCREENSHOTS"):
             shutil.copy(path, Path(os.environ["ITEM_TEST_SCREENSHOTS"]) / path.name)
         browser.close()
+
+
+def test_what_a_killed_worker_held_is_filed_by_another_after_the_visibility_timeout(stack):
+    from tests.bench.bench_redelivery import measure
+
+    # given a worker holding messages unacknowledged (its ledger is unreachable), SIGKILLed, and a healthy one
+    short = {**stack.env, "ITEM_INTAKE_VISIBILITY_TIMEOUT_S": "5"}
+    result = measure(replace(stack, env=short), messages=6)
+    # then every message is filed, within the visibility timeout and a restore sweep (2 s), plus start-up slack
+    assert result["filed_after_kill_s"] < 5 + 2 + 15, result
