@@ -147,7 +147,7 @@ class Settings(BaseSettings):
         4, ge=1, le=64, description="Threads of a worker filing messages (Celery's pool): transactions in flight."
     )
     intake_visibility_timeout_s: float = Field(
-        30.0,
+        15.0,
         ge=5,
         description="Redis: an intake message unacknowledged this long (its worker died) goes back to the queue.",
     )

@@ -95,7 +95,7 @@ def _broker_url(kind: str, folder: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis")
-    parser.add_argument("--visibility-timeout", type=float, default=30.0, help="ITEM_INTAKE_VISIBILITY_TIMEOUT_S")
+    parser.add_argument("--visibility-timeout", type=float, default=15.0, help="ITEM_INTAKE_VISIBILITY_TIMEOUT_S")
     parser.add_argument("--messages", type=int, default=20)
     parser.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
