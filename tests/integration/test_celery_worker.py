@@ -106,6 +106,7 @@ def test_inspect_sees_the_worker_and_its_gpu_loop_and_control_shutdown_is_warm(s
 
     # when a Celery team looks at it with Celery's own tools
     assert inspect(stack, worker, "ping") == {"ok": "pong"}
+    assert inspect(stack, worker, "active") == []  # batches run outside Celery's request tracking
     item = inspect(stack, worker, "item")
     stats = inspect(stack, worker, "stats")
 

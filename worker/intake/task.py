@@ -41,13 +41,14 @@ class CheckIntake(Batches):
     abstract = True
     settings: Settings
     stopping = threading.Event()  # set when the worker shuts down: a held batch is given back, not kept
+    _making_intake = threading.Lock()
 
     def run(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(f"{CHECK_TASK} runs on a worker, in batches; send it through the broker")
 
     def Strategy(self, task, app, consumer):  # noqa: N802  (celery's name; called at every (re)connection)
         self._consumer = consumer
-        self._warm_up()
+        threading.Thread(target=self._warm_up, name="item-intake-warm-up", daemon=True).start()  # never blocks
         # A reconnection clears the event loop's timers, celery-batches' flush timer with them, while it still
         # thinks one runs: without this, what arrives after a broker restart would wait for a full batch.
         self._tref = None
@@ -86,12 +87,13 @@ class CheckIntake(Batches):
             return None
 
     def _intake(self):
-        if getattr(self, "_intake_instance", None) is None:
-            from worker.intake.filing import Intake
-            from worker.ledger.store import Ledger
+        with self._making_intake:  # the warm-up thread and the first batch may both ask
+            if getattr(self, "_intake_instance", None) is None:
+                from worker.intake.filing import Intake
+                from worker.ledger.store import Ledger
 
-            self._intake_instance = Intake(self.settings, Ledger(self.settings.database_url))
-        return self._intake_instance
+                self._intake_instance = Intake(self.settings, Ledger(self.settings.database_url))
+            return self._intake_instance
 
 
 def register_check_task(app, settings: Settings) -> None:
