@@ -27,6 +27,7 @@ from worker.ledger.models import CheckRow
 
 CELERY = Path(sys.executable).parent / "celery"
 APP = "worker.intake.app"
+ARTIFACTS = Path(os.environ.get("ITEM_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")) / "flower"
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +217,7 @@ def test_flower_lists_the_worker_and_its_item_check_tasks(stack):
         assert all(external_id in shown for external_id in ids) and "b64" in shown
         assert not any(len(task["kwargs"]) > 200 for task in tasks.values())  # never the image itself
         assert json.loads(succeeded[0]["result"])["status"] == "queued"
-        _screenshot(f"{base}/tasks", stack.folder / "flower-tasks.png")
+        _screenshot(f"{base}/tasks", ARTIFACTS / "flower-tasks.png")
     finally:
         flower.terminate()
         flower.wait(30)
@@ -225,7 +226,7 @@ def test_flower_lists_the_worker_and_its_item_check_tasks(stack):
 
 
 def _screenshot(url: str, path: Path) -> None:
-    """Flower's task page in Chromium, kept beside the test's logs (skipped where Chromium is not installed)."""
+    """Flower's task page in Chromium, kept to be looked at after a run (skipped where Chromium is not installed)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         return
@@ -236,9 +237,8 @@ def _screenshot(url: str, path: Path) -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 700})
         page.goto(url)
         page.wait_for_selector("text=item.check", timeout=20_000)
+        path.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(path))
-        if os.environ.get("ITEM_TEST_SCREENSHOTS"):
-            shutil.copy(path, Path(os.environ["ITEM_TEST_SCREENSHOTS"]) / path.name)
         browser.close()
 
 
