@@ -143,7 +143,7 @@ def log_figures(log: Path, since: int, n: int) -> dict:
 
 def cpu_seconds(worker_pid: int | None) -> dict[str, float]:
     """CPU seconds used so far by each part of the stack, from /proc: the worker's GPU loop, the rest of the worker
-    (intake, deliverer, supervisor), Postgres, Redis, this process (the client and the polling), and the machine."""
+    (intake, deliverer, GPU step), Postgres, Redis, this process (the client and the polling), and the machine."""
     ticks, used = os.sysconf("SC_CLK_TCK"), dict.fromkeys(CPU_PARTS, 0.0)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):

@@ -55,7 +55,7 @@ def test_a_killed_workers_checks_are_redone_within_30_s(stack):
         while not any(owner.endswith(f":{doomed_pid}") for owner in _running_owners(stack, submitted)):
             assert time.monotonic() < deadline, "the doomed worker never held a batch"
             time.sleep(0.05)
-        doomed.kill()  # SIGKILL, supervisor and GPU process at once, mid-batch
+        doomed.kill()  # SIGKILL, the Celery worker and its GPU process at once, mid-batch
         killed_at = time.monotonic()
         rows = stack.wait_terminal(submitted, timeout=90)
         redone_in = time.monotonic() - killed_at
@@ -91,7 +91,7 @@ def test_a_killed_gpu_process_is_replaced_and_serves_again(stack):
         assert _workers_ready(port) == 0  # the dead process no longer counts (ItemNoWorkerReady can fire)
         worker.wait_for(rf"GPU loop 0 \(pid (?!{first}\))\d+\) ready", 120)
         replaced_in = time.monotonic() - killed_at
-        assert worker.process.poll() is None  # the supervisor lived on
+        assert worker.process.poll() is None  # the Celery worker lived on
         assert _workers_ready(port) == 1
         assert "replacing it" in worker.log.read_text() and log != worker.log.read_text()
         assert replaced_in <= worker.started_in + 15, (replaced_in, worker.started_in)  # about one start-up

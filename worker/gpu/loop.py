@@ -11,7 +11,7 @@ At most one batch waits prepared, so a worker holds no more checks than it can s
 A worker that dies leaves its checks `running` under a lease nobody renews; once it expires any worker of the
 version claims them again. A batch past its budget is interrupted wherever it is, the models included, and each
 of its unfinished checks is retried as `check.timeout`; if the interruption cannot land (the thread is stuck
-inside native code), a watchdog records the timeouts and ends the process, which its supervisor replaces.
+inside native code), a watchdog records the timeouts and ends the process, which the GPU step replaces.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from worker.ops.logs import OutageLog
 log = logging.getLogger("item.worker")
 
 WATCHDOG_GRACE_S = 30  # after the budget, how long the interruption may take before the process is ended
-WATCHDOG_EXIT_STATUS = 70  # EX_SOFTWARE: the supervisor replaces the process
+WATCHDOG_EXIT_STATUS = 70  # EX_SOFTWARE: the GPU step (worker.gpu.processes) replaces the process
 HEARTBEAT_S = 10.0  # how often a loop tells the ledger it is alive (the console's workers), one statement each
 
 
