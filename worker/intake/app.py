@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from functools import cache
 
 from celery import Celery, signals
 
 from worker.intake.broker import check_queue, transport_options
-from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings, load_settings
+from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings, SettingsError, load_settings
 
 
 def create_app(settings: Settings) -> Celery:
@@ -104,7 +105,11 @@ def run_celery(app: Celery, argv: list[str]) -> int:
 
 @cache
 def _app_from_environment() -> Celery:
-    return create_app(load_settings())
+    try:
+        return create_app(load_settings())
+    except SettingsError as error:  # one line naming the variable, not a traceback from inside Celery's loader
+        print(f"error [{error.code}] {error.message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def __getattr__(name: str):

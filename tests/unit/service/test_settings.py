@@ -84,3 +84,20 @@ def test_unreadable_trust_anchors_are_one_clear_error(tmp_path):
         with pytest.raises(ItemError, match=why) as refused:
             provenance_reader(load_settings(c2pa_trust_anchors=anchors))
         assert refused.value.code == "settings.invalid" and "ITEM_C2PA_TRUST_ANCHORS" in refused.value.message
+
+
+def test_celery_on_a_bad_setting_says_which_in_one_line():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    celery = Path(sys.executable).parent / "celery"
+    env = {**os.environ, "ITEM_BATCH_SIZE": "0", "ITEM_BROKER_URL": "redis://127.0.0.1:1/0"}
+    result = subprocess.run([str(celery), "-A", "worker.intake.app", "inspect", "ping"], env=env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "error [settings.invalid] Invalid settings: ITEM_BATCH_SIZE=0: Input should be greater than or equal to 1"
+    )
