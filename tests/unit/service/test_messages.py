@@ -37,7 +37,7 @@ def test_what_cannot_be_a_check_is_a_dead_letter_or_a_request_with_its_problem()
     assert "priority" in unknown.problem.message
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(body=JSON, task=TASK, extra=st.dictionaries(st.text(max_size=8), JSON, max_size=3))
 def test_any_decoded_message_is_a_request_or_a_coded_dead_letter(body, task, extra):
     headers = {**extra, **({"task": task} if task is not None else {})}
