@@ -1,9 +1,9 @@
 """The Celery app, made from the settings: what `celery -A worker.intake.app worker` and `item worker` run.
 
-    celery -A worker.intake.app worker --pool threads --gpus 1      # a GPU host: intake, GPU loops, upkeep
-    celery -A worker.intake.app worker --pool threads --gpus 0      # an intake-only host
-    celery -A worker.intake.app inspect item                         # each worker's GPU loops: version, batches
-    celery -A worker.intake.app control shutdown                     # a warm shutdown of every worker
+    celery -A worker.intake.app worker --gpus 1      # a GPU host: intake, GPU loops, upkeep
+    celery -A worker.intake.app worker --gpus 0      # an intake-only host
+    celery -A worker.intake.app inspect item         # each worker's GPU loops: version, batches
+    celery -A worker.intake.app control shutdown     # a warm shutdown of every worker
 
 JSON is the only content accepted anywhere (messages, results, events: a pickle is never decoded). `item.check`
 is acknowledged late, once its ledger row is committed (`worker.intake.task`). The GPU loops and the upkeep
@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a broker restart is waited out, however long
-        worker_pool="threads",  # the task only talks to the ledger; no model runs in the pool
+        worker_pool="threads",  # the task only talks to the ledger (and a setting outranks `--pool`)
         worker_concurrency=threads,
         worker_prefetch_multiplier=max(1, math.ceil(settings.intake_prefetch / threads)),
         worker_send_task_events=True,  # Flower and `celery events` see every item.check
