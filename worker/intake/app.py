@@ -23,7 +23,7 @@ from functools import cache
 
 from celery import Celery, signals
 
-from worker.intake.broker import check_queue, transport_options
+from worker.intake.broker import check_queue, transport_options, worker_transport
 from worker.settings import CHECK_QUEUE, CHECK_TASK, Settings, SettingsError, load_settings
 
 
@@ -44,6 +44,7 @@ def create_app(settings: Settings) -> Celery:
         task_default_queue=CHECK_QUEUE,
         task_routes={CHECK_TASK: {"queue": CHECK_QUEUE}},
         task_create_missing_queues=False,
+        broker_transport=worker_transport(settings),
         broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a broker restart is waited out, however long

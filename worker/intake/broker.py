@@ -31,8 +31,16 @@ def transport_options(settings: Settings) -> dict:
             visibility_timeout=settings.intake_visibility_timeout_s,
             unacked_restore_interval=RESTORE_EVERY_S,
             unacked_restore_throttle=1,  # every sweep looks: the interval alone sets the pace
+            atomic_queues=[CHECK_QUEUE],  # worker.intake.redis_take: taken with BLMOVE, never lost to a kill
         )
     return options
+
+
+def worker_transport(settings: Settings) -> str | None:
+    """The kombu transport a worker consumes with: on Redis, kombu's own but taking item.checks atomically."""
+    if (settings.broker_url or "").startswith(("redis://", "rediss://")):
+        return "worker.intake.redis_take:Transport"
+    return None
 
 
 def broker_connection(settings: Settings) -> Connection:

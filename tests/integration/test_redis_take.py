@@ -1,0 +1,103 @@
+"""The Redis take of `item.checks` (worker.intake.redis_take), on the machine's Redis: a message the server has
+handed to a consumer that died before reading it is not lost; it is given back once the consumer stops saying
+it is alive. (kombu's own BRPOP would have lost it: the server removes the message as it replies.)"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+import pytest
+import redis
+from kombu import Connection
+
+from tests.integration.stack import REDIS_URL
+from worker.intake.broker import check_queue
+from worker.settings import CHECK_QUEUE
+
+TRANSPORT = "worker.intake.redis_take:Transport"
+
+
+@pytest.fixture
+def prefix():
+    prefix = f"item-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+
+
+def _connection(prefix: str, transport: str | None = TRANSPORT) -> Connection:
+    options = {"global_keyprefix": prefix, "atomic_queues": [CHECK_QUEUE], "taking_alive_s": 1.0}
+    return Connection(REDIS_URL, transport=transport, transport_options=options)
+
+
+def _consuming_channel(connection: Connection, received: list | None = None):
+    channel = connection.channel()
+    check_queue()(channel).declare()
+    keep = received.append if received is not None else lambda message: None
+    channel.basic_consume(CHECK_QUEUE, False, keep, consumer_tag=uuid.uuid4().hex)
+    return channel
+
+
+def test_a_message_taken_by_a_consumer_that_died_is_given_back(prefix):
+    raw = redis.Redis.from_url(REDIS_URL)
+    with _connection(prefix, transport=None) as platform:  # a platform's plain kombu client sends
+        platform.Producer().publish({"external_id": "taken"}, routing_key=CHECK_QUEUE, declare=[check_queue()])
+    assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 1
+
+    # a consumer takes it and dies before reading the server's reply (its process is gone: nothing of it runs)
+    doomed_connection = _connection(prefix)
+    doomed = _consuming_channel(doomed_connection)
+    doomed_connection.transport.cycle._register_BRPOP(doomed)  # as the event loop starts a take
+    deadline = time.monotonic() + 5
+    while raw.llen(f"{prefix}{CHECK_QUEUE}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    doomed.client.connection._sock.shutdown(socket.SHUT_RDWR)  # the reply is never read
+    taking = f"{prefix}{CHECK_QUEUE}.taking.{doomed.consumer_id}"
+    assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 0 and raw.llen(taking) == 1  # moved, not gone
+
+    # another consumer, once the first stopped saying it is alive, gives it back, and it is taken again
+    with _connection(prefix) as connection:
+        received = []
+        survivor = _consuming_channel(connection, received)
+        survivor.sweep()
+        assert raw.llen(taking) == 1  # still alive, as far as anyone can tell
+        time.sleep(1.2)
+        survivor.sweep()
+        assert raw.llen(taking) == 0 and raw.llen(f"{prefix}{CHECK_QUEUE}") == 1
+        connection.transport.cycle._register_BRPOP(survivor)
+        deadline = time.monotonic() + 5
+        while raw.llen(f"{prefix}{CHECK_QUEUE}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert survivor._brpop_read() is True
+        assert received and raw.llen(f"{survivor._key(survivor._taking(CHECK_QUEUE))}") == 0
+        assert raw.hlen(f"{prefix}unacked") == 1  # recorded as unacknowledged, as kombu records it
+
+
+def test_messages_sent_with_a_priority_are_taken_too(prefix):
+    raw = redis.Redis.from_url(REDIS_URL)
+    with _connection(prefix, transport=None) as platform:
+        platform.Producer().publish({"n": 1}, routing_key=CHECK_QUEUE, declare=[check_queue()], priority=6)
+    assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 0  # kombu keeps it in a list of that priority
+    with _connection(prefix) as connection:
+        channel = _consuming_channel(connection)
+        channel.sweep()
+        assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 1
+
+
+def test_a_clean_close_gives_back_at_once_what_was_taken_and_not_recorded(prefix):
+    raw = redis.Redis.from_url(REDIS_URL)
+    with _connection(prefix, transport=None) as platform:
+        platform.Producer().publish({"n": 2}, routing_key=CHECK_QUEUE, declare=[check_queue()])
+    with _connection(prefix) as connection:
+        channel = _consuming_channel(connection)
+        connection.transport.cycle._register_BRPOP(channel)
+        deadline = time.monotonic() + 5
+        while raw.llen(f"{prefix}{CHECK_QUEUE}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert raw.llen(f"{prefix}{CHECK_QUEUE}.taking.{channel.consumer_id}") == 1
+        channel.close()
+        assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 1  # once: read, recorded, and given back as unacknowledged
+        assert raw.llen(f"{prefix}{CHECK_QUEUE}.taking.{channel.consumer_id}") == 0

@@ -1,0 +1,155 @@
+"""kombu's Redis transport, taking `item.checks` messages atomically: no message is lost to a kill.
+
+kombu's Redis consumer takes a message with `BRPOP` and only then records it as unacknowledged. The server has
+already removed it when it sends the reply: a worker killed before it has read that reply and written the
+record (a loaded machine leaves the reply unread for milliseconds; the chaos benchmark lost 3 of 10,000 messages
+to 5 SIGKILLs and a broker restart) loses the message. Here the take is `BLMOVE`: the server moves the message
+into a list of this consumer's own (`<queue>.taking.<consumer>`) in the same step, and the consumer removes it
+from there once kombu has recorded it as unacknowledged. A consumer alive says so with a key that expires after
+`taking_alive_s` (15 s); any live consumer gives the list of one that stopped saying so back to the queue.
+
+Only the queues named in the transport option `atomic_queues` are taken this way (one queue per channel); every
+other use of the transport (events, remote control, replies) is kombu's own. Messages sent with a priority land
+in kombu's per-priority lists; they are moved into the main list at each sweep, so they are taken the same way.
+Platforms send as before: the lists and the message format are kombu's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from time import monotonic
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+log = logging.getLogger("item.intake")
+
+ALIVE_S = 15.0
+SAY_ALIVE_EVERY_S = 5.0  # between the event loop's sweeps (every 2 s), in case they stop
+
+
+class QoS(kombu_redis.QoS):
+    def restore_visible(self, *args, **kwargs):
+        """Called every few seconds by the event loop: say alive and give back what dead consumers took."""
+        with contextlib.suppress(*self.channel.connection_errors):  # the broker is away: a later sweep does it
+            self.channel.sweep()
+        return super().restore_visible(*args, **kwargs)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "atomic_queues", "taking_alive_s")
+    atomic_queues: tuple = ()
+    taking_alive_s: float = ALIVE_S
+
+    def __init__(self, *args, **kwargs):
+        self._taking_from = None
+        self._said_alive_at = float("-inf")
+        super().__init__(*args, **kwargs)
+        self.consumer_id = uuid.uuid4().hex
+
+    # ------------------------------------------------------------------ the take
+
+    def _brpop_start(self, timeout=None):
+        queues = list(self.active_queues)
+        if len(queues) != 1 or queues[0] not in self.atomic_queues:
+            return super()._brpop_start(timeout)
+        queue = queues[0]
+        if monotonic() - self._said_alive_at > SAY_ALIVE_EVERY_S:  # a new consumer, or a sweep was missed
+            self.sweep()
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self._taking_from = queue
+        wait = self.brpop_timeout if timeout is None else timeout
+        command = ["BLMOVE", self._key(queue), self._key(self._taking(queue)), "RIGHT", "LEFT", wait or 0]
+        self.client.connection.send_command(*command)
+
+    def _brpop_read(self, **options):
+        queue = self._taking_from
+        if queue is None:
+            return super()._brpop_read(**options)
+        try:
+            try:
+                raw = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if raw is None:
+                raise kombu_redis.Empty()
+            self.connection._deliver(loads(bytes_to_str(raw)), queue)  # records it as unacknowledged
+            with self.conn_or_acquire() as client:  # not the blocking connection: it is the take's alone
+                client.execute_command("LREM", self._key(self._taking(queue)), 1, raw)  # recorded: no longer ours
+            return True
+        finally:
+            self._in_poll = None
+            self._taking_from = None
+            self._flush_brpop_reauth()
+
+    # ------------------------------------------------------------------ liveness and recovery
+
+    def sweep(self) -> None:
+        with self.conn_or_acquire() as client:
+            for queue in self.atomic_queues:
+                if queue in self.active_queues:
+                    self._say_alive(client, queue)
+                    self._recover(client, queue)
+                    self._lift_priorities(client, queue)
+
+    def close(self):
+        """A clean close: kombu's reads a take still in flight and gives back what is unacknowledged; then
+        whatever is left in this consumer's list (normally nothing) goes back too, not after a timeout."""
+        super().close()
+        try:
+            with self.conn_or_acquire() as client:
+                for queue in self.atomic_queues:
+                    self._give_back(client, queue, self.consumer_id)
+        except Exception:  # the broker is away: the list waits for a sweep once it is back
+            log.debug("could not give back what this consumer took", exc_info=True)
+
+    def _say_alive(self, client, queue: str) -> None:
+        client.execute_command("PSETEX", self._key(self._alive(queue)), int(self.taking_alive_s * 1000), "1")
+        client.sadd(self._takers(queue), self.consumer_id)  # SADD is prefixed by kombu's client itself
+        self._said_alive_at = monotonic()
+
+    def _recover(self, client, queue: str) -> None:
+        for member in client.smembers(self._takers(queue)):
+            taker = bytes_to_str(member)
+            if taker == self.consumer_id or client.execute_command("EXISTS", self._key(self._alive(queue, taker))):
+                continue
+            moved = self._give_back(client, queue, taker)
+            client.srem(self._takers(queue), taker)
+            if moved:
+                log.warning("gave %d messages a dead consumer had taken back to %s", moved, queue)
+
+    def _give_back(self, client, queue: str, taker: str) -> int:
+        moved, taking = 0, self._key(self._taking(queue, taker))
+        while client.execute_command("LMOVE", taking, self._key(queue), "RIGHT", "RIGHT") is not None:
+            moved += 1  # back at the end the consumers take from: first in line again
+        return moved
+
+    def _lift_priorities(self, client, queue: str) -> None:
+        for priority in self.priority_steps:
+            source = self._q_for_pri(queue, priority)
+            if source != queue:
+                while client.execute_command("LMOVE", self._key(source), self._key(queue), "RIGHT", "LEFT"):
+                    pass
+
+    def _taking(self, queue: str, consumer: str | None = None) -> str:
+        return f"{queue}.taking.{consumer or self.consumer_id}"
+
+    def _alive(self, queue: str, consumer: str | None = None) -> str:
+        return f"{queue}.alive.{consumer or self.consumer_id}"
+
+    def _takers(self, queue: str) -> str:
+        return f"{queue}.takers"
+
+    def _key(self, name: str) -> str:
+        """A key as stored: kombu's client prefixes only the commands it knows, and these are not among them."""
+        return f"{self.global_keyprefix}{name}"
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
