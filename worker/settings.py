@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     intake_prefetch: int = Field(256, ge=1, le=65_535, description="Messages the intake holds unacknowledged.")
     intake_batch_size: int = Field(64, ge=1, le=4096, description="Messages filed per ledger transaction.")
     intake_threads: int = Field(
-        4, ge=1, le=64, description="Threads of a worker filing messages (Celery's pool): transactions in flight."
+        2, ge=1, le=64, description="Threads of a worker filing messages (Celery's pool): transactions in flight."
     )
     intake_visibility_timeout_s: float = Field(
         15.0,

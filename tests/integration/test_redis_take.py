@@ -101,3 +101,26 @@ def test_a_clean_close_gives_back_at_once_what_was_taken_and_not_recorded(prefix
         channel.close()
         assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 1  # once: read, recorded, and given back as unacknowledged
         assert raw.llen(f"{prefix}{CHECK_QUEUE}.taking.{channel.consumer_id}") == 0
+
+
+def test_a_burst_is_taken_and_recorded_at_once_and_what_is_not_a_message_is_set_aside(prefix):
+    raw = redis.Redis.from_url(REDIS_URL)
+    with _connection(prefix, transport=None) as platform:
+        producer = platform.Producer()
+        for n in range(10):
+            producer.publish({"n": n}, routing_key=CHECK_QUEUE, declare=[check_queue()])
+    raw.lpush(f"{prefix}{CHECK_QUEUE}", b"not json at all")  # taken last: the list is read from its other end
+    received = []
+    with _connection(prefix) as connection:
+        channel = _consuming_channel(connection, received)
+        connection.transport.cycle._register_BRPOP(channel)
+        time.sleep(0.2)
+        assert channel._brpop_read() is True
+        assert [message.payload["n"] for message in received] == list(range(10))  # in order, in one read
+        assert raw.hlen(f"{prefix}unacked") == 10 and raw.zcard(f"{prefix}unacked_index") == 10
+        assert raw.lrange(f"{prefix}{CHECK_QUEUE}.unreadable", 0, -1) == [b"not json at all"]
+        assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 0
+        assert raw.llen(f"{prefix}{CHECK_QUEUE}.taking.{channel.consumer_id}") == 0
+        for message in received:  # acks of a batch leave the unacknowledged set together
+            message.ack()
+        assert raw.hlen(f"{prefix}unacked") == 0 and raw.zcard(f"{prefix}unacked_index") == 0

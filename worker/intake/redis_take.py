@@ -19,19 +19,56 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from time import monotonic
+from time import monotonic, time
 
+from kombu.asynchronous import get_event_loop
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 log = logging.getLogger("item.intake")
 
 ALIVE_S = 15.0
+TAKE_AT_ONCE = 64  # messages one take moves when a burst waits: one round trip, not one each
 SAY_ALIVE_EVERY_S = 5.0  # between the event loop's sweeps (every 2 s), in case they stop
 
 
 class QoS(kombu_redis.QoS):
+    """kombu's, but a take records its messages itself (`Channel._record`), and the acks that arrive together
+    (a filed batch) leave the unacknowledged set in one round trip, on the event loop's next turn."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorded: set = set()  # delivery tags the take wrote already
+        self._acks: list = []
+
+    def append(self, message, delivery_tag):
+        if delivery_tag in self.recorded:
+            self.recorded.discard(delivery_tag)
+            return virtual.QoS.append(self, message, delivery_tag)  # in memory only: Redis has it
+        return super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag):
+        self._acks.append(delivery_tag)
+        if len(self._acks) == 1:
+            loop = get_event_loop()
+            if loop is None:
+                self.flush_acks()
+            else:
+                loop.call_soon(self.flush_acks)
+
+    def flush_acks(self) -> None:
+        tags, self._acks = self._acks, []
+        if not tags:
+            return
+        with self.pipe_or_acquire() as pipe:
+            for tag in tags:
+                self._remove_from_indices(tag, pipe)
+            pipe.execute()
+        for tag in tags:
+            virtual.QoS.ack(self, tag)
+
     def restore_visible(self, *args, **kwargs):
         """Called every few seconds by the event loop: say alive and give back what dead consumers took."""
         with contextlib.suppress(*self.channel.connection_errors):  # the broker is away: a later sweep does it
@@ -79,14 +116,53 @@ class Channel(kombu_redis.Channel):
                 raise
             if raw is None:
                 raise kombu_redis.Empty()
-            self.connection._deliver(loads(bytes_to_str(raw)), queue)  # records it as unacknowledged
             with self.conn_or_acquire() as client:  # not the blocking connection: it is the take's alone
-                client.execute_command("LREM", self._key(self._taking(queue)), 1, raw)  # recorded: no longer ours
+                raws = [raw, *self._take_more(client, queue)]
+                payloads = self._record(client, queue, raws)
+            for payload in payloads:
+                self.connection._deliver(payload, queue)
             return True
         finally:
             self._in_poll = None
             self._taking_from = None
             self._flush_brpop_reauth()
+
+    def _take_more(self, client, queue: str) -> list[bytes]:
+        """What else waits, up to what prefetch allows (at most TAKE_AT_ONCE in all), in one round trip."""
+        room = self.qos.can_consume_max_estimate()
+        count = min(TAKE_AT_ONCE, room if room is not None else TAKE_AT_ONCE) - 1
+        if count <= 0:
+            return []
+        pipe = client.pipeline(transaction=False)
+        for _ in range(count):
+            pipe.execute_command("LMOVE", self._key(queue), self._key(self._taking(queue)), "RIGHT", "LEFT")
+        return [raw for raw in pipe.execute() if raw is not None]
+
+    def _record(self, client, queue: str, raws: list[bytes]) -> list[dict]:
+        """Records the taken messages as unacknowledged, as kombu's QoS would one by one, and empties this
+        consumer's list, in one round trip. What is not a kombu message at all is set aside in
+        `<queue>.unreadable` (never lost, never taken again in a loop; `LRANGE` shows it)."""
+        now, payloads = time(), []
+        pipe = client.pipeline(transaction=False)
+        for raw in raws:
+            raw = raw if isinstance(raw, bytes) else raw.encode()
+            try:
+                payload = loads(bytes_to_str(raw))
+                tag, info = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
+                # kombu's record is the JSON list [payload, exchange, routing key]: the payload as it arrived
+                record = b"[" + raw + b"," + dumps([info["exchange"], info["routing_key"]]).encode()[1:]
+            except (ValueError, TypeError, KeyError) as error:
+                log.error(
+                    "a message in %s is not a kombu message (%r); set aside in %s.unreadable", queue, error, queue
+                )
+                pipe.lpush(f"{queue}.unreadable", raw)  # LPUSH is one of the commands kombu's client prefixes
+            else:
+                pipe.zadd(self.qos.unacked_index_key, {tag: now}).hset(self.qos.unacked_key, tag, record)
+                self.qos.recorded.add(tag)
+                payloads.append(payload)
+        pipe.delete(self._taking(queue))  # it held this take and nothing else (DEL is prefixed by kombu's client)
+        pipe.execute()
+        return payloads
 
     # ------------------------------------------------------------------ liveness and recovery
 

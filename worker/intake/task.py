@@ -11,9 +11,9 @@ Decoding never raises: a message that is not a well-formed `item.check` becomes 
 external id) or a dead letter, and is acknowledged like any other. While the ledger is unreachable the batch is
 held and tried again, unacknowledged: the messages stay the broker's, and come back if this worker dies.
 
-Flower and `celery events` see each message: `task-received` when it arrives (with its external id and the kind
-of its image, never the image), `task-succeeded` with its check id and status once filed, `task-failed` for a
-dead letter.
+Flower and `celery events` see each message once it is filed: `task-succeeded` with its check id and status, or
+`task-failed` for a dead letter, each carrying its external id and the kind of its image (never the image) and
+when it arrived.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from celery_batches import Batches
@@ -35,8 +36,25 @@ HOLD_BACKOFF_S = (0.5, 10.0)  # while the ledger is down: first and longest wait
 SHOWN_ID_CHARS = 64  # of an external id, in an event: enough to find it, not a way to fill a monitor
 
 
+@dataclass(frozen=True)
+class Taken:
+    """A message in the buffer, with Celery's promises to acknowledge or give it back (no Celery `Request`:
+    at thousands of messages a second building one each is most of the consumer's time)."""
+
+    message: Any
+    ack: Any
+    reject: Any
+    eta = None  # celery-batches' flush asks; item.check never has one
+
+    @property
+    def task_id(self) -> str | None:
+        payload = self.message.payload if not self.message.headers else None
+        return (self.message.headers or {}).get("id") or (payload.get("id") if isinstance(payload, dict) else None)
+
+
 class CheckIntake(Batches):
-    """`item.check`, run as batches: the buffer and its timer are celery-batches'; `flush` is ours."""
+    """`item.check`, run as batches: the buffer and its flush timer are celery-batches'; what goes in the buffer
+    and `flush` are ours."""
 
     abstract = True
     settings: Settings
@@ -47,15 +65,26 @@ class CheckIntake(Batches):
         raise NotImplementedError(f"{CHECK_TASK} runs on a worker, in batches; send it through the broker")
 
     def Strategy(self, task, app, consumer):  # noqa: N802  (celery's name; called at every (re)connection)
-        self._consumer = consumer
+        self._consumer, self._pool = consumer, consumer.pool
         threading.Thread(target=self._warm_up, name="item-intake-warm-up", daemon=True).start()  # never blocks
         # A reconnection clears the event loop's timers, celery-batches' flush timer with them, while it still
         # thinks one runs: without this, what arrives after a broker restart would wait for a full batch.
         self._tref = None
-        handler = super().Strategy(task, app, consumer)
         if not self._buffer.empty():  # taken before the connection dropped: filed now (the ack may not land)
-            self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
-        return handler
+            self._start_timer()
+        put, every = self._buffer.put, self.flush_every
+
+        def on_message(message, body, ack, reject, callbacks, **_) -> None:
+            put(Taken(message, ack, reject))
+            if self._tref is None:
+                self._start_timer()
+            if not next(self._count) % every:  # celery-batches replaces its counter at each flush
+                self._do_flush()
+
+        return on_message
+
+    def _start_timer(self) -> None:
+        self._tref = self._consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
 
     def _warm_up(self) -> None:
         """Imports the intake and opens a ledger connection now, so the first message is filed as fast as any."""
@@ -68,13 +97,13 @@ class CheckIntake(Batches):
     def flush(self, requests) -> Any:
         """Decodes each request (never raising), then files them all on a pool thread; acks on return."""
         items = [_item_of(request) for request in requests]
-        for request, item in zip(requests, items, strict=True):
-            request.send_event("task-received", name=CHECK_TASK, args="[]", kwargs=_shown(item), retries=0)
-        started = time.monotonic()
+        received, started = time.time(), time.monotonic()
+
+        consumer = self._consumer
 
         def on_return(filed) -> None:
             runtime = time.monotonic() - started
-            self._consumer.call_soon(_acknowledge, requests, items, filed, runtime)
+            consumer.call_soon(_acknowledge, consumer, requests, items, filed, received, runtime)
 
         return self._pool.apply_async(self._file, (items,), callback=on_return)
 
@@ -157,18 +186,27 @@ def _shown(item) -> str:
     return repr({"external_id": external_id[:SHOWN_ID_CHARS], "image": kinds[:4]})
 
 
-def _acknowledge(requests, items, filed, runtime: float) -> None:
-    """On the consumer's thread: ack what was filed (and tell the monitors), or give it all back."""
+def _acknowledge(consumer, taken: list[Taken], items, filed, received: float, runtime: float) -> None:
+    """On the consumer's thread: ack what was filed (and tell the monitors), or give it all back.
+
+    One event per message, carrying what `task-received` would have (name, arguments as shown, arrival): at
+    thousands of messages a second, a second event each is a cost the intake rate feels, and monitors build a
+    task's record from whichever of its events they see."""
+    errors = consumer.connection_errors
     if filed is None:
-        for request in requests:
-            request.reject(requeue=True)
+        for one in taken:
+            one.reject(log, errors, True)
         return
-    for request, item, one in zip(requests, items, filed, strict=True):
-        request.acknowledge()
-        if one is None:
-            reason = f"{item.code}: {item.reason}"
-            request.send_event("task-failed", exception=reason, traceback="", runtime=runtime)
+    eventer = consumer.event_dispatcher
+    send = eventer.send if eventer is not None and eventer.enabled else None
+    for one, item, outcome in zip(taken, items, filed, strict=True):
+        one.ack(log, errors)
+        if send is None:
+            continue
+        shown = {"name": CHECK_TASK, "args": "[]", "kwargs": _shown(item), "received": received, "runtime": runtime}
+        if outcome is None:
+            send("task-failed", uuid=one.task_id, exception=f"{item.code}: {item.reason}", traceback="", **shown)
         else:
-            status = getattr(one.check.status, "value", one.check.status)
-            result = {"check_id": one.check.id, "status": status, "created": one.created}
-            request.send_event("task-succeeded", result=json.dumps(result), runtime=runtime)
+            status = getattr(outcome.check.status, "value", outcome.check.status)
+            result = {"check_id": outcome.check.id, "status": status, "created": outcome.created}
+            send("task-succeeded", uuid=one.task_id, result=json.dumps(result), **shown)
