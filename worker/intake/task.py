@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_batches import Batches
+from kombu.exceptions import ContentDisallowed
 
 from worker.settings import CHECK_TASK, Settings
 
@@ -165,15 +166,22 @@ def file_holding(intake, items: list, stopping: threading.Event) -> list | None:
         wait = min(HOLD_BACKOFF_S[1], wait * 2)
 
 
-def _item_of(request):
-    """What a message asks for: a check request, or a dead letter saying why it cannot be one."""
+def _item_of(taken):
+    """What a message asks for: a check request, or a dead letter saying why it cannot be one. Its body is
+    decoded here, by kombu under the JSON-only accept list: a pickle is refused unread."""
     from worker.intake.filing import dead_letter, from_message
 
-    message = request.message
+    message = taken.message
+    task = (getattr(message, "headers", None) or {}).get("task")
+    queue = (getattr(message, "delivery_info", None) or {}).get("routing_key")
     try:
         return from_message(message.payload, message.headers, message.delivery_info, message.body)
+    except ContentDisallowed:
+        reason = f"Content type {message.content_type!r} is refused: only JSON is read."
+        return dead_letter("message.not_json", reason, message.body, queue, task, message.content_type)
     except Exception as error:  # a body no reader foresaw: kept, never a crash of the whole batch
-        return dead_letter("message.undecodable", f"The message cannot be decoded: {error!r}", message.body, None)
+        reason = f"The message cannot be decoded: {error!r}"
+        return dead_letter("message.undecodable", reason, message.body, queue, task, message.content_type)
 
 
 def _shown(item) -> str:

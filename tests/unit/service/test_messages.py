@@ -41,7 +41,9 @@ def test_what_cannot_be_a_check_is_a_dead_letter_or_a_request_with_its_problem()
 @given(body=JSON, task=TASK, extra=st.dictionaries(st.text(max_size=8), JSON, max_size=3))
 def test_any_decoded_message_is_a_request_or_a_coded_dead_letter(body, task, extra):
     headers = {**extra, **({"task": task} if task is not None else {})}
-    message = SimpleNamespace(payload=body, headers=headers, delivery_info={"routing_key": "item.checks"}, body=b"x")
+    message = SimpleNamespace(
+        payload=body, headers=headers, delivery_info={"routing_key": "item.checks"}, body=b"x", content_type="json"
+    )
     item = _item_of(SimpleNamespace(message=message))
     assert isinstance(item, CheckRequest | DeadLetterRow)
     if isinstance(item, DeadLetterRow):
