@@ -177,6 +177,8 @@ class Channel(kombu_redis.Channel):
     def close(self):
         """A clean close: kombu's reads a take still in flight and gives back what is unacknowledged; then
         whatever is left in this consumer's list (normally nothing) goes back too, not after a timeout."""
+        with contextlib.suppress(Exception):  # acks still waiting for the loop's next turn: else filed twice
+            self.qos.flush_acks()
         super().close()
         try:
             with self.conn_or_acquire() as client:
