@@ -250,3 +250,25 @@ def test_what_a_killed_worker_held_is_filed_by_another_after_the_visibility_time
     result = measure(replace(stack, env=short), messages=6)
     # then every message is filed, within the visibility timeout and a restore sweep (2 s), plus start-up slack
     assert result["filed_after_kill_s"] < 5 + 2 + 15, result
+
+
+def test_a_worker_without_intake_leaves_messages_to_others_and_still_answers(stack):
+    worker = CeleryWorker(stack, "no-intake", "--gpus", "0", "--no-intake")
+    try:
+        before = stack.queue_length()
+        ids = _send(stack, 2, "no-intake")
+        time.sleep(3)
+        assert _statuses(stack, ids) == {} and stack.queue_length() == before + 2  # still the broker's
+        assert inspect(stack, worker, "item")["intake"] is False
+    finally:
+        os.kill(worker.process.pid, signal.SIGTERM)
+        worker.wait_exit(60)
+    taker = CeleryWorker(stack, "taker", "--gpus", "0")
+    try:
+        deadline = time.monotonic() + 20
+        while len(_statuses(stack, ids)) < len(ids):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        os.kill(taker.process.pid, signal.SIGTERM)
+        taker.wait_exit(60)
