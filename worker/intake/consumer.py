@@ -11,55 +11,36 @@ from __future__ import annotations
 import logging
 
 from celery.worker.consumer import Consumer
-from kombu.exceptions import ContentDisallowed
+
+from worker.intake.task import message_letter, unreadable_letter
+from worker.settings import CHECK_TASK
 
 log = logging.getLogger("item.intake")
 
 
 class IntakeConsumer(Consumer):
     def on_unknown_message(self, body, message) -> None:
-        self._dead_letter(message, "message.unknown_task", "The message names no task (not a Celery message).")
+        reason = "The message names no task (not a Celery message)."
+        self._keep(message_letter(message, "message.unknown_task", reason), message)
 
     def on_unknown_task(self, body, message, exc) -> None:
         task = (message.headers or {}).get("task")
         if task is None and isinstance(body, dict):  # protocol 1
             task = body.get("task")
-        self._dead_letter(message, "message.unknown_task", f"Task {task!r} is not item.check.", task)
+        self._keep(message_letter(message, "message.unknown_task", f"Task {task!r} is not item.check.", task), message)
 
     def on_invalid_task(self, body, message, exc) -> None:
-        if isinstance(exc, ContentDisallowed):
-            reason = f"Content type {message.content_type!r} is refused: only JSON is read."
-            self._dead_letter(message, "message.not_json", reason)
-        else:
-            self._dead_letter(message, "message.undecodable", f"The message cannot be decoded: {exc}")
+        self._keep(unreadable_letter(message, exc), message)
 
     def on_decode_error(self, message, exc) -> None:
-        if isinstance(exc, ContentDisallowed):
-            reason = f"Content type {message.content_type!r} is refused: only JSON is read."
-            self._dead_letter(message, "message.not_json", reason)
-        else:
-            self._dead_letter(message, "message.undecodable", f"The message cannot be decoded: {exc}")
+        self._keep(unreadable_letter(message, exc), message)
 
-    def _dead_letter(self, message, code: str, reason: str, task=None) -> None:
-        from worker.intake.filing import dead_letter
-
-        headers = message.headers or {}
-        letter = dead_letter(
-            code, reason, message.body, (message.delivery_info or {}).get("routing_key"),
-            task or headers.get("task"), message.content_type,
-        )  # fmt: skip
+    def _keep(self, letter, message) -> None:
+        """Writes the dead letter through the task's own intake (one ledger pool per worker), then acks."""
         try:
-            self._intake().file([], [letter])
+            self.app.tasks[CHECK_TASK].intake().file([], [letter])
         except Exception:
-            log.warning("could not keep a dead letter (%s); the message stays with the broker", code, exc_info=True)
+            log.warning("could not keep a dead letter (%s); the message stays with the broker", letter.code,
+                        exc_info=True)  # fmt: skip
             return
         message.ack()
-
-    def _intake(self):
-        if getattr(self, "_item_intake", None) is None:
-            from worker.intake.filing import Intake
-            from worker.ledger.store import Ledger
-
-            settings = self.app.item_settings
-            self._item_intake = Intake(settings, Ledger(settings.database_url))
-        return self._item_intake

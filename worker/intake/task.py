@@ -90,7 +90,7 @@ class CheckIntake(Batches):
     def _warm_up(self) -> None:
         """Imports the intake and opens a ledger connection now, so the first message is filed as fast as any."""
         try:
-            with self._intake().ledger.engine.connect():
+            with self.intake().ledger.engine.connect():
                 pass
         except Exception:  # the ledger is down: the first batch will hold on until it is back
             log.warning("the ledger is unreachable at start; messages wait for it", exc_info=True)
@@ -111,12 +111,13 @@ class CheckIntake(Batches):
     def _file(self, items: list) -> list | None:
         """The filed checks (None in the place of a dead letter), or None when stopping with the ledger down."""
         try:
-            return file_holding(self._intake(), items, self.stopping)
+            return file_holding(self.intake(), items, self.stopping)
         except Exception:  # a bug: nothing is acknowledged, and the broker gives the messages back later
             log.exception("filing %d messages crashed; they stay unacknowledged", len(items))
             return None
 
-    def _intake(self):
+    def intake(self):
+        """This worker's one intake (and ledger pool), shared by the batches and the consumer's dead letters."""
         with self._making_intake:  # the warm-up thread and the first batch may both ask
             if getattr(self, "_intake_instance", None) is None:
                 from worker.intake.filing import Intake
@@ -169,19 +170,30 @@ def file_holding(intake, items: list, stopping: threading.Event) -> list | None:
 def _item_of(taken):
     """What a message asks for: a check request, or a dead letter saying why it cannot be one. Its body is
     decoded here, by kombu under the JSON-only accept list: a pickle is refused unread."""
-    from worker.intake.filing import dead_letter, from_message
+    from worker.intake.filing import from_message
 
     message = taken.message
-    task = (getattr(message, "headers", None) or {}).get("task")
-    queue = (getattr(message, "delivery_info", None) or {}).get("routing_key")
     try:
         return from_message(message.payload, message.headers, message.delivery_info, message.body)
-    except ContentDisallowed:
-        reason = f"Content type {message.content_type!r} is refused: only JSON is read."
-        return dead_letter("message.not_json", reason, message.body, queue, task, message.content_type)
     except Exception as error:  # a body no reader foresaw: kept, never a crash of the whole batch
-        reason = f"The message cannot be decoded: {error!r}"
-        return dead_letter("message.undecodable", reason, message.body, queue, task, message.content_type)
+        return unreadable_letter(message, error)
+
+
+def unreadable_letter(message, error: Exception):
+    """The dead letter of a message kombu would not decode: a refused content type, or a body no reader foresaw."""
+    if isinstance(error, ContentDisallowed):
+        reason = f"Content type {message.content_type!r} is refused: only JSON is read."
+        return message_letter(message, "message.not_json", reason)
+    return message_letter(message, "message.undecodable", f"The message cannot be decoded: {error!r}")
+
+
+def message_letter(message, code: str, reason: str, task=None):
+    """A dead letter keeping what a kombu message carried: its body, queue, task and content type."""
+    from worker.intake.filing import dead_letter
+
+    task = task or (getattr(message, "headers", None) or {}).get("task")
+    queue = (getattr(message, "delivery_info", None) or {}).get("routing_key")
+    return dead_letter(code, reason, message.body, queue, task, message.content_type)
 
 
 def _shown(item) -> str:
