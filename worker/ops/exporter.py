@@ -39,6 +39,29 @@ def prepare_multiprocess_dir(settings: Settings) -> Path:
     return folder
 
 
+# The worker's long-lived threads, by thread name: 0 is one that died (or was turned off), for a dashboard to see.
+WATCHED_THREADS = {
+    "gpu_supervisor": "item-gpu-supervisor",
+    "deliverer": "item-deliverer",
+    "reconciler": "item-reconciler",
+}
+
+
+def thread_liveness():
+    """`item_worker_threads{thread}`: how many of each watched thread are alive in this (the worker's) process."""
+    import threading
+
+    from prometheus_client.core import GaugeMetricFamily
+
+    from worker.ops.metrics import THREADS_NAME
+
+    alive = [thread.name for thread in threading.enumerate() if thread.is_alive()]
+    gauge = GaugeMetricFamily(THREADS_NAME, "The worker's long-lived threads alive now, by thread.", labels=["thread"])
+    for label, name in WATCHED_THREADS.items():
+        gauge.add_metric([label], alive.count(name))
+    return gauge
+
+
 class ScrapeTimeCollector:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -68,6 +91,7 @@ class ScrapeTimeCollector:
         for status, count in counts.get("stuck", {}).items():
             stuck.add_metric([status], count)
         yield stuck
+        yield thread_liveness()
 
     def _queue_depth(self) -> dict[str, int]:
         """Messages waiting in `item.checks` (Redis: its list; RabbitMQ: a passive declare); none when it fails."""

@@ -123,6 +123,7 @@ for _outcome in ("hit", "miss"):  # so a hit ratio reads 0, not "no data", befor
 QUEUE_DEPTH_NAME = "item_queue_depth"
 WAITING_NAME = "item_checks_waiting"
 STUCK_NAME = "item_checks_stuck"
+THREADS_NAME = "item_worker_threads"
 
 METRIC_NAMES = frozenset(
     {
@@ -150,6 +151,7 @@ METRIC_NAMES = frozenset(
         QUEUE_DEPTH_NAME,
         WAITING_NAME,
         STUCK_NAME,
+        THREADS_NAME,
     }
 )
 

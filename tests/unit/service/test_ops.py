@@ -309,3 +309,20 @@ def test_promtool_parses_the_dashboard_queries(tmp_path):
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = _promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_workers_long_lived_threads_are_counted_alive_or_dead():
+    import threading
+
+    from worker.ops.exporter import thread_liveness
+
+    stop = threading.Event()
+    deliverer = threading.Thread(target=stop.wait, name="item-deliverer", daemon=True)
+    deliverer.start()
+    try:
+        alive = {sample.labels["thread"]: sample.value for sample in thread_liveness().samples}
+        assert alive == {"gpu_supervisor": 0, "deliverer": 1, "reconciler": 0}
+    finally:
+        stop.set()
+        deliverer.join()
+    assert {s.labels["thread"]: s.value for s in thread_liveness().samples}["deliverer"] == 0  # dead, and seen so
