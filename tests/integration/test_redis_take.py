@@ -4,12 +4,15 @@ it is alive. (kombu's own BRPOP would have lost it: the server removes the messa
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import uuid
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kombu import Connection
 
 from tests.integration.stack import REDIS_URL
@@ -17,6 +20,14 @@ from worker.intake.broker import check_queue
 from worker.settings import CHECK_QUEUE
 
 TRANSPORT = "worker.intake.redis_take:Transport"
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["properties", "body", "x"]), children, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 @pytest.fixture
@@ -124,3 +135,34 @@ def test_a_burst_is_taken_and_recorded_at_once_and_what_is_not_a_message_is_set_
         for message in received:  # acks of a batch leave the unacknowledged set together
             message.ack()
         assert raw.hlen(f"{prefix}unacked") == 0 and raw.zcard(f"{prefix}unacked_index") == 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    junk=st.lists(
+        st.binary(max_size=64)
+        | st.text(max_size=40).map(str.encode)
+        | JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_whatever_bytes_wait_in_the_queue_a_take_never_raises_nor_loses_one(prefix, junk):
+    raw = redis.Redis.from_url(REDIS_URL)
+    for key in raw.scan_iter(f"{prefix}*"):
+        raw.delete(key)
+    with _connection(prefix, transport=None) as platform:
+        platform.Producer().publish({"n": "real"}, routing_key=CHECK_QUEUE, declare=[check_queue()])
+    for item in junk:  # a hostile client's LPUSH, mixed with a real message
+        raw.lpush(f"{prefix}{CHECK_QUEUE}", item)
+    received = []
+    with _connection(prefix) as connection:
+        channel = _consuming_channel(connection, received)
+        connection.transport.cycle._register_BRPOP(channel)
+        time.sleep(0.05)
+        assert channel._brpop_read() is True
+        set_aside = raw.llen(f"{prefix}{CHECK_QUEUE}.unreadable")
+        assert len(received) + set_aside == len(junk) + 1  # each is delivered or set aside, none lost
+        assert any(message.payload == {"n": "real"} for message in received)
+        assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 0
+        assert raw.llen(f"{prefix}{CHECK_QUEUE}.taking.{channel.consumer_id}") == 0
