@@ -166,3 +166,24 @@ def test_whatever_bytes_wait_in_the_queue_a_take_never_raises_nor_loses_one(pref
         assert any(message.payload == {"n": "real"} for message in received)
         assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 0
         assert raw.llen(f"{prefix}{CHECK_QUEUE}.taking.{channel.consumer_id}") == 0
+
+
+def test_an_envelope_kombu_cannot_open_is_set_aside_not_redelivered_for_ever(prefix):
+    raw = redis.Redis.from_url(REDIS_URL)
+    with _connection(prefix, transport=None) as platform:
+        platform.Producer().publish({"n": "real"}, routing_key=CHECK_QUEUE, declare=[check_queue()])
+    poisoned = {
+        "body": "!!! not base64 !!!", "content-type": "application/json", "content-encoding": "utf-8", "headers": {},
+        "properties": {"body_encoding": "base64", "delivery_tag": "poison", "delivery_info": {"exchange": "",
+                       "routing_key": CHECK_QUEUE}},
+    }  # fmt: skip
+    raw.lpush(f"{prefix}{CHECK_QUEUE}", json.dumps(poisoned))
+    received = []
+    with _connection(prefix) as connection:
+        channel = _consuming_channel(connection, received)
+        connection.transport.cycle._register_BRPOP(channel)
+        time.sleep(0.05)
+        assert channel._brpop_read() is True
+        assert [message.payload for message in received] == [{"n": "real"}]  # the batch goes on around it
+        assert raw.hexists(f"{prefix}unacked", "poison") is False  # never restored to fail again
+        assert raw.llen(f"{prefix}{CHECK_QUEUE}.unreadable") == 1

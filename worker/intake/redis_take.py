@@ -120,7 +120,10 @@ class Channel(kombu_redis.Channel):
                 raws = [raw, *self._take_more(client, queue)]
                 payloads = self._record(client, queue, raws)
             for payload in payloads:
-                self.connection._deliver(payload, queue)
+                try:
+                    self.connection._deliver(payload, queue)
+                except Exception as error:  # an envelope kombu itself cannot open (a body that will not decode)
+                    self._set_aside(queue, payload, error)
             return True
         finally:
             self._in_poll = None
@@ -163,6 +166,19 @@ class Channel(kombu_redis.Channel):
         pipe.delete(self._taking(queue))  # it held this take and nothing else (DEL is prefixed by kombu's client)
         pipe.execute()
         return payloads
+
+    def _set_aside(self, queue: str, payload: dict, error: Exception) -> None:
+        """A recorded message kombu could not deliver: out of the unacknowledged set (else it would come back
+        after the visibility timeout and fail again, for ever) and into `<queue>.unreadable`."""
+        tag = payload["properties"]["delivery_tag"]
+        log.error("a message in %s cannot be opened (%r): set aside in %s.unreadable", queue, error, queue)
+        self.qos.recorded.discard(tag)
+        self.qos._delivered.pop(tag, None)
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            self.qos._remove_from_indices(tag, pipe)
+            pipe.lpush(f"{queue}.unreadable", dumps(payload))  # LPUSH is prefixed by kombu's client
+            pipe.execute()
 
     # ------------------------------------------------------------------ liveness and recovery
 
