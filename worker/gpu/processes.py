@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from pipeline.core.errors import ItemError
 from worker.ops import logs
+from worker.ops.supervise import Supervised
 from worker.settings import Settings
 
 log = logging.getLogger("item.worker")
@@ -73,7 +74,7 @@ class GpuFleet:
         self.stopping = threading.Event()
         self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread or lock of ours
         self._events = self._context.Queue()
-        self._thread = threading.Thread(target=self._supervise, name="item-gpu-supervisor", daemon=True)
+        self._thread = Supervised("gpu-supervisor", self._supervise, stopping=self.stopping)
 
     @property
     def ready(self) -> bool:
@@ -95,7 +96,7 @@ class GpuFleet:
     def stop(self, *, grace_s: float | None = None) -> None:
         """SIGTERM to each process, then wait for its batch to end (at most the budget and a grace), else kill."""
         self.stopping.set()
-        self._thread.join(5)
+        self._thread.stop(5)
         for gpu in self.gpus:
             if gpu.process is not None and gpu.process.is_alive():
                 gpu.process.terminate()

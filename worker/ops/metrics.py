@@ -81,7 +81,18 @@ PROVENANCE_ERRORS = Counter(
 DEAD_LETTERS = Counter(
     "item_dead_letters_total", "Messages the intake could not file as a check (`item deadletters`).", ["code"]
 )
-WORKER_READY = Gauge("item_worker_ready", "GPU loop processes with their models loaded.", multiprocess_mode="livesum")
+WORKER_READY = Gauge(
+    "item_worker_ready",
+    "GPU loop processes with their models loaded; 0 while any long-lived part of the worker is dead.",
+    multiprocess_mode="livesum",
+)
+THREAD_DEATHS = Counter(
+    "item_thread_deaths_total",
+    "Long-lived threads that crashed (or ended unasked), by thread: each is restarted or its process replaced.",
+    ["thread"],
+)
+# The supervised threads (worker.ops.supervise), by part: the thread is named item-<part>.
+SUPERVISED_THREADS = ("deliverer", "reconciler", "gpu-supervisor", "metrics", "prefetch", "store", "presence", "gpu-state")
 GPU_MEMORY = Gauge(
     "item_gpu_memory_bytes", "GPU memory held by torch in worker processes.", ["kind"], multiprocess_mode="livesum"
 )
@@ -112,6 +123,8 @@ for _code in codes.FAILED:
     RETRIES.labels(_code)
 for _code in (*codes.DEAD_LETTER, "message.invalid"):
     DEAD_LETTERS.labels(_code)
+for _thread in SUPERVISED_THREADS:
+    THREAD_DEATHS.labels(_thread)
 for _reason in ("missing", "malformed", "unknown", "scope", "session", "csrf"):
     AUTH_FAILURES.labels(_reason)
 for _outcome in ("hit", "miss"):  # so a hit ratio reads 0, not "no data", before the first hit
@@ -143,6 +156,7 @@ METRIC_NAMES = frozenset(
         "item_provenance_total",
         "item_provenance_errors_total",
         "item_worker_ready",
+        "item_thread_deaths_total",
         "item_gpu_memory_bytes",
         "item_dead_letters_total",
         "item_http_requests_total",

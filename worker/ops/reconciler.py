@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from worker.ledger import access, outbox, reviews
 from worker.ledger.store import Ledger
 from worker.ops import metrics
+from worker.ops.supervise import Supervised
 from worker.settings import Settings
 
 log = logging.getLogger("item.reconciler")
@@ -81,14 +82,14 @@ class ReconcilerThread:
         self.ledger = ledger
         self._stopping = threading.Event()
         self._lock_connection = None
-        self._thread = threading.Thread(target=self._run, name="item-reconciler", daemon=True)
+        self._thread = Supervised("reconciler", self._run, stopping=self._stopping)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self._thread.join(10)
+        self._thread.stop(10)
         self._release()
 
     def _run(self) -> None:

@@ -88,7 +88,7 @@ class Deliverer:
         self._stream_client: Any = None
         self._client_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = None  # a worker.ops.supervise.Supervised once started
 
     # ------------------------------------------------------------------ passes
 
@@ -252,17 +252,18 @@ class Deliverer:
 
     def start(self) -> None:
         """Runs passes on a daemon thread every `delivery_poll_s` (at once again after a full pass) until `stop`."""
+        from worker.ops.supervise import Supervised
+
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="item-deliverer", daemon=True)
-        self._thread.start()
+        self._thread = Supervised("deliverer", self._run, stopping=self._stopping).start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Asks the thread to end after its current pass, and waits up to `timeout` for it."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.stop(timeout)
 
     def _run(self) -> None:
         outage = OutageLog(
