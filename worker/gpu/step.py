@@ -63,7 +63,12 @@ class GpuLoops(bootsteps.StartStopStep):
         return self
 
     def start(self, worker) -> None:
+        from worker.ops.supervise import watch
+
         self.fleet.start()
+        watch("gpu-loops", lambda: self.fleet.ready and not self.fleet.stopping.is_set())
+        if self.intake:
+            watch("intake", lambda: _consuming(worker))
 
     def stop(self, worker) -> None:
         log.info("stopping: each GPU loop finishes or gives back its batch")
@@ -92,6 +97,13 @@ class GpuLoops(bootsteps.StartStopStep):
         versions = ", ".join(self.fleet.versions()) or "no version"
         intake = "intake on item.checks" if self.intake else "no intake"
         log.info("item worker ready. %d GPU loop(s) on %s; %s", len(self.fleet.gpus), versions, intake)
+
+
+def _consuming(worker) -> bool:
+    """The consumer runs (between a lost broker connection and its return, it does not: no message is taken)."""
+    consumer = getattr(worker, "consumer", None)
+    blueprint = getattr(consumer, "blueprint", None)
+    return blueprint is not None and blueprint.state == bootsteps.RUN
 
 
 def _stop_worker() -> None:

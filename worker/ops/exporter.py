@@ -8,7 +8,10 @@ only what the intake has not filed yet (milliseconds' worth while workers run); 
 ledger: `item_checks_waiting`, fresh uploads and re-scores apart.
 
 Live gauges of a process that is gone (a GPU loop killed and replaced) are dropped at every scrape, so
-`item_worker_ready` counts the processes alive now; this is the one place that forgets them.
+`item_worker_ready` counts the processes alive now; this is the one place that forgets them. While any
+supervised part of the worker is dead (worker.ops.supervise), `item_worker_ready` reads 0 and /readyz 503.
+Every count read at scrape time is capped (see `listing.COUNT_CAP`) and bounded in time: a scrape stays cheap
+however large the ledger.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from worker.settings import CHECK_QUEUE, Settings
 
 # prometheus_client and worker.ops.metrics are imported inside functions: prometheus_client picks its
@@ -26,6 +31,7 @@ from worker.settings import CHECK_QUEUE, Settings
 log = logging.getLogger("item.metrics")
 
 QUEUES = (CHECK_QUEUE,)  # every queue item_queue_depth reports, by its unprefixed name
+SCRAPE_STATEMENT_MS = 2000  # longest a scrape's ledger query may run (Prometheus gives up on a scrape after 10 s)
 
 
 def prepare_multiprocess_dir(settings: Settings) -> Path:
@@ -44,6 +50,7 @@ WATCHED_THREADS = {
     "gpu_supervisor": "item-gpu-supervisor",
     "deliverer": "item-deliverer",
     "reconciler": "item-reconciler",
+    "metrics": "item-metrics",
 }
 
 
@@ -124,6 +131,8 @@ class ScrapeTimeCollector:
 
             self._ledger = self._ledger or Ledger(self.settings.database_url)
             with self._ledger.session() as session:
+                if session.bind.dialect.name == "postgresql":  # a scrape answers within Prometheus' own timeout
+                    session.execute(sa.text(f"SET LOCAL statement_timeout = {SCRAPE_STATEMENT_MS}"))
                 return {
                     "waiting": self._ledger.count_waiting(session),
                     "stuck": self._ledger.count_stuck(session, timedelta(seconds=self.settings.reconcile_after_s)),
@@ -156,35 +165,85 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class LiveProcessesCollector:
-    """Every process's samples from the metric files, read only after the dead processes' gauges were dropped:
-    the same scrape that follows a death no longer counts the dead."""
+class ProcessesCollector:
+    """The samples of this process, or of every process from the metric files, read only after the dead
+    processes' gauges were dropped (the same scrape that follows a death no longer counts the dead); and
+    `item_worker_ready` at 0 while any part of this worker is dead."""
 
-    def __init__(self):
+    def __init__(self, multiprocess: bool):
+        from prometheus_client import REGISTRY
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        self._files = MultiProcessCollector(None)  # not registered: collected through this
+        self._source = MultiProcessCollector(None) if multiprocess else REGISTRY  # collected through this
+        self._multiprocess = multiprocess
 
     def collect(self):
-        _forget_dead_processes()
-        yield from self._files.collect()
+        from worker.ops.supervise import dead_parts
+
+        if self._multiprocess:
+            _forget_dead_processes()
+        dead = dead_parts()
+        for family in self._source.collect():
+            if family.name == "item_worker_ready" and dead:
+                family.samples = [sample._replace(value=0.0) for sample in family.samples]
+            yield family
 
 
 def registry(settings: Settings):
-    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client import CollectorRegistry
 
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        registry = REGISTRY  # one process: its own metrics
-    else:
-        registry = CollectorRegistry()
-        registry.register(LiveProcessesCollector())
+    registry = CollectorRegistry()
+    registry.register(ProcessesCollector(multiprocess="PROMETHEUS_MULTIPROC_DIR" in os.environ))
     registry.register(ScrapeTimeCollector(settings))
     return registry
 
 
-def serve(settings: Settings) -> None:
-    """Serves /metrics on a background thread of this process."""
-    from prometheus_client import start_http_server
+def serve(settings: Settings):
+    """Serves /metrics, /readyz and /healthz on a supervised thread of this process; returns that thread.
 
-    start_http_server(settings.metrics_port, settings.metrics_addr, registry=registry(settings))
+    /readyz answers 503, naming them, while any watched part of this process is dead (worker.ops.supervise).
+    """
+    from http.server import ThreadingHTTPServer
+
+    from worker.ops.supervise import Supervised
+
+    server = ThreadingHTTPServer((settings.metrics_addr, settings.metrics_port), _handler(registry(settings)))
+    server.daemon_threads = True
+    thread = Supervised("metrics", server.serve_forever, wake=server.shutdown).start()
     log.info("metrics on http://%s:%d/metrics", settings.metrics_addr, settings.metrics_port)
+    return thread
+
+
+def _handler(metrics_registry):
+    import json
+    from http.server import BaseHTTPRequestHandler
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from worker.ops.supervise import dead_parts
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(metrics_registry), CONTENT_TYPE_LATEST)
+            elif path == "/readyz":
+                dead = dead_parts()
+                body = json.dumps({"ready": not dead, "dead": dead}).encode()
+                self._send(503 if dead else 200, body, "application/json")
+            elif path == "/healthz":
+                self._send(200, b'{"alive": true}', "application/json")
+            else:
+                self._send(404, b"not found: /metrics, /readyz or /healthz\n", "text/plain")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # every scrape would be a log line
+            pass
+
+    return Handler

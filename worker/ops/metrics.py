@@ -92,7 +92,9 @@ THREAD_DEATHS = Counter(
     ["thread"],
 )
 # The supervised threads (worker.ops.supervise), by part: the thread is named item-<part>.
-SUPERVISED_THREADS = ("deliverer", "reconciler", "gpu-supervisor", "metrics", "prefetch", "store", "presence", "gpu-state")
+SUPERVISED_THREADS = (
+    "deliverer", "reconciler", "gpu-supervisor", "metrics", "prefetch", "store", "presence", "gpu-state",
+)  # fmt: skip
 GPU_MEMORY = Gauge(
     "item_gpu_memory_bytes", "GPU memory held by torch in worker processes.", ["kind"], multiprocess_mode="livesum"
 )

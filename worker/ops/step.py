@@ -4,7 +4,9 @@ deliverer    the outbox: signed callbacks and the results stream (worker.outbox.
 reconciler   once per deployment, whoever holds the advisory lock (worker.ops.reconciler); off with
              `--no-reconcile`
 /metrics     every process's samples, plus what is read at scrape time (worker.ops.exporter), on
-             ITEM_METRICS_PORT (0: off)
+             ITEM_METRICS_ADDR:ITEM_METRICS_PORT (0: off), with /readyz (503 while any part is dead) and /healthz
+
+Each is a supervised thread (worker.ops.supervise): one that dies is logged, counted and restarted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Upkeep(bootsteps.StartStopStep):
     def __init__(self, worker, no_reconcile: bool = False, **kwargs):
         super().__init__(worker, **kwargs)
         self.reconcile = not no_reconcile
-        self.deliverer = self.reconciler = None
+        self.deliverer = self.reconciler = self.metrics = None
 
     def start(self, worker) -> None:
         from worker.ledger.store import Ledger
@@ -36,7 +38,7 @@ class Upkeep(bootsteps.StartStopStep):
         settings: Settings = worker.app.item_settings
         ledger = Ledger(settings.database_url)
         if settings.metrics_port:
-            exporter.serve(settings)
+            self.metrics = exporter.serve(settings)
         self.deliverer = Deliverer(settings, ledger)
         self.deliverer.start()
         if self.reconcile:
@@ -51,12 +53,12 @@ class Upkeep(bootsteps.StartStopStep):
             self.reconciler.stop()
 
     def info(self, worker) -> dict:
-        threads = {"deliverer": self.deliverer, "reconciler": self.reconciler}
+        threads = {"deliverer": self.deliverer, "reconciler": self.reconciler, "metrics": self.metrics}
         return {"item_upkeep": {name: _alive(thread) for name, thread in threads.items()}}
 
 
-def _alive(thread) -> str:
-    if thread is None:
+def _alive(part) -> str:
+    if part is None:
         return "off"
-    inner = getattr(thread, "_thread", None)
-    return "alive" if inner is not None and inner.is_alive() else "dead"
+    thread = getattr(part, "_thread", part)  # the deliverer and reconciler keep their Supervised thread inside
+    return "alive" if thread is not None and thread.is_alive() else "dead"

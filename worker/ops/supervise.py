@@ -65,13 +65,20 @@ class Supervised:
     """
 
     def __init__(
-        self, part: str, target: Callable[[], None], *, stopping: threading.Event | None = None, on_death="restart"
+        self,
+        part: str,
+        target: Callable[[], None],
+        *,
+        stopping: threading.Event | None = None,
+        wake: Callable[[], None] | None = None,
+        on_death: str = "restart",
     ):
         if on_death not in ("restart", "exit"):
             raise ValueError(f"on_death is restart or exit, not {on_death!r}")
         self.part, self.target, self.on_death = part, target, on_death
         self.deaths = 0
         self._stopping = stopping or threading.Event()  # the target's own stop event, when it watches one
+        self._wake = wake  # tells a target that watches no event to return (a server's shutdown)
         self._running = threading.Event()  # the target runs now (between a death and its restart: not)
         self._thread = threading.Thread(target=self._live, name=f"item-{part}", daemon=True)
 
@@ -84,6 +91,8 @@ class Supervised:
         """Sets `stopping` (the target returns at its next look), then waits for the thread."""
         self._stopping.set()
         unwatch(self.part)
+        if self._wake is not None and self._running.is_set():
+            self._wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
