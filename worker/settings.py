@@ -7,17 +7,25 @@ Postgres. Command-line options override these values for one run; the Celery con
 A process builds its settings once, at start-up (`load_settings`, which `item` commands call with their
 options), and hands that object on; nothing builds settings at import, so a bad value is one clear error
 naming its variable, not a traceback from deep inside an import.
+
+A list is written as an operator would write it, `ITEM_FETCH_ALLOWED_NETWORKS=10.1.0.0/16,10.2.0.0/16`, or as
+JSON, `["10.1.0.0/16"]`: both are read, and nothing in a list is left for its user to find wrong later (networks
+are parsed, host names checked, here).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import random
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_origin
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as UndecodableSetting
 
 from pipeline.core.defaults import (
     DEFAULT_FEATURE_DIR,
@@ -37,6 +45,13 @@ ARTIFACT_KINDS = ("caption", "ground", "embed", "features", "provenance")  # as 
 # caption, and every one the provenance (else the image is read again). The CLIP embeddings serve only a change of
 # the misalignment rule, and are the largest by far.
 DEFAULT_STORED_ARTIFACTS = ("caption", "ground", "features", "provenance")
+
+# pydantic-settings would json.loads a list-valued variable before any validator ran, and a plain
+# `10.1.0.0/16` would end every command in a traceback: NoDecode hands the text to `_split_list` instead.
+TextList = Annotated[list[str], NoDecode]
+PathList = Annotated[list[Path], NoDecode]
+# One DNS label: letters, digits and inner hyphens, at most 63 characters.
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 def backoff_s(attempts: int, first_s: float, max_s: float) -> float:
@@ -72,7 +87,7 @@ class Settings(BaseSettings):
     )
     max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="Largest image file accepted, in bytes.")
     max_b64_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest inline (base64) image, decoded bytes.")
-    allowed_path_roots: list[Path] = Field(
+    allowed_path_roots: PathList = Field(
         default_factory=list, description="Folders whose files may be checked by `path`; empty refuses all paths."
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Whole-download time limit for image URLs.")
@@ -83,9 +98,14 @@ class Settings(BaseSettings):
         16, ge=1, le=256, description="Of those, at most this many from one host, so one slow server cannot take all."
     )
     fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each one re-checked).")
-    fetch_allowed_networks: list[str] = Field(
+    fetch_allowed_networks: TextList = Field(
         default_factory=list,
         description="Networks exempt from the private-address refusal (an internal image CDN, say), as CIDRs.",
+    )
+    fetch_allowed_hosts: TextList = Field(
+        default_factory=list,
+        description="Host names exempt from the private-address refusal (cdn.internal, or *.cdn.internal for its "
+        "subdomains), so allowing one image server does not open a whole private network.",
     )
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint for `s3` sources (MinIO, Ceph...); unset: AWS's own."
@@ -93,8 +113,8 @@ class Settings(BaseSettings):
     s3_region: str = Field("us-east-1", description="Region of the S3 sources.")
     s3_access_key_id: str | None = Field(None, description="S3 credentials; unset: boto3's own chain (env, role).")
     s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key, with s3_access_key_id.")
-    s3_allowed_buckets: list[str] = Field(
-        default_factory=list, description="Buckets checks may read; empty: any the credentials can read."
+    s3_allowed_buckets: TextList = Field(
+        default_factory=list, description="Buckets checks may read; empty refuses every bucket."
     )
 
     # provenance (pipeline/core/provenance.py)
@@ -123,6 +143,12 @@ class Settings(BaseSettings):
         1, ge=0, description="GPU loop processes per `item worker` (one per GPU); 0 runs the intake only."
     )
     batch_max_wait_s: float = Field(0.2, ge=0, description="How long a worker waits to fill a batch.")
+    batch_read_wait_s: float = Field(
+        1.0,
+        gt=0,
+        description="How long a batch waits for its downloads (URLs, S3): a check still downloading then leaves the "
+        "batch, its download going on, and comes back once it is done (at ITEM_FETCH_TIMEOUT_S or more, never).",
+    )
     batch_time_budget_s: float = Field(
         300.0, gt=0, description="Longest a batch of checks may run; its unfinished checks end as check.timeout."
     )
@@ -155,7 +181,7 @@ class Settings(BaseSettings):
         900.0, gt=0, description="An unfinished check no worker moved for this long counts as stuck."
     )
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often the deployment's reconciler runs.")
-    store_artifacts: list[str] = Field(
+    store_artifacts: TextList = Field(
         default_factory=lambda: list(DEFAULT_STORED_ARTIFACTS),
         description="What a check keeps of its image for later re-scores: caption, ground (the boxes), features, "
         "embed (the CLIP vectors: needed only to re-score a change of the misalignment rule, and large).",
@@ -169,7 +195,7 @@ class Settings(BaseSettings):
         None, description="Shared secret that signs callback bodies (HMAC-SHA256); callbacks need one."
     )
     callback_timeout_s: float = Field(5.0, gt=0, description="Whole-request time limit of one callback POST.")
-    callback_allowed_networks: list[str] = Field(
+    callback_allowed_networks: TextList = Field(
         default_factory=list, description="Networks exempt from the private-address refusal for callbacks (CIDRs)."
     )
     results_stream: str | None = Field(
@@ -197,9 +223,51 @@ class Settings(BaseSettings):
 
     # operations
     metrics_port: int = Field(9808, ge=0, le=65535, description="Port of the /metrics endpoint of `item worker`.")
-    metrics_addr: str = Field("0.0.0.0", description="Address the metrics endpoint listens on.")
+    metrics_addr: str = Field(
+        "127.0.0.1",
+        description="Address the metrics endpoint listens on: loopback unless set (0.0.0.0 in a container whose "
+        "port is published to Prometheus), as the metrics name pipeline versions and queue depths.",
+    )
     metrics_dir: Path | None = Field(None, description="Folder for the worker processes' metric files.")
     log_format: str = Field("json", pattern="^(json|text)$", description="Worker log lines: json or text.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _split_list(cls, value, info: ValidationInfo):
+        # Every list field, a new one too (it needs only its NoDecode type: TextList, PathList).
+        if get_origin(cls.model_fields[info.field_name].annotation) is list:
+            return split_list(value)
+        return value
+
+    @field_validator("fetch_allowed_networks", "callback_allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        return [network_text(network) for network in networks]
+
+    @field_validator("fetch_allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        return [host_pattern(host) for host in hosts]
+
+    # Checked here, not in `_consistent`, so the error names the variable that holds the bad value.
+    @field_validator("store_artifacts")
+    @classmethod
+    def _artifact_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = sorted(set(kinds) - set(ARTIFACT_KINDS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} not among {', '.join(ARTIFACT_KINDS)}")
+        return kinds
+
+    @field_validator("stage_precision")
+    @classmethod
+    def _stage_precisions(cls, precisions: dict[str, str]) -> dict[str, str]:
+        for stage, precision in precisions.items():
+            if stage not in ("caption", "ground", "embed") or precision not in PRECISIONS:
+                raise ValueError(
+                    f"{stage}={precision} is not a stage (caption, ground, embed) with a precision "
+                    f"({', '.join(PRECISIONS)})"
+                )
+        return precisions
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -211,15 +279,6 @@ class Settings(BaseSettings):
             raise ValueError(f"provenance_decides={self.provenance_decides} needs read_provenance")
         if self.provenance_decides == "trusted" and self.c2pa_trust_anchors is None:
             raise ValueError("provenance_decides=trusted needs c2pa_trust_anchors: without them no signer is trusted")
-        unknown = sorted(set(self.store_artifacts) - set(ARTIFACT_KINDS))
-        if unknown:
-            raise ValueError(f"store_artifacts: {', '.join(unknown)} not among {', '.join(ARTIFACT_KINDS)}")
-        for stage, precision in self.stage_precision.items():
-            if stage not in ("caption", "ground", "embed") or precision not in PRECISIONS:
-                raise ValueError(
-                    f"stage_precision: {stage}={precision} is not a stage (caption, ground, embed) with a precision "
-                    f"({', '.join(PRECISIONS)})"
-                )
         return self
 
     def _take_old_budget_name(self) -> None:
@@ -233,6 +292,44 @@ class Settings(BaseSettings):
                 "set only ITEM_BATCH_TIME_BUDGET_S"
             )
         self.batch_time_budget_s = old
+
+
+def split_list(value):
+    """A list as written in the environment: JSON (`["a", "b"]`) or comma-separated (`a, b`); other values as given.
+
+    Items are trimmed and empty ones dropped, so `a,,b ,` is `["a", "b"]` and an empty variable an empty list.
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):  # no name, bucket, network or path in these lists starts with a bracket
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not a JSON list ({error}); or write the items separated by commas") from None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def network_text(text: str) -> str:
+    """A network as its users parse it again (`ipaddress.ip_network`, strict): host bits dropped, 10.1.2.3/16 is
+    10.1.0.0/16; a single address is its own /32 or /128."""
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a network: write a CIDR such as 10.1.0.0/16, or one address") from None
+
+
+def host_pattern(text: str) -> str:
+    """A host name (`cdn.example.com`) or every subdomain of one (`*.example.com`), lowercased; never a URL."""
+    host = text.strip().lower().removesuffix(".")
+    name = host.removeprefix("*.")
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"{text!r} is not a host name: write cdn.example.com, or *.example.com for its subdomains "
+            "(no scheme, port, path or other wildcard)"
+        )
+    return host
 
 
 class SettingsError(ItemError):
@@ -267,6 +364,8 @@ def load_settings(**overrides) -> Settings:
         return Settings(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as error:
         raise SettingsError(_explained(error)) from None
+    except UndecodableSetting as error:  # a JSON-valued variable (stage_precision) that is not JSON
+        raise SettingsError(_undecodable(error)) from None
 
 
 def _explained(error: ValidationError) -> str:
@@ -280,6 +379,16 @@ def _explained(error: ValidationError) -> str:
         else:
             lines.append(message)
     return "Invalid settings: " + "; ".join(lines)
+
+
+def _undecodable(error: UndecodableSetting) -> str:
+    """pydantic-settings names the field in prose (`error parsing value for field "x" from source ...`) and keeps
+    the JSON error as the cause: one line naming the variable, as `_explained` writes them."""
+    field = re.search(r'field "(\w+)"', str(error))
+    if field is None:
+        return f"Invalid settings: {error}"
+    why = f" ({error.__cause__})" if error.__cause__ is not None else ""
+    return f"Invalid settings: ITEM_{field.group(1).upper()}: not valid JSON{why}"
 
 
 def _shown(value) -> str:

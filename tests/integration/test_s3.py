@@ -117,6 +117,8 @@ def _settings(server: S3Server, **overrides) -> Settings:
         "s3_region": REGION,
         "s3_access_key_id": server.key_id,
         "s3_secret_access_key": server.secret,
+        # every bucket the tests name, so each reaches the store and is answered by it (none is read unless named)
+        "s3_allowed_buckets": [BUCKET, PRIVATE, "no-such-bucket"],
     }
     return Settings(**{**values, **overrides})
 
@@ -162,6 +164,7 @@ def test_an_s3_object_gets_a_thumbnail_like_any_other_source(s3_server, ledger, 
         (BUCKET, "cat.png", {"max_image_bytes": len(IMAGE) - 1}, "image.too_large"),
         # the endpoint is a closed port: the refusal needed no request, or this would be s3.unavailable
         (BUCKET, "cat.png", {"s3_allowed_buckets": ["other"], "s3_endpoint_url": "CLOSED"}, "s3.bucket_refused"),
+        (BUCKET, "cat.png", {"s3_allowed_buckets": [], "s3_endpoint_url": "CLOSED"}, "s3.bucket_refused"),
     ],
 )
 def test_s3_failures_that_no_retry_can_fix_are_rejected_with_their_code(
@@ -175,6 +178,16 @@ def test_s3_failures_that_no_retry_can_fix_are_rejected_with_their_code(
     assert f"s3://{bucket}/{key}" in row.error_message
     secret = settings.s3_secret_access_key.get_secret_value()
     assert secret not in row.error_message and settings.s3_access_key_id not in row.error_message
+
+
+def test_no_allowed_bucket_refuses_every_bucket_before_any_request(s3_server):
+    # The reader's credentials may read BUCKET; the settings name no bucket, so nothing is read with them.
+    settings = _settings(s3_server, s3_allowed_buckets=[], s3_endpoint_url=f"http://127.0.0.1:{_free_port()}")
+    assert Settings().s3_allowed_buckets == []  # the default names none
+    with pytest.raises(s3.S3Error) as refused:
+        s3.read_object(BUCKET, "cat.png", settings)
+    assert refused.value.code == "s3.bucket_refused" and refused.value.permanent
+    assert "no bucket may be read" in refused.value.message and "ITEM_S3_ALLOWED_BUCKETS" in refused.value.message
 
 
 def test_an_object_over_the_limit_is_refused_from_its_size_header(s3_server):
@@ -244,6 +257,7 @@ def stack(postgres_url, tiny_store, tmp_path_factory, s3_server):
         ITEM_S3_REGION=REGION,
         ITEM_S3_ACCESS_KEY_ID=s3_server.key_id,
         ITEM_S3_SECRET_ACCESS_KEY=s3_server.secret,
+        ITEM_S3_ALLOWED_BUCKETS=BUCKET,  # as an operator writes it: no JSON needed for one bucket
     )
 
 

@@ -38,7 +38,8 @@ def settings_from(**overrides) -> Settings:
 def fail(error: Exception) -> typer.Exit:
     """Prints `[code] message` and returns the exit (status 2) for the caller to raise."""
     code = getattr(error, "code", type(error).__name__)
-    err.print(f"[bold red]error[/] {escape(f'[{code}]')} {escape(str(error))}")
+    # One line, however long: a log collector (a container's, a CI's) reads each line as its own record.
+    err.print(f"[bold red]error[/] {escape(f'[{code}]')} {escape(str(error))}", soft_wrap=True)
     return typer.Exit(2)
 
 

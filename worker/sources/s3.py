@@ -1,15 +1,16 @@
 """Reads an image from S3 or an S3-compatible store (MinIO, Ceph, R2...) for an `s3` source.
 
 The endpoint, region and credentials come from the settings, never from the message: a platform names only a
-bucket and a key, and `ITEM_S3_ALLOWED_BUCKETS` (when set) limits which buckets those may be. One boto3 client is
-made per process and settings (making one takes 0.1-0.2 s), with path-style addressing, which every
-S3-compatible store understands, and short timeouts and few retries, since the check itself is retried with
-backoff. An object over `max_image_bytes` is refused from the size in the response's headers, before its body is
-read; the body is read in chunks, at most `max_image_bytes` + 1 bytes and within `fetch_timeout_s`.
+bucket and a key, and only the buckets `ITEM_S3_ALLOWED_BUCKETS` names may be read, none when it names none (the
+worker's credentials often read far more than the images it should check). One boto3 client is made per process
+and settings (making one takes 0.1-0.2 s), with path-style addressing, which every S3-compatible store
+understands, and short timeouts and few retries, since the check itself is retried with backoff. An object over
+`max_image_bytes` is refused from the size in the response's headers, before its body is read; the body is read in
+chunks, at most `max_image_bytes` + 1 bytes and within `fetch_timeout_s`.
 
 Every failure is an `S3Error` with a stable code; `permanent` says whether trying again can ever help:
 
-    s3.bucket_refused   permanent  the bucket is not in ITEM_S3_ALLOWED_BUCKETS (no request is made)
+    s3.bucket_refused   permanent  the bucket is not in ITEM_S3_ALLOWED_BUCKETS, or that is empty (no request is made)
     s3.no_such_bucket   permanent  the store has no such bucket
     source.not_found    permanent  the bucket has no such key
     s3.access_denied    permanent  refused: unknown key id, wrong secret, or a policy that does not allow the read
@@ -80,8 +81,8 @@ class S3Error(ItemError):
 def read_object(bucket: str, key: str, settings: Settings, timeout_s: float | None = None) -> bytes:
     """The bytes of s3://bucket/key, within the settings' size and time limits (and `timeout_s`, if shorter)."""
     where = f"s3://{bucket}/{key}"
-    if settings.s3_allowed_buckets and bucket not in settings.s3_allowed_buckets:
-        raise S3Error(f"{where}: bucket {bucket!r} is not in ITEM_S3_ALLOWED_BUCKETS.", code="s3.bucket_refused")
+    if bucket not in settings.s3_allowed_buckets:
+        raise S3Error(f"{where}: {_refusal(bucket, settings)}", code="s3.bucket_refused")
     try:
         client = client_for(settings)
     except S3Error as error:  # the settings are at fault, not the object; the message still names it
@@ -101,6 +102,12 @@ def read_object(bucket: str, key: str, settings: Settings, timeout_s: float | No
         raise S3Error(f"{where}: the store did not answer: {error}", code="s3.unavailable", permanent=False) from None
     except boto_errors.BotoCoreError as error:  # anything else botocore will not send: a bug here, not the store's
         raise S3Error(f"{where}: the read could not be made: {error}", code="s3.error") from None
+
+
+def _refusal(bucket: str, settings: Settings) -> str:
+    if not settings.s3_allowed_buckets:
+        return "no bucket may be read: name the buckets checks may read in ITEM_S3_ALLOWED_BUCKETS."
+    return f"bucket {bucket!r} is not in ITEM_S3_ALLOWED_BUCKETS."
 
 
 def _read_body(response: dict[str, Any], where: str, max_bytes: int, deadline: float) -> bytes:
