@@ -13,6 +13,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from pipeline.core.errors import ItemError
@@ -24,6 +25,8 @@ SCOPES = ("submit", "read", "review", "admin")
 KEY_PATTERN = re.compile(r"^item_(k[0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 CACHE_S = 5.0  # how long a process trusts a key it checked: a revoked key is refused within this
 TOUCH_EVERY_S = 60.0  # last_used_at is written at most this often per key and process, not on every request
+KNOWN_KEYS = 10_000  # ids of keys that exist, kept per process (least recently presented dropped first)
+UNKNOWN_KEYS = 1_000  # ids found to name no usable key: a client retrying a wrong key asks the ledger once per CACHE_S
 
 
 class InvalidKeyRequest(ItemError):
@@ -74,13 +77,42 @@ def create_key(ledger: Ledger, name: str, scopes: list[str]) -> NewKey:
     return NewKey(f"item_{key_id}_{secret}", key_id, name, scopes)
 
 
+class _Recent:
+    """A bounded map that drops its least recently used entry when full."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict[str, tuple] = OrderedDict()
+
+    def get(self, key: str) -> tuple | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: tuple) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def pop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+
 class Authenticator:
-    """Turns a presented key into a Principal, or None (and the reason, for the failure metric)."""
+    """Turns a presented key into a Principal, or None (and the reason, for the failure metric).
+
+    Presented ids are the caller's choice, so what they find is kept apart: ids of real keys in one cache, ids that
+    name no usable key in another, each bounded on its own. Spraying made-up ids churns only the second, and never
+    sends the keys in use back to the ledger on every request.
+    """
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
-        self._known: dict[str, tuple[float, str, Principal | None]] = {}  # id: (checked at, secret hash, who)
-        self._touched: dict[str, float] = {}
+        self._known = _Recent(KNOWN_KEYS)  # id: (checked at, secret hash, who)
+        self._unknown = _Recent(UNKNOWN_KEYS)  # id: (checked at,)
+        self._touched: dict[str, float] = {}  # only ids of real keys: as many as the ledger holds
         self._lock = threading.Lock()
 
     def principal(self, presented: str | None) -> tuple[Principal | None, str]:
@@ -98,25 +130,37 @@ class Authenticator:
 
     def forget(self, key_id: str) -> None:
         with self._lock:
-            self._known.pop(key_id, None)
+            self._known.pop(key_id)
+            self._unknown.pop(key_id)
 
     def _lookup(self, key_id: str) -> tuple[str, Principal | None]:
+        cached = self._cached(key_id, time.monotonic())
+        if cached is not None:
+            return cached
         now = time.monotonic()
-        with self._lock:
-            cached = self._known.get(key_id)
-        if cached is not None and now - cached[0] < CACHE_S:
-            return cached[1], cached[2]
         with self.ledger.session() as session:
             row = access.get_key(session, key_id)
-            if row is None or row.revoked_at is not None:
-                entry = (now, "", None)
-            else:
-                entry = (now, row.secret_sha256, Principal(row.id, row.name, frozenset(row.scopes)))
+            usable = row is not None and row.revoked_at is None
+            found = (row.secret_sha256, Principal(row.id, row.name, frozenset(row.scopes))) if usable else ("", None)
         with self._lock:
-            if len(self._known) > 10_000:  # presented ids are the caller's choice: never an unbounded cache
-                self._known.clear()
-            self._known[key_id] = entry
-        return entry[1], entry[2]
+            if found[1] is None:  # revoked, or never was: remembered apart, so no key in use is dropped for it
+                self._known.pop(key_id)
+                self._unknown.put(key_id, (now,))
+            else:
+                self._unknown.pop(key_id)
+                self._known.put(key_id, (now, *found))
+        return found
+
+    def _cached(self, key_id: str, now: float) -> tuple[str, Principal | None] | None:
+        """What this process learnt of `key_id` within CACHE_S, or None to ask the ledger."""
+        with self._lock:
+            known = self._known.get(key_id)
+            if known is not None and now - known[0] < CACHE_S:
+                return known[1], known[2]
+            unknown = self._unknown.get(key_id)
+            if unknown is not None and now - unknown[0] < CACHE_S:
+                return "", None
+        return None
 
     def _touch(self, key_id: str) -> None:
         now = time.monotonic()
