@@ -2,7 +2,7 @@
 
 Three thin ASGI layers wrap every request, cheapest first: a cap on the body's size (checked against the
 declared length, and again while the body streams in), security headers (a Content-Security-Policy that allows
-nothing but this origin's own files), and metrics by route template.
+nothing but this origin's own files; /docs alone states its own, see docs.py), and metrics by route template.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from worker.ops import metrics
 from worker.settings import Settings
 from worker.web import api, console
 from worker.web.auth import requires
+from worker.web.docs import add_docs
 from worker.web.errors import HttpError, http_error, invalid_request, ledger_unavailable, unstorable
 from worker.web.filing import GroupFiler
 from worker.web.keys import Authenticator
@@ -68,7 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
         version="1",
         summary="File image checks for AI-generation detection and read their results.",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # served by add_docs, from the package's files rather than a CDN
         redoc_url=None,
     )
     app.state.web = WebState(settings, ledger, Authenticator(ledger), Intake(settings, ledger))
@@ -83,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(console.router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="static")
     _add_service_routes(app)
+    add_docs(app)
     app.add_middleware(Measured)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(BodyCap, limit=body_limit(settings))
@@ -171,6 +173,9 @@ async def _too_large(limit: int, send) -> None:
 
 
 class SecurityHeaders:
+    """Adds the security headers to every response; one that states its own Content-Security-Policy (/docs) keeps
+    it instead of the app's."""
+
     def __init__(self, app):
         self.app = app
 
@@ -180,7 +185,10 @@ class SecurityHeaders:
 
         async def with_headers(message):
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+                headers = message.get("headers", [])
+                own_policy = any(name.lower() == b"content-security-policy" for name, _ in headers)
+                added = [h for h in SECURITY_HEADERS if not (own_policy and h[0] == b"content-security-policy")]
+                message["headers"] = [*headers, *added]
                 if scope.get("scheme") == "https":
                     message["headers"].append((b"strict-transport-security", b"max-age=31536000"))
             await send(message)
