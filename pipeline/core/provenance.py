@@ -6,7 +6,12 @@ truncated manifest, an XMP packet of the wrong shape, a parse that runs too long
 `Provenance`, with what could not be read as typed errors in it. Reading is bounded: the metadata is located by
 walking the container's segments (JPEG markers, PNG chunks, RIFF chunks) without decoding pixels, a packet or
 manifest store over its size limit is refused before any parser sees it, the XMP parser allows no entities or
-DTDs, and the C2PA parse runs on a small pool of threads with a time limit.
+DTDs, and the C2PA parse runs on a thread of its own with a time limit, at most two at once.
+
+The C2PA parser is native code: a parse that never returns cannot be interrupted. One past its time limit is
+abandoned, its thread left behind, and the next parse starts on a fresh thread, so a hang costs its own image's
+manifest, not the rest of the process's (pipeline/core/timed_calls.py). While MAX_ABANDONED of them are still
+stuck, no parse starts (`provenance.c2pa_unavailable`, at once) until some end: hangs cannot pile up threads.
 
 The C2PA parse never fetches anything: remote manifests and OCSP are turned off, so an upload cannot make the
 worker send a request. A signature is judged against the configured trust anchors only: `valid` when the manifest
@@ -23,10 +28,10 @@ import os
 import re
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+
+from pipeline.core.timed_calls import CallTimeout, TimedCalls, TooManyStuck
 
 log = logging.getLogger("item.provenance")
 
@@ -35,7 +40,8 @@ DEFAULT_TIMEOUT_S = 2.0
 MAX_XMP_BYTES = 1024 * 1024  # XMP in a JPEG segment is at most 64 KiB; real packets are a few KiB
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # a manifest store with its thumbnails is tens to hundreds of KiB
 MAX_SEGMENTS = 100_000  # container walks stop here: a file of tiny segments costs a bounded loop
-C2PA_THREADS = 2  # parses that run past their time limit keep a thread until they end; no more are spent on them
+C2PA_THREADS = 2  # parses running at once
+MAX_ABANDONED = 4  # parses past their time limit whose threads may still run; at this many, C2PA is not read
 
 # IPTC's digital source types that declare generation by a trained model (https://cv.iptc.org/newscodes/
 # digitalsourcetype/): wholly generated, or a composite that includes generated parts.
@@ -189,12 +195,14 @@ class ProvenanceReader:
         except Exception as error:  # not installed, or trust anchors it cannot use: said, never fatal
             errors.append(ProvenanceError("provenance.c2pa_unavailable", f"C2PA cannot be read here: {error}"))
             return None
-        future = _c2pa_pool().submit(_c2pa_report, data, _MIME.get(image_format, ""), context)
         try:
-            report = future.result(timeout=self.timeout_s)
-        except FutureTimeout:
-            future.cancel()  # still queued behind other parses: dropped; already running: it ends on its own
+            report = _parses().run(_c2pa_report, (data, _MIME.get(image_format, ""), context), self.timeout_s)
+        except CallTimeout:
             errors.append(ProvenanceError("provenance.timeout", f"The C2PA parse took over {self.timeout_s:g} s."))
+            return None
+        except TooManyStuck as error:
+            message = f"C2PA is not read: {error} (a parser that never returns); it is read again once they end."
+            errors.append(ProvenanceError("provenance.c2pa_unavailable", message))
             return None
         except Exception as error:  # the library's errors for damaged stores: a readable error, a scored image
             errors.append(ProvenanceError("provenance.c2pa_invalid", f"The C2PA manifest is unreadable: {error}"[:500]))
@@ -443,16 +451,16 @@ def _c2pa_version() -> str:
         return "none"
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
-_pool_lock = threading.Lock()
+_parses_now: TimedCalls | None = None
+_parses_pid = 0
+_parses_lock = threading.Lock()
 
 
-def _c2pa_pool() -> ThreadPoolExecutor:
-    """The C2PA threads of this process: a pool inherited through a fork has no threads left in the child."""
-    global _pool, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(max_workers=C2PA_THREADS, thread_name_prefix="item-c2pa")
-            _pool_pid = os.getpid()
-        return _pool
+def _parses() -> TimedCalls:
+    """The C2PA parses of this process: a child of a fork has none of its parent's threads, stuck or not."""
+    global _parses_now, _parses_pid
+    with _parses_lock:
+        if _parses_now is None or _parses_pid != os.getpid():
+            _parses_now = TimedCalls("item-c2pa", C2PA_THREADS, MAX_ABANDONED)
+            _parses_pid = os.getpid()
+        return _parses_now
