@@ -42,6 +42,7 @@ FAILED = (
     "check.stuck",
     "check.internal_error",
     "gpu.out_of_memory",
+    "gpu.fault",
     "url.timeout",
     "url.connection",
     "url.http_5xx",
@@ -50,4 +51,12 @@ FAILED = (
     "model.load_failed",
 )
 # Messages the intake could not file as a check: dead letters (`item deadletters`).
-DEAD_LETTER = ("message.not_json", "message.undecodable", "message.unknown_task", "message.no_external_id")
+DEAD_LETTER = (
+    "message.not_json",
+    "message.undecodable",
+    "message.unknown_task",
+    "message.no_external_id",
+    "message.too_large",
+    "message.internal_error",
+    "check.conflict",
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -76,6 +77,49 @@ def test_submitting_is_idempotent_per_external_id_and_active_version(client, ser
     assert served.run_checks() == 1
     done = client.get(f"/v1/checks/{first.json()['id']}", headers=served.headers("read")).json()
     assert done["status"] == "done" and 0 <= done["p_fake"] <= 1 and done["object_count"] == len(done["objects"])
+
+
+def test_a_rejected_check_is_replaced_by_a_corrected_resubmission(client, served):
+    # given a check rejected at intake for its callback URL
+    bad = {"external_id": "fixable", "image": {"b64": image_b64(3)}, "callback_url": "ftp://hooks.example/x"}
+    rejected = client.post("/v1/checks", json=bad, headers=served.headers("submit"))
+    assert rejected.status_code == 422 and rejected.json()["error"]["code"] == "callback.invalid"
+    # when the platform sends it again, fixed, under the same external id
+    fixed = {**bad, "callback_url": "https://hooks.example/x"}
+    again = client.post("/v1/checks", json=fixed, headers=served.headers("submit"))
+    # then that check is queued again from scratch, and scored like any other
+    assert again.status_code == 202 and again.json()["created"] and again.json()["status"] == "queued"
+    assert again.json()["id"] == rejected.json()["check"]["id"] and again.json()["error_code"] is None
+    assert served.run_checks() == 1
+    done = client.get(f"/v1/checks/{again.json()['id']}", headers=served.headers("read")).json()
+    assert done["status"] == "done" and done["p_fake"] is not None
+
+
+def test_another_image_under_a_live_or_answered_id_is_a_409_never_the_old_result(client, served):
+    first = {"external_id": "taken", "image": {"b64": image_b64(4)}}
+    queued = client.post("/v1/checks", json=first, headers=served.headers("submit")).json()
+    other = {"external_id": "taken", "image": {"b64": image_b64(5)}}
+    for _ in ("queued", "done"):
+        answer = client.post("/v1/checks", json=other, headers=served.headers("submit"))
+        assert answer.status_code == 409 and answer.json()["error"]["code"] == "check.conflict"
+        assert queued["id"] in answer.json()["error"]["message"]
+        served.run_checks()
+    assert client.post("/v1/checks", json=first, headers=served.headers("submit")).status_code == 200  # the same
+    invalid = {"external_id": "taken", "image": {"url": "ftp://nowhere/x"}}  # refused, and still not the old result
+    assert client.post("/v1/checks", json=invalid, headers=served.headers("submit")).status_code in (409, 422)
+
+
+@pytest.mark.parametrize("field", ["external_id", "callback_url", "url"])
+def test_text_that_cannot_be_stored_is_refused_with_a_code(client, served, field):
+    body = {"external_id": "ok", "image": {"url": "https://e.com/x"}, "callback_url": "https://h.example/y"}
+    where = body["image"] if field == "url" else body
+    where[field] += "\udcff"  # json.dumps writes it as the escape \udcff: valid JSON, invalid Unicode
+    answer = client.post("/v1/checks", content=json.dumps(body), headers=served.headers("submit"))
+    assert answer.status_code == 422 and answer.json()["error"]["code"] in (
+        "message.no_external_id", "callback.invalid", "source.invalid", "message.invalid",
+    )  # fmt: skip
+    with served.ledger.session() as session:
+        assert served.ledger.list_checks(session, limit=10) == []
 
 
 def test_a_new_active_version_gets_its_own_check(client, served):
@@ -233,9 +277,9 @@ def test_security_headers_on_every_answer(client, served):
 def test_concurrent_submissions_share_transactions_and_lose_nothing(client, served):
     from concurrent.futures import ThreadPoolExecutor
 
-    # given 200 submissions at once, every fifth a repeat of an earlier external id
-    bodies = [{"external_id": f"burst-{i - i % 5 if i % 5 == 4 else i}", "image": {"url": f"https://e.com/{i}"}}
-              for i in range(200)]  # fmt: skip
+    # given 200 submissions at once, every fifth a repeat of an earlier one (the same id and image)
+    names = [f"burst-{i - i % 5 if i % 5 == 4 else i}" for i in range(200)]
+    bodies = [{"external_id": name, "image": {"url": f"https://e.com/{name}"}} for name in names]
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda b: client.post("/v1/checks", json=b, headers=served.headers("submit")), bodies))
     ids = {body["external_id"] for body in bodies}

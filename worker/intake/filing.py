@@ -18,7 +18,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from pipeline.core.errors import ItemError
+from worker.intake import text
 from worker.ledger import outbox
+from worker.ledger.checks import REPLACEABLE
 from worker.ledger.models import CheckRow, DeadLetterRow
 from worker.ledger.store import Ledger, NewCheck
 from worker.ledger.wakeups import notify_new_checks
@@ -31,13 +33,21 @@ log = logging.getLogger("item.intake")
 
 MAX_EXTERNAL_ID = CheckRow.__table__.c.external_id.type.length
 DEAD_LETTER_BODY_CHARS = 65_536  # of a dead letter's raw body: enough to see what was sent, not a way to fill a disk
-TASK_ARGUMENTS = frozenset({"external_id", "image", "check_id", "callback_url"})
+REASON_CHARS = 2_000  # of a stored reason or error message (an exception's text can quote any input)
+TASK_ARGUMENTS = frozenset({"external_id", "image", "callback_url"})
 
 
 class MessageError(ItemError):
     """A message that is not a well-formed `item.check`. Permanent."""
 
     code = "message.invalid"
+
+
+class CheckConflict(ItemError):
+    """The external id already names a check of another image that is queued, running or done under this
+    version: answering with that check would give the old image's result for the new one. Permanent."""
+
+    code = "check.conflict"
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class Filed:
     check: CheckRow
     created: bool  # False: this external id was already filed under this version (a redelivered message)
     rejected: ItemError | None = None  # filed, and rejected at once
+    conflict: CheckConflict | None = None  # not filed: the id names another image's check (`check`)
 
 
 @dataclass
@@ -65,14 +76,22 @@ class Intake:
     ledger: Ledger
 
     def file(
-        self, submissions: list[CheckRequest], dead: list[DeadLetterRow] = (), *, version_id: str | None = None
+        self,
+        submissions: list[CheckRequest],
+        dead: list[DeadLetterRow] = (),
+        *,
+        version_id: str | None = None,
+        conflicts_dead: bool = False,
     ) -> list[Filed]:
         """One transaction: a row for each submission (and each dead letter); then metrics and logs.
 
         A few statements whatever the number of submissions: their blobs in one, their checks in two (see
         `Ledger.create_checks`). Filed under `version_id`, by default the active version (the embedded mode
-        names its own).
+        names its own). A submission that conflicts with the check its external id names (`Filed.conflict`) is
+        not filed; with `conflicts_dead` (the broker's intake, which has no one to answer) it is kept as a dead
+        letter `check.conflict`.
         """
+        dead = list(dead)
         with self.ledger.session() as session:
             if submissions:  # dead letters belong to no version, and are kept before any is registered
                 version_id = version_id or self.active_version_id(session)
@@ -86,8 +105,11 @@ class Intake:
                     filed[index] = self._file_rejected(session, version_id, submission, error)
             self.ledger.put_blobs(session, blobs)
             created = self.ledger.create_checks(session, version_id, [new for _, new in valid])
-            for (index, _), (check, is_new) in zip(valid, created, strict=True):
-                filed[index] = Filed(check, is_new)
+            for (index, new), (check, is_new) in zip(valid, created, strict=True):
+                filed[index] = Filed(check, True) if is_new else self._filed_before(session, check, new)
+            if conflicts_dead:
+                conflicts = [(sub, one.conflict) for sub, one in zip(submissions, filed, strict=True) if one.conflict]
+                dead += [_conflict_letter(submission, conflict) for submission, conflict in conflicts]
             for letter in dead:
                 session.add(letter)
             if any(one.created and one.rejected is None for one in filed):
@@ -109,9 +131,28 @@ class Intake:
         """The check a valid submission makes (its inline bytes put in `blobs`); raises why it is not valid."""
         if submission.problem is not None:
             raise submission.problem
+        problem = text.strings_problem(submission.image, "image") or text.strings_problem(
+            submission.callback_url, "callback_url"
+        )
+        if problem:
+            raise MessageError(problem)
         callback_url = checked_callback_url(submission.callback_url)
         source = sources.to_stored(submission.image, self.settings, blobs.__setitem__)
         return NewCheck(submission.external_id, source, callback_url)
+
+    def _filed_before(self, session: Session, check: CheckRow, new: NewCheck) -> Filed:
+        """A submission under an external id already filed under this version: the same image again (a redelivery,
+        a retry) is that check; a corrected resubmission replaces a check that ended without a result; another
+        image under the id of a live or answered check is a conflict."""
+        if check.source == new.source:
+            return Filed(check, created=False)
+        if check.status in REPLACEABLE:
+            replaced = self.ledger.replace_check(session, check.id, new)
+            if replaced is not None:
+                log.info("check %s replaced by a resubmission of its external id", check.id,
+                         extra={"check_id": check.id, "stage": "intake"})  # fmt: skip
+                return Filed(replaced, created=True)
+        return Filed(check, created=False, conflict=_conflict(check))
 
     def _file_rejected(self, session: Session, version_id: str, submission: CheckRequest, error: ItemError) -> Filed:
         """Still a row: the platform can read why. A bad callback URL is not kept, a good one still hears of it."""
@@ -121,7 +162,8 @@ class Intake:
             callback_url=callback,
         )  # fmt: skip
         if not created:  # never reject an earlier, valid check that happens to share the external id
-            return Filed(check, created=False)
+            return Filed(check, False, conflict=None if check.status in REPLACEABLE else _conflict(check))
+        error = type(error)(text.storable(error.message, REASON_CHARS), code=error.code)
         rejected = self.ledger.finish_rejected(session, check.id, error.code, error.message)
         outbox.record_outcome(session, rejected, results_stream=bool(self.settings.results_stream))
         return Filed(rejected, created=True, rejected=error)
@@ -138,10 +180,25 @@ class Intake:
 
 
 def _usable_callback(url: Any) -> str | None:
+    if text.strings_problem(url, "callback_url"):
+        return None
     try:
         return checked_callback_url(url)
     except CallbackError:
         return None
+
+
+def _conflict_letter(submission: CheckRequest, conflict: CheckConflict) -> DeadLetterRow:
+    asked = {"external_id": submission.external_id, "image": submission.image, "callback_url": submission.callback_url}
+    return dead_letter(conflict.code, conflict.message, asked, None, CHECK_TASK)
+
+
+def _conflict(check: CheckRow) -> CheckConflict:
+    status = getattr(check.status, "value", check.status)
+    return CheckConflict(
+        f"External id already names check {check.id} ({status}) of another image under this pipeline version; "
+        "send the new image under a new external id."
+    )
 
 
 # ---------------------------------------------------------------------- messages
@@ -164,7 +221,7 @@ def from_message(
     if not isinstance(kwargs, dict):
         return dead_letter("message.invalid", "The task's keyword arguments are not an object.", kept, queue, task)
     external_id = kwargs.get("external_id")
-    problem = _external_id_problem(external_id)
+    problem = text.text_problem(external_id, "external_id", MAX_EXTERNAL_ID)
     if problem:
         return dead_letter("message.no_external_id", problem, kept, queue, task)
     unknown = sorted(set(kwargs) - TASK_ARGUMENTS)
@@ -186,29 +243,15 @@ def _task_call(body: Any, headers: dict) -> tuple[Any, Any, Any]:
     return None, None, None
 
 
-def _external_id_problem(external_id: Any) -> str | None:
-    if not isinstance(external_id, str):
-        return f"`external_id` must be a string; got {type(external_id).__name__}."
-    if not external_id.strip():
-        return "`external_id` is empty."
-    if "\x00" in external_id:
-        return "`external_id` holds a NUL character."
-    if len(external_id) > MAX_EXTERNAL_ID:
-        return f"`external_id` is {len(external_id):,} characters; the limit is {MAX_EXTERNAL_ID}."
-    return None
-
-
 def dead_letter(
     code: str, reason: str, body: Any, queue: str | None, task: Any = None, content_type: str | None = None
 ) -> DeadLetterRow:
-    text = body if isinstance(body, str) else repr(body)
-    if isinstance(body, bytes):
-        text = body.decode("utf-8", "replace")
+    """A dead letter: everything it keeps is made storable (valid UTF-8, no NUL) and cut to its column."""
     return DeadLetterRow(
         code=code,
-        reason=reason,
-        queue=queue,
-        task=str(task)[:255] if task is not None else None,
-        content_type=content_type,
-        body=text[:DEAD_LETTER_BODY_CHARS],
+        reason=text.storable(reason, REASON_CHARS),
+        queue=text.storable(queue, 255) if queue is not None else None,
+        task=text.storable(task, 255) if task is not None else None,
+        content_type=text.storable(content_type, 255) if content_type is not None else None,
+        body=text.storable(body, DEAD_LETTER_BODY_CHARS),
     )

@@ -34,6 +34,7 @@ log = logging.getLogger("item.intake")
 
 FLUSH_EVERY_S = 0.02  # a quiet queue for this long files what arrived: a lone message waits no longer
 HOLD_BACKOFF_S = (0.5, 10.0)  # while the ledger is down: first and longest wait between attempts
+MESSAGE_MARGIN_BYTES = 64 * 1024  # a message's JSON around the base64 of the largest inline image
 SHOWN_ID_CHARS = 64  # of an external id, in an event: enough to find it, not a way to fill a monitor
 
 
@@ -97,7 +98,8 @@ class CheckIntake(Batches):
 
     def flush(self, requests) -> Any:
         """Decodes each request (never raising), then files them all on a pool thread; acks on return."""
-        items = [_item_of(request) for request in requests]
+        limit = self.settings.max_b64_bytes * 4 // 3 + MESSAGE_MARGIN_BYTES
+        items = [_item_of(request, limit) for request in requests]
         received, started = time.time(), time.monotonic()
 
         consumer = self._consumer
@@ -146,33 +148,111 @@ def _contract(external_id: str, image: dict, callback_url: str | None = None) ->
 def file_holding(intake, items: list, stopping: threading.Event) -> list | None:
     """Files `items` (requests and dead letters) in one transaction, holding on while the ledger is unreachable
     (or no version is registered yet); returns what each became (None for a dead letter), or None if told to
-    stop meanwhile (the caller then gives the messages back)."""
+    stop meanwhile (the caller then gives the messages back).
+
+    A transaction that fails for any other reason (a message no check foresaw, a bug) must not hold the batch
+    forever, nor fail it whole: its items are filed one at a time, and the one that fails again becomes a dead
+    letter `message.internal_error` in `items` (which this changes in place), so the rest are filed as usual.
+    """
+    try:
+        return _holding(lambda: _file_together(intake, items), len(items), stopping)
+    except Exception:
+        if len(items) == 1 and _is_dead_letter(items[0]):
+            raise  # a dead letter alone that cannot be filed: see _file_one
+        log.exception("filing a batch of %d messages failed; filing them one at a time", len(items))
+    outcomes = []
+    for index in range(len(items)):
+        one = _file_one(intake, items, index, stopping)
+        if one is _STOPPED:
+            return None
+        outcomes.append(one)
+    return outcomes
+
+
+_STOPPED = object()
+
+
+def _file_one(intake, items: list, index: int, stopping: threading.Event):
+    """Files `items[index]` alone; if that fails too, files a dead letter in its place (a bare one, without the
+    body, if even that fails: the message is then acknowledged with only a log line to show for it)."""
+    try:
+        filed = _holding(lambda: _file_together(intake, [items[index]]), 1, stopping)
+        return _STOPPED if filed is None else filed[0]
+    except Exception as error:
+        log.exception("a message of the batch cannot be filed; it becomes a dead letter")
+        letter = _internal_error_letter(items[index], error)
+    for attempt in (letter, _bare(letter)):
+        try:
+            if _holding(lambda one=attempt: _file_together(intake, [one]), 1, stopping) is None:
+                return _STOPPED
+            items[index] = attempt
+            return None
+        except Exception:
+            log.exception("the dead letter of a message cannot be filed either")
+    log.critical("a message was dropped: neither it nor its dead letter could be filed (%s)", letter.reason)
+    items[index] = letter
+    return None
+
+
+def _holding(file, count: int, stopping: threading.Event) -> list | None:
+    """`file()`, tried again while the ledger is unreachable or no version is registered; None if told to stop."""
     from pipeline.core.errors import ItemError
     from worker.ledger.engine import INFRASTRUCTURE_ERRORS
-    from worker.ledger.models import DeadLetterRow
 
-    requests = [item for item in items if not isinstance(item, DeadLetterRow)]
-    dead = [item for item in items if isinstance(item, DeadLetterRow)]
     wait = HOLD_BACKOFF_S[0]
     while True:
         try:
-            filed = iter(intake.file(requests, dead))
-            return [None if isinstance(item, DeadLetterRow) else next(filed) for item in items]
+            return file()
         except (*INFRASTRUCTURE_ERRORS, ItemError) as error:
             if isinstance(error, ItemError) and error.code != "version.none":
                 raise
-            log.warning("cannot file %d messages yet (%s); holding them", len(items), error)
+            log.warning("cannot file %d messages yet (%s); holding them", count, error)
         if stopping.wait(wait):
             return None
         wait = min(HOLD_BACKOFF_S[1], wait * 2)
 
 
-def _item_of(taken):
+def _file_together(intake, items: list) -> list:
+    requests = [item for item in items if not _is_dead_letter(item)]
+    dead = [item for item in items if _is_dead_letter(item)]
+    filed = iter(intake.file(requests, dead, conflicts_dead=True))
+    return [None if _is_dead_letter(item) else next(filed) for item in items]
+
+
+def _is_dead_letter(item) -> bool:
+    from worker.ledger.models import DeadLetterRow
+
+    return isinstance(item, DeadLetterRow)
+
+
+def _internal_error_letter(item, error: Exception):
+    """The dead letter of a message whose filing failed for a reason no check foresaw: what it asked for, and why."""
+    from worker.intake.filing import dead_letter
+
+    if _is_dead_letter(item):
+        return dead_letter(item.code, item.reason, item.body, item.queue, item.task, item.content_type)
+    asked = {"external_id": item.external_id, "image": item.image, "callback_url": item.callback_url}
+    reason = f"Filing this message failed: {type(error).__name__}: {error}"
+    return dead_letter("message.internal_error", reason, asked, None, CHECK_TASK)
+
+
+def _bare(letter):
+    from worker.intake.filing import dead_letter
+
+    return dead_letter(letter.code, letter.reason[:200], "<body not kept: it could not be stored>", None)
+
+
+def _item_of(taken, max_bytes: int):
     """What a message asks for: a check request, or a dead letter saying why it cannot be one. Its body is
-    decoded here, by kombu under the JSON-only accept list: a pickle is refused unread."""
+    decoded here, by kombu under the JSON-only accept list: a pickle is refused unread, and so is a body larger
+    than any check (`max_bytes`)."""
     from worker.intake.filing import from_message
 
     message = taken.message
+    size = len(message.body or b"")
+    if size > max_bytes:
+        reason = f"The message is {size:,} bytes; no check is larger than {max_bytes:,} (ITEM_MAX_B64_BYTES)."
+        return message_letter(message, "message.too_large", reason)
     try:
         return from_message(message.payload, message.headers, message.delivery_info, message.body)
     except Exception as error:  # a body no reader foresaw: kept, never a crash of the whole batch
@@ -224,8 +304,10 @@ def _acknowledge(consumer, taken: list[Taken], items, filed, received: float, ru
         if send is None:
             continue
         shown = {"name": CHECK_TASK, "args": "[]", "kwargs": _shown(item), "received": received, "runtime": runtime}
-        if outcome is None:
-            send("task-failed", uuid=one.task_id, exception=f"{item.code}: {item.reason}", traceback="", **shown)
+        if outcome is None or outcome.conflict is not None:
+            why = outcome.conflict if outcome is not None else item
+            send("task-failed", uuid=one.task_id, exception=f"{why.code}: {getattr(why, 'reason', why)}",
+                 traceback="", **shown)  # fmt: skip
         else:
             status = getattr(outcome.check.status, "value", outcome.check.status)
             result = {"check_id": outcome.check.id, "status": status, "created": outcome.created}

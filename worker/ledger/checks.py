@@ -14,7 +14,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.ledger.models import CheckRow, new_id, utcnow
+from worker.ledger.models import CheckRow, DeliveryRow, new_id, utcnow
 from worker.ledger.queries import dialect_insert, fresh, in_chunks
 from worker.ledger.states import CheckStatus
 
@@ -82,6 +82,40 @@ def create_checks(session: Session, pipeline_version_id: str, new: list[NewCheck
         answers.append((rows[one.external_id], one.external_id in created))
         created.discard(one.external_id)  # the same id again later in `new`: not created twice
     return answers
+
+
+REPLACEABLE = (CheckStatus.rejected, CheckStatus.failed)  # ended without a result: a resubmission may replace it
+_RESULT_COLUMNS = (
+    "image_sha256", "error_code", "error_message", "p_fake", "verdict", "verdict_reason", "threshold",
+    "threshold_low", "object_count", "caption", "objects", "timings_ms", "attribution", "provenance", "started_at",
+    "finished_at", "lease_owner", "lease_token", "lease_expires_at",
+)  # fmt: skip
+
+
+def replace_check(session: Session, check_id: str, new: NewCheck) -> CheckRow | None:
+    """A check that ended without a result (rejected, failed), made over for a corrected resubmission under its
+    external id: the new source and callback, queued from scratch, its earlier deliveries dropped (the platform
+    hears of the new outcome instead). None if it is no longer rejected or failed (another filer replaced it)."""
+    now = utcnow()
+    statement = (
+        sa.update(CheckRow)
+        .where(CheckRow.id == check_id, CheckRow.status.in_(REPLACEABLE))
+        .values(
+            **dict.fromkeys(_RESULT_COLUMNS),
+            source=new.source,
+            callback_url=new.callback_url,
+            status=CheckStatus.queued,
+            attempts=0,
+            created_at=now,
+            enqueued_at=now,
+            available_at=now,
+            updated_at=now,
+        )
+    )
+    if session.execute(statement).rowcount != 1:
+        return None
+    session.execute(sa.delete(DeliveryRow).where(DeliveryRow.check_id == check_id))
+    return get_check(session, check_id)
 
 
 def get_check(session: Session, check_id: str) -> CheckRow | None:

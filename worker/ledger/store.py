@@ -85,6 +85,7 @@ class Ledger:
     # ------------------------------------------------------------------ creating and finding checks
     create_check = staticmethod(checks.create_check)
     create_checks = staticmethod(checks.create_checks)
+    replace_check = staticmethod(checks.replace_check)
     get_check = staticmethod(checks.get_check)
     find_check = staticmethod(checks.find_check)
     checks_by_id = staticmethod(checks.checks_by_id)
@@ -93,6 +94,7 @@ class Ledger:
     claim = staticmethod(claims.claim)
     renew = staticmethod(claims.renew)
     release = staticmethod(claims.release)
+    defer = staticmethod(claims.defer)
 
     # ------------------------------------------------------------------ how a claimed check ends
     mark_queued = staticmethod(transitions.mark_queued)

@@ -2,7 +2,9 @@
 
 `POST /v1/checks` is the HTTP form of the `item.check` task: the same arguments (less `path`: a file on the
 server is no business of an HTTP client), the same idempotency on (external_id, active version), the same
-stable error codes. It runs no model and answers in milliseconds; workers claim the row from the ledger.
+checks of what a submission holds (worker.intake.text), the same stable error codes: a corrected resubmission
+replaces a check that ended rejected or failed; another image under a live or answered check's id is a 409
+`check.conflict`. It runs no model and answers in milliseconds; workers claim the row from the ledger.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import base64
 import binascii
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from pipeline.core.errors import ItemError
+from worker.intake import text
 from worker.intake.filing import MAX_EXTERNAL_ID, CheckRequest
 from worker.ledger import reviews
 from worker.ledger.states import CheckStatus
@@ -68,6 +71,23 @@ class CheckIn(BaseModel):
     callback_url: str | None = Field(
         None, max_length=2048, pattern=NO_NUL, description="Where the signed result is POSTed."
     )
+
+    # The broker intake's own checks of what a submission holds (worker.intake.text), so both refuse alike.
+    @field_validator("external_id")
+    @classmethod
+    def _storable_id(cls, value: str) -> str:
+        return _refuse(text.text_problem(value, "external_id", MAX_EXTERNAL_ID), value)
+
+    @field_validator("image", "callback_url", mode="before")
+    @classmethod
+    def _storable_strings(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse(text.strings_problem(value, info.field_name), value)
+
+
+def _refuse(problem: str | None, value: Any) -> Any:
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 class ObjectOut(BaseModel):
@@ -201,6 +221,7 @@ def check_out(row, created: bool | None = None) -> dict:
     responses={
         200: {"model": CheckOut, "description": "Already filed under the active version: that check."},
         413: {"model": ErrorBody},
+        409: {"model": ErrorBody, "description": "check.conflict: the external id names another image's check."},
         422: {"model": RejectedOut | ErrorBody, "description": "Malformed, or filed and rejected at once."},
         503: {"model": ErrorBody},
         **_ERRORS,
@@ -219,6 +240,8 @@ async def submit_check(
         raise HttpError(503, "ledger.unavailable", "The ledger cannot be reached; nothing was filed. Retry.") from None
     except TimeoutError:  # it may still commit: a retry finds it, since filing is idempotent
         raise HttpError(503, "ledger.timeout", "The ledger did not answer in time. Retry.") from None
+    if filed.conflict is not None:
+        raise HttpError(409, filed.conflict.code, filed.conflict.message)
     checked = check_out(filed.check, filed.created)
     if filed.check.status == CheckStatus.rejected:
         code, message = filed.check.error_code, filed.check.error_message
