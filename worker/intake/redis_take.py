@@ -123,7 +123,7 @@ class Channel(kombu_redis.Channel):
                 try:
                     self.connection._deliver(payload, queue)
                 except Exception as error:  # an envelope kombu itself cannot open (a body that will not decode)
-                    self._set_aside(queue, payload, error)
+                    self._deliver_wrapped(queue, payload, error)
             return True
         finally:
             self._in_poll = None
@@ -143,8 +143,8 @@ class Channel(kombu_redis.Channel):
 
     def _record(self, client, queue: str, raws: list[bytes]) -> list[dict]:
         """Records the taken messages as unacknowledged, as kombu's QoS would one by one, and empties this
-        consumer's list, in one round trip. What is not a kombu message at all is set aside in
-        `<queue>.unreadable` (never lost, never taken again in a loop; `LRANGE` shows it)."""
+        consumer's list, in one round trip. What is not a kombu message at all is recorded and delivered wrapped
+        in one (see `unreadable_envelope`): the intake makes it a dead letter, never lost, never taken again."""
         now, payloads = time(), []
         pipe = client.pipeline(transaction=False)
         for raw in raws:
@@ -152,33 +152,37 @@ class Channel(kombu_redis.Channel):
             try:
                 payload = loads(bytes_to_str(raw))
                 tag, info = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
+                exchange, routing_key = info["exchange"], info["routing_key"]
                 # kombu's record is the JSON list [payload, exchange, routing key]: the payload as it arrived
-                record = b"[" + raw + b"," + dumps([info["exchange"], info["routing_key"]]).encode()[1:]
-            except (ValueError, TypeError, KeyError) as error:
-                log.error(
-                    "a message in %s is not a kombu message (%r); set aside in %s.unreadable", queue, error, queue
-                )
-                pipe.lpush(f"{queue}.unreadable", raw)  # LPUSH is one of the commands kombu's client prefixes
-            else:
-                pipe.zadd(self.qos.unacked_index_key, {tag: now}).hset(self.qos.unacked_key, tag, record)
-                self.qos.recorded.add(tag)
-                payloads.append(payload)
+                record = b"[" + raw + b"," + dumps([exchange, routing_key]).encode()[1:]
+            except Exception as error:  # not JSON, not an object, no properties: any bytes a client may push
+                log.error("a message in %s is not a kombu message (%r); it becomes a dead letter", queue, error)
+                payload = unreadable_envelope(raw, f"Not a kombu message: {error!r}", queue)
+                tag, record = payload["properties"]["delivery_tag"], dumps([payload, "", queue]).encode()
+            pipe.zadd(self.qos.unacked_index_key, {tag: now}).hset(self.qos.unacked_key, tag, record)
+            self.qos.recorded.add(tag)
+            payloads.append(payload)
         pipe.delete(self._taking(queue))  # it held this take and nothing else (DEL is prefixed by kombu's client)
         pipe.execute()
         return payloads
 
-    def _set_aside(self, queue: str, payload: dict, error: Exception) -> None:
-        """A recorded message kombu could not deliver: out of the unacknowledged set (else it would come back
-        after the visibility timeout and fail again, for ever) and into `<queue>.unreadable`."""
-        tag = payload["properties"]["delivery_tag"]
-        log.error("a message in %s cannot be opened (%r): set aside in %s.unreadable", queue, error, queue)
+    def _deliver_wrapped(self, queue: str, payload: dict, error: Exception) -> None:
+        """A recorded message kombu could not open: its record is swapped for that of the message wrapped (see
+        `unreadable_envelope`), which is delivered instead; acked once the intake filed its dead letter."""
+        log.error("a message in %s cannot be opened (%r); it becomes a dead letter", queue, error)
+        tag = payload.get("properties", {}).get("delivery_tag")
+        wrapped = unreadable_envelope(dumps(payload).encode(), f"kombu cannot open it: {error!r}", queue)
         self.qos.recorded.discard(tag)
         self.qos._delivered.pop(tag, None)
         with self.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
             self.qos._remove_from_indices(tag, pipe)
-            pipe.lpush(f"{queue}.unreadable", dumps(payload))  # LPUSH is prefixed by kombu's client
+            new_tag = wrapped["properties"]["delivery_tag"]
+            pipe.zadd(self.qos.unacked_index_key, {new_tag: time()})
+            pipe.hset(self.qos.unacked_key, new_tag, dumps([wrapped, "", queue]))
             pipe.execute()
+        self.qos.recorded.add(new_tag)
+        self.connection._deliver(wrapped, queue)
 
     # ------------------------------------------------------------------ liveness and recovery
 
@@ -247,3 +251,27 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+UNREADABLE_TYPE = "application/x-item-unreadable"  # no reader accepts it: the intake's dead letter keeps the bytes
+
+
+def unreadable_envelope(raw: bytes, why: str, queue: str) -> dict:
+    """A kombu envelope around bytes that were none (or one kombu cannot open): an `item.check` message whose
+    body is those bytes under a content type no reader accepts, so the intake files it as a dead letter
+    (`message.undecodable`, `why` its reason) and acknowledges it like any other message."""
+    import base64
+
+    tag = str(uuid.uuid4())
+    return {
+        "body": base64.b64encode(raw).decode(),
+        "content-encoding": "binary",
+        "content-type": UNREADABLE_TYPE,
+        "headers": {"task": "item.check", "id": tag, "item_unreadable": why[:500]},
+        "properties": {
+            "delivery_tag": tag,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "body_encoding": "base64",
+            "priority": 0,
+        },
+    }

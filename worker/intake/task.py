@@ -260,7 +260,11 @@ def _item_of(taken, max_bytes: int):
 
 
 def unreadable_letter(message, error: Exception):
-    """The dead letter of a message kombu would not decode: a refused content type, or a body no reader foresaw."""
+    """The dead letter of a message kombu would not decode: a refused content type, or a body no reader foresaw
+    (bytes the Redis take found in the queue that were no message at all arrive wrapped, saying why)."""
+    unreadable = (getattr(message, "headers", None) or {}).get("item_unreadable")
+    if unreadable:
+        return message_letter(message, "message.undecodable", f"The message cannot be read: {unreadable}")
     if isinstance(error, ContentDisallowed):
         reason = f"Content type {message.content_type!r} is refused: only JSON is read."
         return message_letter(message, "message.not_json", reason)
