@@ -1,4 +1,5 @@
-"""Claiming checks for a batch under a lease, renewing the lease, and giving unrun checks back.
+"""Claiming checks for a batch under a lease, renewing the lease, and giving unrun checks back (all of a batch
+when its worker stops, or the few whose bytes are late to arrive).
 
 A worker holds what it claimed through a `Lease`: every later change to those checks must name its token (see
 `transitions`), and once the lease expires any worker may claim them again, so a dead or stalled worker never
@@ -98,6 +99,25 @@ def release(session: Session, lease: Lease) -> int:
         sa.update(CheckRow)
         .where(held(lease.token))
         .values(status=CheckStatus.queued, attempts=CheckRow.attempts - 1, lease_expires_at=None, updated_at=now)
+    )
+    return session.execute(statement).rowcount
+
+
+def defer(session: Session, lease: Lease, check_ids: list[str], available_at: datetime) -> int:
+    """Gives back checks held under `lease` that leave their batch before it runs (their bytes are still
+    downloading): queued, claimable from `available_at`, the attempt not counted. Returns how many."""
+    if not check_ids:
+        return 0
+    statement = (
+        sa.update(CheckRow)
+        .where(held(lease.token), CheckRow.id.in_(check_ids))
+        .values(
+            status=CheckStatus.queued,
+            attempts=CheckRow.attempts - 1,
+            available_at=available_at,
+            lease_expires_at=None,
+            updated_at=utcnow(),
+        )
     )
     return session.execute(statement).rowcount
 

@@ -86,14 +86,21 @@ class AddressPolicy:
     `allowed` holds deliberate exceptions (tests, an internal image store) and wins over `blocked`, but only for
     the address as resolved: an IPv6 address carrying an allowed IPv4 one (::ffff:127.0.0.1) is still judged by
     that IPv4 address against `blocked`, since such forms are how filters get dodged, not how exceptions are used.
+
+    `allowed_hosts` names the hosts (`cdn.internal`, or `*.cdn.internal` for every subdomain) that may resolve to
+    any address: one internal image server is let through without opening the network it sits in to every other
+    name. It is judged by the name of each hop, so a redirect from an allowed host elsewhere is checked afresh.
     """
 
     blocked: tuple[IPNetwork, ...] = DEFAULT_BLOCKED
     allowed: tuple[IPNetwork, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # lowercase names, or *.name for the subdomains of name
 
     def check(self, address: IPAddress, *, host: str | None = None) -> None:
         """Raises `url.refused` unless `address` may be connected to; `host` is the name it came from."""
         if any(address in network for network in self.allowed):
+            return
+        if host is not None and self.host_allowed(host):
             return
         carried = embedded_ipv4(address)
         reason = self.refusal(address)
@@ -103,6 +110,14 @@ class AddressPolicy:
             name = host or str(address)
             subject = f"{name} is" if name == str(address) else f"{name} resolves to {address},"
             raise FetchError(f"Refused: {subject} {reason}.", code="url.refused")
+
+    def host_allowed(self, host: str) -> bool:
+        """Whether `host` is on the allow-list: the very name, or a subdomain of a `*.` pattern's name."""
+        name = host.lower().removesuffix(".")
+        return any(
+            name.endswith(pattern[1:]) if pattern.startswith("*.") else name == pattern
+            for pattern in self.allowed_hosts
+        )
 
     def refusal(self, address: IPAddress) -> str | None:
         """Why `address` is blocked (ignoring `allowed`), or None."""

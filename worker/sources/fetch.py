@@ -35,7 +35,6 @@ import io
 import ipaddress
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from typing import Any, NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
 
 from worker.sources.addresses import DEFAULT_POLICY, AddressPolicy, FetchError
+from worker.sources.lookups import LOOKUPS
 
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]
 
@@ -284,24 +284,10 @@ def checked_addresses(
 
 
 def _resolve_within(target: Target, resolve: Resolver, budget: _Budget) -> Sequence[tuple[Any, ...]]:
-    """getaddrinfo takes no timeout, so the lookup runs on a daemon thread that is abandoned when it is late."""
-    outcome: list[Any] = []
-    done = threading.Event()
-
-    def lookup() -> None:
-        try:
-            outcome.append(resolve(target.host, target.port, type=socket.SOCK_STREAM))
-        except Exception as error:  # raised again on the caller's thread
-            outcome.append(error)
-        finally:
-            done.set()
-
-    threading.Thread(target=lookup, name=f"resolve {target.host}", daemon=True).start()
-    if not done.wait(budget.left()):
-        raise budget.exceeded()
-    if isinstance(outcome[0], Exception):
-        raise outcome[0]
-    return outcome[0]
+    """getaddrinfo takes no timeout, so the lookup runs on one of the process's lookup threads (`LOOKUPS`), and
+    is abandoned there when it is late."""
+    work = functools.partial(resolve, target.host, target.port, type=socket.SOCK_STREAM)
+    return LOOKUPS.run(target.host, work, budget.deadline, budget.exceeded)
 
 
 def _open(target: Target, addresses: list[tuple[int, tuple[Any, ...]]], budget: _Budget) -> socket.socket:

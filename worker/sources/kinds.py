@@ -29,6 +29,7 @@ from typing import Any
 from pipeline.core.errors import ItemError
 from pipeline.core.files import read_image_file
 from worker.settings import Settings
+from worker.sources.addresses import AddressPolicy
 
 SOURCE_KINDS = ("url", "b64", "path", "s3")
 S3_MAX_KEY_BYTES = 1024  # S3's own limit, in UTF-8 bytes
@@ -177,13 +178,11 @@ def read_path(value: str, settings: Settings) -> bytes:
 
 def fetch(value: str, settings: Settings, *, timeout_s: float | None = None) -> bytes:
     """An image URL's body; waiting for a free slot of its host counts against the same time limit."""
-    import ipaddress
     import urllib.parse
 
-    from worker.sources.fetch import AddressPolicy, fetch_url
+    from worker.sources.fetch import fetch_url
 
     timeout_s = timeout_s or settings.fetch_timeout_s
-    allowed = tuple(ipaddress.ip_network(network) for network in settings.fetch_allowed_networks)
     host = (urllib.parse.urlsplit(value).hostname or "").lower()
     deadline = time.monotonic() + timeout_s
     with HOSTS.slot(host, settings.fetch_per_host, timeout_s):
@@ -192,8 +191,14 @@ def fetch(value: str, settings: Settings, *, timeout_s: float | None = None) -> 
             max_bytes=settings.max_image_bytes,
             timeout_s=max(0.01, deadline - time.monotonic()),
             max_redirects=settings.fetch_max_redirects,
-            policy=AddressPolicy(allowed=allowed),
+            policy=fetch_policy(settings),
         )
+
+
+def fetch_policy(settings: Settings) -> AddressPolicy:
+    """Where image URLs may lead under these settings: the default refusals, less the allowed networks and hosts."""
+    allowed = tuple(ipaddress.ip_network(network) for network in settings.fetch_allowed_networks)
+    return AddressPolicy(allowed=allowed, allowed_hosts=tuple(settings.fetch_allowed_hosts))
 
 
 def read_s3(value: dict[str, str], settings: Settings, *, timeout_s: float | None = None) -> bytes:
@@ -211,25 +216,40 @@ class BusyHost(ItemError):
 
 class HostSlots:
     """At most `per_host` downloads from one host at once, across a process's threads: a slow or flooded host
-    then holds only its own slots, and the rest of the fetch pool keeps serving other hosts."""
+    then holds only its own slots, and the rest of the fetch pool keeps serving other hosts.
+
+    Host names come from senders, so the table holds a host only while a download from it runs or waits: an entry
+    goes as its last user leaves, and a flood of distinct names leaves nothing behind.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+        self._slots: dict[tuple[str, int], list] = {}  # (host, per_host) -> [semaphore, users holding or waiting]
+
+    def __len__(self) -> int:
+        return len(self._slots)
 
     @contextmanager
     def slot(self, host: str, per_host: int, timeout_s: float) -> Iterator[None]:
+        key = (host, per_host)
         with self._lock:
-            semaphore = self._slots.setdefault((host, per_host), threading.BoundedSemaphore(per_host))
-        if not semaphore.acquire(timeout=timeout_s):
-            raise BusyHost(
-                f"No download slot for {host} within {timeout_s:.1f} s: {per_host} downloads from it were running "
-                "(ITEM_FETCH_PER_HOST)."
-            )
+            entry = self._slots.setdefault(key, [threading.BoundedSemaphore(per_host), 0])
+            entry[1] += 1
         try:
-            yield
+            if not entry[0].acquire(timeout=timeout_s):
+                raise BusyHost(
+                    f"No download slot for {host} within {timeout_s:.1f} s: {per_host} downloads from it were "
+                    "running (ITEM_FETCH_PER_HOST)."
+                )
+            try:
+                yield
+            finally:
+                entry[0].release()
         finally:
-            semaphore.release()
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._slots[key]
 
 
 HOSTS = HostSlots()
