@@ -59,6 +59,48 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+# How the CUDA runtime and its libraries word an error, as PyTorch passes it on (lower case).
+_STICKY_MARKERS = (
+    "cuda error",  # "CUDA error: an illegal memory access was encountered", "... device-side assert triggered"
+    "cuda driver error",
+    "cublas_status_",  # "CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( ... )`"
+    "cudnn error",  # "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"
+    "cudnn_status_",
+    "cusolver_status_",
+    "triton error [cuda]",
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "misaligned address",
+    "uncorrectable ecc error",
+)
+# The types PyTorch raises for them (AcceleratorError since 2.8, with the CUDA error code; CudaError from cudart).
+_ACCELERATOR_ERRORS = tuple(
+    kind for kind in (getattr(torch, "AcceleratorError", None), getattr(torch.cuda, "CudaError", None)) if kind
+)
+
+
+def is_sticky_cuda_error(error: BaseException) -> bool:
+    """A CUDA error after which the process's GPU context cannot be trusted (an illegal memory access, a
+    device-side assert, a cuBLAS or cuDNN failure): every later call on the device may fail or be wrong, so only
+    a fresh process recovers. Out-of-memory is not one: freeing memory and running smaller recovers from it.
+
+    PyTorch raises these as `torch.AcceleratorError` (2.8 and later) or a plain `RuntimeError` naming the error,
+    possibly as the cause or context of another exception: the whole chain is read."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if not is_out_of_memory(link):
+            if isinstance(link, _ACCELERATOR_ERRORS):
+                return True
+            text = str(link).lower()
+            if isinstance(link, RuntimeError) and any(marker in text for marker in _STICKY_MARKERS):
+                return True
+        link = link.__cause__ or link.__context__
+    return False
+
+
 def free_gpu_memory() -> None:
     """Returns cached blocks to the driver after an out-of-memory error, so a smaller retry can fit."""
     if torch.cuda.is_available():

@@ -21,11 +21,12 @@ from sqlalchemy.orm import Session
 from pipeline.core import codec
 from pipeline.core.batches import Reader, once_per_image
 from pipeline.core.detector import Detector
-from pipeline.core.devices import free_gpu_memory, is_out_of_memory
+from pipeline.core.devices import free_gpu_memory, is_out_of_memory, is_sticky_cuda_error
 from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage, thumbnail_jpeg
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
+from worker.gpu import faults
 from worker.ledger import outbox, reviews
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import CheckRow, utcnow
@@ -47,10 +48,6 @@ class TransientError(ItemError):
     """Worth trying again later: the same input may well succeed (timeouts, 5xx, out of memory)."""
 
     permanent = False
-
-
-class BatchTimeout(BaseException):  # noqa: N818  (not an Exception: model code's `except Exception` must not eat it)
-    """Raised into the loop's thread when a batch runs past its budget, wherever it is, the models included."""
 
 
 @dataclass
@@ -297,6 +294,8 @@ class CheckService:
         except ItemError as error:
             batch.errors += [(check, error, "models") for check in batch.todo]
         except Exception as error:  # a bug or a model crash: retried, and failed once attempts run out
+            if is_sticky_cuda_error(error):
+                raise  # the device is unusable: the loop retries the batch elsewhere and ends this process
             log.exception("batch of %d checks crashed", len(batch.todo))
             crash = TransientError(f"Internal error: {error!r}", code="check.internal_error")
             batch.errors += [(check, crash, "models") for check in batch.todo]
@@ -362,6 +361,7 @@ class CheckService:
         """Runs the models. Each stage halves its own runs when the GPU runs out of memory; what still runs out
         (one image too large for a stage, or memory outside the stages) halves the batch of checks."""
         try:
+            faults.strike("models")  # tests only (worker.gpu.faults): a CUDA error or a long call here
             return self.detector.detect(images, known)
         except Exception as error:
             if not is_out_of_memory(error):

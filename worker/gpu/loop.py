@@ -1,7 +1,7 @@
 """The GPU loop: one per worker process, claiming batches of its pipeline version from the ledger.
 
-    claim up to batch_size ready checks under a new lease, read and decode them  ─▶  run the models within the
-    batch's time budget  ─▶  store results, artifacts and deliveries in one transaction
+    claim up to batch_size ready checks under a new lease, read and decode them  ─▶  run the models under the
+    watchdog  ─▶  store results, artifacts and deliveries in one transaction
 
 The three phases overlap across batches: while the models run batch k, a prefetch thread has claimed and
 prepared batch k+1, and a store thread writes batch k-1; the models never wait on the ledger or the network
@@ -9,36 +9,45 @@ unless those are slower than the models. A heartbeat renews each batch's lease f
 At most one batch waits prepared, so a worker holds no more checks than it can start on next.
 
 A worker that dies leaves its checks `running` under a lease nobody renews; once it expires any worker of the
-version claims them again. A batch past its budget is interrupted wherever it is, the models included, and each
-of its unfinished checks is retried as `check.timeout`; if the interruption cannot land (the thread is stuck
-inside native code), a watchdog records the timeouts and ends the process, which the GPU step replaces.
+version claims them again. Nothing is ever raised into model code (an exception landing inside `generate` or a
+CUDA graph capture can leave the model or the device broken): reading is bounded by its own time limits, and a
+batch still in the models past its budget is left to run while the watchdog records each of its unfinished
+checks as `check.timeout` (retried) and ends the process, which the GPU step replaces. A CUDA error that leaves
+the device unusable (illegal memory access, device-side assert, cuBLAS or cuDNN failures; not out-of-memory)
+ends the process too: its batch is retried as `gpu.fault` by a fresh process. The prefetch, store and presence
+threads are supervised (worker.ops.supervise): one that dies is logged, counted, and ends the process to be
+replaced, its leases running out. The watchdog is in worker.gpu.watchdog, the exit statuses in worker.gpu.exits.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import queue
-import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 
-from worker.gpu.batches import Batch, BatchTimeout, CheckService, TransientError
+from pipeline.core.devices import is_sticky_cuda_error
+from worker.gpu import exits, faults
+from worker.gpu.batches import Batch, CheckService, TransientError
+from worker.gpu.watchdog import WATCHDOG_EXIT_STATUS, Watchdog, end_process
 from worker.ledger import reviews
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import utcnow
 from worker.ledger.store import Lease
 from worker.ledger.wakeups import Listener
+from worker.ops import metrics
 from worker.ops.logs import OutageLog
+from worker.ops.supervise import Supervised
 
 log = logging.getLogger("item.worker")
 
-WATCHDOG_GRACE_S = 30  # after the budget, how long the interruption may take before the process is ended
-WATCHDOG_EXIT_STATUS = 70  # EX_SOFTWARE: the GPU step (worker.gpu.processes) replaces the process
+WATCHDOG_GRACE_S = 30  # past the budget: a batch still preparing ends the process; a lease is no longer renewed
+GPU_FAULT_EXIT_STATUS = exits.GPU_FAULT  # a CUDA error left the device unusable
+FAULT_STOP_S = 5.0  # after a GPU fault, how long the prefetch and store threads get to finish before the exit
 HEARTBEAT_S = 10.0  # how often a loop tells the ledger it is alive (the console's workers), one statement each
 
 
@@ -56,7 +65,7 @@ class Renewal:
     def __init__(self, service: CheckService, lease: Lease, checks: int, every_s: float, until: float):
         self.service, self.lease, self.checks, self.every_s, self.until = service, lease, checks, every_s, until
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name="item-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._live, name="item-heartbeat", daemon=True)
         Renewal.held.add(lease.token)
         self._thread.start()
 
@@ -64,6 +73,16 @@ class Renewal:
         self._done.set()
         self._thread.join(5)
         Renewal.held.discard(self.lease.token)
+
+    def _live(self) -> None:
+        """A heartbeat lives as long as its batch: a death is not restarted (the lease runs out and the checks are
+        redone elsewhere), but it is logged and counted, as a supervised thread's is."""
+        try:
+            self._renew()
+        except BaseException:  # noqa: BLE001  (a bug: nothing inside is meant to escape)
+            metrics.THREAD_DEATHS.labels("heartbeat").inc()
+            log.critical("the heartbeat of lease %s crashed; the lease runs out and its checks are redone",
+                         self.lease.token, exc_info=True)  # fmt: skip
 
     def _renew(self) -> None:
         while not self._done.wait(self.every_s) and time.monotonic() < self.until:
@@ -88,7 +107,7 @@ class Presence:
         self.service, self.owner, self.every_s = service, owner, every_s
         self.started_at = utcnow()
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat_until_done, name="item-presence", daemon=True)
+        self._thread = Supervised("presence", self._beat_until_done, stopping=self._done, on_death="exit")
         self._outage = OutageLog(log, "could not record this worker's heartbeat", "still no heartbeat recorded")
 
     def start(self) -> None:
@@ -96,8 +115,7 @@ class Presence:
 
     def stop(self) -> None:
         """Stops beating, then deletes the row (after the last beat, which would otherwise bring it back)."""
-        self._done.set()
-        self._thread.join(5)
+        self._thread.stop(5)
         try:
             with self.service.ledger.session() as session:
                 reviews.worker_gone(session, self.owner)
@@ -121,7 +139,8 @@ class Presence:
 
 
 class Loop:
-    """Claims and runs batches until `stop` is set."""
+    """Claims and runs batches until `stop` is set. `exit_status` is what the process should end with (0: it
+    was asked to stop; GPU_FAULT_EXIT_STATUS: the device failed)."""
 
     def __init__(self, service: CheckService, *, listener: Listener | None = None, stop: threading.Event | None = None):
         self.service = service
@@ -130,6 +149,9 @@ class Loop:
         self.stop = stop or threading.Event()
         self.owner = owner_name()
         self.batches = self.checks_run = 0
+        self.exit_status = 0
+        self._watchdog: Watchdog | None = None
+        self._fault: BaseException | None = None  # the CUDA error that made the device unusable
 
     def counters(self) -> dict:
         """What this loop did so far and holds now, for `celery inspect item`."""
@@ -149,19 +171,25 @@ class Loop:
 
     def run_once(self) -> int:
         """Claims one batch and runs it through every phase in this thread; returns how many checks it held (0:
-        nothing was ready). The embedded mode's loop, and the tests'."""
+        nothing was ready). The embedded mode's loop, and the tests'.
+
+        Here a batch past its budget does not end the process (it is a person's command, or a library call): the
+        watchdog records its unfinished checks as `check.timeout` at the deadline, and what the models make after
+        it is dropped. A GPU fault is recorded, then raised (`gpu.fault`): the command ends with it."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog(self.service, end_process=False)
         batch = self.claim()
         if batch is None:
             return 0
         try:
-            with _budget(batch.left_s(), batch.checks, batch.lease, self.service):
-                self.service.prepare(batch)
-                self.service.run_models(batch)
+            self.service.prepare(batch)
+            if self._run_models(batch):
                 self.service.store(batch)
-        except BatchTimeout:  # the checks it finished are left as they are: only those still held are retried
-            self._timed_out(batch)
         finally:
             batch.renewal.stop()
+        fault, self._fault = self._fault, None
+        if fault is not None:
+            raise TransientError(_fault_message(fault), code="gpu.fault") from fault
         return len(batch.checks)
 
     def run_until(self, finished: Callable[[], bool], *, idle_s: float = 0.2) -> None:
@@ -172,6 +200,7 @@ class Loop:
 
     def run_forever(self) -> None:
         """The worker's loop: the models run in this thread, batches are prepared and stored around them."""
+        self._watchdog = Watchdog(self.service, end_process=True)
         prefetch, store = Prefetch(self), Store(self.service)
         presence = Presence(self.service, self.owner, HEARTBEAT_S)
         presence.start()
@@ -180,49 +209,84 @@ class Loop:
         try:
             while not self.stop.is_set():
                 batch = prefetch.next(timeout_s=1.0)
-                if batch is not None:
-                    self._run_models(batch)
+                if batch is None:
+                    continue
+                if self._run_models(batch):
                     store.put(batch)
-                    self.batches += 1
-                    self.checks_run += len(batch.checks)
+                else:
+                    batch.renewal.stop()
+                self.batches += 1
+                self.checks_run += len(batch.checks)
         finally:
-            prefetch.join(self.settings.batch_time_budget_s + WATCHDOG_GRACE_S)
-            store.finish()
+            faulted = self.exit_status == GPU_FAULT_EXIT_STATUS
+            prefetch.stop(FAULT_STOP_S if faulted else self.settings.batch_time_budget_s + WATCHDOG_GRACE_S)
+            store.finish(FAULT_STOP_S if faulted else None)
+            self._watchdog.stop()
             self.listener.close()
             presence.stop()
 
-    def _run_models(self, batch: Batch) -> None:
+    def _run_models(self, batch: Batch) -> bool:
+        """The models on `batch`, watched; whether there is a result to store (a batch timed out or hit by a GPU
+        fault has had its checks recorded already)."""
+        if batch.left_s() <= 0:  # reading took the whole budget: the models are not started
+            self._timed_out(batch)
+            return False
         try:
-            if batch.left_s() <= 0:
-                raise BatchTimeout()
-            with _budget(batch.left_s(), batch.checks, batch.lease, self.service):
-                self.service.run_models(batch)
-        except BatchTimeout:
-            batch.timed_out = True
-            try:
-                self._timed_out(batch)
-            except INFRASTRUCTURE_ERRORS:  # nothing recorded: the lease runs out and the checks are redone
-                log.warning("could not record the timeout of %d checks; they are redone after their lease",
-                            len(batch.checks))  # fmt: skip
+            return self._watchdog.run(batch, lambda: self.service.run_models(batch))
+        except Exception as error:  # run_models ends the checks of any other error itself
+            if not is_sticky_cuda_error(error):
+                raise
+            self._gpu_fault(batch, error)
+            return False
 
     def _timed_out(self, batch: Batch) -> None:
-        log.error("batch of %d checks ran past its time budget; its unfinished checks are retried", len(batch.checks))
-        self.service.time_out(batch.checks, batch.lease)
+        log.error("batch of %d checks ran past its time budget while being read; its checks are retried",
+                  len(batch.checks))  # fmt: skip
+        batch.timed_out = True
+        try:
+            self.service.time_out(batch.checks, batch.lease)
+        except INFRASTRUCTURE_ERRORS:  # nothing recorded: the lease runs out and the checks are redone
+            log.warning("could not record the timeout of %d checks; they are redone after their lease",
+                        len(batch.checks))  # fmt: skip
+
+    def _gpu_fault(self, batch: Batch, error: BaseException) -> None:
+        """The device is unusable for this process: the batch is retried as `gpu.fault` (an attempt of each check,
+        as any claim), and the loop stops for the process to end with GPU_FAULT_EXIT_STATUS and be replaced."""
+        ending = f"the process ends (status {GPU_FAULT_EXIT_STATUS}) to be replaced"
+        log.critical("CUDA error, this process's GPU context is unusable: %s; the %d checks of its batch are "
+                     "retried (gpu.fault) and %s", _first_line(error), len(batch.checks),
+                     ending if self._watchdog.end_process else "this command ends", exc_info=error)  # fmt: skip
+        self._fault, self.exit_status = error, GPU_FAULT_EXIT_STATUS
+        self.stop.set()
+        try:
+            fault = TransientError(_fault_message(error), code="gpu.fault")
+            self.service.fail(batch.checks, fault, batch.lease, stage="models")
+        except INFRASTRUCTURE_ERRORS:
+            log.warning("could not record the GPU fault of %d checks; they are redone after their lease",
+                        len(batch.checks))  # fmt: skip
 
 
-class Prefetch(threading.Thread):
-    """Claims and prepares the next batch (ledger reads, downloads, decoding) while the models run this one.
+class Prefetch:
+    """Claims and prepares the next batch (ledger reads, downloads, decoding) while the models run this one, on
+    a supervised thread: one that dies ends the process (its batches' leases run out).
 
     It claims only when the model thread has taken the batch it prepared before, so at most one batch waits.
     """
 
     def __init__(self, loop: Loop):
-        super().__init__(name="item-prefetch", daemon=True)
         self.loop, self.service = loop, loop.service
         self._ready: queue.Queue[Batch] = queue.Queue(maxsize=1)
         self._taken = threading.Event()
         self._taken.set()
         self.preparing: Batch | None = None
+        self._thread = Supervised("prefetch", self.run, stopping=loop.stop, on_death="exit")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> None:
+        """Stops the loop's claiming; waits up to `timeout_s` for the batch being prepared to be given back."""
+        self._thread.stop(timeout_s)
 
     def next(self, timeout_s: float) -> Batch | None:
         """The next prepared batch, or None after `timeout_s`; ends the process if preparing one is stuck."""
@@ -231,7 +295,10 @@ class Prefetch(threading.Thread):
         except queue.Empty:
             stuck = self.preparing
             if stuck is not None and stuck.left_s() < -WATCHDOG_GRACE_S:
-                _give_up(stuck.checks, stuck.lease, self.service)
+                log.critical("batch of %d checks stuck in preparing past its time budget; its checks are retried "
+                             "(check.timeout) and this process ends (status %d) to be replaced",
+                             len(stuck.checks), WATCHDOG_EXIT_STATUS)  # fmt: skip
+                end_process(WATCHDOG_EXIT_STATUS, lambda: self.service.time_out(stuck.checks, stuck.lease))
             return None
         self._taken.set()
         return batch
@@ -299,27 +366,33 @@ class Prefetch(threading.Thread):
             self._release(self._ready.get_nowait())
 
 
-class Store(threading.Thread):
-    """Stores finished batches, one at a time and in order, off the model thread."""
+class Store:
+    """Stores finished batches, one at a time and in order, off the model thread, on a supervised thread: one
+    that dies ends the process (the batches it held run out their leases and are redone)."""
 
     def __init__(self, service: CheckService):
-        super().__init__(name="item-store", daemon=True)
         self.service = service
         self._batches: queue.Queue[Batch | None] = queue.Queue(maxsize=1)  # one waits: the models run on
+        self._finishing = threading.Event()
+        self._thread = Supervised("store", self.run, stopping=self._finishing, on_death="exit")
+
+    def start(self) -> None:
+        self._thread.start()
 
     def put(self, batch: Batch) -> None:
         self._batches.put(batch)
 
-    def finish(self) -> None:
-        """Stores what was handed over, then ends."""
+    def finish(self, timeout_s: float | None = None) -> None:
+        """Stores what was handed over (waiting up to `timeout_s`), then ends."""
+        self._finishing.set()
         self._batches.put(None)
-        self.join()
+        self._thread.stop(timeout_s)
 
     def run(self) -> None:
         while (batch := self._batches.get()) is not None:
+            faults.strike("store")  # tests only: a death of this thread (worker.gpu.faults)
             try:
-                if not batch.timed_out:
-                    self.service.store(batch)
+                self.service.store(batch)
             except INFRASTRUCTURE_ERRORS:  # nothing recorded: the lease runs out and the checks are redone
                 log.warning("could not store a batch of %d checks; they are redone after their lease",
                             len(batch.checks))  # fmt: skip
@@ -330,75 +403,9 @@ class Store(threading.Thread):
                 batch.renewal.stop()
 
 
-@contextmanager
-def _budget(seconds: float, batch, lease: Lease, service: CheckService) -> Iterator[None]:
-    """Raises BatchTimeout in this thread after `seconds`; if that cannot land within WATCHDOG_GRACE_S, records
-    the timeouts from another thread and ends the process."""
-    thread = threading.get_ident()
-    alarm = _Alarm(seconds, thread)
-    watchdog = threading.Timer(seconds + WATCHDOG_GRACE_S, _give_up, (batch, lease, service))
-    watchdog.daemon = True
-    alarm.start()
-    watchdog.start()
-    try:
-        yield
-    finally:
-        alarm.cancel()
-        watchdog.cancel()
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
-class _Alarm:
-    """SIGALRM in the main thread (it interrupts blocking calls too); an asynchronous exception elsewhere."""
-
-    def __init__(self, seconds: float, thread: int):
-        self.seconds = seconds
-        self.thread = thread
-        self.main = thread == threading.main_thread().ident
-        self._timer: threading.Timer | None = None
-        self._previous = None
-        self._lock = threading.Lock()
-        self._cancelled = False
-
-    def start(self) -> None:
-        if self.main:
-            self._previous = signal.signal(signal.SIGALRM, _raise_timeout)
-            signal.setitimer(signal.ITIMER_REAL, self.seconds)
-        else:
-            self._timer = threading.Timer(self.seconds, self._fire)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _fire(self) -> None:
-        with self._lock:
-            if not self._cancelled:
-                _async_raise(self.thread, BatchTimeout)
-
-    def cancel(self) -> None:
-        if self.main:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._previous or signal.SIG_DFL)
-        elif self._timer is not None:
-            with self._lock:  # a timeout raised but not yet delivered must not land after the batch
-                self._cancelled = True
-                self._timer.cancel()
-                _async_raise(self.thread, None)
-
-
-def _raise_timeout(signum, frame) -> None:
-    raise BatchTimeout()
-
-
-def _async_raise(thread: int, exception: type[BaseException] | None) -> None:
-    """Raises `exception` in `thread` at its next bytecode (None: forgets one raised there but not yet seen)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread), ctypes.py_object(exception) if exception is not None else None
-    )
-
-
-def _give_up(batch, lease: Lease, service: CheckService) -> None:
-    log.critical("batch stuck past its time budget and could not be interrupted; ending this process")
-    try:
-        service.time_out(batch, lease)
-    finally:
-        logging.shutdown()
-        os._exit(WATCHDOG_EXIT_STATUS)
+def _fault_message(error: BaseException) -> str:
+    return f"The GPU failed while running this check's batch ({_first_line(error)}); it is retried by a fresh process."

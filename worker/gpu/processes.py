@@ -5,9 +5,12 @@
 
 A GPU process that dies is replaced at once (after a doubling delay if it keeps dying at start-up), and is
 never killed for taking long to load its models: it loads them itself, after it started. A model, head or
-profile that cannot be used at all stops the worker (exit 2) rather than restarting forever. Stopping sends
-each process SIGTERM: it finishes its batch (or gives back what it prepared), then exits; one still running past
-the batch budget and a grace is killed, and its lease lets another worker redo its checks.
+profile that cannot be used at all stops the worker (exit 2) rather than restarting forever. A process also ends
+itself to be replaced, and the log line of its replacement says why (worker.gpu.exits): a batch still in the
+models past its budget (the watchdog, 72), a CUDA error that left the device unusable (71), a supervised thread
+of it that died (70). Stopping sends each process SIGTERM: it finishes its batch (or gives back what it
+prepared), then exits; one still running past the batch budget and a grace is killed, and its lease lets another
+worker redo its checks.
 
 Each process reports over a queue: `ready` once its models are loaded and its version registered, then its
 `state` every few seconds (batches, checks, leases held), which `celery inspect item` and `inspect stats` show.
@@ -26,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.core.errors import ItemError
+from worker.gpu import exits
 from worker.ops import logs
 from worker.ops.supervise import Supervised
 from worker.settings import Settings
@@ -35,7 +39,7 @@ log = logging.getLogger("item.worker")
 RESTART_BACKOFF_S = (1.0, 60.0)  # a GPU process that keeps dying is restarted after a doubling delay
 STABLE_AFTER_S = 60.0  # one that lived this long resets the delay
 STOP_GRACE_S = 30.0  # beyond the batch budget, how long a stopping GPU process may take to finish
-SETUP_FAILED_STATUS = 2  # as every `item` command that cannot run: a bad model, head or profile
+SETUP_FAILED_STATUS = exits.SETUP_FAILED  # as every `item` command that cannot run: a bad model, head or profile
 STATE_EVERY_S = 2.0  # how often a GPU process reports its counters
 SUPERVISE_EVERY_S = 0.5
 
@@ -165,8 +169,8 @@ class GpuFleet:
                 else:  # dying at start-up: wait longer each time, rather than load models in a tight loop
                     delay, gpu.backoff_s = gpu.backoff_s, min(RESTART_BACKOFF_S[1], gpu.backoff_s * 2)
                 log.error(
-                    "GPU loop %d (pid %d) exited with status %s after %.0fs; replacing it in %.0fs",
-                    gpu.index, process.pid, process.exitcode, lived, delay,
+                    "GPU loop %d (pid %d) exited with status %s after %.0fs: %s; replacing it in %.0fs",
+                    gpu.index, process.pid, process.exitcode, lived, exits.reason(process.exitcode), delay,
                 )  # fmt: skip
                 gpu.process, gpu.ready, gpu.restart_at, gpu.state = None, False, now + delay, {}
                 gpu.restarts += 1
@@ -196,8 +200,11 @@ def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
     metrics.models_loaded({stage.name: stage.load_seconds or 0.0 for stage in stages})
     events.put(("ready", index, os.getpid(), service.version_id, active, str(detector.device)))
     loop = Loop(service, stop=stop)
-    threading.Thread(target=_report_state, args=(loop, index, events), name="item-gpu-state", daemon=True).start()
+    Supervised("gpu-state", lambda: _report_state(loop, index, events), stopping=stop, on_death="exit").start()
     loop.run_forever()
+    if loop.exit_status:  # the device failed: no interpreter shutdown (CUDA teardown may hang on a broken context)
+        logging.shutdown()
+        os._exit(loop.exit_status)
 
 
 def _report_state(loop, index: int, events) -> None:

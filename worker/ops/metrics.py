@@ -91,9 +91,11 @@ THREAD_DEATHS = Counter(
     "Long-lived threads that crashed (or ended unasked), by thread: each is restarted or its process replaced.",
     ["thread"],
 )
-# The supervised threads (worker.ops.supervise), by part: the thread is named item-<part>.
+# The supervised threads (worker.ops.supervise), by part: the thread is named item-<part>; and a batch's heartbeat
+# (worker.gpu.loop.Renewal), whose death is counted but not restarted (its lease runs out).
 SUPERVISED_THREADS = (
-    "deliverer", "reconciler", "gpu-supervisor", "metrics", "prefetch", "store", "presence", "gpu-state",
+    "deliverer", "reconciler", "gpu-supervisor", "metrics", "prefetch", "store", "presence", "gpu-state", "watchdog",
+    "heartbeat",
 )  # fmt: skip
 GPU_MEMORY = Gauge(
     "item_gpu_memory_bytes", "GPU memory held by torch in worker processes.", ["kind"], multiprocess_mode="livesum"

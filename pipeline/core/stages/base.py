@@ -14,6 +14,8 @@ from pipeline.core.devices import effective_precision, free_gpu_memory, is_out_o
 from pipeline.core.errors import ModelLoadError
 from pipeline.core.model_store import LocatedModel
 
+GROW_AFTER_RUNS = 20  # runs in a row that fitted at a size halved for memory before the size is doubled again
+
 
 class Stage(ABC):
     name: ClassVar[str]
@@ -38,7 +40,8 @@ class Stage(ABC):
         if requested is not None:
             self.params["precision"] = effective_precision(requested, device)
         self.load_seconds: float | None = None
-        self.memory_limit: int | None = None  # the largest run that fitted after the GPU ran out of memory
+        self.memory_limit: int | None = None  # runs are this small since the GPU ran out of memory (None: not)
+        self._fitted_runs = 0  # runs in a row that fitted at memory_limit: GROW_AFTER_RUNS of them double it
         self._loaded = False
         self._lock = threading.Lock()
 
@@ -57,15 +60,22 @@ class Stage(ABC):
         return None
 
     @property
+    def configured_batch_size(self) -> int:
+        return int(self.params.get("batch_size", self.default_batch_size))
+
+    @property
     def batch_size(self) -> int:
-        configured = int(self.params.get("batch_size", self.default_batch_size))
+        """Images per model call now: the configured size, or less since the GPU ran out of memory."""
+        configured = self.configured_batch_size
         return min(configured, self.memory_limit or configured)
 
     def in_runs(self, items: list, run: Callable[[list], list]) -> list:
         """`run` over `items` in runs of at most `batch_size`, results concatenated in order.
 
         A run that exhausts GPU memory is halved and tried again, down to one item; the smaller size is kept
-        for this stage from then on. Only this stage's run is redone: the stages before it keep their results.
+        for this stage, and doubled again (up to the configured size) after GROW_AFTER_RUNS runs in a row fitted
+        at it: what ran out may have been a burst (large images, another process on the GPU), not the stage's
+        steady need. Only this stage's run is redone: the stages before it keep their results.
         """
         results: list = []
         start = 0
@@ -77,10 +87,20 @@ class Stage(ABC):
                 if not is_out_of_memory(error) or len(part) == 1:
                     raise
                 free_gpu_memory()
-                self.memory_limit = len(part) // 2
+                self.memory_limit, self._fitted_runs = len(part) // 2, 0
                 continue
             start += len(part)
+            self._fitted(len(part))
         return results
+
+    def _fitted(self, size: int) -> None:
+        """A run of `size` fitted: once enough runs in a row fitted at the halved size, try twice as many."""
+        if self.memory_limit is None or size < self.memory_limit:
+            return  # a short last run says nothing about the limit
+        self._fitted_runs += 1
+        if self._fitted_runs >= GROW_AFTER_RUNS:
+            grown = self.memory_limit * 2
+            self.memory_limit, self._fitted_runs = (grown if grown < self.configured_batch_size else None), 0
 
     @property
     def precision(self) -> str:
