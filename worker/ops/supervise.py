@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 log = logging.getLogger("item.worker")
 
-EXIT_STATUS = 70  # EX_SOFTWARE, as the GPU loop's watchdog: the process is replaced, its leases run out
+EXIT_STATUS = 70  # EX_SOFTWARE: the process is replaced (see worker/gpu/exits.py), its leases run out
 RESTART_BACKOFF_S = (1.0, 60.0)  # first and longest wait before a dead thread runs again
 STABLE_AFTER_S = 60.0  # a thread that lived this long before dying is restarted after the first wait again
 
