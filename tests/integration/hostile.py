@@ -98,7 +98,7 @@ class HostileTraffic:
             depth = rng.choice([50, 2000, 20000])
             return Hostile(kind, body=b"[" * depth + b"]" * depth, headers=self.headers("item.check"))
         if kind == "huge":
-            kwargs = {"external_id": self.external_id(), "image": {"b64": "A" * (self.max_bytes * 2)}}
+            kwargs = {"external_id": self.external_id(), "image": {"b64": "A" * (self.max_bytes * 3)}}
             return Hostile(kind, body=_dumps([[], kwargs, {}]), headers=self.headers("item.check"))
         if kind == "kwargs_not_object":
             return Hostile(kind, body=_dumps([[], self.value(2), {}]), headers=self.headers("item.check"))

@@ -134,12 +134,17 @@ class _producer:
 
 
 def _amqp_safe(value) -> bool:
-    """What a client library can put in an AMQP header table at all (the field table has no lone surrogates)."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-        return not isinstance(value, float) and not (isinstance(value, int) and abs(value) >= 2**63)
-    except (UnicodeEncodeError, ValueError, TypeError):
-        return False
+    """What a client library can put in an AMQP header table at all: no lone surrogates, integers within 64
+    bits, no floats (py-amqp writes them as decimals it cannot always encode), nested as deep as it likes."""
+    if isinstance(value, dict):
+        return all(_amqp_safe(k) and _amqp_safe(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_amqp_safe(v) for v in value)
+    if isinstance(value, str):
+        return "\x00" not in value and value.encode("utf-8", "surrogatepass") == value.encode("utf-8", "ignore")
+    if isinstance(value, bool) or value is None:
+        return True
+    return isinstance(value, int) and -(2**63) <= value < 2**63
 
 
 def wait_for_every_message(stack, good: list[str], hostile: list, *, timeout_s: float) -> dict:
