@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from tests.conftest import encode, noise_image
 from tests.integration.stack import Worker, make_stack
+from worker.intake.client import submit
 from worker.ledger.models import CheckRow, DeadLetterRow
 
 
@@ -56,6 +57,9 @@ def test_a_corrected_resubmission_replaces_a_rejected_check_and_another_image_is
         assert [letter.code for letter in letters] == ["check.conflict"] and done.id in letters[0].reason
         after = _row(stack, "fix-me")
         assert (after.status, after.p_fake, after.image_sha256) == ("done", done.p_fake, done.image_sha256)
+        # the Python client (`item submit`) says so too, and never shows the done check as this image's
+        (answer,) = submit(stack.settings, [("fix-me", _b64(3))])
+        assert (answer.status, answer.error_code, answer.created) == ("conflict", "check.conflict", False)
     finally:
         worker.stop()
 

@@ -170,7 +170,7 @@ def submit(
             error = f"  {s.error_code}: {escape(s.error_message or '')}" if s.error_code and s.status != "done" else ""
             existing = "" if s.created else "  (exists)"
             out.print(f"{s.check_id}  {escape(s.external_id)}  {s.status}{existing}{error}", soft_wrap=True)
-    unsuccessful = [s for s in submitted if s.status in ("rejected", "failed")]
+    unsuccessful = [s for s in submitted if s.status in ("rejected", "failed", "conflict")]
     if unsuccessful:
         ended = " or ".join(sorted({s.status for s in unsuccessful}))
         err.print(f"{len(unsuccessful)} of {len(submitted)} checks were {ended}")

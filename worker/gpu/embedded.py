@@ -33,7 +33,7 @@ class InProcess:
     def submit(self, submissions: list[CheckRequest]) -> list[Filed]:
         """Files the submissions, runs them to their end, and sends the results that are due."""
         filed = self.intake.file(submissions, version_id=self.service.version_id)
-        self.finish([one.check.id for one in filed])
+        self.finish([one.check.id for one in filed if one.conflict is None])
         return filed
 
     def receive(self, external_id: str, image, callback_url: str | None = None) -> Filed:
@@ -64,4 +64,4 @@ def submit_in_process(
     ledger = runner.service.ledger
     with ledger.session() as session:
         ended = {row.id: row for row in ledger.checks_by_id(session, [one.check.id for one in filed])}
-    return [Submitted.of(ended[one.check.id], one.created) for one in filed]
+    return [Submitted.of(ended[one.check.id], one.created, one.conflict) for one in filed]

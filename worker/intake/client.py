@@ -27,12 +27,15 @@ class Submitted:
     check_id: str
     external_id: str
     created: bool  # False: this external id was already submitted under this pipeline version
-    status: str  # queued, or rejected at once (bad source, bad callback URL); the final one when run in-process
+    status: str  # queued, or rejected at once (bad source, bad callback URL); the final one when run in-process;
+    # `conflict` when the external id names another image's check (`check_id`): nothing was filed
     error_code: str | None = None
     error_message: str | None = None
 
     @classmethod
-    def of(cls, check: CheckRow, created: bool) -> Submitted:
+    def of(cls, check: CheckRow, created: bool, conflict: ItemError | None = None) -> Submitted:
+        if conflict is not None:  # never the other image's status or result, as if it were this one's
+            return cls(check.id, check.external_id, False, "conflict", conflict.code, conflict.message)
         return cls(check.id, check.external_id, created, str(check.status), check.error_code, check.error_message)
 
 
@@ -65,7 +68,7 @@ def submit(settings: Settings, items: list[tuple[str, dict]], *, callback_url: s
     ledger = Ledger(settings.database_url)
     try:
         requests = [CheckRequest(external_id, image, callback_url) for external_id, image in items]
-        return [Submitted.of(one.check, one.created) for one in Intake(settings, ledger).file(requests)]
+        return [Submitted.of(one.check, one.created, one.conflict) for one in Intake(settings, ledger).file(requests)]
     finally:
         ledger.dispose()
 
