@@ -21,8 +21,8 @@ from sqlalchemy.exc import OperationalError
 
 from tests.conftest import encode, noise_image
 from tests.integration.stack import serve_images
-from worker.gpu import batches as service_module
 from worker.gpu import loop as worker_loop
+from worker.gpu import reading as service_module  # where a batch makes its thumbnails
 from worker.gpu.batches import CheckService
 from worker.gpu.loop import Loop
 from worker.intake.filing import CheckRequest, Intake

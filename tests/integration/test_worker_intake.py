@@ -29,6 +29,7 @@ def stack(postgres_url, tiny_store, tmp_path_factory):
         tmp_path_factory.mktemp("intake"),
         ITEM_FETCH_ALLOWED_NETWORKS=json.dumps(["127.0.0.1/32"]),
         ITEM_FETCH_TIMEOUT_S="60",
+        ITEM_BATCH_READ_WAIT_S="60",  # a batch waits for every download: a hung one holds it, as a hung stage would
         ITEM_BATCH_TIME_BUDGET_S="20",
         ITEM_BATCH_SIZE="1",
         ITEM_MAX_ATTEMPTS="1",

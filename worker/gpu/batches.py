@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -23,10 +23,10 @@ from pipeline.core.batches import Reader, once_per_image
 from pipeline.core.detector import Detector
 from pipeline.core.devices import free_gpu_memory, is_out_of_memory, is_sticky_cuda_error
 from pipeline.core.errors import ItemError
-from pipeline.core.imaging import DecodedImage, thumbnail_jpeg
+from pipeline.core.imaging import DecodedImage
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
-from worker.gpu import faults
+from worker.gpu import faults, reading
 from worker.ledger import outbox, reviews
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import CheckRow, utcnow
@@ -36,6 +36,7 @@ from worker.ledger.store import Ending, Lease, Ledger, LedgerTally
 from worker.ops import metrics
 from worker.settings import Settings, backoff_s, provenance_reader
 from worker.sources import kinds as sources
+from worker.sources.downloads import Deferred, Downloads
 
 log = logging.getLogger("item.worker")
 
@@ -94,6 +95,7 @@ class Batch:
     todo: list[CheckRow] = field(default_factory=list)  # the checks the models run
     answers: dict[str, dict] = field(default_factory=dict)  # by check id: an earlier check of the same bytes
     errors: list[tuple[CheckRow, ItemError, str]] = field(default_factory=list)  # (check, why, stage)
+    deferred: list[tuple[CheckRow, Deferred]] = field(default_factory=list)  # left it: their bytes were late
     detections: dict = field(default_factory=dict)  # by sha256
     thumbnails: list[Thumbnail] = field(default_factory=list)  # of the images decoded, one per sha256
     tally: LedgerTally = field(default_factory=LedgerTally)
@@ -113,6 +115,7 @@ class CheckService:
     detector: Detector
     reader: Reader = field(init=False)  # fetches and decodes a batch's images a few at a time
     provenance: ProvenanceReader | None = field(init=False)  # None: ITEM_READ_PROVENANCE is off
+    downloads: Downloads = field(init=False)  # URLs and S3 objects, read on past their batch's wait
 
     def __post_init__(self) -> None:
         self.provenance = provenance_reader(self.settings)
@@ -122,6 +125,7 @@ class CheckService:
             threads=self.settings.fetch_concurrency,
             provenance=self.provenance,
         )
+        self.downloads = reading.downloads_for(self.settings)
 
     @property
     def artifact_versions(self) -> dict[str, str]:
@@ -201,6 +205,7 @@ class CheckService:
         """Everything before the models: stored artifacts and blobs, fetching and decoding, answers for bytes
         already checked under this version. A check whose bytes were seen before (a re-score) skips decoding,
         and even fetching, when its features are stored under this pipeline's stages: only the head runs for it.
+        A check whose download is late leaves the batch (deferred, in the same transaction as the answers).
         """
         versions = self.artifact_versions
         known_bytes = sorted({check.image_sha256 for check in batch.checks if check.image_sha256})
@@ -221,11 +226,13 @@ class CheckService:
         sha_by_check = {check.id: _sha_of(check, images[check.id]) for check in ready}
 
         def earlier_and_known(session: Session) -> tuple[dict[str, CheckRow], dict[str, Artifacts]]:
+            reading.defer(self.ledger, session, batch.lease, batch.deferred)
             earlier = self.ledger.done_checks_for_images(session, list(sha_by_check.values()), self.version_id)
             unknown = sorted({sha for sha in sha_by_check.values() if sha not in stored and sha not in earlier})
             return earlier, stored | (self.ledger.load_artifacts(session, unknown, versions) if unknown else {})
 
         earlier, batch.known = self._transaction(batch, earlier_and_known)
+        reading.report_deferred(batch)
         for check in ready:
             done = earlier.get(sha_by_check[check.id])
             metrics.DUPLICATE_BYTES.labels("miss" if done is None else "hit").inc()
@@ -239,12 +246,16 @@ class CheckService:
         self, batch: Batch, checks: list[CheckRow], blobs: dict[str, bytes], optional: set[str]
     ) -> dict[str, DecodedImage | None]:
         """Fetches and decodes on the reader's threads; an input that fails is the batch's error for its check,
-        unless reading it was `optional` (its features are stored): then it goes on without pixels. Thumbnails
+        unless reading it was `optional` (its features are stored): then it goes on without pixels. Downloads are
+        waited for ITEM_BATCH_READ_WAIT_S: a check whose bytes are not there by then leaves the batch. Thumbnails
         are made here too, while the pixels are at hand, and counted in the batch's reading time."""
         started, images = time.perf_counter(), {}
-        for one in self.reader.load(checks, lambda check: self._source_bytes(check, blobs, batch)):
+        until = min(time.monotonic() + self.settings.batch_read_wait_s, batch.deadline)
+        for one in self.reader.load(checks, lambda check: self._source_bytes(check, blobs, batch, until)):
             if one.ok:
                 images[one.item.id] = self._decoded(one.item, one.image)
+            elif isinstance(one.error, Deferred):
+                batch.deferred.append((one.item, one.error))
             elif one.item.id in optional:
                 log.info("image unreadable; scored from stored features without provenance: %s", one.error.code,
                          extra=_about(one.item, "decode", code=one.error.code))  # fmt: skip
@@ -252,7 +263,7 @@ class CheckService:
             else:
                 batch.errors.append((one.item, one.error, "decode"))
         if self.settings.thumbnail_max_side > 0:
-            batch.thumbnails = _thumbnails(filter(None, images.values()), self.settings.thumbnail_max_side)
+            batch.thumbnails = reading.thumbnails(filter(None, images.values()), self.settings.thumbnail_max_side)
         batch.read_ms = (time.perf_counter() - started) * 1000
         return images
 
@@ -272,9 +283,11 @@ class CheckService:
                 log.info("ledger transaction of a batch of %d checks broke; trying again", len(batch.checks))
                 time.sleep(0.05 * 2**tries)
 
-    def _source_bytes(self, check: CheckRow, blobs: dict[str, bytes], batch: Batch) -> bytes:
-        """A check's bytes, a download given no longer than the batch has left (one slow URL costs only its own
-        check an attempt: it ends as url.timeout, the others go on)."""
+    def _source_bytes(self, check: CheckRow, blobs: dict[str, bytes], batch: Batch, until: float) -> bytes:
+        """A check's bytes: a download (URL, S3) runs on in the background past `until` if it must, and raises
+        `Deferred` (see `worker.sources.downloads`); anything else is read within what the batch has left."""
+        if self.downloads.handles(check.source):
+            return self.downloads.read(check.id, check.source, reading.read_until(check, until))
         return sources.load(check.source, self.settings, blobs.get, timeout_s=max(0.1, batch.left_s()))
 
     def run_models(self, batch: Batch) -> None:
@@ -420,22 +433,6 @@ class CheckService:
 
     def backoff(self, attempts: int) -> float:
         return backoff_s(attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
-
-
-def _thumbnails(images: Iterable[DecodedImage], max_side: int) -> list[Thumbnail]:
-    """One thumbnail per distinct image, for the console to show without fetching anything itself. A thumbnail
-    is a convenience: one that cannot be made is skipped, and never costs its check anything."""
-    made: dict[str, Thumbnail] = {}
-    for image in images:
-        if image.sha256 in made:
-            continue
-        try:
-            data, width, height = thumbnail_jpeg(image.image, max_side)
-        except Exception:
-            log.debug("no thumbnail of image %s", image.sha256, exc_info=True)
-            continue
-        made[image.sha256] = Thumbnail(image.sha256, data, width, height)
-    return list(made.values())
 
 
 def _missing(known: Artifacts | None, kind: str) -> bool:

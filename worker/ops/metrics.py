@@ -22,6 +22,12 @@ CHECKS = Counter(
     "item_checks_total", "Checks that reached a final status, by status and error code.", ["status", "code"]
 )
 RETRIES = Counter("item_retries_total", "Checks sent back to the queue to be tried again, by error code.", ["code"])
+FETCH_DEFERRED = Counter(
+    "item_fetch_deferred_total",
+    "Checks that left their batch because their bytes were not there in time (ITEM_BATCH_READ_WAIT_S), sent back "
+    "without using an attempt: their download still running (downloading), or no download slot free (waiting).",
+    ["reason"],
+)
 STAGE_SECONDS = Histogram(
     "item_stage_seconds",
     "Time per image in each pipeline stage (a batch's time shared by its images).",
@@ -125,6 +131,8 @@ for _code in codes.REJECTED:
 for _code in codes.FAILED:
     CHECKS.labels("failed", _code)
     RETRIES.labels(_code)
+for _reason in ("downloading", "waiting"):
+    FETCH_DEFERRED.labels(_reason)
 for _code in (*codes.DEAD_LETTER, "message.invalid"):
     DEAD_LETTERS.labels(_code)
 for _thread in SUPERVISED_THREADS:
@@ -146,6 +154,7 @@ METRIC_NAMES = frozenset(
     {
         "item_checks_total",
         "item_retries_total",
+        "item_fetch_deferred_total",
         "item_stage_seconds",
         "item_check_latency_seconds",
         "item_queue_wait_seconds",
