@@ -68,6 +68,9 @@ def test_metrics_add_up_the_work_of_every_process(stack, worked):
     samples = _samples(_scrape(stack))
     assert samples[("item_checks_total", (("code", ""), ("status", "done")))] == len(rows) == 16
     assert samples[("item_worker_ready", ())] == 2  # one per process with models loaded
+    readyz = f"http://127.0.0.1:{stack.env['ITEM_METRICS_PORT']}/readyz"
+    with urllib.request.urlopen(readyz, timeout=10) as response:  # every part alive, both GPU loops serving
+        assert response.status == 200 and json.loads(response.read()) == {"ready": True, "dead": []}
     assert samples[("item_batch_size_count", ())] >= 16
     version = next(iter(rows.values())).pipeline_version_id
     assert samples[("item_score_count", (("pipeline_version", version),))] == 16
