@@ -27,6 +27,7 @@ from pipeline.core.imaging import DecodedImage
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
 from worker.gpu import faults, reading
+from worker.intake.text import storable_tree
 from worker.ledger import outbox, reviews
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import CheckRow, utcnow
@@ -323,7 +324,9 @@ class CheckService:
         for check in batch.todo:
             sha = _sha_of(check, batch.images[check.id])
             if sha in batch.detections:
-                results[check.id] = _result_of_detection(batch.detections[sha], sha)
+                # What a model wrote (a caption, its phrases) and what an image declared (a C2PA signer) may hold
+                # NUL or lone surrogates, which the ledger cannot store: kept escaped, never failing the batch.
+                results[check.id] = storable_tree(_result_of_detection(batch.detections[sha], sha))
 
         def write(session: Session) -> _Outcomes:
             outcomes = _Outcomes(self.version_id)

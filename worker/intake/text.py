@@ -1,5 +1,6 @@
-"""Text from outside — message bodies, request bodies — as the ledger may keep it. The one place both the HTTP
-API and the broker intake check what a submission holds, and make storable what is kept only to be shown.
+"""Text from outside — message bodies, request bodies, what a model wrote — as the ledger may keep it. The one
+place both the HTTP API and the broker intake check what a submission holds, and where what is kept only to be
+shown (reasons, dead letters' bodies, captions, provenance) is made storable.
 
 JSON carries strings PostgreSQL cannot store or a URL library cannot quote: lone UTF-16 surrogates ("\\udcff"
 decodes to a str that has no UTF-8 form) and NUL. An identifier or URL holding one is refused with a typed
@@ -59,6 +60,18 @@ def storable(text: Any, limit: int | None = None) -> str:
         text = text[:limit]
     text = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
     return text if limit is None else text[:limit]
+
+
+def storable_tree(value: Any) -> Any:
+    """`value` (JSON-like: dicts, lists, strings, numbers) with every string in it made storable (see `storable`);
+    a value that needs no change is returned as it is."""
+    if isinstance(value, str):
+        return value if _character_problem(value, "") is None else storable(value)
+    if isinstance(value, dict):
+        return {storable_tree(key): storable_tree(inner) for key, inner in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable_tree(inner) for inner in value]
+    return value
 
 
 def _character_problem(value: str, name: str) -> str | None:

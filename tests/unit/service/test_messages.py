@@ -90,3 +90,14 @@ def test_any_decoded_message_is_a_request_or_a_coded_dead_letter(body, task, ext
     else:
         assert isinstance(item.external_id, str) and item.external_id.strip()
         assert len(_shown(item)) < 200  # what an event shows of it: never the image
+
+
+def test_what_a_model_wrote_is_stored_escaped_whatever_it_holds():
+    from worker.intake.text import storable_tree
+
+    result = {"caption": "a cat\x00 \udcff", "objects": [{"phrase": "\ud800dog", "box": [0.1, 2]}], "p_fake": 0.4}
+    stored = storable_tree(result)
+    assert stored == {"caption": "a cat\\x00 \\udcff", "objects": [{"phrase": "\\ud800dog", "box": [0.1, 2]}],
+                      "p_fake": 0.4}  # fmt: skip
+    clean = {"caption": "a dog on a sofa", "objects": []}
+    assert storable_tree(clean) == clean
