@@ -190,3 +190,31 @@ def test_a_cuda_error_in_the_embedded_mode_retries_the_batch_and_ends_the_comman
     with ledger.session() as session:
         row = ledger.get_check(session, filed.check.id)
     assert (row.status, row.error_code, row.attempts) == ("queued", "gpu.fault", 1)  # retried, by a fresh process
+
+
+def test_a_server_whose_answer_holds_nul_rejects_its_check_with_the_reason_kept_escaped(ledger, tiny_store):
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def answer() -> None:  # a hostile image host: NUL and a lone byte in the status line and the body
+        with listener:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 404 Not\x00Found\xff\r\nContent-Length: 9\r\n\r\nno\x00such\x00")
+
+    threading.Thread(target=answer, daemon=True).start()
+    detector = Detector(get_profile("tiny"), tiny_store, device="cpu")
+    detector.use_head(random_head(detector))
+    settings = Settings(batch_max_wait_s=0, database_url="sqlite://", fetch_allowed_networks=["127.0.0.1/32"])
+    service = InProcess(settings, CheckService(settings, ledger, detector)).service
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+    receive(service, "hostile-host", {"url": url})
+    with service.ledger.session() as session:
+        row = service.ledger.find_check(session, "hostile-host", service.version_id)
+    assert (row.status, row.error_code) == ("rejected", "url.http_4xx")
+    assert "\x00" not in row.error_message and "Not\\x00Found" in row.error_message

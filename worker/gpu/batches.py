@@ -27,7 +27,7 @@ from pipeline.core.imaging import DecodedImage
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
 from worker.gpu import faults, reading
-from worker.intake.text import storable_tree
+from worker.intake.text import storable, storable_tree
 from worker.ledger import outbox, reviews
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import CheckRow, utcnow
@@ -42,6 +42,7 @@ from worker.sources.downloads import Deferred, Downloads
 log = logging.getLogger("item.worker")
 
 TIMEOUT_MESSAGE = "The check's batch ran past its time budget (ITEM_BATCH_TIME_BUDGET_S)."
+ERROR_MESSAGE_CHARS = 2_000  # of a stored error message
 LEDGER_TRIES = 4  # of one batch transaction whose connection broke: the pool reconnects between tries
 T = TypeVar("T")
 
@@ -427,12 +428,13 @@ class CheckService:
         outbox.record_outcomes(session, finished, results_stream=bool(self.settings.results_stream))
 
     def _ending(self, check: CheckRow, error: ItemError) -> Ending:
+        message = storable(error.message, ERROR_MESSAGE_CHARS)  # may quote a server's answer: NUL, anything
         if error.permanent:
-            return Ending(CheckStatus.rejected, error.code, error.message)
+            return Ending(CheckStatus.rejected, error.code, message)
         if check.attempts >= self.settings.max_attempts:
-            return Ending(CheckStatus.failed, error.code, error.message)
+            return Ending(CheckStatus.failed, error.code, message)
         available_at = utcnow() + timedelta(seconds=self.backoff(check.attempts))
-        return Ending(CheckStatus.queued, error.code, error.message, available_at)
+        return Ending(CheckStatus.queued, error.code, message, available_at)
 
     def backoff(self, attempts: int) -> float:
         return backoff_s(attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
