@@ -33,7 +33,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -42,7 +41,7 @@ import sqlalchemy as sa
 from tests.bench.bench_stack import BenchWorker, machine, rounded
 from tests.conftest import encode, noise_image
 from tests.integration.conftest import temporary_postgres_database
-from tests.integration.stack import make_stack, platform_client, tiny_models
+from tests.integration.stack import QuietHandler, local_server, make_stack, platform_client, tiny_models
 
 MODES = ("stalls", "no_stalls", "stalls_wait_all")
 INLINE_SHARE, STALL_EVERY, URL_DELAY_MS = 0.7, 20, (0, 300)
@@ -54,7 +53,7 @@ def image_server(images: list[bytes], stall_s: float) -> Iterator[str]:
     """/img/<i>.png?ms=<n> answers image i after n ms; /stall/<i>.png answers it only after `stall_s`."""
     stop = threading.Event()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
             kind, _, name = parts.path.strip("/").partition("/")
@@ -62,29 +61,13 @@ def image_server(images: list[bytes], stall_s: float) -> Iterator[str]:
                 stop.wait(stall_s)
             else:
                 time.sleep(int(parse_qs(parts.query).get("ms", ["0"])[0]) / 1000)
-            body = images[int(name.split(".")[0])]
-            with contextlib.suppress(OSError):  # the worker gave up on it
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+            self.answer(images[int(name.split(".")[0])])
 
-        def log_message(self, *args) -> None:
-            pass
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        request_queue_size = 128
-
-    httpd = Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        stop.set()
-        httpd.shutdown()
-        httpd.server_close()
+    with local_server(Handler) as base:
+        try:
+            yield base
+        finally:
+            stop.set()
 
 
 def traffic(n: int, seed: int) -> list[tuple[str, float]]:

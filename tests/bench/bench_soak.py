@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -44,7 +43,7 @@ from tests.bench.bench_stack import BenchWorker, machine, rounded
 from tests.conftest import encode, noise_image
 from tests.integration.conftest import temporary_postgres_database
 from tests.integration.hostile import HostileTraffic
-from tests.integration.stack import make_stack, platform_client, tiny_models
+from tests.integration.stack import QuietHandler, local_server, make_stack, platform_client, tiny_models
 
 FETCH_TIMEOUT_S = 10.0
 INLINE_SHARE, BAD_EVERY, HOSTILE_PER_S = 0.7, 20, 2.0
@@ -57,52 +56,35 @@ def url_server(images: list[bytes]) -> Iterator[str]:
     """/img/<i>?ms=n: image i after n ms; /<misbehaviour>/<i>: a server that stalls, never ends, lies."""
     stop = threading.Event()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
             kind, _, name = parts.path.strip("/").partition("/")
             body = images[int(name) % len(images)]
-            with contextlib.suppress(OSError):  # the worker gave up on it
-                if kind == "img":
-                    time.sleep(int(parse_qs(parts.query).get("ms", ["0"])[0]) / 1000)
-                    return self._answer(body, "image/png", len(body))
-                if kind == "stall":
-                    stop.wait(FETCH_TIMEOUT_S + 5)
-                    return self._answer(body, "image/png", len(body))
-                if kind == "endless":
-                    self._answer(b"", "image/png", None)
+            if kind == "img":
+                time.sleep(int(parse_qs(parts.query).get("ms", ["0"])[0]) / 1000)
+                self.answer(body)
+            elif kind == "stall":
+                stop.wait(FETCH_TIMEOUT_S + 5)
+                self.answer(body)
+            elif kind == "endless":  # no length, a byte a second, for ever
+                self.answer(b"", length=None)
+                with contextlib.suppress(OSError):
                     while not stop.wait(1.0):
                         self.wfile.write(b"\x89")
                         self.wfile.flush()
-                if kind == "short":  # says more than it sends, then hangs up
-                    return self._answer(body[: len(body) // 3], "image/png", len(body))
-                if kind == "huge":
-                    return self._answer(b"", "image/png", 10 * 1024**3)
-                return self._answer(b"<html>not an image</html>", "text/html", 25)
+            elif kind == "short":  # says more than it sends, then hangs up
+                self.answer(body[: len(body) // 3], length=len(body))
+            elif kind == "huge":
+                self.answer(b"", length=10 * 1024**3)
+            else:
+                self.answer(b"<html>not an image</html>", "text/html")
 
-        def _answer(self, body: bytes, content_type: str, length: int | None) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            if length is not None:
-                self.send_header("Content-Length", str(length))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        request_queue_size = 256
-
-    httpd = Server(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        stop.set()
-        httpd.shutdown()
-        httpd.server_close()
+    with local_server(Handler) as base:
+        try:
+            yield base
+        finally:
+            stop.set()
 
 
 def process_tree(root: int) -> dict:

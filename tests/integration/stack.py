@@ -273,36 +273,56 @@ def image_server() -> Iterator[ImageServer]:
         httpd.server_close()
 
 
-@contextmanager
-def serve_images(images: dict[str, bytes], delay_s: float = 0.0) -> Iterator[str]:
-    """A threaded HTTP server on 127.0.0.1 answering `/<name>` with `images[name]` (read at request time) after
-    `delay_s`, 404 otherwise; yields its base URL. Allow it with ITEM_FETCH_ALLOWED_NETWORKS."""
+class QuietHandler(BaseHTTPRequestHandler):
+    """A test server's request handler: no log line per request, and `answer` for a plain 200."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = images.get(self.path.lstrip("/"))
-            if body is None:
-                self.send_error(404)
-                return
-            time.sleep(delay_s)
+    def answer(self, body: bytes, content_type: str = "image/png", length: int | None = -1) -> None:
+        """200 with `body`; `length` is the Content-Length said (-1: the body's; None: none). A client that gave
+        up meanwhile is no error."""
+        with suppress(BrokenPipeError, ConnectionResetError):
             self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", content_type)
+            if length is not None:
+                self.send_header("Content-Length", str(len(body) if length == -1 else length))
             self.end_headers()
-            with suppress(BrokenPipeError, ConnectionResetError):
-                self.wfile.write(body)
+            self.wfile.write(body)
 
-        def log_message(self, *args) -> None:
-            pass
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def local_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` on a threaded HTTP server at 127.0.0.1, yielding its base URL (allow it with
+    ITEM_FETCH_ALLOWED_NETWORKS); a deep accept queue, as the default 5 drops concurrent connects, which then wait
+    a second to retry."""
 
     class Server(ThreadingHTTPServer):
-        request_queue_size = 128  # the default 5 drops concurrent connects, which then wait a second to retry
+        daemon_threads = True
+        request_queue_size = 256
 
-    httpd = Server(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
+    httpd = Server(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextmanager
+def serve_images(images: dict[str, bytes], delay_s: float = 0.0) -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 answering `/<name>` with `images[name]` (read at request time) after
+    `delay_s`, 404 otherwise; yields its base URL. Allow it with ITEM_FETCH_ALLOWED_NETWORKS."""
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:
+            body = images.get(self.path.lstrip("/"))
+            if body is None:
+                self.send_error(404)
+                return
+            time.sleep(delay_s)
+            self.answer(body, "application/octet-stream")
+
+    with local_server(Handler) as base:
+        yield base
