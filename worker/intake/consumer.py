@@ -12,7 +12,7 @@ import logging
 
 from celery.worker.consumer import Consumer
 
-from worker.intake.task import message_letter, unreadable_letter
+from worker.intake.task import bare_letter, message_letter, unreadable_letter
 from worker.settings import CHECK_TASK
 
 log = logging.getLogger("item.intake")
@@ -36,11 +36,23 @@ class IntakeConsumer(Consumer):
         self._keep(unreadable_letter(message, exc), message)
 
     def _keep(self, letter, message) -> None:
-        """Writes the dead letter through the task's own intake (one ledger pool per worker), then acks."""
-        try:
-            self.app.tasks[CHECK_TASK].intake().file([], [letter])
-        except Exception:
-            log.warning("could not keep a dead letter (%s); the message stays with the broker", letter.code,
-                        exc_info=True)  # fmt: skip
-            return
+        """Writes the dead letter through the task's own intake (one ledger pool per worker), then acks. While
+        the ledger is unreachable the message stays with the broker; a letter the ledger refuses for any other
+        reason is kept without its body, or, failing that, dropped with a critical log line: never a message
+        that comes back to fail again for ever."""
+        from worker.ledger.engine import INFRASTRUCTURE_ERRORS
+
+        intake = self.app.tasks[CHECK_TASK].intake()
+        for attempt in (letter, bare_letter(letter)):
+            try:
+                intake.file([], [attempt])
+                break
+            except INFRASTRUCTURE_ERRORS:
+                log.warning("could not keep a dead letter (%s); the message stays with the broker", letter.code,
+                            exc_info=True)  # fmt: skip
+                return
+            except Exception:
+                log.exception("the ledger refused a dead letter (%s)", letter.code)
+        else:
+            log.critical("a message was dropped: its dead letter could not be stored (%s)", letter.reason)
         message.ack()

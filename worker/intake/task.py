@@ -181,7 +181,7 @@ def _file_one(intake, items: list, index: int, stopping: threading.Event):
     except Exception as error:
         log.exception("a message of the batch cannot be filed; it becomes a dead letter")
         letter = _internal_error_letter(items[index], error)
-    for attempt in (letter, _bare(letter)):
+    for attempt in (letter, bare_letter(letter)):
         try:
             if _holding(lambda one=attempt: _file_together(intake, [one]), 1, stopping) is None:
                 return _STOPPED
@@ -236,7 +236,7 @@ def _internal_error_letter(item, error: Exception):
     return dead_letter("message.internal_error", reason, asked, None, CHECK_TASK)
 
 
-def _bare(letter):
+def bare_letter(letter):
     from worker.intake.filing import dead_letter
 
     return dead_letter(letter.code, letter.reason[:200], "<body not kept: it could not be stored>", None)
