@@ -202,7 +202,21 @@ class Settings(BaseSettings):
         None, description="Redis stream every result is added to (XADD), e.g. item:results; unset: none."
     )
     results_stream_url: str | None = Field(None, description="Redis of the results stream; unset: the broker's.")
-    results_stream_maxlen: int = Field(1_000_000, ge=1, description="Approximate cap on the stream's length.")
+    results_stream_maxlen: int | None = Field(
+        None, ge=1, description="Optional ceiling on the stream's length (approximate), beside its retention."
+    )
+    # Connections at fleet size (PgBouncer) and how long results stay on the stream (ops/RUNBOOK.md, Scaling).
+    database_session_url: str | None = Field(
+        None,
+        description="A direct (or session-pooled) PostgreSQL URL for what needs one session for long: the LISTEN "
+        "wake-ups and the reconciler's advisory lock; unset: ITEM_DATABASE_URL. Set it when ITEM_DATABASE_URL "
+        "points at PgBouncer in transaction mode.",
+    )
+    results_stream_retention_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="How long results stay on the stream: each XADD trims entries older than this (MINID ~).",
+    )
     delivery_max_attempts: int = Field(
         15, ge=1, description="Tries before a delivery is recorded as failed (15: about an hour of retrying)."
     )
@@ -230,6 +244,11 @@ class Settings(BaseSettings):
     )
     metrics_dir: Path | None = Field(None, description="Folder for the worker processes' metric files.")
     log_format: str = Field("json", pattern="^(json|text)$", description="Worker log lines: json or text.")
+
+    @property
+    def session_database_url(self) -> str:
+        """Where the LISTEN wake-ups and the advisory lock connect: never through a transaction pooler."""
+        return self.database_session_url or self.database_url
 
     @field_validator("*", mode="before")
     @classmethod

@@ -145,7 +145,7 @@ class Loop:
     def __init__(self, service: CheckService, *, listener: Listener | None = None, stop: threading.Event | None = None):
         self.service = service
         self.settings = service.settings
-        self.listener = listener or Listener(self.settings.database_url, service.version_id)
+        self.listener = listener or Listener(self.settings.session_database_url, service.version_id)
         self.stop = stop or threading.Event()
         self.owner = owner_name()
         self.batches = self.checks_run = 0

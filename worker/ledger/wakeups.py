@@ -16,6 +16,8 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.ledger.engine import libpq_dsn
+
 log = logging.getLogger("item.worker")
 
 CHANNEL = "item_checks"
@@ -30,14 +32,16 @@ def notify_new_checks(session: Session, version_id: str) -> None:
 class Listener:
     """One worker's wait for new checks of its version: LISTEN on PostgreSQL, a plain sleep on SQLite.
 
-    The listening connection is its own (autocommit, outside the pool); when it breaks (the database restarted,
+    The listening connection is its own (autocommit, outside the pool), to `session_url`
+    (`Settings.session_database_url`): a LISTEN lasts as long as its server session, which PgBouncer in
+    transaction mode would hand to another client after the statement. When it breaks (the database restarted,
     its connection was terminated) waiting falls back to sleeping, and the next wait connects again.
     """
 
-    def __init__(self, database_url: str, version_id: str):
-        url = sa.make_url(database_url)
+    def __init__(self, session_url: str, version_id: str):
+        url = sa.make_url(session_url)
         self.version_id = version_id
-        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._dsn = libpq_dsn(url)
         self._postgres = url.get_backend_name() == "postgresql"
         self._connection = None
 

@@ -8,8 +8,9 @@ It also deletes what is kept only for a while: thumbnails past ITEM_THUMBNAIL_RE
 sign-ins.
 
 Every `item worker` runs it every `reconcile_interval_s`, but on PostgreSQL only the one holding the
-deployment's advisory lock does (the lock is held for the life of its connection, so when that worker goes,
-another takes over at its next interval). It runs on its own thread, never behind a queue of checks.
+deployment's advisory lock does (the lock is held for the life of its own connection, to
+ITEM_DATABASE_SESSION_URL, so when that worker goes, another takes over at its next interval; see
+`worker.ledger.leadership`). It runs on its own thread, never behind a queue of checks.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
-import sqlalchemy as sa
-
 from worker.ledger import access, outbox, reviews
+from worker.ledger.leadership import AdvisoryLock
 from worker.ledger.store import Ledger
 from worker.ops import metrics
 from worker.ops.supervise import Supervised
@@ -81,7 +81,8 @@ class ReconcilerThread:
         self.settings = settings
         self.ledger = ledger
         self._stopping = threading.Event()
-        self._lock_connection = None
+        self._lock = AdvisoryLock(settings.session_database_url, ADVISORY_LOCK)
+        self._was_leading = False
         self._thread = Supervised("reconciler", self._run, stopping=self._stopping)
 
     def start(self) -> None:
@@ -105,26 +106,12 @@ class ReconcilerThread:
         """Whether this process holds the deployment's lock (taken at the first chance, kept while it lives)."""
         if self.ledger.engine.dialect.name != "postgresql":
             return True  # SQLite: one host, and its processes queue on one file
-        if self._lock_connection is not None:
-            try:
-                self._lock_connection.execute(sa.select(1))  # the lock lives as long as this session
-                self._lock_connection.commit()
-            except Exception:
-                self._release()
-        if self._lock_connection is None:
-            connection = self.ledger.engine.connect()
-            taken = connection.execute(sa.select(sa.func.pg_try_advisory_lock(ADVISORY_LOCK))).scalar()
-            connection.commit()
-            if not taken:
-                connection.close()
-                return False
-            self._lock_connection = connection
+        leading = self._lock.held()
+        if leading and not self._was_leading:
             log.info("this worker runs the deployment's reconciler")
-        return True
+        self._was_leading = leading
+        return leading
 
     def _release(self) -> None:
-        if self._lock_connection is not None:
-            try:
-                self._lock_connection.invalidate()  # not back to the pool: the session ends, and the lock with it
-            finally:
-                self._lock_connection = None
+        self._lock.release()  # the lock's session ends, and the lock with it
+        self._was_leading = False

@@ -18,9 +18,14 @@ What a platform receives:
   (`v1=<hex HMAC-SHA256(secret, f"{timestamp}." + body)>`), `X-Item-Delivery` (the delivery id) and
   `User-Agent`. Any 2xx answer counts as delivered; redirects are not followed. Verify with
   `worker.outbox.signing.verify`.
-- Stream: `XADD <ITEM_RESULTS_STREAM> MAXLEN ~ <ITEM_RESULTS_STREAM_MAXLEN> * check_id <id> external_id <id>
-  delivery_id <id> body <canonical JSON>`. The stream name is used as given: `ITEM_REDIS_KEY_PREFIX` is not
-  applied, since the name is the platform's interface, not one of this service's internal keys.
+- Stream: `XADD <ITEM_RESULTS_STREAM> MINID ~ <now - ITEM_RESULTS_STREAM_RETENTION_S, in ms> * check_id <id>
+  external_id <id> delivery_id <id> body <canonical JSON>`: entries stay for the retention, whatever the rate
+  (approximately: Redis drops whole nodes of ~100 entries), and ITEM_RESULTS_STREAM_MAXLEN, if set, caps the
+  length too. Every stream delivery of one pass goes in one pipeline: one round trip to Redis. The stream name
+  is used as given: `ITEM_REDIS_KEY_PREFIX` is not applied, since the name is the platform's interface, not one
+  of this service's internal keys.
+
+Callbacks to one receiver reuse keep-alive connections (`worker.sources.keepalive`), a few per host.
 
 Errors, as "code: message" in `last_error`:
 
@@ -39,6 +44,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +58,7 @@ from worker.ops.logs import OutageLog
 from worker.outbox.signing import canonical, sign
 from worker.settings import Settings, backoff_s
 from worker.sources.fetch import AddressPolicy, post
+from worker.sources.keepalive import KeptConnections
 
 if TYPE_CHECKING:
     from worker.ledger.store import Ledger
@@ -86,6 +93,7 @@ class Deliverer:
         allowed = tuple(ipaddress.ip_network(network) for network in settings.callback_allowed_networks)
         self.policy = AddressPolicy(allowed=allowed)
         self._stream_client: Any = None
+        self._kept = KeptConnections(per_host=SENDS_AT_ONCE)  # callbacks' idle keep-alive connections
         self._client_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = None  # a worker.ops.supervise.Supervised once started
@@ -96,10 +104,13 @@ class Deliverer:
         """One pass: claims up to `limit` due deliveries, sends them, records each outcome; returns how many."""
         with self.ledger.session() as session:
             claimed = claim_due(session, limit, self._lease(limit))
-        if not claimed:
-            return 0
-        with ThreadPoolExecutor(min(SENDS_AT_ONCE, len(claimed)), thread_name_prefix="item-delivery") as pool:
-            list(pool.map(self.attempt, claimed))  # list(): re-raises what an attempt raised (the ledger is down)
+        streamed = [row for row in claimed if row.target == STREAM_TARGET]
+        called = [row for row in claimed if row.target != STREAM_TARGET]
+        if streamed:
+            self.attempt_stream(streamed)
+        if called:
+            with ThreadPoolExecutor(min(SENDS_AT_ONCE, len(called)), thread_name_prefix="item-delivery") as pool:
+                list(pool.map(self.attempt, called))  # list(): re-raises what an attempt raised (the ledger is down)
         return len(claimed)
 
     def deliver_all_due(self) -> int:
@@ -129,34 +140,53 @@ class Deliverer:
         another process, rather than hidden until its lease ends.
         """
         if self._stopping.is_set():
-            with self.ledger.session() as session:
-                record_attempt(session, row, {"attempts": row.attempts - 1, "next_attempt_at": utcnow()})
-            return "released"
+            return self._release_unsent([row])[0]
         try:
             self._send(row)
-        except ItemError as error:
-            return self._failed_attempt(row, error.code, error.message)
-        except Exception as error:  # a bug, not the receiver: kept and retried rather than lost
-            log.exception("delivery %s of check %s crashed", row.id, row.check_id)
-            return self._failed_attempt(row, "delivery.internal_error", f"Internal error: {error!r}")
-        delivered = {"status": DeliveryStatus.delivered, "delivered_at": utcnow(), "last_error": None}
-        self._finish(row, "delivered", delivered)
-        return "delivered"
+        except Exception as error:
+            return self._finish([self._outcome(row, error)])[0]
+        return self._finish([self._outcome(row, None)])[0]
 
-    def _failed_attempt(self, row: DeliveryRow, code: str, message: str) -> str:
+    def attempt_stream(self, rows: list[DeliveryRow]) -> list[str]:
+        """`attempt` for stream deliveries, all in one Redis pipeline and their outcomes in one transaction."""
+        if self._stopping.is_set():
+            return self._release_unsent(rows)
+        errors = self._add_all_to_stream(rows)
+        return self._finish([self._outcome(row, error) for row, error in zip(rows, errors, strict=True)])
+
+    def _release_unsent(self, rows: list[DeliveryRow]) -> list[str]:
+        with self.ledger.session() as session:
+            for row in rows:
+                record_attempt(session, row, {"attempts": row.attempts - 1, "next_attempt_at": utcnow()})
+        return ["released"] * len(rows)
+
+    def _outcome(self, row: DeliveryRow, error: Exception | None) -> _Outcome:
+        """What to record of one attempt: delivered (no error), retried later, or failed for good."""
+        if error is None:
+            delivered = {"status": DeliveryStatus.delivered, "delivered_at": utcnow(), "last_error": None}
+            return _Outcome(row, "delivered", delivered)
+        if isinstance(error, ItemError):
+            code, message = error.code, error.message
+        else:  # a bug, not the receiver: kept and retried rather than lost
+            log.error("delivery %s of check %s crashed", row.id, row.check_id, exc_info=error)
+            code, message = "delivery.internal_error", f"Internal error: {error!r}"
         values: dict = {"last_error": f"{code}: {message}"}
         if code in PERMANENT_CODES or row.attempts >= self.settings.delivery_max_attempts:
             values["status"] = DeliveryStatus.failed
-            outcome = "failed"
-        else:
-            values["next_attempt_at"] = utcnow() + timedelta(seconds=self.backoff(row.attempts))
-            outcome = "retried"
-        self._finish(row, outcome, values, code=code, message=message)
-        return outcome
+            return _Outcome(row, "failed", values, code, message)
+        values["next_attempt_at"] = utcnow() + timedelta(seconds=self.backoff(row.attempts))
+        return _Outcome(row, "retried", values, code, message)
 
-    def _finish(self, row: DeliveryRow, outcome: str, values: dict, code: str | None = None, message: str = ""):
+    def _finish(self, outcomes: list[_Outcome]) -> list[str]:
+        """Records the outcomes in one transaction, then counts and logs each; returns them."""
         with self.ledger.session() as session:
-            recorded = record_attempt(session, row, values)
+            recorded = [record_attempt(session, done.row, done.values) for done in outcomes]
+        for done, kept in zip(outcomes, recorded, strict=True):
+            self._report(done, kept)
+        return [done.outcome for done in outcomes]
+
+    def _report(self, done: _Outcome, recorded: bool) -> None:
+        row, outcome, code, message = done.row, done.outcome, done.code, done.message
         kind = target_kind(row.target)
         metrics.DELIVERIES.labels(kind, outcome).inc()
         about = {"check_id": row.check_id, "external_id": _external_id(row), "stage": "deliver"}
@@ -186,7 +216,9 @@ class Deliverer:
 
     def _send(self, row: DeliveryRow) -> None:
         if row.target == STREAM_TARGET:
-            self._add_to_stream(row)
+            error = self._add_all_to_stream([row])[0]
+            if error is not None:
+                raise error
         else:
             self._call_back(row)
 
@@ -206,30 +238,45 @@ class Deliverer:
             "X-Item-Signature": sign(secret.get_secret_value().encode(), timestamp, body),
             "X-Item-Delivery": row.id,  # the receiver's idempotency key: the same on every attempt
         }  # post() adds Host, Content-Length, User-Agent and Connection
-        post(row.target, body, headers, timeout_s=self.settings.callback_timeout_s, policy=self.policy)
+        timeout_s = self.settings.callback_timeout_s
+        post(row.target, body, headers, timeout_s=timeout_s, policy=self.policy, kept=self._kept)
 
-    def _add_to_stream(self, row: DeliveryRow) -> None:
+    def _add_all_to_stream(self, rows: list[DeliveryRow]) -> list[DeliveryError | None]:
+        """Adds every row to the stream in one pipeline (one round trip); returns each one's error, if any.
+
+        Not a MULTI transaction: one entry Redis refuses must not hold back the others.
+        """
         import redis
 
         stream = self.settings.results_stream
-        if not stream:
-            raise DeliveryError(
-                "This delivery is for the results stream, but ITEM_RESULTS_STREAM is not set.",
-                code="stream.unconfigured",
-                permanent=True,
-            )
-        fields = {
-            "check_id": row.check_id,
-            "external_id": _external_id(row),
-            "delivery_id": row.id,
-            "body": canonical(row.body),
-        }
         try:
-            self._stream().xadd(stream, fields, maxlen=self.settings.results_stream_maxlen, approximate=True)
-        except redis.RedisError as error:
-            raise DeliveryError(
-                f"Adding to stream {stream} failed: {error}", code="stream.error", permanent=False
-            ) from error
+            if not stream:
+                raise DeliveryError(
+                    "This delivery is for the results stream, but ITEM_RESULTS_STREAM is not set.",
+                    code="stream.unconfigured",
+                    permanent=True,
+                )
+            pipeline = self._stream().pipeline(transaction=False)
+        except DeliveryError as error:
+            return [error] * len(rows)
+        oldest_kept = self._oldest_kept_id()
+        for row in rows:
+            pipeline.xadd(stream, _stream_fields(row), minid=oldest_kept, approximate=True)
+        if self.settings.results_stream_maxlen:
+            pipeline.xtrim(stream, maxlen=self.settings.results_stream_maxlen, approximate=True)
+        try:
+            answers = pipeline.execute(raise_on_error=False)
+        except redis.RedisError as error:  # Redis unreachable: nothing of the pass was added, or not knowably
+            answers = [error] * len(rows)
+        return [_stream_error(stream, answer) for answer in answers[: len(rows)]]
+
+    def _oldest_kept_id(self) -> str:
+        """The stream ID (milliseconds since the epoch) before which entries are past ITEM_RESULTS_STREAM_RETENTION_S.
+
+        From this host's clock, while entry IDs come from the Redis server's: hosts kept within seconds of each
+        other (NTP) make that a few seconds' difference on a retention of hours.
+        """
+        return str(int((time.time() - self.settings.results_stream_retention_s) * 1000))
 
     def _stream(self):
         """One Redis client per deliverer (thread-safe, pooled), made on first use."""
@@ -264,6 +311,7 @@ class Deliverer:
         self._stopping.set()
         if self._thread is not None:
             self._thread.stop(timeout)
+        self._kept.close()
 
     def _run(self) -> None:
         outage = OutageLog(
@@ -285,3 +333,30 @@ class Deliverer:
 def _external_id(row: DeliveryRow) -> str | None:
     check = row.body.get("check") if isinstance(row.body, dict) else None
     return check.get("external_id") if isinstance(check, dict) else None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One attempt's outcome ("delivered", "retried", "failed") and the values recorded on its row."""
+
+    row: DeliveryRow
+    outcome: str
+    values: dict
+    code: str | None = None
+    message: str = ""
+
+
+def _stream_fields(row: DeliveryRow) -> dict:
+    return {
+        "check_id": row.check_id,
+        "external_id": _external_id(row),
+        "delivery_id": row.id,
+        "body": canonical(row.body),
+    }
+
+
+def _stream_error(stream: str, answer: Any) -> DeliveryError | None:
+    """None for an entry ID Redis answered; the error of a command Redis refused, or of the whole pipeline."""
+    if not isinstance(answer, Exception):
+        return None
+    return DeliveryError(f"Adding to stream {stream} failed: {answer}", code="stream.error", permanent=False)

@@ -24,11 +24,13 @@ again can ever help:
     url.timeout             transient  the whole fetch took longer than `timeout_s`
 
 `post` sends a body (result callbacks) under the same rules: checked addresses only, one time budget for the
-whole request, no proxy. It follows no redirect: a 3xx is an answer like any other non-2xx.
+whole request, no proxy. It follows no redirect: a 3xx is an answer like any other non-2xx. Its connections may be
+kept alive between callbacks to one receiver (`worker.sources.keepalive`): only ever to an address checked when opened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import io
@@ -44,6 +46,7 @@ from typing import Any, NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
 
 from worker.sources.addresses import DEFAULT_POLICY, AddressPolicy, FetchError
+from worker.sources.keepalive import KeptConnections
 from worker.sources.lookups import LOOKUPS
 
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]
@@ -198,6 +201,7 @@ def post(
     timeout_s: float,
     policy: AddressPolicy = DEFAULT_POLICY,
     resolve: Resolver = socket.getaddrinfo,
+    kept: KeptConnections | None = None,
 ) -> int:
     """POSTs `body` to `url`, checked and connected to exactly as `fetch_url` does; returns the 2xx status.
 
@@ -205,27 +209,92 @@ def post(
     are not followed, since a redirected POST would need its own checks and the receiver owns its URL), its
     message ending with the start of the response body, which is never read further. Host, Content-Length,
     User-Agent and Connection are set here; `headers` adds the rest.
+
+    With `kept` the connection is kept alive: taken from `kept` when one to the same receiver is idle there (it
+    was opened to a checked address), and given back after a 2xx answer read whole. A kept connection the
+    receiver closed before answering is replaced, once, by a new one (delivery is at least once anyway).
     """
     budget = _Budget(timeout_s, time.monotonic() + timeout_s, "The request")
     target = parse_target(url)
+    request = _Post(target, body, headers, budget, kept, policy)
     with _network_errors(target, budget, doing="Posting to"):
+        reused = kept.take(request.key) if kept is not None else None
+        if reused is not None:
+            with contextlib.suppress(_Stale):
+                return request.over(*reused, reused=True)
         addresses = checked_addresses(target, policy, resolve, budget)
-        with _open(target, addresses, budget) as sock:
-            connection = http.client.HTTPConnection(target.host, target.port)
-            connection.sock = _DeadlineSocket(sock, budget)
-            _send_post(connection, target, body, headers)
-            response = connection.getresponse()
-            if 200 <= response.status < 300:
-                return response.status
-            error = _status_error(response.status, response.reason, target)
-            said = _body_start(response)
-    raise FetchError(f"{error.message} {said}".rstrip(), code=error.code, permanent=error.permanent)
+        return request.over(_open(target, addresses, budget), time.monotonic(), reused=False)
 
 
-def _send_post(connection: http.client.HTTPConnection, target: Target, body: bytes, headers: Mapping[str, str]) -> None:
+class _Stale(Exception):
+    """A kept connection its receiver had closed while it idled: nothing was answered on it."""
+
+
+_KEPT_ANSWER_MAX = 64 * 1024  # a 2xx body read to reuse its connection; a longer one closes it instead
+
+
+@dataclass(frozen=True)
+class _Post:
+    target: Target
+    body: bytes
+    headers: Mapping[str, str]
+    budget: _Budget
+    kept: KeptConnections | None
+    policy: AddressPolicy
+
+    @property
+    def key(self) -> tuple:
+        """Whose idle connections this request may take: the same receiver, checked under the same policy."""
+        return self.target.scheme, self.target.host, self.target.port, self.policy
+
+    def over(self, sock: socket.socket, opened: float, *, reused: bool) -> int:
+        """Sends the request on `sock` and reads the answer; `sock` is kept or closed, whatever happens."""
+        keep = False
+        try:
+            connection = http.client.HTTPConnection(self.target.host, self.target.port)
+            connection.sock = _DeadlineSocket(sock, self.budget)
+            try:
+                _send_post(connection, self.target, self.body, self.headers, keep_alive=self.kept is not None)
+                response = connection.getresponse()
+            except ConnectionError as error:  # RemoteDisconnected included: no answer came
+                if reused:
+                    raise _Stale from error
+                raise
+            if not 200 <= response.status < 300:
+                error = _status_error(response.status, response.reason, self.target)
+                said = _body_start(response)
+                raise FetchError(f"{error.message} {said}".rstrip(), code=error.code, permanent=error.permanent)
+            keep = self.kept is not None and _read_to_end(response)
+            return response.status
+        finally:
+            if keep:
+                self.kept.put(self.key, sock, opened)
+            else:
+                sock.close()
+
+
+def _read_to_end(response: http.client.HTTPResponse) -> bool:
+    """Reads a 2xx answer's body so its connection can carry the next request; False when it cannot."""
+    if response.will_close or (response.length is not None and response.length > _KEPT_ANSWER_MAX):
+        return False
+    try:
+        response.read(_KEPT_ANSWER_MAX)
+    except (OSError, http.client.HTTPException, FetchError):  # the answer counts; only the connection goes
+        return False
+    return response.isclosed()
+
+
+def _send_post(
+    connection: http.client.HTTPConnection,
+    target: Target,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    keep_alive: bool = False,
+) -> None:
     connection.putrequest("POST", target.request_path, skip_host=True, skip_accept_encoding=True)
     fixed = {"Host": target.host_header, "User-Agent": USER_AGENT, "Content-Length": str(len(body))}
-    for name, value in {**headers, **fixed, "Connection": "close"}.items():
+    for name, value in {**headers, **fixed, "Connection": "keep-alive" if keep_alive else "close"}.items():
         connection.putheader(name, value)
     connection.endheaders(body)
 
