@@ -21,7 +21,10 @@ from worker.ledger.models import (
     ApiKeyRow,
     ArtifactRow,
     BlobRow,
+    CheckLatencyRow,
+    CheckRollupRow,
     CheckRow,
+    CheckTotalRow,
     ConsoleSessionRow,
     DecisionRow,
     DeliveryRow,
@@ -105,6 +108,7 @@ def ledger(migrated_ledger) -> Ledger:
         for model in (
             *(DecisionRow, DeliveryRow, CheckRow, ArtifactRow, BlobRow, ImageRow, PipelineVersionRow),
             *(ConsoleSessionRow, ApiKeyRow, ThumbnailRow, WorkerRow),
+            *(CheckRollupRow, CheckTotalRow, CheckLatencyRow),
         ):
             session.execute(sa.delete(model))
     return migrated_ledger

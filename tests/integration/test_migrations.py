@@ -13,6 +13,7 @@ from worker.ledger.models import Base
 TABLES = {
     *("pipeline_versions", "images", "blobs", "artifacts", "checks", "deliveries", "dead_letters"),
     *("api_keys", "console_sessions", "decisions", "thumbnails", "workers"),  # 0005: the API and console
+    *("check_rollups", "check_totals", "check_latency_rollups"),  # 0008: the operator views' counts
 }
 
 
@@ -37,7 +38,7 @@ def _drift(url: str) -> list:
 def test_upgrade_creates_the_tables(database_url):
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current(database_url) == migrate.head() == "0007"
+    assert migrate.current(database_url) == migrate.head() == "0008"
     assert migrate.is_up_to_date(database_url)
 
 
@@ -57,7 +58,8 @@ def test_checks_indexes_and_unique_key(database_url):
         primary = inspector.get_pk_constraint("artifacts")["constrained_columns"]
     finally:
         engine.dispose()
-    assert {("status", "updated_at"), ("image_sha256",), ("finished_at",)} <= indexes
+    assert {("status", "updated_at"), ("finished_at",)} <= indexes
+    assert ("image_sha256", "pipeline_version_id", "finished_at", "id") in indexes  # 0008: done checks only
     assert ("external_id", "pipeline_version_id") in uniques
     assert [fk["referred_table"] for fk in foreign] == ["pipeline_versions"]
     assert primary == ["sha256", "kind", "version_hash"]

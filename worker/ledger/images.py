@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from pipeline.core import codec
 from pipeline.core.results import Artifacts
@@ -95,19 +95,36 @@ def save_artifacts_many(session: Session, items: dict[str, tuple[Artifacts, dict
 def done_checks_for_images(session: Session, sha256s: list[str], pipeline_version_id: str) -> dict[str, CheckRow]:
     """The first finished check of each of these bytes under this version: its answer serves duplicates.
 
-    One query per 500 images (IN_CHUNK) rather than one per check: a batch of re-scores asks for 64 at once.
+    One row read per image, however often its bytes were checked before: for each sha256, the first entry of its
+    range in `ix_checks_done_by_image` (a correlated LIMIT 1 the index answers in order), then that check by
+    its key. One query per 500 images (IN_CHUNK): a batch of re-scores asks for 64 at once.
     """
     first = {}
     for chunk in in_chunks(sorted(set(sha256s))):
-        query = (
-            sa.select(CheckRow)
-            .where(
-                CheckRow.image_sha256.in_(chunk),
-                CheckRow.pipeline_version_id == pipeline_version_id,
-                CheckRow.status == CheckStatus.done,
-            )
-            .order_by(CheckRow.finished_at, CheckRow.id)
-        )
-        for row in session.scalars(fresh(query)):
-            first.setdefault(row.image_sha256, row)
+        query = sa.select(CheckRow).where(CheckRow.id.in_(_first_done_ids(session, chunk, pipeline_version_id)))
+        first.update({row.image_sha256: row for row in session.scalars(fresh(query))})
     return first
+
+
+def _first_done_ids(session: Session, sha256s: list[str], pipeline_version_id: str) -> sa.Select:
+    """The id of each image's first done check under the version, over the list of sha256s given as one array or
+    JSON parameter (a statement compiled once whatever the list's length): on PostgreSQL a LATERAL ... LIMIT 1 per
+    sha256, on SQLite (no LATERAL) the same as a correlated subquery."""
+    earlier = aliased(CheckRow)  # not the outer query's checks
+    first = (
+        sa.select(earlier.id)
+        .where(
+            earlier.pipeline_version_id == pipeline_version_id,
+            earlier.status == sa.literal(CheckStatus.done.value, literal_execute=True),  # the index's WHERE
+        )
+        .order_by(earlier.finished_at, earlier.id)
+        .limit(1)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        listed = sa.func.unnest(sa.bindparam("sha256s", sha256s, sa.ARRAY(sa.String)))
+        wanted = listed.table_valued("sha256").render_derived(name="wanted")  # unnest(...) AS wanted(sha256)
+        found = first.where(earlier.image_sha256 == wanted.c.sha256).lateral("found")
+        return sa.select(found.c.id).select_from(wanted).join(found, sa.true())
+    wanted = sa.func.json_each(sa.bindparam("sha256s", sha256s, sa.JSON)).table_valued("value")
+    found = first.where(earlier.image_sha256 == wanted.c.value).correlate(wanted).scalar_subquery()
+    return sa.select(found).select_from(wanted)

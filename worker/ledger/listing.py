@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.ledger import rollups
 from worker.ledger.claims import status_is
 from worker.ledger.models import CheckRow, DeadLetterRow, utcnow
 from worker.ledger.queries import fresh
@@ -38,6 +39,20 @@ def count_waiting(session: Session, cap: int = COUNT_CAP) -> dict[str, int]:
         due = sa.and_(status_is(CheckStatus.queued), CheckRow.priority == priority, CheckRow.available_at <= now)
         counts[name] = _capped_count(session, due, cap)
     return counts
+
+
+def count_unfinished(
+    session: Session, *, version_id: str | None = None, priority: int | None = None, cap: int = COUNT_CAP
+) -> dict[str, int]:
+    """Queued and running checks now (of one version and priority, when given), each read from its partial claim
+    index and counted up to `cap`: the live part of the counts whose ended part comes from the rollups."""
+    narrowed = []
+    if version_id is not None:
+        narrowed.append(CheckRow.pipeline_version_id == version_id)
+    if priority is not None:
+        narrowed.append(CheckRow.priority == priority)
+    statuses = (CheckStatus.queued, CheckStatus.running)
+    return {status.value: _capped_count(session, sa.and_(status_is(status), *narrowed), cap) for status in statuses}
 
 
 def stuck_checks(session: Session, older_than: timedelta, limit: int = 500) -> list[CheckRow]:
@@ -116,12 +131,13 @@ def list_checks(
 
 
 def count_by_status(session: Session) -> dict[str, int]:
-    """Checks per status, every status present (zero included) so dashboards see stable keys."""
+    """Checks per status, every status present (zero included) so dashboards see stable keys: the ended ones
+    from the rollups' all-time totals (endings: a check a resubmission replaced counts its earlier one too), the
+    queued and running ones now, each up to COUNT_CAP (see `count_unfinished`). A few hundred rows read."""
     counts = {status.value: 0 for status in CheckStatus}
-    rows = session.execute(sa.select(CheckRow.status, sa.func.count()).group_by(CheckRow.status))
-    for status, count in rows:
-        counts[CheckStatus(status).value] = count
-    return counts
+    for (_, status), n in rollups.totals(session).items():
+        counts[status] += n
+    return counts | count_unfinished(session)
 
 
 def dead_letters(session: Session, *, limit: int = 100) -> list[DeadLetterRow]:

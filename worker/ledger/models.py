@@ -70,6 +70,8 @@ _NULLABLE_JSON = sa.JSON(none_as_null=True)  # Python None → SQL NULL, not the
 # The WHERE of the claim indexes; a claim's query writes the status into its SQL the same way (see `Ledger.claim`).
 _QUEUED = sa.text("status = 'queued'")
 _RUNNING = sa.text("status = 'running'")
+_DONE = sa.text("status = 'done'")
+_DONE_BY_IMAGE = ("image_sha256", "pipeline_version_id", "finished_at", "id")  # the first done check of some bytes
 
 
 def _claim_index(name: str, claimable_from: str, where: sa.TextClause) -> sa.Index:
@@ -144,7 +146,9 @@ class CheckRow(Base):
     __table_args__ = (
         sa.UniqueConstraint("external_id", "pipeline_version_id"),  # what makes submitting idempotent
         sa.Index(None, "status", "updated_at"),  # the reconciler's scan for stuck checks
-        sa.Index(None, "image_sha256"),  # answering duplicate bytes from an earlier check
+        # Answering duplicate bytes: the first done check of an image under a version is the first entry of its
+        # range (see `images.done_checks_for_images`), one row read however often the bytes were sent.
+        sa.Index("ix_checks_done_by_image", *_DONE_BY_IMAGE, postgresql_where=_DONE, sqlite_where=_DONE),
         sa.Index(None, "finished_at"),
         sa.Index(None, "rescore_of"),
         sa.Index(None, "created_at", "id"),  # lists newest first, a page at a time (the API, the console)
@@ -303,3 +307,44 @@ class WorkerRow(Base):
     pipeline_version_id: Mapped[str] = mapped_column(sa.String(64))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CheckRollupRow(Base):
+    """Checks that ended in one UTC minute, per version, status, verdict and priority: what the operator views
+    read instead of `checks` (see `worker.ledger.rollups`). A key's count is spread over `slot` rows, so
+    transactions ending checks at once seldom wait on one row's lock; readers sum them."""
+
+    __tablename__ = "check_rollups"
+
+    minute: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)  # finished_at, truncated
+    pipeline_version_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(16), primary_key=True)  # done, rejected or failed
+    verdict: Mapped[str] = mapped_column(sa.String(16), primary_key=True)  # '' when none
+    priority: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True)
+    slot: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class CheckTotalRow(Base):
+    """`CheckRollupRow` without the minute: checks ever ended, kept when the minutes are pruned."""
+
+    __tablename__ = "check_totals"
+
+    pipeline_version_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    verdict: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
+    priority: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True)
+    slot: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class CheckLatencyRow(Base):
+    """Done checks of one UTC minute per log-spaced bucket of their filing-to-result latency: the operations
+    page's percentiles (see `worker.ledger.rollups.latency_bucket`)."""
+
+    __tablename__ = "check_latency_rollups"
+
+    minute: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    bucket: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True)
+    slot: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(sa.BigInteger)

@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from pipeline.core.results import PipelineVersion
-from worker.ledger.models import CheckRow, PipelineVersionRow, utcnow
+from worker.ledger import listing, rollups
+from worker.ledger.models import PipelineVersionRow, utcnow
 from worker.ledger.queries import dialect_insert
-from worker.ledger.states import CheckStatus
 
 
 def ensure_pipeline_version(session: Session, version: PipelineVersion, profile: str, *, activate: bool = True) -> bool:
@@ -59,11 +59,13 @@ def versions(session: Session) -> list[PipelineVersionRow]:
 
 
 def checks_per_version(session: Session) -> dict[str, dict[str, int]]:
-    """{version id: {status: count}} over all checks."""
-    query = sa.select(CheckRow.pipeline_version_id, CheckRow.status, sa.func.count()).group_by(
-        CheckRow.pipeline_version_id, CheckRow.status
-    )
+    """{version id: {status: count}}, the statuses a version has checks in: ended ones from the rollups' all-time
+    totals, queued and running ones now, each up to COUNT_CAP (see `listing.count_by_status`)."""
     counts: dict[str, dict[str, int]] = {}
-    for version_id, status, count in session.execute(query):
-        counts.setdefault(version_id, {})[CheckStatus(status).value] = count
+    for (version_id, status), n in rollups.totals(session).items():
+        counts.setdefault(version_id, {})[status] = n
+    for version_id in session.scalars(sa.select(PipelineVersionRow.id)):
+        for status, n in listing.count_unfinished(session, version_id=version_id).items():
+            if n:
+                counts.setdefault(version_id, {})[status] = n
     return counts

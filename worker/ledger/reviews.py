@@ -1,5 +1,6 @@
 """What the console reads and writes beside checks: moderators' decisions, thumbnails, workers' heartbeats,
-and the operations page's aggregates. Each is a few statements, whatever the number of checks."""
+and the operations page's aggregates. Each is a few statements, whatever the number of checks: the aggregates
+read the rollups (`worker.ledger.rollups`) and the claim indexes, never the rows of finished checks."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.ledger import listing, rollups
 from worker.ledger.models import CheckRow, DecisionRow, DeliveryRow, ThumbnailRow, WorkerRow, utcnow
 from worker.ledger.queries import dialect_insert, fresh, insert_many
-from worker.ledger.states import CheckStatus
+from worker.ledger.states import CheckStatus, Priority
 
 LABELS = ("ai_generated", "authentic", "unsure")
-LATENCY_SAMPLE = 5_000  # newest finished checks the latency percentiles are computed over
 
 
 # ---------------------------------------------------------------------- decisions
@@ -117,47 +118,33 @@ def workers_seen(session: Session, within: timedelta) -> list[WorkerRow]:
 
 
 def status_counts_since(session: Session, since: datetime) -> dict[str, int]:
-    """Checks filed since `since`, per status (every status present)."""
+    """Per status, every status present: the checks that ended since `since` (whole minutes: see
+    `rollups.ended_since`), and the checks queued and running now (each up to COUNT_CAP)."""
     counts = {status.value: 0 for status in CheckStatus}
-    query = sa.select(CheckRow.status, sa.func.count()).where(CheckRow.created_at >= since).group_by(CheckRow.status)
-    for status, n in session.execute(query):
-        counts[CheckStatus(status).value] = int(n)
-    return counts
+    for (_, status, _, _), n in rollups.ended_since(session, since).items():
+        counts[status] += n
+    return counts | listing.count_unfinished(session)
 
 
 def finished_since(session: Session, since: datetime) -> int:
-    query = sa.select(sa.func.count()).select_from(CheckRow).where(CheckRow.finished_at >= since)
-    return int(session.execute(query).scalar_one())
+    """Checks that ended (done, rejected or failed) since `since`, in whole minutes."""
+    return sum(rollups.ended_since(session, since).values())
 
 
 def latency_percentiles(session: Session, since: datetime, quantiles=(0.5, 0.9, 0.99)) -> dict[str, float | None]:
-    """Seconds from filing to a result of the newest done checks since `since` (at most LATENCY_SAMPLE)."""
-    query = (
-        sa.select(CheckRow.created_at, CheckRow.finished_at)
-        .where(CheckRow.finished_at >= since, CheckRow.status == CheckStatus.done)
-        .order_by(CheckRow.finished_at.desc())
-        .limit(LATENCY_SAMPLE)
-    )
-    seconds = sorted((done - filed).total_seconds() for filed, done in session.execute(query))
-    return {f"p{round(q * 100)}": _quantile(seconds, q) for q in quantiles}
-
-
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return values[min(len(values) - 1, int(q * len(values)))]
+    """Seconds from filing to a result of the checks done since `since` (all of them, in whole minutes), each
+    within 9.1% of the exact percentile (see `rollups.percentile`)."""
+    histogram = rollups.latency_histogram_since(session, since)
+    return {f"p{round(q * 100)}": rollups.percentile(histogram, q) for q in quantiles}
 
 
 def verdicts_per_version(session: Session, since: datetime) -> dict[str, dict[str, int]]:
-    """{version: {verdict: count}} of the checks done since `since`."""
-    query = (
-        sa.select(CheckRow.pipeline_version_id, CheckRow.verdict, sa.func.count())
-        .where(CheckRow.finished_at >= since, CheckRow.status == CheckStatus.done)
-        .group_by(CheckRow.pipeline_version_id, CheckRow.verdict)
-    )
+    """{version: {verdict: count}} of the checks done since `since`, in whole minutes."""
     shares: dict[str, dict[str, int]] = {}
-    for version_id, verdict, n in session.execute(query):
-        shares.setdefault(version_id, {})[verdict or "none"] = int(n)
+    for (version_id, status, verdict, _), n in rollups.ended_since(session, since).items():
+        if status == CheckStatus.done:
+            by_verdict = shares.setdefault(version_id, {})
+            by_verdict[verdict or "none"] = by_verdict.get(verdict or "none", 0) + n
     return shares
 
 
@@ -178,12 +165,9 @@ def same_upload_elsewhere(session: Session, check: CheckRow) -> list[CheckRow]:
 
 
 def rescore_counts(session: Session, version_id: str) -> dict[str, int]:
-    """Re-score checks under `version_id`, per status: how far re-scoring onto it has come."""
-    from worker.ledger.states import Priority
-
-    query = (
-        sa.select(CheckRow.status, sa.func.count())
-        .where(CheckRow.pipeline_version_id == version_id, CheckRow.priority == Priority.rescore)
-        .group_by(CheckRow.status)
-    )
-    return {CheckStatus(status).value: int(n) for status, n in session.execute(query)}
+    """Re-score checks under `version_id`, per status they have any in: how far re-scoring onto it has come
+    (ended ones from the rollups' totals, queued and running ones now, each up to COUNT_CAP)."""
+    ended = rollups.totals(session, version_id=version_id, priority=Priority.rescore)
+    counts = {status: n for (_, status), n in ended.items()}
+    counts |= listing.count_unfinished(session, version_id=version_id, priority=Priority.rescore)
+    return {status.value: counts[status.value] for status in CheckStatus if counts.get(status.value)}

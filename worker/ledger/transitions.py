@@ -4,7 +4,8 @@ that holds it.
 Every change is a conditional UPDATE that names the lease token (or, for the intake and the reconciler, a status
 test), checked by the database in the same statement: two workers finishing the same check cannot both win, and
 a worker that lost its lease changes nothing. A batch's changes go as one UPDATE ... FROM (VALUES ...) per shape
-of row on PostgreSQL.
+of row on PostgreSQL. Every check that ends is counted in the rollups in the same transaction (`_transition`,
+`_transition_many`; see `worker.ledger.rollups`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 from worker.ledger.claims import held, status_is
 from worker.ledger.models import CheckRow, utcnow
 from worker.ledger.queries import fresh, in_chunks
+from worker.ledger.rollups import count_endings
 from worker.ledger.states import CheckStatus
 
 
@@ -172,11 +174,18 @@ def _abandoned(max_attempts: int) -> sa.ColumnElement[bool]:
 
 
 def _transition(session: Session, check_id: str, condition: sa.ColumnElement[bool], values: dict) -> CheckRow | None:
-    """One conditional UPDATE: applies `values` only while the check meets `condition` (a status test).
+    """One conditional UPDATE: applies `values` only while the check meets `condition` (a status test), and
+    counts the check's ending, if it ended.
 
     The condition is checked by the database in the same statement, so two workers finishing the same check
-    cannot both win; the loser gets None and changes nothing.
+    cannot both win; the loser gets None and changes nothing (and counts nothing).
     """
+    row = _update_one(session, check_id, condition, values)
+    count_endings(session, [row] if row is not None else [])
+    return row
+
+
+def _update_one(session: Session, check_id: str, condition: sa.ColumnElement[bool], values: dict) -> CheckRow | None:
     statement = (
         sa.update(CheckRow)
         .where(CheckRow.id == check_id, condition)
@@ -189,11 +198,18 @@ def _transition(session: Session, check_id: str, condition: sa.ColumnElement[boo
 
 def _transition_many(session: Session, condition: sa.ColumnElement[bool], rows: list[dict]) -> list[CheckRow]:
     """`_transition` for many checks, each row {"id", column: value...}: on PostgreSQL one UPDATE ... FROM
-    (VALUES ...) per shape of row (the same columns) and per IN_CHUNK rows, whatever the batch size."""
+    (VALUES ...) per shape of row (the same columns) and per IN_CHUNK rows, whatever the batch size; the endings
+    are counted once for the whole batch."""
+    changed = _update_many(session, condition, rows)
+    count_endings(session, changed)
+    return changed
+
+
+def _update_many(session: Session, condition: sa.ColumnElement[bool], rows: list[dict]) -> list[CheckRow]:
     if not rows:
         return []
     if session.get_bind().dialect.name != "postgresql":  # a local file: a statement costs no round trip
-        changed = (_transition(session, row["id"], condition, _without_id(row)) for row in rows)
+        changed = (_update_one(session, row["id"], condition, _without_id(row)) for row in rows)
         return [row for row in changed if row is not None]
     shapes: dict[tuple[str, ...], list[dict]] = {}
     for row in rows:
