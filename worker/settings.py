@@ -135,6 +135,12 @@ class Settings(BaseSettings):
 
     # the service
     database_url: str = Field(DEFAULT_DATABASE_URL, description="Ledger: postgresql+psycopg://... or sqlite:///...")
+    database_replica_url: str | None = Field(
+        None,
+        description="A read-only follower (PostgreSQL hot standby) of the ledger: `item serve` reads lists, check "
+        "pages and the operations page from it, except a visitor's reads just after their own write; unset: "
+        "everything reads the primary (ops/RUNBOOK.md, Read replica).",
+    )
     broker_url: str | None = Field(
         None, description="redis://host:port/db or amqp://user:pass@host:port/vhost; unset runs checks in-process."
     )

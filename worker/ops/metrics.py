@@ -121,6 +121,12 @@ AUTH_FAILURES = Counter(
     "session (console sign-in expired or absent), csrf (a form without its token).",
     ["reason"],
 )
+REPLICA_FALLBACKS = Counter(
+    "item_replica_fallbacks_total",
+    "Reads of `item serve` meant for the read replica that ran on the primary: unreachable (the replica could not "
+    "be reached, or was being left alone after that), not_found (a 404 there, asked again of the primary).",
+    ["reason"],
+)
 # Every series an alert takes increase() of exists from the start at 0: increase() cannot see a series' first sample.
 for _target in ("callback", "stream"):
     for _outcome in ("delivered", "retried", "failed"):
@@ -139,6 +145,8 @@ for _thread in SUPERVISED_THREADS:
     THREAD_DEATHS.labels(_thread)
 for _reason in ("missing", "malformed", "unknown", "scope", "session", "csrf"):
     AUTH_FAILURES.labels(_reason)
+for _reason in ("unreachable", "not_found"):
+    REPLICA_FALLBACKS.labels(_reason)
 for _outcome in ("hit", "miss"):  # so a hit ratio reads 0, not "no data", before the first hit
     DUPLICATE_BYTES.labels(_outcome)
     for _artifact in ("caption", "objects", "embeddings", "features"):
@@ -175,6 +183,7 @@ METRIC_NAMES = frozenset(
         "item_http_requests_total",
         "item_http_request_seconds",
         "item_http_auth_failures_total",
+        "item_replica_fallbacks_total",
         QUEUE_DEPTH_NAME,
         WAITING_NAME,
         STUCK_NAME,

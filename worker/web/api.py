@@ -256,8 +256,7 @@ def get_check(
     check_id: Annotated[str, Path(pattern=NO_NUL)], request: Request, who: Principal = Depends(requires("read"))
 ) -> dict:
     web = request.app.state.web
-    with web.ledger.session() as session:
-        return check_out(_check_or_404(web, session, check_id))
+    return web.reads.run(request, lambda session: check_out(_check_or_404(web, session, check_id)))
 
 
 @router.get("/checks", response_model=CheckPage, responses={422: {"model": ErrorBody}, **_ERRORS})
@@ -275,13 +274,14 @@ def list_checks(
     """Checks newest first, `limit` at a time; follow `next_cursor` for the next page."""
     web = request.app.state.web
     filters = {"external_id": external_id, "verdict": verdict, "since": as_utc(since), "until": as_utc(until)}
-    with web.ledger.session() as session:
-        rows = web.ledger.list_checks(
-            session, status=status.value if status else None, after=decode_cursor(cursor), limit=limit + 1, **filters
-        )
-        page = [check_out(row) for row in rows[:limit]]
-    more = len(rows) > limit
-    return {"items": page, "next_cursor": encode_cursor(rows[limit - 1]) if more else None}
+    after, wanted = decode_cursor(cursor), status.value if status else None
+
+    def read(session) -> dict:
+        rows = web.ledger.list_checks(session, status=wanted, after=after, limit=limit + 1, **filters)
+        page, more = rows[:limit], len(rows) > limit
+        return {"items": [check_out(row) for row in page], "next_cursor": encode_cursor(page[-1]) if more else None}
+
+    return web.reads.run(request, read)
 
 
 @router.post(
@@ -317,9 +317,12 @@ def list_decisions(
 ) -> list[dict]:
     """Every decision on a check, newest first."""
     web = request.app.state.web
-    with web.ledger.session() as session:
+
+    def read(session) -> list[dict]:
         check = _check_or_404(web, session, check_id)
         return [_decision_out(row) for row in reviews.decisions_of(session, check.id)]
+
+    return web.reads.run(request, read)
 
 
 def _check_or_404(web, session, check_id: str):
@@ -337,9 +340,12 @@ def _decision_out(row) -> dict:
 @router.get("/versions", response_model=list[VersionOut], tags=["versions"], responses=_ERRORS)
 def list_versions(request: Request, who: Principal = Depends(requires("read"))) -> list[dict]:
     web = request.app.state.web
-    with web.ledger.session() as session:
+
+    def read(session) -> list[dict]:
         active = web.ledger.active_version(session)
         return [_version_out(row, active is not None and row.id == active.id) for row in web.ledger.versions(session)]
+
+    return web.reads.run(request, read)
 
 
 def _version_out(row, active: bool) -> dict:

@@ -29,6 +29,7 @@ from worker.web.docs import add_docs
 from worker.web.errors import HttpError, http_error, invalid_request, ledger_unavailable, unstorable
 from worker.web.filing import GroupFiler
 from worker.web.keys import Authenticator
+from worker.web.replica import MarksWrites, Reads
 
 HERE = Path(__file__).parent
 BODY_MARGIN = 64 * 1024  # JSON around the base64 of the largest inline image
@@ -50,6 +51,7 @@ class WebState:
     ledger: Ledger
     keys: Authenticator
     intake: Intake
+    reads: Reads  # where reads that may be a little stale go (worker/web/replica.py)
     filer: GroupFiler | None = None  # started with the app (its thread belongs to the serving process)
 
 
@@ -62,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
         web.filer = GroupFiler(web.intake)
         yield
         web.filer.stop()
+        web.reads.dispose()
         ledger.dispose()
 
     app = FastAPI(
@@ -72,7 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url=None,  # served by add_docs, from the package's files rather than a CDN
         redoc_url=None,
     )
-    app.state.web = WebState(settings, ledger, Authenticator(ledger), Intake(settings, ledger))
+    reads = Reads(ledger, settings.database_replica_url)
+    app.state.web = WebState(settings, ledger, Authenticator(ledger), Intake(settings, ledger), reads)
     app.add_exception_handler(HttpError, http_error)
     for broken in (OperationalError, InterfaceError):
         app.add_exception_handler(broken, ledger_unavailable)
@@ -86,6 +90,8 @@ def create_app(settings: Settings) -> FastAPI:
     _add_service_routes(app)
     add_docs(app)
     app.add_middleware(Measured)
+    if reads.replica is not None:  # without a replica every read is the primary's: nothing to mark
+        app.add_middleware(MarksWrites)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(BodyCap, limit=body_limit(settings))
     return app

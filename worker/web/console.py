@@ -174,13 +174,16 @@ def review_queue(
     cursor: str | None = Query(None, max_length=200),
 ) -> Response:
     web = request.app.state.web
-    verdicts = None if verdict == "any" else [verdict]
-    with web.ledger.session() as session:
+    verdicts, after = None if verdict == "any" else [verdict], decode_cursor(cursor)
+
+    def read(session):
         rows = web.ledger.list_checks(
             session, status="done", verdict=verdicts, pipeline_version_id=version or None, since=as_utc(since),
-            until=as_utc(until), p_fake_at_least=p_min, p_fake_below=p_max, after=decode_cursor(cursor), limit=PAGE + 1,
+            until=as_utc(until), p_fake_at_least=p_min, p_fake_below=p_max, after=after, limit=PAGE + 1,
         )  # fmt: skip
-        versions = web.ledger.versions(session)
+        return rows, web.ledger.versions(session)
+
+    rows, versions = web.reads.run(request, read)
     filters = {"verdict": verdict, "p_min": p_min, "p_max": p_max, "version": version, "since": since, "until": until}
     next_cursor = encode_cursor(rows[PAGE - 1]) if len(rows) > PAGE else None
     query = {k: v for k, v in filters.items() if v not in (None, "")}
@@ -194,7 +197,8 @@ def review_queue(
 @router.get("/checks/{check_id}")
 def check_page(check_id: str, request: Request, who: Visitor = Depends(visitor)) -> Response:
     web = request.app.state.web
-    with web.ledger.session() as session:
+
+    def read(session) -> Response:
         check = web.ledger.get_check(session, check_id[:36])
         if check is None:
             return render(request, "message.html", 404, visitor=who, title="No such check",
@@ -209,7 +213,9 @@ def check_page(check_id: str, request: Request, who: Visitor = Depends(visitor))
             "decisions": reviews.decisions_of(session, check.id),
             "reused": [stage for stage, ms in (check.timings_ms or {}).items() if ms == 0.0],
         }
-    return render(request, "check.html", visitor=who, names=DECISION_NAMES, **values)
+        return render(request, "check.html", visitor=who, names=DECISION_NAMES, **values)
+
+    return web.reads.run(request, read)
 
 
 @router.post("/checks/{check_id}/decision")
@@ -239,7 +245,8 @@ def check_image(check_id: str, request: Request, who: Visitor = Depends(visitor)
     """The upload itself when its bytes are stored (inline uploads) in a format browsers show; else the
     thumbnail the worker kept. Never a fetch of the upload's URL."""
     web = request.app.state.web
-    with web.ledger.session() as session:
+
+    def read(session) -> Response | None:
         check = web.ledger.get_check(session, check_id[:36])
         image = session.get(ImageRow, check.image_sha256) if check and check.image_sha256 else None
         blob_sha = (check.source or {}).get("blob") if check else None
@@ -247,18 +254,23 @@ def check_image(check_id: str, request: Request, who: Visitor = Depends(visitor)
             data = web.ledger.get_blobs(session, [blob_sha]).get(blob_sha)
             if data is not None:
                 return _image(data, BROWSER_FORMATS[image.format])
-    return check_thumbnail(check_id, request, who)
+        return None
+
+    return web.reads.run(request, read) or check_thumbnail(check_id, request, who)
 
 
 @router.get("/checks/{check_id}/thumbnail")
 def check_thumbnail(check_id: str, request: Request, who: Visitor = Depends(visitor)) -> Response:
     web = request.app.state.web
-    with web.ledger.session() as session:
+
+    def read(session) -> Response:
         check = web.ledger.get_check(session, check_id[:36])
         thumbnail = reviews.get_thumbnail(session, check.image_sha256) if check and check.image_sha256 else None
         if thumbnail is None:
             return Response(status_code=404)
         return _image(thumbnail.data, "image/jpeg")
+
+    return web.reads.run(request, read)
 
 
 def _image(data: bytes, media_type: str) -> Response:
@@ -274,9 +286,10 @@ def operations(request: Request, who: Visitor = Depends(visitor)) -> Response:
     web = request.app.state.web
     now = utcnow()
     hour, day = now - timedelta(hours=1), now - timedelta(days=1)
-    with web.ledger.session() as session:
+
+    def read(session) -> dict:
         active = web.ledger.active_version(session)
-        values = {
+        return {
             "per_status": {
                 "hour": reviews.status_counts_since(session, hour),
                 "day": reviews.status_counts_since(session, day),
@@ -290,18 +303,23 @@ def operations(request: Request, who: Visitor = Depends(visitor)) -> Response:
             "active": active,
             "rescores": reviews.rescore_counts(session, active.id) if active else {},
         }
-    return render(request, "operations.html", visitor=who, now=now, **values)
+
+    return render(request, "operations.html", visitor=who, now=now, **web.reads.run(request, read))
 
 
 @router.get("/versions/{version_id}/activate")
 def confirm_activation(version_id: str, request: Request, who: Visitor = Depends(needs("admin"))) -> Response:
     web = request.app.state.web
-    with web.ledger.session() as session:
+
+    def read(session) -> Response:
         known = {row.id: row for row in web.ledger.versions(session)}
+        if version_id not in known:
+            return render(request, "message.html", 404, visitor=who, title="No such version",
+                          message="Unknown version.")  # fmt: skip
         active = web.ledger.active_version(session)
-    if version_id not in known:
-        return render(request, "message.html", 404, visitor=who, title="No such version", message="Unknown version.")
-    return render(request, "activate.html", visitor=who, version=known[version_id], active=active)
+        return render(request, "activate.html", visitor=who, version=known[version_id], active=active)
+
+    return web.reads.run(request, read)
 
 
 @router.post("/versions/{version_id}/activate")
