@@ -10,8 +10,14 @@ from alembic import context
 
 from worker.ledger.migrate import make_migration_engine
 from worker.ledger.models import Base
+from worker.ledger.partitions import is_partition_name
 
 target_metadata = Base.metadata
+
+
+def include_name(name: str | None, type_: str, _parents: dict) -> bool:
+    """A day's partition is no table of the models: they describe its parent."""
+    return not (type_ == "table" and name is not None and is_partition_name(name))
 
 
 def run_migrations_online() -> None:
@@ -23,6 +29,7 @@ def run_migrations_online() -> None:
                 target_metadata=target_metadata,
                 render_as_batch=connection.dialect.name == "sqlite",
                 compare_type=True,
+                include_name=include_name,
             )
             with context.begin_transaction():
                 context.run_migrations()

@@ -21,6 +21,7 @@ from worker.ledger.models import (
     ApiKeyRow,
     ArtifactRow,
     BlobRow,
+    CheckKeyRow,
     CheckLatencyRow,
     CheckRollupRow,
     CheckRow,
@@ -106,7 +107,7 @@ def ledger(migrated_ledger) -> Ledger:
     """The module's migrated ledger, emptied, so each test starts from no rows."""
     with migrated_ledger.session() as session:
         for model in (
-            *(DecisionRow, DeliveryRow, CheckRow, ArtifactRow, BlobRow, ImageRow, PipelineVersionRow),
+            *(DecisionRow, DeliveryRow, CheckKeyRow, CheckRow, ArtifactRow, BlobRow, ImageRow, PipelineVersionRow),
             *(ConsoleSessionRow, ApiKeyRow, ThumbnailRow, WorkerRow),
             *(CheckRollupRow, CheckTotalRow, CheckLatencyRow),
         ):

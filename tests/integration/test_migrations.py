@@ -2,34 +2,46 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from worker.ledger import migrate
+from worker.ledger import migrate, partitions
+from worker.ledger.checks import NewCheck
 from worker.ledger.engine import make_engine
 from worker.ledger.models import Base
+from worker.ledger.partitions import is_partition_name
+from worker.ledger.store import Ledger
 
 TABLES = {
     *("pipeline_versions", "images", "blobs", "artifacts", "checks", "deliveries", "dead_letters"),
     *("api_keys", "console_sessions", "decisions", "thumbnails", "workers"),  # 0005: the API and console
     *("check_rollups", "check_totals", "check_latency_rollups"),  # 0008: the operator views' counts
+    "check_keys",  # 0009: idempotency by external id, apart from the partitioned checks
 }
 
 
 def _tables(url: str) -> set[str]:
     engine = make_engine(url)
     try:
-        return set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+        names = set(sa.inspect(engine).get_table_names()) - {"alembic_version"}
+        return {name for name in names if not is_partition_name(name)}
     finally:
         engine.dispose()
+
+
+def include_name(name: str | None, type_: str, _parents: dict) -> bool:
+    return not (type_ == "table" and name is not None and is_partition_name(name))
 
 
 def _drift(url: str) -> list:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            opts = {"compare_type": True, "include_name": include_name}
+            context = MigrationContext.configure(connection, opts=opts)
             return compare_metadata(context, Base.metadata)
     finally:
         engine.dispose()
@@ -38,7 +50,7 @@ def _drift(url: str) -> list:
 def test_upgrade_creates_the_tables(database_url):
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current(database_url) == migrate.head() == "0008"
+    assert migrate.current(database_url) == migrate.head() == "0009"
     assert migrate.is_up_to_date(database_url)
 
 
@@ -58,11 +70,13 @@ def test_checks_indexes_and_unique_key(database_url):
         primary = inspector.get_pk_constraint("artifacts")["constrained_columns"]
     finally:
         engine.dispose()
-    assert {("status", "updated_at"), ("finished_at",)} <= indexes
+    assert {("finished_at",), ("external_id", "pipeline_version_id")} <= indexes
     assert ("image_sha256", "pipeline_version_id", "finished_at", "id") in indexes  # 0008: done checks only
-    assert ("external_id", "pipeline_version_id") in uniques
+    assert ("status", "updated_at") not in indexes  # 0009: a lease renewal changes no indexed column
+    assert ("external_id", "pipeline_version_id") not in uniques  # 0009: idempotency lives in check_keys
     assert [fk["referred_table"] for fk in foreign] == ["pipeline_versions"]
-    assert primary == ["sha256", "kind", "version_hash"]
+    partitioned = engine.dialect.name == "postgresql"  # 0009: a partitioned table's key holds its partition key
+    assert primary == ["sha256", "kind", "version_hash", *["created_at"] * partitioned]
 
 
 def test_the_claim_indexes_hold_queued_and_running_checks_only(database_url):
@@ -73,9 +87,10 @@ def test_the_claim_indexes_hold_queued_and_running_checks_only(database_url):
         indexes = {index["name"]: index for index in sa.inspect(engine).get_indexes("checks")}
     finally:
         engine.dispose()
-    for status, claimable_from in (("queued", "available_at"), ("running", "lease_expires_at")):
+    # 0009: the running one leaves out `lease_expires_at`, so renewing a lease is a HOT update
+    for status, claimable_from in (("queued", ["available_at"]), ("running", [])):
         claim = indexes[f"ix_checks_claim_{status}"]
-        assert claim["column_names"] == ["pipeline_version_id", "priority", "created_at", claimable_from]
+        assert claim["column_names"] == ["pipeline_version_id", "priority", "created_at", *claimable_from]
         where = str(claim["dialect_options"][f"{engine.dialect.name}_where"])  # postgresql_where, sqlite_where
         assert "status" in where and f"'{status}'" in where
     replaced = {"ix_checks_pipeline_version_id_status_priority_created_at", "ix_checks_status_lease_expires_at"}
@@ -168,6 +183,69 @@ def test_0003_keeps_waiting_and_running_checks_claimable(database_url):
         assert "dead_letters" not in _tables(database_url)
         with engine.connect() as connection:
             assert connection.execute(sa.text("SELECT count(*) FROM checks")).scalar_one() == 2
+    finally:
+        engine.dispose()
+        migrate.upgrade(database_url)
+
+
+def test_0009_keeps_existing_checks_in_their_days_and_their_idempotency(database_url):
+    """An existing ledger converted: checks of other days land in those days' partitions (PostgreSQL), their
+    keys are backfilled so a resent id finds its old check, and deliveries learn their check's day."""
+    migrate.upgrade(database_url)
+    migrate.downgrade(database_url, "0008")
+    engine = make_engine(database_url)
+    old = "2026-11-01 10:00:00+00:00"
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO pipeline_versions (id, profile, caption, ground, embed, head, created_at) "
+                    "VALUES ('pv-0009', 'tiny', 'c', 'g', 'e', 'h', :at)"
+                ),
+                {"at": old},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO checks (id, external_id, pipeline_version_id, source, status, attempts, priority, "
+                    "created_at, enqueued_at, available_at, updated_at) VALUES ('c-0009', 'upload-0009', 'pv-0009', "
+                    "'{}', 'done', 1, 0, :at, :at, :at, :at)"
+                ),
+                {"at": old},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO deliveries (id, check_id, target, status, attempts, body, next_attempt_at, "
+                    "created_at, updated_at) VALUES ('d-0009', 'c-0009', 'stream', 'delivered', 1, '{}', :at, :at, :at)"
+                ),
+                {"at": old},
+            )
+        migrate.upgrade(database_url)
+        with engine.connect() as connection:
+            keys = connection.execute(
+                sa.text("SELECT external_id, day, check_id FROM check_keys WHERE pipeline_version_id = 'pv-0009'")
+            ).all()
+            delivered = connection.execute(
+                sa.text("SELECT check_created_at FROM deliveries WHERE id = 'd-0009'")
+            ).scalar_one()
+            if engine.dialect.name == "postgresql":
+                days = partitions.partition_days(connection, "checks")
+                held = connection.execute(sa.text('SELECT id FROM "checks_p20261101"')).scalars().all()
+                assert held == ["c-0009"] and date(2026, 11, 1) in days
+        assert [(key.external_id, str(key.day), key.check_id) for key in keys] == [
+            ("upload-0009", "2026-11-01", "c-0009")
+        ]
+        assert str(delivered).startswith("2026-11-01")
+        ledger = Ledger(database_url)
+        try:
+            with ledger.session() as session:
+                [(check, created)] = ledger.create_checks(session, "pv-0009", [NewCheck("upload-0009", {"url": "x"})])
+            assert (check.id, created) == ("c-0009", False)
+        finally:
+            ledger.dispose()
+        migrate.downgrade(database_url, "0008")
+        with engine.connect() as connection:
+            kept = connection.execute(sa.text("SELECT id FROM checks WHERE pipeline_version_id = 'pv-0009'"))
+            assert kept.scalars().all() == ["c-0009"]
     finally:
         engine.dispose()
         migrate.upgrade(database_url)

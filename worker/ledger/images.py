@@ -3,10 +3,15 @@ the finished check that answers duplicates of the same bytes.
 
 The same bytes under the same stage versions always give the same results, so all of it is written once
 (INSERT ... ON CONFLICT DO NOTHING) and never updated, and a worker's batch reads and writes it a batch at a time.
+
+"Once" per UTC day: these rows carry the day they were stored (`stored_today`, midnight UTC) in `created_at`,
+which is in their key because PostgreSQL partitions them by it. Bytes stored again on a later day get a copy in
+that day's partition, so what keeps arriving outlives the retention of its first copy; readers take any copy.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -14,7 +19,8 @@ from sqlalchemy.orm import Session, aliased
 
 from pipeline.core import codec
 from pipeline.core.results import Artifacts
-from worker.ledger.models import ArtifactRow, BlobRow, CheckRow, ImageRow, utcnow
+from worker.ledger.models import ArtifactRow, BlobRow, CheckRow, ImageRow
+from worker.ledger.partitions import day_start, today
 from worker.ledger.queries import fresh, in_chunks, insert_many
 from worker.ledger.states import CheckStatus
 
@@ -25,7 +31,7 @@ if TYPE_CHECKING:  # decoding imports Pillow and numpy: the client side reads th
 def upsert_images(session: Session, images: list[DecodedImage]) -> None:
     """Records decoded images once each, in one statement; the same bytes always decode the same, so nothing
     is ever updated."""
-    now = utcnow()
+    now = stored_today()
     rows = {
         image.sha256: {
             "sha256": image.sha256,
@@ -40,13 +46,27 @@ def upsert_images(session: Session, images: list[DecodedImage]) -> None:
     insert_many(session, ImageRow, list(rows.values()))
 
 
+def get_image(session: Session, sha256: str) -> ImageRow | None:
+    """What was decoded of these bytes (its latest copy: see the module's note on days)."""
+    query = sa.select(ImageRow).where(ImageRow.sha256 == sha256).order_by(ImageRow.created_at.desc()).limit(1)
+    return session.scalars(query).first()
+
+
+def stored_today() -> datetime:
+    """The `created_at` of content stored now: the start of today (UTC), so a second store the same day is the
+    same key and is skipped."""
+    return day_start(today())
+
+
 def put_blob(session: Session, sha256: str, data: bytes) -> None:
     put_blobs(session, {sha256: data})
 
 
 def put_blobs(session: Session, blobs: dict[str, bytes]) -> None:
     """Stores inline images by sha256, in one statement per IN_CHUNK of them; one already stored is kept."""
-    insert_many(session, BlobRow, [{"sha256": sha256, "data": data} for sha256, data in blobs.items()])
+    today = stored_today()
+    rows = [{"sha256": sha256, "data": data, "created_at": today} for sha256, data in blobs.items()]
+    insert_many(session, BlobRow, rows)
 
 
 def get_blobs(session: Session, sha256s: list[str]) -> dict[str, bytes]:
@@ -80,7 +100,7 @@ def save_artifacts(session: Session, sha256: str, artifacts: Artifacts, versions
 
 def save_artifacts_many(session: Session, items: dict[str, tuple[Artifacts, dict[str, str]]]) -> None:
     """`save_artifacts` for many images, {sha256: (artifacts, version keys to store)}, in one statement."""
-    now, rows = utcnow(), []
+    now, rows = stored_today(), []
     for sha256, (artifacts, versions) in items.items():
         for kind, version in versions.items():
             value = codec.get_field(artifacts, kind)

@@ -8,7 +8,7 @@ and constraints carry names from one naming convention, so later migrations can 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 
 import sqlalchemy as sa
@@ -31,6 +31,28 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def new_check_id(at: datetime) -> str:
+    """A UUIDv7 (RFC 9562) whose first 48 bits are `at` in Unix milliseconds: check ids sort by creation, so a
+    new check's index entries land at the right edge of the btree, and the id alone says which day's
+    partition holds the check (see `created_at_of`)."""
+    millis = int(at.timestamp() * 1000)
+    random = int.from_bytes(uuid.uuid4().bytes[6:], "big") & ((1 << 74) - 1)  # 74 random bits
+    value = (millis << 80) | (0x7 << 76) | ((random >> 62) << 64) | (0b10 << 62) | (random & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+def created_at_of(check_id: str) -> datetime | None:
+    """The millisecond a UUIDv7 check id was made at (its check's `created_at`, see `queued_check`), or None
+    for an id of another kind (checks filed before ids were UUIDv7 have random ids)."""
+    try:
+        value = uuid.UUID(check_id)
+    except ValueError:
+        return None
+    if value.version != 7:
+        return None
+    return datetime.fromtimestamp((value.int >> 80) / 1000, UTC)
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -72,10 +94,11 @@ _QUEUED = sa.text("status = 'queued'")
 _RUNNING = sa.text("status = 'running'")
 _DONE = sa.text("status = 'done'")
 _DONE_BY_IMAGE = ("image_sha256", "pipeline_version_id", "finished_at", "id")  # the first done check of some bytes
+_PENDING = sa.text("status = 'pending'")
 
 
-def _claim_index(name: str, claimable_from: str, where: sa.TextClause) -> sa.Index:
-    columns = ("pipeline_version_id", "priority", "created_at", claimable_from)
+def _claim_index(name: str, where: sa.TextClause, *claimable_from: str) -> sa.Index:
+    columns = ("pipeline_version_id", "priority", "created_at", *claimable_from)
     return sa.Index(name, *columns, postgresql_where=where, sqlite_where=where)
 
 
@@ -119,6 +142,7 @@ class BlobRow(Base):
 
     sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # the day's partition it lives in
 
 
 class ArtifactRow(Base):
@@ -143,9 +167,12 @@ class CheckRow(Base):
     """One moderation request: a platform's id for an image under one pipeline version, and its outcome."""
 
     __tablename__ = "checks"
+    # On PostgreSQL the table is partitioned by day of `created_at` (see `worker.ledger.partitions`): its primary
+    # key there is (id, created_at), as a unique key of a partitioned table must hold the partition key, and no
+    # unique key can span days. Idempotency by external id therefore lives in `check_keys`. `updated_at` is in
+    # no index, so renewing a lease (the most frequent write) is a HOT update that touches no index.
     __table_args__ = (
-        sa.UniqueConstraint("external_id", "pipeline_version_id"),  # what makes submitting idempotent
-        sa.Index(None, "status", "updated_at"),  # the reconciler's scan for stuck checks
+        sa.Index(None, "external_id", "pipeline_version_id"),  # find a check by the platform's id
         # Answering duplicate bytes: the first done check of an image under a version is the first entry of its
         # range (see `images.done_checks_for_images`), one row read however often the bytes were sent.
         sa.Index("ix_checks_done_by_image", *_DONE_BY_IMAGE, postgresql_where=_DONE, sqlite_where=_DONE),
@@ -157,8 +184,10 @@ class CheckRow(Base):
         # reads its first entries without sorting and skips a retry not due or a live lease inside the index.
         # Partial: they hold the backlog and the checks in flight, not every check ever finished. Named for their
         # use, as the convention's names for these columns pass PostgreSQL's 63 characters.
-        _claim_index("ix_checks_claim_queued", "available_at", _QUEUED),
-        _claim_index("ix_checks_claim_running", "lease_expires_at", _RUNNING),
+        # The running one leaves `lease_expires_at` out: it holds only the checks in flight (a few batches per
+        # GPU), and a renewal that changed an indexed column could not be a HOT update.
+        _claim_index("ix_checks_claim_queued", _QUEUED, "available_at"),
+        _claim_index("ix_checks_claim_running", _RUNNING),
     )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
@@ -197,6 +226,23 @@ class CheckRow(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class CheckKeyRow(Base):
+    """What makes filing idempotent: the check a platform's external id names under one version.
+
+    A table of its own because `checks` is partitioned by day on PostgreSQL, where no unique key can span days.
+    A key is unique per day (`day` is the partition key); the filer looks for the key in every day of the
+    idempotency window before it adds one (see `worker.ledger.checks.create_checks`), and keys older than the
+    window are dropped a day at a time (ITEM_RETAIN_KEYS_DAYS).
+    """
+
+    __tablename__ = "check_keys"
+
+    external_id: Mapped[str] = mapped_column(sa.String(512), primary_key=True)
+    pipeline_version_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    day: Mapped[date] = mapped_column(sa.Date, primary_key=True)  # UTC day the key was filed
+    check_id: Mapped[str] = mapped_column(sa.String(36))
+
+
 class DeliveryRow(Base):
     """One result to push to one target (a callback URL or the results stream): an outbox row.
 
@@ -206,12 +252,19 @@ class DeliveryRow(Base):
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        sa.UniqueConstraint("check_id", "target"),  # one delivery per check and target, however often it ends
-        sa.Index(None, "status", "next_attempt_at"),  # the deliverer's scan for due deliveries
+        # One delivery per check and target, however often it ends. With the check's creation time, which a
+        # check id determines, the key holds the partition key (PostgreSQL partitions deliveries by the day their
+        # check was made) and stays unique per check.
+        sa.UniqueConstraint("check_id", "target", "check_created_at"),
+        # The deliverer's scan for due deliveries. Partial: a delivered or failed row leaves the index.
+        sa.Index("ix_deliveries_due", "next_attempt_at", postgresql_where=_PENDING, sqlite_where=_PENDING),
     )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
-    check_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("checks.id"))
+    # No foreign key: `checks` is partitioned by day on PostgreSQL (no unique `id` to refer to), and deliveries
+    # are dropped by day before their checks are (see `worker.ledger.retention`).
+    check_id: Mapped[str] = mapped_column(sa.String(36))
+    check_created_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the check's `created_at`: see the key
     target: Mapped[str] = mapped_column(sa.Text)  # "stream" or the callback URL
     status: Mapped[DeliveryStatus] = mapped_column(_DELIVERY_STATUS, default=DeliveryStatus.pending)
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
@@ -276,7 +329,7 @@ class DecisionRow(Base):
     __table_args__ = (sa.Index(None, "check_id", "decided_at"), sa.Index(None, "decided_at"))
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
-    check_id: Mapped[str] = mapped_column(sa.String(36), sa.ForeignKey("checks.id"))
+    check_id: Mapped[str] = mapped_column(sa.String(36))  # no foreign key: see DeliveryRow.check_id
     label: Mapped[str] = mapped_column(sa.String(16))  # ai_generated | authentic | unsure
     reviewer: Mapped[str] = mapped_column(sa.String(128))  # the name of the key that decided
     key_id: Mapped[str | None] = mapped_column(sa.String(32))
@@ -286,13 +339,15 @@ class DecisionRow(Base):
 
 class ThumbnailRow(Base):
     """A small JPEG of a checked image, made by the worker that decoded it, so the console shows URL and S3
-    uploads without ever fetching an arbitrary URL itself. Kept for ITEM_THUMBNAIL_RETENTION_DAYS."""
+    uploads without ever fetching an arbitrary URL itself. Kept for ITEM_THUMBNAIL_RETENTION_DAYS from the
+    last day it was made (`created_at` is that day's start: see `reviews.put_thumbnails`)."""
 
     __tablename__ = "thumbnails"
     __table_args__ = (sa.Index(None, "created_at"),)
 
     sha256: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # the day's partition it lives in
     width: Mapped[int] = mapped_column(sa.Integer)
     height: Mapped[int] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -38,6 +38,7 @@ def record_outcomes(session: Session, checks: list[CheckRow], *, results_stream:
         {
             "id": new_id(),
             "check_id": check.id,
+            "check_created_at": check.created_at,
             "target": target,
             "status": DeliveryStatus.pending,
             "attempts": 0,
@@ -53,7 +54,7 @@ def record_outcomes(session: Session, checks: list[CheckRow], *, results_stream:
         return 0
     statement = (
         dialect_insert(session, DeliveryRow)
-        .on_conflict_do_nothing(index_elements=["check_id", "target"])
+        .on_conflict_do_nothing(index_elements=["check_id", "target", "check_created_at"])
         .returning(DeliveryRow.id)
     )
     return len(session.execute(statement, rows).all())  # one executemany, sent as multi-row VALUES pages

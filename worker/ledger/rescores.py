@@ -14,9 +14,9 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
 
-from worker.ledger.checks import queued_check
+from worker.ledger.checks import file_rows, queued_check
 from worker.ledger.models import CheckRow, utcnow
-from worker.ledger.queries import dialect_insert, fresh
+from worker.ledger.queries import fresh
 from worker.ledger.states import CheckStatus, Priority
 
 
@@ -99,16 +99,8 @@ def create_rescores(session: Session, earlier: list[CheckRow], version_id: str) 
         )
         for check in earlier
     ]
-    statement = (
-        dialect_insert(session, CheckRow)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["external_id", "pipeline_version_id"])
-        .returning(CheckRow.id)
-    )
-    created = set(session.scalars(statement))
-    ids = [check.external_id for check in earlier]
-    query = sa.select(CheckRow).where(CheckRow.pipeline_version_id == version_id, CheckRow.external_id.in_(ids))
-    return {row.external_id: row for row in session.scalars(fresh(query))}, created
+    found, created = file_rows(session, version_id, rows)
+    return found, {found[external_id].id for external_id in created}
 
 
 def rescore_progress(

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker.ledger import listing, rollups
+from worker.ledger.images import stored_today
 from worker.ledger.models import CheckRow, DecisionRow, DeliveryRow, ThumbnailRow, WorkerRow, utcnow
 from worker.ledger.queries import dialect_insert, fresh, insert_many
 from worker.ledger.states import CheckStatus, Priority
@@ -72,16 +73,21 @@ class Thumbnail:
 
 
 def put_thumbnails(session: Session, thumbnails: list[Thumbnail]) -> None:
-    """One statement for a batch's thumbnails; bytes already thumbnailed keep theirs."""
+    """One statement for a batch's thumbnails; bytes already thumbnailed today keep theirs.
+
+    Kept by last use: an image decoded again on a later day gets a copy in that day's partition (see
+    `images.stored_today`), so ITEM_THUMBNAIL_RETENTION_DAYS counts from the last time it was seen.
+    """
     if not thumbnails:
         return
-    now = utcnow()
-    rows = [{**vars(one), "created_at": now} for one in {one.sha256: one for one in thumbnails}.values()]
+    today = stored_today()
+    rows = [{**vars(one), "created_at": today} for one in {one.sha256: one for one in thumbnails}.values()]
     insert_many(session, ThumbnailRow, rows)
 
 
 def get_thumbnail(session: Session, sha256: str) -> ThumbnailRow | None:
-    return session.get(ThumbnailRow, sha256)
+    query = sa.select(ThumbnailRow).where(ThumbnailRow.sha256 == sha256).order_by(ThumbnailRow.created_at.desc())
+    return session.scalars(query.limit(1)).first()
 
 
 def purge_thumbnails(session: Session, older_than: timedelta) -> int:

@@ -16,6 +16,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.ledger.checks import made_at
 from worker.ledger.claims import held, status_is
 from worker.ledger.models import CheckRow, utcnow
 from worker.ledger.queries import fresh, in_chunks
@@ -188,7 +189,7 @@ def _transition(session: Session, check_id: str, condition: sa.ColumnElement[boo
 def _update_one(session: Session, check_id: str, condition: sa.ColumnElement[bool], values: dict) -> CheckRow | None:
     statement = (
         sa.update(CheckRow)
-        .where(CheckRow.id == check_id, condition)
+        .where(CheckRow.id == check_id, condition, *made_at([check_id]))
         .values(**values, updated_at=utcnow())
         .returning(CheckRow)
         .execution_options(populate_existing=True)
@@ -233,7 +234,7 @@ def _update_from_values(
     assignments = {name: sa.cast(incoming.c[name], table.c[name].type) for name in columns if name != "id"}
     statement = (
         sa.update(CheckRow)
-        .where(CheckRow.id == incoming.c.id, condition)
+        .where(CheckRow.id == incoming.c.id, condition, *made_at([row["id"] for row in rows]))
         .values(**assignments, updated_at=utcnow())
         .returning(CheckRow)
         .execution_options(populate_existing=True, synchronize_session=False)

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from worker.ledger import access, reviews
-from worker.ledger.models import ImageRow, utcnow
+from worker.ledger.models import utcnow
 from worker.ledger.views import delivery_dict
 from worker.ops import metrics
 from worker.web.api import as_utc, decode_cursor, encode_cursor
@@ -203,7 +203,7 @@ def check_page(check_id: str, request: Request, who: Visitor = Depends(visitor))
         if check is None:
             return render(request, "message.html", 404, visitor=who, title="No such check",
                           message="No check has that id.")  # fmt: skip
-        image = session.get(ImageRow, check.image_sha256) if check.image_sha256 else None
+        image = web.ledger.get_image(session, check.image_sha256) if check.image_sha256 else None
         values = {
             "check": check,
             "image": image,
@@ -248,7 +248,7 @@ def check_image(check_id: str, request: Request, who: Visitor = Depends(visitor)
 
     def read(session) -> Response | None:
         check = web.ledger.get_check(session, check_id[:36])
-        image = session.get(ImageRow, check.image_sha256) if check and check.image_sha256 else None
+        image = web.ledger.get_image(session, check.image_sha256) if check and check.image_sha256 else None
         blob_sha = (check.source or {}).get("blob") if check else None
         if image is not None and blob_sha == image.sha256 and image.format in BROWSER_FORMATS:
             data = web.ledger.get_blobs(session, [blob_sha]).get(blob_sha)
