@@ -241,6 +241,35 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long thumbnails are kept (the reconciler deletes older ones)."
     )
 
+    # retention: what the ledger keeps, by kind, in whole UTC days (`item db maintain`, and every
+    # maintain_interval_s in the deployment's reconciler). On PostgreSQL a day goes as one partition.
+    retain_checks_days: int = Field(
+        90, ge=1, description="Days a check (the audit trail) is kept; older days are exported to archive_dir first."
+    )
+    archive_dir: Path | None = Field(
+        None,
+        description="Folder checks are exported to (gzip JSON Lines, a file per day) before their day is dropped; "
+        "unset: checks are never dropped.",
+    )
+    retain_keys_days: int = Field(
+        7, ge=1, description="Idempotency window: a resent external id within it gets its first check back."
+    )
+    retain_blobs_days: int = Field(
+        7, ge=1, description="Days inline (base64) image bytes are kept: a check re-runs or re-scores from them."
+    )
+    retain_artifacts_days: int = Field(
+        30, ge=1, description="Days stage outputs (captions, boxes, features) are kept for cheap re-scores."
+    )
+    retain_images_days: int = Field(30, ge=1, description="Days what was decoded of each image is kept.")
+    retain_deliveries_days: int = Field(7, ge=1, description="Days a delivery (a result's outbox row) is kept.")
+    retain_dead_letters_days: int = Field(14, ge=1, description="Days a dead letter is kept.")
+    partitions_ahead_days: int = Field(
+        3, ge=1, le=60, description="PostgreSQL: days of partitions made ahead of time, so no insert waits for one."
+    )
+    maintain_interval_s: float = Field(
+        3600.0, gt=0, description="How often the reconciler makes partitions ahead and drops expired days."
+    )
+
     # operations
     metrics_port: int = Field(9808, ge=0, le=65535, description="Port of the /metrics endpoint of `item worker`.")
     metrics_addr: str = Field(
@@ -300,6 +329,9 @@ class Settings(BaseSettings):
         # A running check's heartbeat touches it every third of a lease: one untouched for longer is not moving.
         if self.reconcile_after_s <= self.lease_s:
             raise ValueError("reconcile_after_s must be longer than lease_s")
+        # A key must not outlive its check: a resent id would be answered with a check that is gone.
+        if self.retain_keys_days > self.retain_checks_days:
+            raise ValueError("retain_keys_days must not be longer than retain_checks_days")
         if self.provenance_decides != "off" and not self.read_provenance:
             raise ValueError(f"provenance_decides={self.provenance_decides} needs read_provenance")
         if self.provenance_decides == "trusted" and self.c2pa_trust_anchors is None:

@@ -181,6 +181,29 @@ def test_db_commands_upgrade_and_downgrade_a_sqlite_ledger(env, tmp_path):
     assert run(local, "db", "downgrade", "base").stdout.strip().endswith("None")
 
 
+def test_db_maintain_drops_expired_days_and_says_so_in_json(env, tmp_path):
+    import sqlite3
+
+    ledger = tmp_path / "l.sqlite3"
+    local = {**env, "ITEM_DATABASE_URL": f"sqlite:///{ledger}", "ITEM_RETAIN_DEAD_LETTERS_DAYS": "2"}
+    run(local, "db", "upgrade")
+    with sqlite3.connect(ledger) as connection:
+        for n, received in enumerate(("2026-01-02 03:04:05.000000", "2999-01-01 00:00:00.000000")):
+            connection.execute(
+                "INSERT INTO dead_letters (id, received_at, code, reason) VALUES (?, ?, 'message.invalid', 'x')",
+                (f"dl-{n}", received),
+            )
+    dry = json.loads(run(local, "db", "maintain", "--dry-run", "--json").stdout)
+    assert dry["dry_run"] and dry["dropped"] == ["dead_letters 2026-01-02"] and dry["rows_deleted"] == 0
+    done = json.loads(run(local, "db", "maintain", "--json").stdout)
+    assert done["dropped"] == ["dead_letters 2026-01-02"] and done["rows_deleted"] == 1
+    with sqlite3.connect(ledger) as connection:
+        assert connection.execute("SELECT id FROM dead_letters").fetchall() == [("dl-1",)]
+    refused = run({**local, "ITEM_RETAIN_KEYS_DAYS": "30", "ITEM_RETAIN_CHECKS_DAYS": "7"}, "db", "maintain",
+                  check_exit=2)  # fmt: skip
+    assert "settings.invalid" in refused.stderr and "retain_keys_days" in refused.stderr
+
+
 def test_versions_and_rescore_in_embedded_mode(env, demo, tmp_path):
     """A new head, registered then activated, re-scores what the old one checked; both results stay readable."""
     from dataclasses import replace

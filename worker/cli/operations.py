@@ -24,7 +24,7 @@ from worker.cli.common import (
 
 app = typer.Typer()
 models_app = typer.Typer(help="List and fetch the models of a profile.", no_args_is_help=True)
-db_app = typer.Typer(help="Migrate the ledger database.", no_args_is_help=True)
+db_app = typer.Typer(help="Migrate and maintain the ledger database.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 
@@ -174,6 +174,42 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
     url = settings_from().database_url
     migrate.downgrade(url, revision)
     out.print(f"ledger at {migrate.current(url)}")
+
+
+@db_app.command("maintain")
+def db_maintain(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; change nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make partitions ahead and drop every day past its retention (ITEM_RETAIN_*_DAYS), checks archived first.
+
+    The deployment's reconciler runs this every ITEM_MAINTAIN_INTERVAL_S; run it by hand after changing a
+    retention, or with --dry-run to see what a retention would drop.
+    """
+    from worker.ledger.engine import make_engine
+    from worker.ledger.retention import Policy, maintain
+
+    settings = settings_from()
+    engine = make_engine(settings.database_url)
+    try:
+        report = maintain(
+            engine, Policy.from_settings(settings), dry_run=dry_run, progress=_quiet if as_json else err.print
+        )
+    finally:
+        engine.dispose()
+    if as_json:
+        print(json.dumps({"dry_run": dry_run, **report.to_dict()}))
+        return
+    verb = "would drop" if dry_run else "dropped"
+    out.print(f"made {len(report.made)} partitions ahead; {verb} {len(report.dropped)} expired days", highlight=False)
+    for line in report.kept:
+        out.print(f"kept {escape(line)}", highlight=False)
+    for path in report.archived:
+        out.print(f"archived {escape(path)}", highlight=False)
+
+
+def _quiet(_line: str) -> None:
+    return None
 
 
 @db_app.command("current")

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from worker.ledger import access, outbox, reviews
+from worker.ledger import access, outbox, retention, reviews
 from worker.ledger.leadership import AdvisoryLock
 from worker.ledger.store import Ledger
 from worker.ops import metrics
@@ -83,6 +84,7 @@ class ReconcilerThread:
         self._stopping = threading.Event()
         self._lock = AdvisoryLock(settings.session_database_url, ADVISORY_LOCK)
         self._was_leading = False
+        self._maintained_at: float | None = None
         self._thread = Supervised("reconciler", self._run, stopping=self._stopping)
 
     def start(self) -> None:
@@ -98,9 +100,23 @@ class ReconcilerThread:
             try:
                 if self._leading():
                     reconcile(self.settings, self.ledger)
+                    self._maintain_when_due()
             except Exception:  # the ledger is down, say: try again at the next interval
                 log.warning("reconciling failed", exc_info=True)
                 self._release()
+
+    def _maintain_when_due(self) -> None:
+        """Every `maintain_interval_s` (and first when this process starts leading): partitions ahead, expired
+        days dropped (`worker.ledger.retention`)."""
+        now = time.monotonic()
+        if self._maintained_at is not None and now - self._maintained_at < self.settings.maintain_interval_s:
+            return
+        self._maintained_at = now
+        report = retention.maintain(
+            self.ledger.engine, retention.Policy.from_settings(self.settings), progress=log.debug
+        )
+        if report.made or report.dropped or report.kept:
+            log.info("ledger maintenance: %s", report.to_dict())
 
     def _leading(self) -> bool:
         """Whether this process holds the deployment's lock (taken at the first chance, kept while it lives)."""

@@ -37,6 +37,7 @@ class Upkeep(bootsteps.StartStopStep):
 
         settings: Settings = worker.app.item_settings
         ledger = Ledger(settings.database_url)
+        _partitions_ahead(settings, ledger)
         if settings.metrics_port:
             self.metrics = exporter.serve(settings)
         self.deliverer = Deliverer(settings, ledger)
@@ -55,6 +56,20 @@ class Upkeep(bootsteps.StartStopStep):
     def info(self, worker) -> dict:
         threads = {"deliverer": self.deliverer, "reconciler": self.reconciler, "metrics": self.metrics}
         return {"item_upkeep": {name: _alive(thread) for name, thread in threads.items()}}
+
+
+def _partitions_ahead(settings: Settings, ledger) -> None:
+    """Every worker makes the ledger's partitions ahead as it starts (PostgreSQL), not only the reconciler's
+    leader: a deployment whose workers all run --no-reconcile must not run out of days to insert into."""
+    from worker.ledger.retention import ensure_partitions
+
+    try:
+        made = ensure_partitions(ledger.engine, settings.partitions_ahead_days)
+    except Exception:  # the ledger is down, or a long reader holds a lock: the reconciler makes them later
+        log.warning("could not make the ledger's partitions ahead", exc_info=True)
+        return
+    if made:
+        log.info("made %d ledger partitions ahead: %s", len(made), ", ".join(made))
 
 
 def _alive(part) -> str:
