@@ -1,8 +1,14 @@
 """Waking idle workers when checks are filed, without a message per check.
 
-On PostgreSQL the intake's transaction sends `NOTIFY item_checks, '<version id>'` (delivered at commit) and each
-idle worker waits on `LISTEN item_checks` with a timeout, so a new check is claimed at once and an idle worker
-costs one cheap query per `idle_poll_s`. SQLite has no notifications: there the timeout is the poll. Either way
+On PostgreSQL, once the intake's transaction has committed, `NOTIFY item_checks, '<version id>'` is sent and
+each idle worker waits on `LISTEN item_checks` with a timeout, so a new check is claimed at once and an idle
+worker costs one cheap query per `idle_poll_s`.
+
+Notifications are coalesced: a process sends at most one per version every COALESCE_S, and one that falls
+inside that window is sent at its end instead (so the last filing is always followed by one). A committing
+transaction that notified holds a database-wide lock while it commits, so a NOTIFY in every intake transaction
+would line their commits up one behind the other; sent this way, it is a tiny transaction of its own a few
+times a second, whatever the intake's rate. SQLite has no notifications: there the timeout is the poll. Either way
 the wait is only an optimisation: the ledger is the record, and a worker that misses a notification claims the
 check at its next poll.
 """
@@ -11,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from worker.ledger.engine import libpq_dsn
@@ -23,10 +31,52 @@ log = logging.getLogger("item.worker")
 CHANNEL = "item_checks"
 
 
+COALESCE_S = 0.05
+
+
 def notify_new_checks(session: Session, version_id: str) -> None:
-    """Tells idle workers of `version_id` that checks were filed (at commit; nothing on SQLite)."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(sa.select(sa.func.pg_notify(CHANNEL, version_id)))
+    """Tells idle workers of `version_id` that checks were filed, once `session` commits (nothing on SQLite)."""
+    engine = session.get_bind()
+    if engine.dialect.name == "postgresql":
+        event.listen(session, "after_commit", lambda _session: _wakeups.filed(engine, version_id), once=True)
+
+
+class _Wakeups:
+    """This process's notifications: at most one per version and COALESCE_S, the rest sent at the window's end."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sent_at: dict[str, float] = {}
+        self._pending: set[str] = set()
+
+    def filed(self, engine: sa.Engine, version_id: str) -> None:
+        with self._lock:
+            wait = self._sent_at.get(version_id, -COALESCE_S) + COALESCE_S - time.monotonic()
+            if wait > 0:
+                if version_id not in self._pending:  # one trailing notification covers the whole window
+                    self._pending.add(version_id)
+                    threading.Timer(wait, self._trailing, (engine, version_id)).start()
+                return
+            self._sent_at[version_id] = time.monotonic()
+        _send(engine, version_id)
+
+    def _trailing(self, engine: sa.Engine, version_id: str) -> None:
+        with self._lock:
+            self._pending.discard(version_id)
+            self._sent_at[version_id] = time.monotonic()
+        _send(engine, version_id)
+
+
+def _send(engine: sa.Engine, version_id: str) -> None:
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.select(sa.func.pg_notify(CHANNEL, version_id)))
+            connection.commit()
+    except Exception as error:  # an optimisation only: the workers' poll finds the checks
+        log.info("could not wake idle workers: %s", error)
+
+
+_wakeups = _Wakeups()
 
 
 class Listener:
