@@ -99,7 +99,7 @@ def test_progress_counts_done_failed_and_queued_rescores_but_no_fresh_upload(led
     _versions(ledger)
     _checked(ledger, 10)  # post-000 … post-009 under OLD; 000, 003, 006 and 009 fake
     with ledger.session() as session:  # an upload under NEW of an id the selection takes: no re-score
-        session.add(CheckRow(external_id="post-009", pipeline_version_id=NEW, source={"path": "/images/new.png"}))
+        ledger.create_check(session, external_id="post-009", pipeline_version_id=NEW, source={"path": "/n.png"})
     run = rescore.queue(ledger, RescoreSelection(), version_id=NEW)
     assert (run.selected, run.created, run.queued, run.total) == (10, 9, 9, 9)
 
