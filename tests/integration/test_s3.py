@@ -108,6 +108,9 @@ def _settings(server: S3Server, **overrides) -> Settings:
         "batch_max_wait_s": 0,
         "database_url": "sqlite://",
         "fetch_timeout_s": 5,
+        # one batch waits for its object as long as a fetch may take: on a loaded machine (two test processes on
+        # two cores) moto can answer after the default 1 s, and the check would leave the batch, still queued
+        "batch_read_wait_s": 5,
         "s3_endpoint_url": server.url,
         "s3_region": REGION,
         "s3_access_key_id": server.key_id,
