@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 
 import numpy as np
@@ -14,6 +15,11 @@ from pipeline.core.head import Head, HeadMetadata
 from pipeline.core.imaging import DecodedImage, decode_image
 from pipeline.core.model_store import ModelStore
 from pipeline.core.profiles import get_profile
+
+# xdist's worker processes start with COLUMNS=80 in their environment: rich's consoles, made when worker.cli is
+# imported, would keep that width for good, and a test's own COLUMNS (given to CliRunner) would be ignored.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
 
 
 @pytest.fixture(scope="session")

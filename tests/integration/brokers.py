@@ -7,6 +7,7 @@ Each keeps its data in a folder of the test's, so a restart finds what that brok
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,8 +20,41 @@ import pytest
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # the Debian package's; the wrapper in PATH su's
 
 
+def _port_range() -> range:
+    """This pytest process's own ports: a share, by xdist worker, of those below the kernel's ephemeral range.
+
+    A port found free is bound later, by a server in another process. Taken from the ephemeral range (a bind to
+    port 0), another xdist worker's free port or any outgoing connection (to Postgres, Redis...) may take it in
+    between; below that range, and in a share no other worker draws from, nothing else hands it out.
+    """
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = 20000 if ephemeral_low > 24000 else 10000
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    share = (ephemeral_low - low) // max(workers, 1)
+    return range(low + index * share, low + (index + 1) * share)
+
+
+_PORTS = _port_range()
+_next_port = random.randrange(len(_PORTS))  # another pytest session on this machine most likely starts elsewhere
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
+    """A port nothing on 127.0.0.1 listens on now, never handed out twice in a row by this process (see _port_range)."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port % len(_PORTS)]
+        _next_port += 1
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # the whole share taken: whatever the kernel gives
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 

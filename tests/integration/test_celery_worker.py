@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import encode, noise_image
+from tests.integration.brokers import free_port
 from tests.integration.stack import make_stack
 from worker.ledger.models import CheckRow
 
@@ -170,12 +171,6 @@ def test_an_intake_only_worker_files_messages_and_runs_no_gpu_loop(stack):
     assert worker.wait_exit(60) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _get_json(url: str):
     with urllib.request.urlopen(url, timeout=10) as answer:
         return json.loads(answer.read())
@@ -183,7 +178,7 @@ def _get_json(url: str):
 
 def test_flower_lists_the_worker_and_its_item_check_tasks(stack):
     worker = CeleryWorker(stack, "flowered", "--gpus", "1")
-    port = _free_port()
+    port = free_port()
     env = {**stack.env, "FLOWER_UNAUTHENTICATED_API": "true"}
     flower_log = stack.folder / "flower.log"
     flower = subprocess.Popen(

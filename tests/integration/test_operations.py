@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.request
 
@@ -12,20 +11,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.core.results import PipelineVersion
+from tests.integration.brokers import free_port
 from tests.integration.stack import Worker, make_stack, run_item
 from worker.ops.exporter import ScrapeTimeCollector
 from worker.ops.metrics import METRIC_NAMES
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stack(postgres_url, tiny_store, tmp_path_factory):
-    port = str(_free_port())
+    port = str(free_port())
     yield from make_stack(
         postgres_url,
         tiny_store,

@@ -23,6 +23,7 @@ import pytest
 from botocore.config import Config
 
 from tests.conftest import encode, noise_image
+from tests.integration.brokers import free_port
 from tests.integration.stack import Worker, make_stack
 from worker.gpu.batches import CheckService
 from worker.gpu.embedded import InProcess
@@ -44,15 +45,9 @@ class S3Server:
     secret: str
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory) -> Iterator[S3Server]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -113,6 +108,9 @@ def _settings(server: S3Server, **overrides) -> Settings:
         "batch_max_wait_s": 0,
         "database_url": "sqlite://",
         "fetch_timeout_s": 5,
+        # one batch waits for its object as long as a fetch may take: on a loaded machine (two test processes on
+        # two cores) moto can answer after the default 1 s, and the check would leave the batch, still queued
+        "batch_read_wait_s": 5,
         "s3_endpoint_url": server.url,
         "s3_region": REGION,
         "s3_access_key_id": server.key_id,
@@ -171,7 +169,7 @@ def test_s3_failures_that_no_retry_can_fix_are_rejected_with_their_code(
     s3_server, ledger, tiny_detector, bucket, key, overrides, code
 ):
     if overrides.get("s3_endpoint_url") == "CLOSED":
-        overrides = {**overrides, "s3_endpoint_url": f"http://127.0.0.1:{_free_port()}"}
+        overrides = {**overrides, "s3_endpoint_url": f"http://127.0.0.1:{free_port()}"}
     settings = _settings(s3_server, **overrides)
     row, sent = _check(ledger, tiny_detector, settings, {"s3": {"bucket": bucket, "key": key}})
     assert (row.status, row.error_code, row.attempts, sent) == ("rejected", code, 1, [])
@@ -182,7 +180,7 @@ def test_s3_failures_that_no_retry_can_fix_are_rejected_with_their_code(
 
 def test_no_allowed_bucket_refuses_every_bucket_before_any_request(s3_server):
     # The reader's credentials may read BUCKET; the settings name no bucket, so nothing is read with them.
-    settings = _settings(s3_server, s3_allowed_buckets=[], s3_endpoint_url=f"http://127.0.0.1:{_free_port()}")
+    settings = _settings(s3_server, s3_allowed_buckets=[], s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
     assert Settings().s3_allowed_buckets == []  # the default names none
     with pytest.raises(s3.S3Error) as refused:
         s3.read_object(BUCKET, "cat.png", settings)
@@ -221,7 +219,7 @@ def test_no_credentials_anywhere_is_rejected(s3_server, ledger, tiny_detector, m
 
 
 def test_an_unreachable_store_is_retried_not_rejected(s3_server, ledger, tiny_detector):
-    settings = _settings(s3_server, s3_endpoint_url=f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    settings = _settings(s3_server, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
     row, sent = _check(ledger, tiny_detector, settings, {"s3": {"bucket": BUCKET, "key": "cat.png"}})
     assert (row.status, row.error_code) == ("queued", "s3.unavailable")
     assert sent == [row.id] and row.available_at > row.updated_at  # to be tried again, after a backoff

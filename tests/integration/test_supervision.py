@@ -4,7 +4,6 @@ restarted: the real deliverer on a real ledger, behind the real metrics endpoint
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -12,16 +11,11 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.brokers import free_port
 from worker.ledger.store import Ledger
 from worker.ops import exporter, metrics, supervise
 from worker.outbox.delivery import Deliverer
 from worker.settings import Settings
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -42,7 +36,7 @@ def _until(condition, timeout_s: float = 20.0) -> None:
 @pytest.fixture
 def endpoint(ledger, monkeypatch):
     monkeypatch.setattr(supervise, "RESTART_BACKOFF_S", (1.0, 2.0))
-    settings = Settings(database_url=_url(ledger), metrics_port=_free_port(), delivery_poll_s=0.05)
+    settings = Settings(database_url=_url(ledger), metrics_port=free_port(), delivery_poll_s=0.05)
     thread = exporter.serve(settings)
     yield settings, f"http://127.0.0.1:{settings.metrics_port}"
     thread.stop(1)

@@ -58,6 +58,7 @@ def test_dropped_database_connections_are_retried(stack, postgres_url):
     worker_url = f"{postgres_url}?application_name=item-worker"
     worker = Worker(replace(stack, env={**stack.env, "ITEM_DATABASE_URL": worker_url}), "pg-drop")
     admin = sa.create_engine(sa.make_url(postgres_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    database = sa.make_url(postgres_url).database  # this module's: never another test process's workers
     finished = threading.Event()
     dropped = []
 
@@ -68,8 +69,9 @@ def test_dropped_database_connections_are_retried(stack, postgres_url):
                     connection.execute(
                         sa.text(
                             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                            "WHERE application_name = 'item-worker'"
-                        )
+                            "WHERE application_name = 'item-worker' AND datname = :db"
+                        ),
+                        {"db": database},
                     ).scalar()
                 )
 
