@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 
-from tests.integration.stack import image_server
+from tests.integration.stack import REDIS_URL, image_server
 from worker.ledger import migrate
 from worker.ledger.models import (
     ApiKeyRow,
@@ -113,6 +115,16 @@ def ledger(migrated_ledger) -> Ledger:
         ):
             session.execute(sa.delete(model))
     return migrated_ledger
+
+
+@pytest.fixture
+def stream() -> Iterator[tuple[str, redis.Redis]]:
+    """A results stream of this test's own on the machine's Redis (its name, a client), deleted afterwards."""
+    client = redis.Redis.from_url(REDIS_URL)
+    name = f"item-test-results-{uuid.uuid4().hex}"
+    yield name, client
+    client.delete(name)
+    client.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import redis
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
@@ -358,15 +356,6 @@ def test_callback_url_shape_checks(url, problem):
 
 
 # ---------------------------------------------------------------------- the results stream
-
-
-@pytest.fixture
-def stream() -> Iterator[tuple[str, redis.Redis]]:
-    client = redis.Redis.from_url(REDIS_URL)
-    name = f"item-test-results-{uuid.uuid4().hex}"
-    yield name, client
-    client.delete(name)
-    client.close()
 
 
 def test_the_results_stream_gets_one_entry_per_check(make_service, receivers, stream, tmp_path, ledger):
