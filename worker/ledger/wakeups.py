@@ -68,10 +68,15 @@ class _Wakeups:
 
 
 def _send(engine: sa.Engine, version_id: str) -> None:
+    """One NOTIFY on a pooled connection, below SQLAlchemy's statement events: a wake-up sent from a timer
+    thread is no statement of whatever transaction that thread's process is counting."""
     try:
-        with engine.connect() as connection:
-            connection.execute(sa.select(sa.func.pg_notify(CHANNEL, version_id)))
+        connection = engine.raw_connection()
+        try:
+            connection.cursor().execute("SELECT pg_notify(%s, %s)", (CHANNEL, version_id))
             connection.commit()
+        finally:
+            connection.close()  # back to the pool
     except Exception as error:  # an optimisation only: the workers' poll finds the checks
         log.info("could not wake idle workers: %s", error)
 
