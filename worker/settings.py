@@ -80,6 +80,18 @@ class Settings(BaseSettings):
         "bf16 or fp16 (a new stage version: outputs change).",
     )
 
+    simulated_device_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description='The `sim` profile only (a benchmark instrument: it scores nothing): milliseconds its simulated '
+        'device is held per image and stage, over the defaults (README, "Keeping a GPU busy"), e.g. '
+        '{"caption": 2.46, "ground": 2.0, "embed_image": 0.41, "embed_text": 0.03}.',
+    )
+    prepare_ahead: bool = Field(
+        True,
+        description="Prepare the models' inputs (downscale, processors, pixel tensors) of the next batch on the "
+        "prefetch thread while the models run this one; off, they are prepared on the model thread.",
+    )
+
     # inputs
     batch_size: int = Field(8, ge=1, le=512, description="Images per model batch.")
     max_pixels: int = Field(
@@ -322,6 +334,16 @@ class Settings(BaseSettings):
                     f"({', '.join(PRECISIONS)})"
                 )
         return precisions
+
+    @field_validator("simulated_device_ms")
+    @classmethod
+    def _simulated_times(cls, times: dict[str, float]) -> dict[str, float]:
+        from pipeline.core.simulated import DEVICE_MS  # torch-free: the stages' names and default times
+
+        for part, ms in times.items():
+            if part not in DEVICE_MS or not 0 <= ms <= 10_000:
+                raise ValueError(f"{part}={ms}: expected one of {', '.join(DEVICE_MS)} with 0 to 10000 ms")
+        return times
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
