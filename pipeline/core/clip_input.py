@@ -22,9 +22,21 @@ _RESIZE_MODES = ("shortest", "squash")  # what open_clip's eval transform suppor
 _FILTERS = ("bicubic", "bilinear")
 
 
+def host_pixels(image: Image.Image, pinned: bool = False) -> torch.Tensor:
+    """The (H, W, 3) uint8 pixels of an RGB image on the CPU; `pinned` (page-locked) so that the copy to a CUDA
+    device is asynchronous."""
+    pixels = torch.from_numpy(np.array(image))
+    return pixels.pin_memory() if pinned else pixels
+
+
+def on_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host_pixels` as the (3, H, W) tensor on `device` that all of the image's pictures are cut from."""
+    return pixels.to(device, non_blocking=True).permute(2, 0, 1)
+
+
 def image_tensor(image: Image.Image, device: torch.device) -> torch.Tensor:
     """The (3, H, W) uint8 copy of an RGB image on `device` that all of its pictures are cut from."""
-    return torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)
+    return on_device(host_pixels(image), device)
 
 
 def square_crop(pixels: torch.Tensor, box: Box) -> torch.Tensor:

@@ -29,6 +29,7 @@ from pipeline.core.head import Head, HeadMetadata
 from pipeline.core.imaging import DecodedImage, StageImage, downscale
 from pipeline.core.model_store import ModelStore
 from pipeline.core.phrases import PHRASES_VERSION, object_phrases
+from pipeline.core.prepared import Prepared, StageInputs
 from pipeline.core.profiles import Profile
 from pipeline.core.provenance import deciding_reason
 from pipeline.core.results import (
@@ -131,12 +132,16 @@ class Detector:
     # ------------------------------------------------------------------ running
 
     def detect(
-        self, images: Sequence[DecodedImage | None], known: Sequence[Artifacts | None] | None = None
+        self,
+        images: Sequence[DecodedImage | None],
+        known: Sequence[Artifacts | None] | None = None,
+        prepared: Prepared | None = None,
     ) -> list[Detection]:
-        """Scores a batch. `images[i]` may be None when `known[i]` already holds its features."""
+        """Scores a batch. `images[i]` may be None when `known[i]` already holds its features. `prepared` is
+        `prepare(images, known)` when the host work was done ahead (on another thread, while the device ran)."""
         if self.head is None:
             raise ValueError("detect() needs a head; load one with use_head(), or call analyze() for features.")
-        analyses = self.analyze(images, known)
+        analyses = self.analyze(images, known, prepared)
         started = time.perf_counter()
         features = torch.stack([self.representation(a.artifacts.features) for a in analyses]) if analyses else None
         shares = self.head.probabilities(features) if features is not None else None  # one pass for both answers
@@ -176,12 +181,16 @@ class Detector:
         return eq.representation(features.global_, features.objects, w1, w2)
 
     def analyze(
-        self, images: Sequence[DecodedImage | None], known: Sequence[Artifacts | None] | None = None
+        self,
+        images: Sequence[DecodedImage | None],
+        known: Sequence[Artifacts | None] | None = None,
+        prepared: Prepared | None = None,
     ) -> list[Analysis]:
         """Runs the model stages that are missing for each image; returns artifacts and per-stage timings."""
         known = known if known is not None else [None] * len(images)
         if len(known) != len(images):
             raise ValueError(f"{len(images)} images but {len(known)} artifact sets.")
+        prepared = prepared if prepared is not None else self.prepare(images, known)
         analyses = [
             Analysis(image.sha256 if image else None, replace(artifacts) if artifacts else Artifacts())
             for image, artifacts in zip(images, known, strict=True)
@@ -189,48 +198,60 @@ class Detector:
         for image, analysis in zip(images, analyses, strict=True):
             if image is not None and analysis.artifacts.provenance is None:
                 analysis.artifacts.provenance = image.provenance  # read from its bytes: see `batches.Reader`
-        staged = self._prepare(images, analyses)
-        self._caption(staged, analyses)
-        self._ground(staged, analyses)
-        self._embed(staged, analyses)
+        prepared_now = set(_missing(analyses, "embeddings", images))
+        for index, analysis in enumerate(analyses):
+            analysis.timings_ms["prepare"] = prepared.ms_per_image if index in prepared_now else 0.0
+        self._caption(prepared.staged, analyses, prepared)
+        self._ground(prepared.staged, analyses, prepared)
+        self._embed(prepared.staged, analyses, prepared)
         self._misalign(analyses)
         return analyses
 
-    def _prepare(self, images: Sequence[DecodedImage | None], analyses: list[Analysis]) -> list[StageImage | None]:
-        """Each image a stage will look at, downscaled once to `max_side`; None for those no stage needs.
-
-        Timed as `prepare`, like a stage: its cost grows with the upload's size, the models' does not.
-        """
-        todo = _missing(analyses, "embeddings", images)  # every earlier stage's images are among these
+    def prepare(
+        self, images: Sequence[DecodedImage | None], known: Sequence[Artifacts | None] | None = None
+    ) -> Prepared:
+        """The host work before the models, for the images whose artifacts are missing: each image downscaled
+        once to `max_side` (after the head's input transform), then each stage's processor on the images it will
+        run. A worker calls it for the next batch on another thread while `detect` runs this one. Timed as
+        `prepare`, like a stage: its cost grows with the upload's size, the models' does not."""
+        known = known if known is not None else [None] * len(images)
+        analyses = [Analysis(None, artifacts or Artifacts()) for artifacts in known]
         started = time.perf_counter()
-        staged = [None] * len(images)
+        todo = _missing(analyses, "embeddings", images)  # every earlier stage's images are among these
+        staged: list[StageImage | None] = [None] * len(images)
         transform = None if self.input_transform.id == IDENTITY.id else self.input_transform
         for index in todo:
             pixels = images[index].image if transform is None else transform(images[index].image)
             staged[index] = downscale(pixels, self.max_side)
-        _charge(analyses, todo, "prepare", started)
-        return staged
+        inputs = {}
+        for artifact, stage in (("caption", self.captioner), ("objects", self.grounder), ("embeddings", self.embedder)):
+            rows = _missing(analyses, artifact, images)
+            if rows and hasattr(stage, "prepare"):  # the whole-image grounder runs no model: nothing to prepare
+                inputs[stage.name] = StageInputs(rows, stage.prepare([staged[i].image for i in rows]))
+        ms = (time.perf_counter() - started) * 1000 / max(1, len(todo))
+        return Prepared(staged, inputs, ms)
 
-    def _caption(self, images, analyses: list[Analysis]) -> None:
+    def _caption(self, images, analyses: list[Analysis], prepared: Prepared) -> None:
         todo = _missing(analyses, "caption", images)
         with _timed(analyses, todo, self.captioner):
-            captions = self.captioner.caption([images[i].image for i in todo])
+            captions = self.captioner.caption([images[i].image for i in todo], prepared.of("caption", todo))
         for index, caption in zip(todo, captions, strict=True):
             analyses[index].artifacts.caption = caption
 
-    def _ground(self, images, analyses: list[Analysis]) -> None:
+    def _ground(self, images, analyses: list[Analysis], prepared: Prepared) -> None:
         todo = _missing(analyses, "objects", images)
         limit = int(self.grounder.params["max_phrases"])
         phrases = [object_phrases(analyses[i].artifacts.caption, limit) for i in todo]
+        pixels = _given(prepared.of("ground", todo))
         with _timed(analyses, todo, self.grounder):
-            found = self.grounder.ground([images[i].image for i in todo], phrases)
+            found = self.grounder.ground([images[i].image for i in todo], phrases, *pixels)
         for index, objects in zip(todo, found, strict=True):
             staged = images[index]
             analyses[index].artifacts.objects = [
                 GroundedObject(obj.phrase, staged.to_original(obj.box), obj.score) for obj in objects
             ]
 
-    def _embed(self, images, analyses: list[Analysis]) -> None:
+    def _embed(self, images, analyses: list[Analysis], prepared: Prepared) -> None:
         """One batched image forward and one text forward for all wholes and crops of the batch."""
         todo = _missing(analyses, "embeddings", images)
         pictures, boxes, texts, counts = [], [], [], []
@@ -241,7 +262,8 @@ class Detector:
             texts += [artifacts.caption] + [obj.phrase for obj in artifacts.objects]
             counts.append(1 + len(artifacts.objects))
         with _timed(analyses, todo, self.embedder):
-            image_rows = self.embedder.embed_images(pictures, boxes).split(counts) if todo else []
+            host = prepared.of("embed", todo)
+            image_rows = self.embedder.embed_images(pictures, boxes, host).split(counts) if todo else []
             text_rows = self.embedder.embed_texts(texts).split(counts) if todo else []
         for index, image_part, text_part in zip(todo, image_rows, text_rows, strict=True):
             embeddings = Embeddings(image_part[0], text_part[0], image_part[1:], text_part[1:])
@@ -268,6 +290,11 @@ def _downscale_side(sides: list[int | None]) -> int | None:
     2:1 falls below BLIP's square input, which then stretches it (it squeezed it before).
     """
     return max((side for side in sides if side), default=None)
+
+
+def _given(inputs) -> tuple:
+    """Prepared inputs as an optional argument: none when there are none (a stage without a model)."""
+    return () if inputs is None else (inputs,)
 
 
 def _missing(analyses: list[Analysis], field_name: str, images) -> list[int]:

@@ -32,13 +32,47 @@ class Captioner(Stage):
         model = AutoModelForImageTextToText.from_pretrained(self.located.path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
 
+    def prepare(self, images: list[Image.Image]) -> torch.Tensor:
+        """The image processor's pixels of `images` (resize, rescale, normalise), on the CPU: host work, which a
+        worker does for the next batch while the device runs this one (pinned on CUDA, so the copy is async)."""
+        self.load()
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+
     @torch.inference_mode()
-    def caption(self, images: list[Image.Image]) -> list[str]:
-        """Deterministic (greedy or beam) captions, one per image, in order, `batch_size` images per `generate`."""
+    def caption(self, images: list[Image.Image], prepared: torch.Tensor | None = None) -> list[str]:
+        """Deterministic (greedy or beam) captions, one per image, in order, `batch_size` images per `generate`;
+        `prepared` is `prepare(images)` when it was done ahead."""
         if not images:
             return []
-        self.load()
-        return self.in_runs(images, self._generate)
+        pixels = self.prepare(images) if prepared is None else prepared
+        return self.in_runs(list(range(len(images))), lambda part: self._describe(pixels[part[0] : part[-1] + 1]))
+
+    def _describe(self, pixels: torch.Tensor) -> list[str]:
+        ids = self._generate_ids(self._bucketed(pixels))[: len(pixels)]
+        texts = self.processor.batch_decode(ids, skip_special_tokens=True)
+        return [" ".join(text.split()) for text in texts]
+
+    def _bucketed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """With a static cache, a partial run is padded (with copies of its last image) to the next power of two,
+        at most the batch size: the compiled decoder then sees a few fixed shapes and never recompiles for an odd
+        one. The copies' captions are dropped."""
+        if not self.params.get("static_cache") or len(pixels) == 0:
+            return pixels
+        bucket = min(self.configured_batch_size, 1 << (len(pixels) - 1).bit_length())
+        if bucket <= len(pixels):
+            return pixels
+        return torch.cat([pixels, pixels[-1:].expand(bucket - len(pixels), *pixels.shape[1:])])
+
+    def _generate_ids(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model: token ids of each image's caption (the simulated device replaces this)."""
+        pixel_values = pixels.to(self.device, self.dtype, non_blocking=True)
+        settings = {key: self.params[key] for key in _GENERATE_KEYS if key in self.params}
+        if self.params.get("static_cache"):
+            # A fixed-size KV cache: on CUDA, transformers then compiles the decoder step (CUDA graphs).
+            settings["cache_implementation"] = "static"
+        with compute_precision("tf32" if self.precision == "tf32" else "fp32", self.device):
+            return self.model.generate(pixel_values=pixel_values, do_sample=False, **settings)
 
     @property
     def input_side(self) -> int:
@@ -54,15 +88,3 @@ class Captioner(Stage):
             except (OSError, ValueError, KeyError, TypeError) as error:
                 raise ModelLoadError(f"Could not read the image size from {path}: {error}") from error
         raise ModelLoadError(f"{self.located.path} has no image processor settings ({_PROCESSOR_FILES[0][0]}).")
-
-    def _generate(self, images: list[Image.Image]) -> list[str]:
-        inputs = self.processor(images=images, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
-        settings = {key: self.params[key] for key in _GENERATE_KEYS if key in self.params}
-        if self.params.get("static_cache"):
-            # A fixed-size KV cache: on CUDA, transformers then compiles the decoder step (CUDA graphs).
-            settings["cache_implementation"] = "static"
-        with compute_precision("tf32" if self.precision == "tf32" else "fp32", self.device):
-            generated = self.model.generate(pixel_values=pixel_values, do_sample=False, **settings)
-        texts = self.processor.batch_decode(generated, skip_special_tokens=True)
-        return [" ".join(text.split()) for text in texts]

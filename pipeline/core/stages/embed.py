@@ -11,7 +11,7 @@ import json
 import torch
 from PIL import Image
 
-from pipeline.core.clip_input import Box, ClipTransform, image_tensor, square_crop
+from pipeline.core.clip_input import Box, ClipTransform, host_pixels, on_device, square_crop
 from pipeline.core.devices import compute_precision
 from pipeline.core.errors import ModelLoadError
 from pipeline.core.stages.base import Stage
@@ -39,13 +39,27 @@ class Embedder(Stage):
         self.transform = ClipTransform.of(model)  # the model's own eval transform (`preprocess`), on tensors
         self.tokenizer = open_clip.get_tokenizer(source)
 
+    def prepare(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """Each image as a (H, W, 3) uint8 tensor on the CPU, which its pictures are cut from on the device: the
+        host's share of CLIP's input, done for the next batch while the device runs this one (pinned on CUDA)."""
+        pinned = self.device.type == "cuda"
+        return [host_pixels(image, pinned) for image in images]
+
     @torch.inference_mode()
-    def embed_images(self, images: list[Image.Image], boxes: list[list[Box]] | None = None) -> torch.Tensor:
+    def embed_images(
+        self,
+        images: list[Image.Image],
+        boxes: list[list[Box]] | None = None,
+        prepared: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Unnormalised embeddings of each image followed by the square crops of its `boxes` (in its pixels):
-        float32 on the CPU, shape (len(images) + number of boxes, d), rows in that order."""
+        float32 on the CPU, shape (len(images) + number of boxes, d), rows in that order. `prepared` is
+        `prepare(images)` when it was done ahead."""
         self.load()
         boxes = boxes if boxes is not None else [[] for _ in images]
-        pixels = [image_tensor(image, self.device) for image in images]  # one copy per image, every crop cut from it
+        host = self.prepare(images) if prepared is None else prepared
+        # One copy per image, every crop cut from it on the device.
+        pixels = [on_device(pixel, self.device) for pixel in host]
         pictures = [(whole, box) for whole, own in zip(pixels, boxes, strict=True) for box in (None, *own)]
         parts = self.in_runs(pictures, lambda part: [self._encode_pictures(part)])
         return _concat(parts, self.dim)
@@ -54,12 +68,17 @@ class Embedder(Stage):
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Unnormalised text embeddings (truncated to the model's context), float32 on the CPU."""
         self.load()
-        with compute_precision(self.precision, self.device):
-            parts = self.in_runs(texts, lambda part: [self.model.encode_text(self.tokenizer(part).to(self.device))])
+        parts = self.in_runs(texts, lambda part: [self._encode_texts(self.tokenizer(part))])
         return _concat(parts, self.dim)
 
+    def _encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text tower on tokenised texts (the simulated device replaces this)."""
+        with compute_precision(self.precision, self.device):
+            return self.model.encode_text(tokens.to(self.device, non_blocking=True))
+
     def _encode_pictures(self, pictures: list[tuple[torch.Tensor, Box | None]]) -> torch.Tensor:
-        """One model call for (image tensor, box or None for the whole image) pairs."""
+        """One model call for (image tensor, box or None for the whole image) pairs (the simulated device
+        replaces this)."""
         batch = self.transform([whole if box is None else square_crop(whole, box) for whole, box in pictures])
         with compute_precision(self.precision, self.device):  # the model's products only: inputs stay float32
             return self.model.encode_image(batch)

@@ -36,69 +36,104 @@ class Grounder(Stage):
         model = AutoModelForZeroShotObjectDetection.from_pretrained(self.located.path)
         self.model = model.to(self.device).eval()
 
+    def prepare(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """The image processor's pixels and mask of each letterboxed image at the canvas size, on the CPU: host
+        work, which a worker does for the next batch while the device runs this one (pinned on CUDA)."""
+        self.load()
+        canvas = int(self.params["canvas"])
+        inputs = self.processor.image_processor(
+            images=[letterbox(image) for image in images],
+            size={"shortest_edge": canvas, "longest_edge": canvas},
+            return_tensors="pt",
+        )
+        pinned = self.device.type == "cuda"
+        return {key: value.pin_memory() if pinned else value for key, value in inputs.items()}
+
     @torch.inference_mode()
-    def ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[GroundedObject]]:
-        """The objects found for each (image, phrases) pair; an image with no phrases skips the model."""
+    def ground(
+        self, images: list[Image.Image], phrases: list[list[str]], prepared: dict[str, torch.Tensor] | None = None
+    ) -> list[list[GroundedObject]]:
+        """The objects found for each (image, phrases) pair; an image with no phrases skips the model. `prepared`
+        is `prepare(images)` when it was done ahead."""
         results: list[list[GroundedObject]] = [[] for _ in images]
         todo = [index for index, image_phrases in enumerate(phrases) if image_phrases]
         if not todo:
             return results
-        self.load()
-        found = self.in_runs(todo, lambda part: self._ground([images[i] for i in part], [phrases[i] for i in part]))
-        for index, objects in zip(todo, found, strict=True):
+        pixels = self._pixels_of(images, todo, prepared)
+
+        def run(part: list[int]) -> list[list[GroundedObject]]:
+            rows = {key: value[part[0] : part[-1] + 1] for key, value in pixels.items()}
+            return self._ground(rows, [images[todo[i]] for i in part], [phrases[todo[i]] for i in part])
+
+        for index, objects in zip(todo, self.in_runs(list(range(len(todo))), run), strict=True):
             results[index] = objects
         return results
+
+    def _pixels_of(self, images, todo: list[int], prepared: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        if prepared is None:
+            return self.prepare([images[i] for i in todo])
+        if len(todo) == len(images):
+            return prepared
+        rows = torch.tensor(todo)  # a caption without objects: its image is left out (a copy of the others' rows)
+        return {key: value[rows] for key, value in prepared.items()}
 
     @property
     def input_side(self) -> int:
         """The canvas side: the letterboxed image is resized to a square of it, whatever its size."""
         return int(self.params["canvas"])
 
-    def _ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[GroundedObject]]:
-        canvas = int(self.params["canvas"])
-        canvases = [letterbox(image) for image in images]
+    def _ground(
+        self, pixels: dict[str, torch.Tensor], images: list[Image.Image], phrases: list[list[str]]
+    ) -> list[list[GroundedObject]]:
         prompts = [_prompt(image_phrases) for image_phrases in phrases]
-        inputs = self.processor(
-            images=canvases,
-            text=[text for text, _ in prompts],
-            return_tensors="pt",
+        text = self.processor.tokenizer(
+            [prompt for prompt, _ in prompts],
             padding=True,
             return_offsets_mapping=True,
-            size={"shortest_edge": canvas, "longest_edge": canvas},
+            return_token_type_ids=True,
+            return_tensors="pt",
         )
-        offsets = inputs.pop("offset_mapping")
-        with compute_precision(self.precision, self.device):  # fp32 weights; tf32 or autocast when asked
-            outputs = self.model(**{key: value.to(self.device) for key, value in inputs.items()})
-        probabilities = outputs.logits.float().sigmoid().cpu()
-        boxes = outputs.pred_boxes.float().cpu()
-        found = []
-        for row, image in enumerate(images):
-            token_phrase = _token_phrases(offsets[row], inputs["attention_mask"][row], prompts[row][1])
-            found.append(self._pick(probabilities[row], boxes[row], token_phrase, phrases[row], image))
-        return found
+        offsets = text.pop("offset_mapping")
+        owners = _phrase_tokens(offsets, text["attention_mask"], [spans for _, spans in prompts])
+        scores, boxes, found = (t.tolist() for t in self._best_boxes({**pixels, **text}, owners))
+        return [
+            self._objects(scores[row], boxes[row], found[row], phrases[row], image) for row, image in enumerate(images)
+        ]
 
-    def _pick(
-        self,
-        probabilities: torch.Tensor,  # (queries, text tokens)
-        boxes: torch.Tensor,  # (queries, 4), cx cy w h relative to the square canvas
-        token_phrase: list[int],
-        image_phrases: list[str],
-        image: Image.Image,
+    def _best_boxes(
+        self, inputs: dict[str, torch.Tensor], owners: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model, and each phrase's best query picked on the device: for phrase p of image b, its score (the
+        highest probability over its tokens, at the query where that is highest), that query's box (cx, cy, w, h
+        relative to the canvas), and whether the phrase kept any token within the model's text length. Only these
+        (B, phrases) figures come back to the CPU, not the (B, 900, 256) logits. `owners` (B, phrases, tokens)
+        says which tokens make up each phrase (the simulated device replaces this method)."""
+        device = self.device
+        with compute_precision(self.precision, device):  # fp32 weights; tf32 or autocast when asked
+            outputs = self.model(**{key: value.to(device, non_blocking=True) for key, value in inputs.items()})
+        probabilities = outputs.logits.float().sigmoid()  # (B, queries, model text length)
+        length = probabilities.shape[-1]
+        owners = owners[..., :length].to(device, non_blocking=True)  # tokens past the text length were cut
+        owners = torch.nn.functional.pad(owners, (0, length - owners.shape[-1]))
+        per_query = (probabilities.unsqueeze(1) * owners.unsqueeze(2)).amax(-1)  # (B, phrases, queries); > 0 if owned
+        best = per_query.argmax(-1, keepdim=True)  # the first of equal maxima, as on the CPU
+        scores = per_query.gather(-1, best).squeeze(-1)
+        boxes = outputs.pred_boxes.float().gather(1, best.expand(-1, -1, 4))
+        return scores.cpu(), boxes.cpu(), owners.any(-1).cpu()
+
+    def _objects(
+        self, scores: list[float], boxes: list[list[float]], found: list[bool], image_phrases: list[str], image
     ) -> list[GroundedObject]:
+        """Each phrase's best box in image pixels, kept if its score reaches `box_threshold`; the best
+        `max_objects` of them by score."""
         side = max(image.width, image.height)
-        found = []
-        for phrase_index, phrase in enumerate(image_phrases):
-            tokens = [t for t, p in enumerate(token_phrase) if p == phrase_index and t < probabilities.shape[-1]]
-            if not tokens:
-                continue  # the phrase was truncated away by the model's text length
-            per_query = probabilities[:, tokens].max(dim=1).values
-            best = int(per_query.argmax())
-            score = float(per_query[best])
-            box = _to_pixels(boxes[best], side, image.width, image.height)
-            if score >= self.params["box_threshold"] and box is not None:
-                found.append(GroundedObject(phrase, box, score))
-        found.sort(key=lambda obj: obj.score, reverse=True)
-        return found[: self.params["max_objects"]]
+        kept = []
+        for phrase, score, box, has_tokens in zip(image_phrases, scores, boxes, found, strict=False):
+            pixels = _to_pixels(box, side, image.width, image.height) if has_tokens else None
+            if pixels is not None and score >= self.params["box_threshold"]:
+                kept.append(GroundedObject(phrase, pixels, score))
+        kept.sort(key=lambda obj: obj.score, reverse=True)
+        return kept[: self.params["max_objects"]]
 
 
 def _prompt(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -110,18 +145,18 @@ def _prompt(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
     return text.strip(), spans
 
 
-def _token_phrases(offsets: torch.Tensor, attention: torch.Tensor, spans: list[tuple[int, int]]) -> list[int]:
-    """For each token, the index of the phrase it belongs to, or -1 (special tokens, dots, padding)."""
-    owners = []
-    for (start, end), attended in zip(offsets.tolist(), attention.tolist(), strict=True):
-        owner = -1
-        if attended and end > start:
-            owner = next((i for i, (s, e) in enumerate(spans) if s <= start and end <= e), -1)
-        owners.append(owner)
-    return owners
+def _phrase_tokens(offsets: torch.Tensor, attention: torch.Tensor, spans: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """(B, phrases, tokens) float: 1 where a token lies within a phrase's character span (special tokens, dots and
+    padding belong to none). Offsets are (B, tokens, 2) character spans of each token in its prompt."""
+    most = max(len(row) for row in spans)
+    padded = torch.tensor([row + [(-1, -1)] * (most - len(row)) for row in spans])  # (B, phrases, 2)
+    start, end = offsets[..., 0].unsqueeze(1), offsets[..., 1].unsqueeze(1)  # (B, 1, tokens)
+    real = ((attention > 0) & (offsets[..., 1] > offsets[..., 0])).unsqueeze(1)
+    inside = (padded[..., 0:1] <= start) & (end <= padded[..., 1:2])
+    return (real & inside).float()
 
 
-def _to_pixels(box: torch.Tensor, side: int, width: int, height: int):
+def _to_pixels(box: list[float], side: int, width: int, height: int):
     """(cx, cy, w, h) relative to the square canvas → clamped (x0, y0, x1, y1) in image pixels."""
     cx, cy, w, h = (float(v) * side for v in box)
     x0, x1 = max(0.0, cx - w / 2), min(float(width), cx + w / 2)

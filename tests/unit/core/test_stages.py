@@ -118,11 +118,11 @@ class _SmallGpuCaptioner(Captioner):
 
     calls: list[int]
 
-    def _generate(self, images):
-        self.calls.append(len(images))
-        if len(images) > 2:
+    def _generate_ids(self, pixels):
+        self.calls.append(len(pixels))
+        if len(pixels) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super()._generate(images)
+        return super()._generate_ids(pixels)
 
 
 def test_a_stage_out_of_gpu_memory_halves_its_own_runs_and_keeps_the_size(tiny_detector):
@@ -138,7 +138,7 @@ def test_a_stage_out_of_gpu_memory_halves_its_own_runs_and_keeps_the_size(tiny_d
 
 def test_an_error_that_is_not_out_of_memory_is_not_retried(tiny_detector):
     class Broken(Captioner):
-        def _generate(self, images):
+        def _generate_ids(self, pixels):
             raise RuntimeError("CUDA error: device-side assert triggered")
 
     with pytest.raises(RuntimeError, match="device-side assert"):
@@ -155,15 +155,15 @@ def test_grounding_out_of_memory_redoes_only_grounding(tiny_store):
     class CountingCaptioner(Captioner):
         runs = 0
 
-        def _generate(self, images):
+        def _generate_ids(self, pixels):
             CountingCaptioner.runs += 1
-            return super()._generate(images)
+            return super()._generate_ids(pixels)
 
     class SmallGpuGrounder(Grounder):
-        def _ground(self, images, phrases):
+        def _ground(self, pixels, images, phrases):
             if len(images) > 1:
                 raise torch.OutOfMemoryError("CUDA out of memory.")
-            return super()._ground(images, phrases)
+            return super()._ground(pixels, images, phrases)
 
     detector = Detector(get_profile("tiny"), tiny_store, device="cpu")
     reference = detector.analyze([decode_image(encode(image)) for image in BATCH[:4]])
