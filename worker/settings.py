@@ -73,7 +73,13 @@ class Settings(BaseSettings):
     )
     allow_download: bool = Field(True, description="Fetch missing models from the Hugging Face hub.")
     head: Path | None = Field(None, description="Head weights (.safetensors) used to score.")
-    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N.")
+    device: str = Field(
+        "auto",
+        description="Where the models run: auto (CUDA when present, else cpu), cpu, cuda, cuda:N, or, for the GPU "
+        "loops of `item worker`, a list such as cuda:0,cuda:2. auto and cuda give the worker's loop i the GPU cuda:i "
+        "and refuse more loops than GPUs; a list gives loop i its i-th entry; one named device (cuda:1, cpu) is "
+        "shared by every loop.",
+    )
     stage_precision: dict[str, str] = Field(
         default_factory=dict,
         description='Per-stage precision over the profile\'s, e.g. {"ground": "bf16", "embed": "tf32"}: fp32, tf32, '
@@ -323,6 +329,13 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"{', '.join(unknown)} not among {', '.join(ARTIFACT_KINDS)}")
         return kinds
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        from worker.gpu.placement import device_entries  # torch-free: whether the GPUs are there is the loops' check
+
+        return ",".join(device_entries(device))
 
     @field_validator("stage_precision")
     @classmethod
