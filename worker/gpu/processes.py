@@ -3,10 +3,14 @@
     celery worker (no model library is imported here; no CUDA touched)
       └─ GPU loop × N   processes started fresh (spawn), each loading its models, then claiming batches
 
+Loop i runs on GPU i (`ITEM_DEVICE=auto` or `cuda`; a worker with more loops than GPUs stops) unless ITEM_DEVICE
+names each loop's device (`cuda:0,cuda:2`) or one device for all (worker.gpu.placement). Each process decides
+its own, before loading its models: only it imports torch.
+
 A GPU process that dies is replaced at once (after a doubling delay if it keeps dying at start-up), and is
-never killed for taking long to load its models: it loads them itself, after it started. A model, head or
-profile that cannot be used at all stops the worker (exit 2) rather than restarting forever. A process also ends
-itself to be replaced, and the log line of its replacement says why (worker.gpu.exits): a batch still in the
+never killed for taking long to load its models: it loads them itself, after it started. A model, head,
+profile or device that cannot be used at all stops the worker (exit 2) rather than restarting forever. A process
+also ends itself to be replaced, and the log line of its replacement says why (worker.gpu.exits): a batch still in the
 models past its budget (the watchdog, 72), a CUDA error that left the device unusable (71), a supervised thread
 of it that died (70). Stopping sends each process SIGTERM: it finishes its batch (or gives back what it
 prepared), then exits; one still running past the batch budget and a grace is killed, and its lease lets another
@@ -128,7 +132,9 @@ class GpuFleet:
 
     def _start(self, gpu: GpuProcess) -> None:
         gpu.process = self._context.Process(
-            target=gpu_main, args=(self.settings, gpu.index, self.loglevel, self._events), name=f"item-gpu-{gpu.index}"
+            target=gpu_main,
+            args=(self.settings, gpu.index, len(self.gpus), self.loglevel, self._events),
+            name=f"item-gpu-{gpu.index}",
         )
         gpu.process.start()
         gpu.started_at, gpu.ready, gpu.state = time.monotonic(), False, {}
@@ -151,7 +157,7 @@ class GpuFleet:
                 gpu.version_id, active, gpu.device = details
                 gpu.ready = True
                 state = "the active version" if active else "registered, NOT active: `item versions activate` it"
-                log.info("GPU loop %d (pid %d) ready: %s, %s", index, pid, gpu.version_id, state)
+                log.info("GPU loop %d (pid %d) ready: %s on %s, %s", index, pid, gpu.version_id, gpu.device, state)
                 if self.ready:
                     self.on_ready()
             elif kind == "state" and current:
@@ -178,8 +184,9 @@ class GpuFleet:
                 self._start(gpu)
 
 
-def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
-    """A GPU process: load the models, register the version, say so, then claim and run batches until SIGTERM."""
+def gpu_main(settings: Settings, index: int, loops: int, loglevel: str, events) -> None:
+    """GPU loop `index` of `loops`: take its device, load the models, register the version, say so, then claim and
+    run batches until SIGTERM."""
     logs.configure(settings.log_format, loglevel)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -189,6 +196,7 @@ def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
     from worker.ops import metrics
 
     try:
+        settings = loop_settings(settings, index, loops)
         service = build_service(settings)
         detector = service.detector
         detector.load()
@@ -205,6 +213,17 @@ def gpu_main(settings: Settings, index: int, loglevel: str, events) -> None:
     if loop.exit_status:  # the device failed: no interpreter shutdown (CUDA teardown may hang on a broken context)
         logging.shutdown()
         os._exit(loop.exit_status)
+
+
+def loop_settings(settings: Settings, index: int, loops: int) -> Settings:
+    """The settings of GPU loop `index` of `loops`: ITEM_DEVICE resolved to this loop's one device (`cuda:1`).
+
+    Raises DeviceUnavailableError when the devices this process sees cannot serve the loops as asked.
+    """
+    from worker.gpu.placement import cuda_device_count, loop_device
+
+    device = loop_device(settings.device, index, loops, cuda_device_count())
+    return settings.model_copy(update={"device": device})
 
 
 def _report_state(loop, index: int, events) -> None:
