@@ -10,19 +10,29 @@ it ends, so a run cut short still returns what it measured. At the end OUT/gpu_b
 the per-image totals, and a short table is printed.
 
 Phases (see ../shared/GPU.md §6 for the plan and the figures they are compared with):
-  ceilings   bf16 / tf32 / fp32 GEMM and device copy: what the machine can do
-  flops      FLOPs per stage at batch 1 (torch.utils.flop_counter), GD at 800² and 640²
-  clip       CLIP ViT-L/14 images (batch 256) and texts in fp32 / tf32 / bf16, drift against fp32, compiled bf16
-  blip2      ViT-g + Q-Former, then greedy `generate` of a fixed 20 and 30 tokens at batch 8 / 64 / 256, static cache
-  grounding  Grounding DINO base at batch 16, 800² and 640², fp32 / tf32 / bf16 autocast, drift of the logits
-  preprocess the CPU side: image processors on 1024×768 images
-Totals: ms per image for full (k objects), global-only and CLIP-only with each stage's best variant, projected
-images/s, and the goals (full ≥ 100 img/s, global-only ≥ 250 img/s, decode ≥ 50% of the copy bandwidth).
+  ceilings     bf16 / tf32 / fp32 GEMM and device copy: what the machine can do
+  preprocess   the CPU side, one core: JPEG decode, the detector's downscale to 800, the image processors
+  detect       what the service sees: `Detector.detect` on decoded JPEGs through the real stages at their served
+               precisions (BLIP-2 fp16, Grounding DINO tf32, CLIP tf32 on CUDA), paper-random models from
+               --model-dir (tiny with --smoke), an untrained head; per-stage ms/img and img/s at batch 16 and 64
+  static_cache the same detector with the captioner's `static_cache` on: a full batch (64) then a partial one
+               (40), so a recompilation for the partial batch shows as a much slower one
+  blip2        ViT-g + Q-Former, then greedy `generate` of a fixed 20 and 30 tokens at batch 8 / 64 / 256, in fp16
+               as served (Q-Former kept in fp32, as `from_pretrained` keeps it), plus one bf16 comparison
+  grounding    Grounding DINO base at batch 16, 800² and 640², fp32 / tf32 / bf16 autocast, drift of the logits
+  clip         CLIP ViT-L/14 images (batch 256) and texts in fp32 / tf32 / bf16, drift against fp32, compiled bf16
+  flops        FLOPs per stage at batch 1 (torch.utils.flop_counter), GD at 800² and 640²
+Totals: ms per image for full (k objects), global-only and CLIP-only with each stage's best variant PLUS the
+CPU preprocessing of that path (decode, downscale, processors, one core), projected images/s, and the goals
+(full ≥ 100 img/s, global-only ≥ 250 img/s, decode ≥ 50% of the copy bandwidth, and the detect phase's
+measured end-to-end rate, JPEG decode included, ≥ 100 img/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import io
 import json
 import statistics
 import sys
@@ -33,17 +43,28 @@ from pathlib import Path
 
 import torch
 
+from pipeline.core.defaults import DEFAULT_MODEL_DIR
 from pipeline.core.devices import compute_precision
 
-GOALS = {"full_img_s": 100.0, "global_only_img_s": 250.0, "decode_share_of_copy": 0.5}
+GOALS = {"full_img_s": 100.0, "global_only_img_s": 250.0, "decode_share_of_copy": 0.5, "served_full_img_s": 100.0}
 OBJECTS_PER_IMAGE = 4  # k: crops CLIP embeds besides the whole image (the paper's captions name a few objects)
 
 
 class Run:
     """The budget, the results file, and how a phase is timed, recorded or skipped."""
 
-    def __init__(self, out: Path, budget_s: float, smoke: bool, device: torch.device):
+    def __init__(
+        self,
+        out: Path,
+        budget_s: float,
+        smoke: bool,
+        device: torch.device,
+        model_dir: Path = DEFAULT_MODEL_DIR,
+        profile: str | None = None,
+    ):
         self.out, self.smoke, self.device = out, smoke, device
+        self.model_dir = Path(model_dir)  # where the detect phases find (or generate) the profile's models
+        self.profile = profile or ("tiny" if smoke else "paper-random")
         self.deadline = time.monotonic() + budget_s
         self.results: dict[str, dict] = {}
         out.mkdir(parents=True, exist_ok=True)
@@ -102,8 +123,13 @@ class Run:
         return round(peak, 2)
 
     def empty_cache(self) -> None:
+        gc.collect()  # a phase's models (a Detector's stages) go with it, before the next phase allocates
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -228,31 +254,65 @@ def clip_phase(run: Run) -> dict:
 
 
 def blip2_phase(run: Run) -> dict:
+    """BLIP-2 as the captioner serves it: fp16 weights on CUDA with the Q-Former in fp32 (what `from_pretrained`
+    does at fp16), float32 products without TF32 (the captioner's `compute_precision`); fp32 on a CPU."""
     blip, size = build_blip2(run.smoke)
-    dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
-    blip = blip.to(run.device, dtype)
-    record = {"dtype": str(dtype).removeprefix("torch.")}
-    with torch.inference_mode():
+    dtype = torch.float16 if run.device.type == "cuda" else torch.float32
+    blip = _as_loaded(blip.to(run.device), dtype)
+    record = {"dtype": str(dtype).removeprefix("torch."), "fp32_modules": _fp32_modules(blip, dtype)}
+    with torch.inference_mode(), compute_precision("fp32", run.device):
         pixels = torch.randn(4 if run.smoke else 128, 3, size, size, device=run.device, dtype=dtype)
         timing = run.time_ms(lambda: blip.get_image_features(pixel_values=pixels))
         record["vision_qformer_images_per_s"] = round(len(pixels) * 1000 / timing["ms"], 1)
-        for batch in (2,) if run.smoke else (8, 64, 256):
-            for tokens in (3,) if run.smoke else (20, 30):
-                images = torch.randn(batch, 3, size, size, device=run.device, dtype=dtype)
-                timing = run.time_ms(lambda images=images, tokens=tokens: _generate(blip, images, tokens), repeats=3)
-                prefill = run.time_ms(lambda images=images: _generate(blip, images, 1), repeats=3)
-                step_ms = max(timing["ms"] - prefill["ms"], 1e-6) / max(tokens - 1, 1)
-                record[f"generate_b{batch}_t{tokens}"] = {
-                    "images_per_s": round(batch * 1000 / timing["ms"], 2),
-                    "ms": timing,
-                    "prefill_ms": prefill["ms"],
-                    "ms_per_step": round(step_ms, 3),
-                    "weight_gb_s": round(_decoder_bytes(blip) / step_ms / 1e6, 1),
-                }
-        if run.device.type == "cuda" and run.left() > 150:
-            record["static_b64_t30"] = _static_generate(run, blip, size, dtype)
+        # Batch 64 first: the captioner's batch size, measured even when the budget ends the sweep early.
+        for batch in (2,) if run.smoke else (64, 8, 256):
+            for tokens in (3,) if run.smoke else (30, 20):
+                key = f"generate_b{batch}_t{tokens}"
+                if not run.smoke and run.left() < 20:
+                    record[key] = {"skipped": f"{run.left():.0f} s left"}
+                    continue
+                record[key] = _generate_figures(run, blip, batch, tokens, size, dtype)
+        # A labelled comparison, not the served figure: bf16 everywhere, as `from_pretrained` loads it at bf16.
+        if run.device.type == "cuda" and run.left() > 40:
+            blip = blip.to(torch.bfloat16)
+            tokens = 30
+            figures = _generate_figures(run, blip, 64, tokens, size, torch.bfloat16)
+            record["bf16_comparison_b64_t30"] = {"note": "not served: comparison only", **figures}
     record["peak_gib"] = run.peak_gib()
     return record
+
+
+def _generate_figures(run: Run, blip, batch: int, tokens: int, size: int, dtype: torch.dtype) -> dict:
+    images = torch.randn(batch, 3, size, size, device=run.device, dtype=dtype)
+    timing = run.time_ms(lambda: _generate(blip, images, tokens), repeats=3)
+    prefill = run.time_ms(lambda: _generate(blip, images, 1), repeats=3)
+    step_ms = max(timing["ms"] - prefill["ms"], 1e-6) / max(tokens - 1, 1)
+    return {
+        "images_per_s": round(batch * 1000 / timing["ms"], 2),
+        "ms": timing,
+        "prefill_ms": prefill["ms"],
+        "ms_per_step": round(step_ms, 3),
+        "weight_gb_s": round(_decoder_bytes(blip) / step_ms / 1e6, 1),
+    }
+
+
+def _as_loaded(model, dtype: torch.dtype):
+    """`model` cast to `dtype` the way `from_pretrained(dtype=...)` leaves it: at fp16 the modules the class keeps
+    in float32 (BLIP-2: `query_tokens`, `qformer`) stay float32."""
+    model = model.to(dtype)
+    if dtype == torch.float16:
+        for name in getattr(model, "_keep_in_fp32_modules", None) or ():
+            part = getattr(model, name, None)
+            if isinstance(part, torch.nn.Parameter):
+                part.data = part.data.float()
+            elif isinstance(part, torch.nn.Module):
+                part.float()
+    return model
+
+
+def _fp32_modules(model, dtype: torch.dtype) -> list[str]:
+    names = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return sorted(name for name in names if dtype != torch.float32 and hasattr(model, name))
 
 
 def grounding_phase(run: Run) -> dict:
@@ -281,37 +341,206 @@ def grounding_phase(run: Run) -> dict:
 
 
 def preprocess_phase(run: Run) -> dict:
-    import numpy as np
-    from PIL import Image
+    """The CPU work before the models, on one core, on what an upload is: 1024×768 JPEGs decoded as the service
+    decodes them, downscaled to the grounder's 800-pixel canvas as the detector does, then each image processor
+    on the downscaled image (the grounder's after its letterbox). CLIP's transform is open_clip's PIL one: the
+    embedder does the same on the device (`clip_input`), so this is an upper bound for it."""
+    import transformers
     from transformers import BlipImageProcessor, GroundingDinoImageProcessor
 
+    from pipeline.core.imaging import decode_image, downscale, letterbox
+
     count = 4 if run.smoke else 64
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)) for _ in range(count)]
-    processors = {
-        "blip2_224": BlipImageProcessor(size={"height": 224, "width": 224}),
-        "grounding_800": GroundingDinoImageProcessor(size={"shortest_edge": 800, "longest_edge": 800}),
-    }
+    data = _jpeg_bytes(count)
+    record = {"images": count, "jpeg_kb": round(sum(map(len, data)) / count / 1024, 1)}
+
+    def rate(name: str, work: Callable[[], object]) -> object:
+        began = time.perf_counter()
+        result = work()
+        record[f"{name}_images_per_s_one_core"] = round(count / (time.perf_counter() - began), 1)
+        return result
+
+    decoded = rate("decode", lambda: [decode_image(item).image for item in data])
+    staged = rate("downscale_800", lambda: [downscale(image, 800).image for image in decoded])
+    grounding = {"grounding_800": GroundingDinoImageProcessor}
+    fast = getattr(transformers, "GroundingDinoImageProcessorFast", None)  # transformers < 5.20 names it apart
+    if fast is not None and fast is not GroundingDinoImageProcessor:
+        grounding["grounding_800_fast"] = fast
+    blip = BlipImageProcessor(size={"height": 224, "width": 224})
+    rate("blip2_224", lambda: blip(images=staged, return_tensors="pt"))
+    record["processors"] = {"blip2_224": type(blip).__name__}
+    for name, kind in grounding.items():
+        processor = kind(size={"shortest_edge": 800, "longest_edge": 800})
+        rate(name, lambda processor=processor: processor(images=[letterbox(i) for i in staged], return_tensors="pt"))
+        record["processors"][name] = kind.__name__
     try:
         import open_clip
 
         clip_transform = open_clip.image_transform(224, is_train=False)
-        processors["clip_224"] = lambda images, return_tensors: [clip_transform(image) for image in images]
+        rate("clip_224", lambda: [clip_transform(image) for image in staged])
     except ImportError:
-        pass  # recorded as absent: the environment phase says open_clip is missing
-    record = {}
-    for name, processor in processors.items():
-        began = time.perf_counter()
-        processor(images=images, return_tensors="pt")
-        record[f"{name}_images_per_s_one_core"] = round(count / (time.perf_counter() - began), 1)
+        pass  # recorded as absent: the environment says open_clip is missing
     return record
+
+
+def detect_phase(run: Run) -> dict:
+    """`Detector.detect` as the service calls it: decoded JPEGs through the real stages at the precisions they are
+    served at (each stage's `default_precision`), the profile's models from the model folder, an untrained head.
+    Per batch size: a warm-up batch, then timed batches (the stages copy their results back to the CPU, which
+    waits for the GPU; the clock also synchronises). Per-stage ms/img come from the detections' `timings_ms`."""
+    from pipeline.core.imaging import decode_image
+    from pipeline.core.model_store import ModelStore
+    from pipeline.core.profiles import get_profile
+
+    profile = get_profile(run.profile)
+    sizes = (2, 4) if run.smoke else (16, 64)
+    data = _jpeg_bytes(max(sizes))
+    began = time.perf_counter()
+    images = [decode_image(item) for item in data]
+    decode_ms = (time.perf_counter() - began) * 1000 / len(data)
+    record: dict = {"profile": profile.name, "decode_ms_per_img_one_core": round(decode_ms, 2)}
+    with torch.device("cpu"):  # no default device, as in the service: the stages place their own tensors
+        detector, record["load_s"] = _loaded_detector(run, profile, ModelStore(run.model_dir, allow_download=False))
+        record["precision"] = {stage.name: stage.precision for stage in _stages(detector)}
+        record["batch_size"] = {stage.name: stage.configured_batch_size for stage in _stages(detector)}
+        for batch in sizes:
+            needs = 10 if batch <= 16 else 25  # a warm-up and two timed batches of paper-random on an H100 (guess)
+            if not run.smoke and run.left() < needs:
+                record[f"b{batch}"] = {"skipped": f"needs ~{needs} s, {run.left():.0f} s left"}
+                continue
+            detector.detect(images[:batch])  # warm-up: first use of this batch size's shapes
+            record[f"b{batch}"] = _timed_detect(run, detector, images[:batch], decode_ms, repeats=2, ahead=True)
+    record["peak_gib"] = run.peak_gib()
+    return record
+
+
+def static_cache_phase(run: Run) -> dict:
+    """Caption decoding with a static KV cache (spec param `static_cache`: the captioner pads each `generate` batch
+    to a fixed bucket so a partial batch does not recompile), through `Detector.detect`. A full batch compiles
+    (first_full), then full, partial and partial again are timed: a partial batch much slower than a full one
+    means it recompiled."""
+    from dataclasses import replace
+
+    from pipeline.core.imaging import decode_image
+    from pipeline.core.model_store import ModelStore
+    from pipeline.core.profiles import Profile, get_profile
+
+    base = get_profile(run.profile)
+    full, partial = (4, 3) if run.smoke else (64, 40)
+    caption = replace(base.caption, params={**base.caption.params, "static_cache": True, "batch_size": full})
+    description = f"{base.description} Caption decoding with a static cache, batches of {full}."
+    profile = Profile(f"{base.name}+static_cache", description, caption, base.ground, base.embed)
+    images = [decode_image(item) for item in _jpeg_bytes(full, seed=1)]
+    record: dict = {"profile": profile.name, "caption_batch_size": full}
+    with torch.device("cpu"):
+        detector, record["load_s"] = _loaded_detector(run, profile, ModelStore(run.model_dir, allow_download=False))
+        record["precision"] = {stage.name: stage.precision for stage in _stages(detector)}
+        for label, count in (("first_full", full), ("full", full), ("partial", partial), ("partial_again", partial)):
+            if not run.smoke and label != "first_full" and run.left() < 15:
+                record[label] = {"skipped": f"{run.left():.0f} s left"}
+                continue
+            figures = _timed_detect(run, detector, images[:count], 0.0, repeats=1)
+            caption_ms = figures["stage_ms_per_img"].get("caption", 0.0) * count  # the batch's whole caption time
+            record[label] = {"images": count, "detect_ms": figures["ms"], "caption_batch_ms": round(caption_ms, 1)}
+    full_ms = record.get("full", {}).get("caption_batch_ms")
+    partial_ms = record.get("partial", {}).get("caption_batch_ms")
+    if full_ms and partial_ms:
+        # About 1 when the partial batch reused the full batch's compiled bucket (it is padded to it).
+        record["partial_over_full_caption"] = round(partial_ms / full_ms, 2)
+    record["peak_gib"] = run.peak_gib()
+    return record
+
+
+def _loaded_detector(run: Run, profile, store) -> tuple:
+    """A Detector of `profile` on the run's device with an untrained head, its models loaded (generated first if
+    the model folder lacks them); and the seconds that took."""
+    from pipeline.core.detector import Detector, untrained_head
+
+    began = time.perf_counter()
+    detector = Detector(profile, store, device=str(run.device))
+    detector.use_head(untrained_head(detector))
+    detector.load()
+    return detector, round(time.perf_counter() - began, 1)
+
+
+def _stages(detector) -> tuple:
+    return detector.captioner, detector.grounder, detector.embedder
+
+
+def _timed_detect(run: Run, detector, images: list, decode_ms: float, repeats: int, ahead: bool = False) -> dict:
+    """`detector.detect(images)` timed `repeats` times (once under --smoke): the median run's wall time and its
+    per-stage ms/img (`timings_ms`, which splits each stage's batch time over its images), and the rate with the
+    JPEG decode added (one core, as measured before). With `ahead`, also as a worker that prepares ahead runs it:
+    `prepare` (the host work) timed alone, then `detect` given its result; the rate bound is then set by the
+    slower of the two, since a worker prepares the next batch on another thread while the device runs this one."""
+    runs = []
+    for _ in range(1 if run.smoke else repeats):
+        run.synchronize()
+        began = time.perf_counter()
+        detections = detector.detect(images)
+        run.synchronize()
+        wall_ms = (time.perf_counter() - began) * 1000
+        steps = {name for detection in detections for name in detection.timings_ms}
+        stage_ms = {name: sum(d.timings_ms.get(name, 0.0) for d in detections) / len(images) for name in steps}
+        objects = sum(detection.object_count for detection in detections) / len(images)
+        runs.append((wall_ms, stage_ms, objects))
+    runs.sort(key=lambda item: item[0])
+    wall_ms, stage_ms, objects = runs[len(runs) // 2]
+    per_image = wall_ms / len(images)
+    figures = {}
+    if ahead:
+        began = time.perf_counter()
+        prepared = detector.prepare(images)
+        prepare_ms = (time.perf_counter() - began) * 1000 / len(images)
+        run.synchronize()
+        began = time.perf_counter()
+        detector.detect(images, prepared=prepared)
+        run.synchronize()
+        device_ms = (time.perf_counter() - began) * 1000 / len(images)
+        figures["prepared_ahead"] = {
+            "prepare_ms_per_img": round(prepare_ms, 2),
+            "detect_ms_per_img": round(device_ms, 2),
+            # decode runs on the reader threads, prepare on the prepare-ahead thread: both off the device's path
+            "img_s_bound": round(1000 / max(prepare_ms, device_ms, decode_ms), 2),
+        }
+    return {
+        "images": len(images),
+        "ms": round(wall_ms, 1),
+        "runs_ms": [round(item[0], 1) for item in runs],
+        "img_s": round(1000 / per_image, 2),
+        "ms_per_img": round(per_image, 2),
+        "stage_ms_per_img": {name: round(value, 2) for name, value in sorted(stage_ms.items())},
+        "stages_sum_ms_per_img": round(sum(stage_ms.values()), 2),
+        "img_s_with_decode": round(1000 / (per_image + decode_ms), 2),
+        "objects_per_img": round(objects, 2),
+        **figures,
+    }
+
+
+def _jpeg_bytes(count: int, seed: int = 0, size: tuple[int, int] = (1024, 768)) -> list[bytes]:
+    """Uploads as the service receives them: smooth random colour fields (coarse noise, bicubic up) with a fine
+    grain, saved as JPEG quality 90. Never zeros, and sized like photos (~100-300 KB), not like flat images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    encoded = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (size[1] // 32, size[0] // 32, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+        grain = rng.integers(-8, 9, smooth.shape, dtype=np.int16)
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded
 
 
 # ---------------------------------------------------------------------- totals
 
 
 def totals(results: dict) -> dict:
-    """Per-image cost of each path from the best measured variant of each stage, and the goals."""
+    """Per-image cost of each path: the best measured variant of each model stage plus the path's CPU
+    preprocessing (one core), and the goals, including the detect phase's measured end-to-end rate."""
     clip = results.get("clip", {})
     blip = results.get("blip2", {})
     grounding = results.get("grounding", {})
@@ -319,29 +548,70 @@ def totals(results: dict) -> dict:
     text_s = _best(clip, "texts_per_s")
     caption_s = _best(_largest(blip, "generate_", "_t"), "images_per_s")  # the longest captions measured
     ground_s = _best(_largest(grounding, "", "_", first=True), "images_per_s")  # the largest canvas measured
-    if not all((image_s, text_s, caption_s, ground_s)):
-        return {"note": "a stage was not measured; no totals"}
-    per_image = {
+    preprocess = _preprocess_ms(results.get("preprocess", {}))
+    if not all((image_s, text_s, caption_s, ground_s)) or preprocess is None:
+        return {"note": "a stage or the preprocessing was not measured; no totals", "goals": _goals(results, {})}
+    model = {
         "clip_only_ms": 1000 / image_s,
         "global_only_ms": 1000 / caption_s + 1000 / image_s + 1000 / text_s,
         "full_ms": 1000 / caption_s + 1000 / ground_s + (1 + OBJECTS_PER_IMAGE) * (1000 / image_s + 1000 / text_s),
     }
+    prepared = {
+        "clip_only_ms": preprocess["decode"] + preprocess["downscale"] + preprocess["clip"],
+        "global_only_ms": preprocess["decode"] + preprocess["downscale"] + preprocess["blip"] + preprocess["clip"],
+        "full_ms": sum(preprocess.values()),
+    }
+    per_image = {key: model[key] + prepared[key] for key in model}
     record = {key: round(value, 3) for key, value in per_image.items()}
     record.update({key.replace("_ms", "_img_s"): round(1000 / value, 1) for key, value in per_image.items()})
-    copy = results.get("ceilings", {}).get("copy_gb_s")
-    decode = blip.get("generate_b64_t30", {}).get("weight_gb_s")
-    goals = {
-        "full_img_s": record["full_img_s"],
-        "global_only_img_s": record["global_only_img_s"],
-        "decode_share_of_copy": round(decode / copy, 3) if decode and copy else None,
-    }
-    record["goals"] = {
-        key: {"measured": value, "goal": GOALS[key], "met": value is not None and value >= GOALS[key]}
-        for key, value in goals.items()
-    }
+    record["includes_preprocessing"] = True
+    record["preprocess_ms"] = {key: round(value, 3) for key, value in prepared.items()}
+    record["model_ms"] = {key: round(value, 3) for key, value in model.items()}
+    record["goals"] = _goals(results, record)
     record["mfu_of_bf16_gemm"] = _utilisation(results, image_s, ground_s)
     record["peak_gib"] = {name: results.get(name, {}).get("peak_gib") for name in ("clip", "blip2", "grounding")}
     return record
+
+
+def _preprocess_ms(preprocess: dict) -> dict | None:
+    """ms per image of each CPU step before the models, one core; None if any was not measured."""
+
+    def ms(*names: str) -> float | None:
+        rates = [preprocess.get(f"{name}_images_per_s_one_core") for name in names]
+        best = max((rate for rate in rates if rate), default=None)
+        return 1000 / best if best else None
+
+    steps = {
+        "decode": ms("decode"),
+        "downscale": ms("downscale_800"),
+        "blip": ms("blip2_224"),
+        "grounding": ms("grounding_800", "grounding_800_fast"),
+        "clip": ms("clip_224"),
+    }
+    return None if None in steps.values() else steps
+
+
+def _served(results: dict) -> dict:
+    """The detect phase's largest measured batch: the end-to-end rate the service would see."""
+    detect = results.get("detect", {})
+    batches = {int(key[1:]): value for key, value in detect.items() if key[:1] == "b" and key[1:].isdigit()}
+    measured = {size: value for size, value in batches.items() if isinstance(value, dict) and value.get("img_s")}
+    return measured[max(measured)] if measured else {}
+
+
+def _goals(results: dict, record: dict) -> dict:
+    copy = results.get("ceilings", {}).get("copy_gb_s")
+    decode = results.get("blip2", {}).get("generate_b64_t30", {}).get("weight_gb_s")
+    goals = {
+        "full_img_s": record.get("full_img_s"),
+        "global_only_img_s": record.get("global_only_img_s"),
+        "decode_share_of_copy": round(decode / copy, 3) if decode and copy else None,
+        "served_full_img_s": _served(results).get("img_s_with_decode"),
+    }
+    return {
+        key: {"measured": value, "goal": GOALS[key], "met": value is not None and value >= GOALS[key]}
+        for key, value in goals.items()
+    }
 
 
 def _utilisation(results: dict, image_s: float, ground_s: float) -> dict:
@@ -412,13 +682,6 @@ def _decoder_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.language_model.parameters())
 
 
-def _static_generate(run: Run, model, size: int, dtype: torch.dtype) -> dict:
-    images = torch.randn(64, 3, size, size, device=run.device, dtype=dtype)
-    extra = {"cache_implementation": "static"}
-    timing = run.time_ms(lambda: _generate(model, images, 30, **extra), repeats=3, warmup=2)
-    return {"images_per_s": round(64 * 1000 / timing["ms"], 2), "ms": timing}
-
-
 def _largest(variants: dict, prefix: str, separator: str, first: bool = False) -> dict:
     """The variants whose number (`generate_b64_t30` → 30 with "_t"; `800_bf16` → 800 with first=True) is largest."""
 
@@ -460,22 +723,66 @@ def _environment(device: torch.device) -> dict:
 
 
 def _print_table(summary: dict) -> None:
+    phases, totals_ = summary["phases"], summary["totals"]
     print("\nphase        outcome")
-    for name, record in summary["phases"].items():
+    for name, record in phases.items():
         outcome = record.get("skipped") or record.get("error") or f"done in {record.get('seconds')} s"
         print(f"{name:12s} {outcome}")
-    for key, value in summary["totals"].get("goals", {}).items():
-        print(f"{key:22s} measured {value['measured']}  goal {value['goal']}  {'met' if value['met'] else 'NOT met'}")
+    detect = phases.get("detect", {})
+    for key, value in detect.items():
+        if key[:1] == "b" and isinstance(value, dict) and "img_s" in value:
+            stages = "  ".join(f"{name} {ms}" for name, ms in value["stage_ms_per_img"].items())
+            print(
+                f"detect {detect['profile']} {key}: {value['img_s']} img/s, {value['img_s_with_decode']} with the JPEG"
+                f" decode (one core); ms/img: {stages}  [{_precisions(detect)}]"
+            )
+            ahead = value.get("prepared_ahead")
+            if ahead:
+                print(
+                    f"  prepared ahead (host work on another thread): at most {ahead['img_s_bound']} img/s"
+                    f" (prepare {ahead['prepare_ms_per_img']}, detect {ahead['detect_ms_per_img']} ms/img)"
+                )
+    static = phases.get("static_cache", {})
+    if "partial_over_full_caption" in static:
+        full, partial = static["full"], static["partial"]
+        print(
+            f"static cache: caption of {full['images']} {full['caption_batch_ms']} ms, of {partial['images']}"
+            f" {partial['caption_batch_ms']} ms (x{static['partial_over_full_caption']}; about 1: no recompilation;"
+            f" first batch with compilation {static['first_full']['caption_batch_ms']} ms)"
+        )
+    if "full_ms" in totals_:
+        print("per-image totals = model stages (best variant each) + CPU preprocessing, one core (JPEG decode,")
+        print("downscale to 800, image processors): ms model + ms preprocessing = ms -> img/s")
+        for path in ("full", "global_only", "clip_only"):
+            model, prepared = totals_["model_ms"][f"{path}_ms"], totals_["preprocess_ms"][f"{path}_ms"]
+            print(f"  {path:12s} {model} + {prepared} = {totals_[f'{path}_ms']} ms -> {totals_[f'{path}_img_s']} img/s")
+    else:
+        print(totals_.get("note", "no totals"))
+    labels = {
+        "full_img_s": "(projected, preprocessing included)",
+        "global_only_img_s": "(projected, preprocessing included)",
+        "served_full_img_s": "(Detector.detect measured, JPEG decode included)",
+    }
+    for key, value in totals_.get("goals", {}).items():
+        verdict = "met" if value["met"] else "NOT met"
+        print(f"{key:22s} measured {value['measured']}  goal {value['goal']}  {verdict} {labels.get(key, '')}")
 
 
-# (phase, seconds it needs at full size on an H200, estimated from ../shared/GPU.md §6)
+def _precisions(record: dict) -> str:
+    return ", ".join(f"{stage} {precision}" for stage, precision in record.get("precision", {}).items())
+
+
+# (phase, seconds it needs at full size on an H100/H200, estimated from ../shared/GPU.md §6; detect and
+# static_cache guessed: model loads from the model folder, and static_cache's compilation of the decoder)
 PHASES = (
     ("ceilings", 15, ceilings),
-    ("flops", 40, flops),
-    ("clip", 90, clip_phase),
+    ("preprocess", 20, preprocess_phase),
+    ("detect", 90, detect_phase),
+    ("static_cache", 150, static_cache_phase),
     ("blip2", 170, blip2_phase),
     ("grounding", 60, grounding_phase),
-    ("preprocess", 20, preprocess_phase),
+    ("clip", 90, clip_phase),
+    ("flops", 40, flops),
 )
 
 
@@ -486,9 +793,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes, on the CPU: checks the script runs.")
     parser.add_argument("--device", default=None, help="Default: cuda when there is one, else cpu.")
     parser.add_argument("--only", default=None, help="Comma-separated phases to run (default: all).")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL_DIR,
+        help="The detect phases' model folder: the profile's models are generated there if missing (minutes and"
+        " ~17 GB for paper-random: `item models pull --profile paper-random` first, or share `item scan`'s).",
+    )
+    parser.add_argument(
+        "--profile", default=None, help="The detect phases' profile (default: paper-random; tiny with --smoke)."
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
-    run = Run(args.out, args.budget_s, args.smoke, device)
+    run = Run(args.out, args.budget_s, args.smoke, device, model_dir=args.model_dir, profile=args.profile)
     torch.manual_seed(0)
     environment = _environment(device)
     print(json.dumps(environment), flush=True)
