@@ -88,7 +88,7 @@ class Settings(BaseSettings):
 
     simulated_device_ms: dict[str, float] = Field(
         default_factory=dict,
-        description='The `sim` profile only (a benchmark instrument: it scores nothing): milliseconds its simulated '
+        description="The `sim` profile only (a benchmark instrument: it scores nothing): milliseconds its simulated "
         'device is held per image and stage, over the defaults (README, "Keeping a GPU busy"), e.g. '
         '{"caption": 2.46, "ground": 2.0, "embed_image": 0.41, "embed_text": 0.03}.',
     )

@@ -26,8 +26,8 @@ from pipeline.core import misalignment as eq
 from pipeline.core.devices import resolve_device
 from pipeline.core.errors import HeadError
 from pipeline.core.head import Head, HeadMetadata
-from pipeline.core.imaging import DecodedImage, StageImage, downscale
-from pipeline.core.model_store import ModelStore
+from pipeline.core.imaging import DOWNSCALE_FILTER, DecodedImage, StageImage, downscale
+from pipeline.core.model_store import LocatedModel, ModelStore
 from pipeline.core.phrases import PHRASES_VERSION, object_phrases
 from pipeline.core.prepared import Prepared, StageInputs
 from pipeline.core.profiles import Profile
@@ -47,6 +47,7 @@ from pipeline.core.stages.base import Stage
 from pipeline.core.stages.caption import Captioner
 from pipeline.core.stages.embed import Embedder
 from pipeline.core.stages.ground import make_grounder
+from pipeline.core.stages.simulated import SIMULATED_STAGES
 from pipeline.core.transforms import IDENTITY, Chain, parse_transform
 
 FEATURES_VERSION = "misalign:eq3-7,no_object=global"
@@ -71,9 +72,9 @@ class Detector:
         self.provenance_policy = provenance_policy
         self.device = resolve_device(device)
         precision = precision or {}
-        self.captioner = Captioner(store.locate(profile.caption), self.device, precision.get("caption"))
-        self.grounder = make_grounder(store.locate(profile.ground), self.device, precision.get("ground"))
-        self.embedder = Embedder(store.locate(profile.embed), self.device, precision.get("embed"))
+        self.captioner = _stage("caption", store.locate(profile.caption), self.device, precision.get("caption"))
+        self.grounder = _stage("ground", store.locate(profile.ground), self.device, precision.get("ground"))
+        self.embedder = _stage("embed", store.locate(profile.embed), self.device, precision.get("embed"))
         self.max_side = _downscale_side([stage.input_side for stage in (self.captioner, self.grounder, self.embedder)])
         self.head: Head | None = None
         self.input_transform: Chain = IDENTITY  # the head's: what its training images went through
@@ -87,7 +88,7 @@ class Detector:
     def stage_versions(self) -> dict[str, str]:
         """Each stage's version and the side its images were downscaled to, which the profile decides, not the
         stage: a profile with a larger grounder canvas gives its captioner larger images."""
-        side = f"|max_side={self.max_side}" if self.max_side else ""
+        side = f"|max_side={self.max_side},{DOWNSCALE_FILTER}" if self.max_side else ""
         return {stage.name: stage.version + side for stage in (self.captioner, self.grounder, self.embedder)}
 
     @property
@@ -164,6 +165,7 @@ class Detector:
                 provenance=analysis.artifacts.provenance,
                 decided_by=deciding_reason(analysis.artifacts.provenance, self.provenance_policy),
                 attribution=attribution,
+                simulated=self.profile.simulated,
             )
             for analysis, p_fake, attribution in zip(analyses, probabilities, attributions, strict=True)
         ]
@@ -277,6 +279,16 @@ class Detector:
                 artifacts.features = Features(
                     eq.misalignment(emb.image, emb.text), eq.misalignment(emb.object_images, emb.object_texts)
                 )
+
+
+def _stage(kind: str, located: LocatedModel, device: torch.device, precision: str | None) -> Stage:
+    """The stage running `located`'s model: the simulated device's stand-in for a `sim` model, the whole-image
+    grounder when grounding is off, else the real one."""
+    if located.spec.simulated:
+        return SIMULATED_STAGES[kind](located, device, precision)
+    if kind == "ground":
+        return make_grounder(located, device, precision)
+    return {"caption": Captioner, "embed": Embedder}[kind](located, device, precision)
 
 
 def _downscale_side(sides: list[int | None]) -> int | None:

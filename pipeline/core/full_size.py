@@ -141,16 +141,27 @@ def clip_config(architecture: str) -> dict:
 # ---------------------------------------------------------------- builders
 
 
-def build_blip2(directory: Path, seed: int) -> None:
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+def blip2_processor():
+    from transformers import Blip2Processor, BlipImageProcessor
 
     tokenizer = tiny_opt_tokenizer(vocab_size=OPT_VOCAB, image_token=OPT_IMAGE_TOKEN)
     image_processor = BlipImageProcessor(
         size={"height": 224, "width": 224}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
     )
-    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=32)
-    config = blip2_opt_config()
-    _save(Blip2ForConditionalGeneration, config, processor, directory, seed, tokenizer)
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=32)
+
+
+def grounding_dino_processor():
+    from transformers import GroundingDinoImageProcessor, GroundingDinoProcessor
+
+    return GroundingDinoProcessor(GroundingDinoImageProcessor(), tiny_bert_tokenizer(vocab_size=BERT_VOCAB))
+
+
+def build_blip2(directory: Path, seed: int) -> None:
+    from transformers import Blip2ForConditionalGeneration
+
+    processor = blip2_processor()
+    _save(Blip2ForConditionalGeneration, blip2_opt_config(), processor, directory, seed, processor.tokenizer)
 
 
 def build_blip_base(directory: Path, seed: int) -> None:
@@ -168,9 +179,9 @@ def build_blip_base(directory: Path, seed: int) -> None:
 
 def build_grounding_dino(size: str):
     def build(directory: Path, seed: int) -> None:
-        from transformers import GroundingDinoForObjectDetection, GroundingDinoImageProcessor, GroundingDinoProcessor
+        from transformers import GroundingDinoForObjectDetection
 
-        processor = GroundingDinoProcessor(GroundingDinoImageProcessor(), tiny_bert_tokenizer(vocab_size=BERT_VOCAB))
+        processor = grounding_dino_processor()
         _save(GroundingDinoForObjectDetection, grounding_dino_config(size), processor, directory, seed)
 
     return build
@@ -201,6 +212,29 @@ def _save(model_class, config, processor, directory: Path, seed: int, tokenizer=
     processor.save_pretrained(directory)
 
 
+def build_host_files(stage: str):
+    """A simulated model's folder (the `sim` profile): the paper model's processor, tokenizer and config, which the
+    host work needs, and no weights (pipeline.core.stages.simulated)."""
+
+    def build(directory: Path, seed: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if stage == "caption":
+            blip2_processor().save_pretrained(directory)
+            blip2_opt_config().save_pretrained(directory)
+        elif stage == "ground":
+            grounding_dino_processor().save_pretrained(directory)
+            grounding_dino_config("base").save_pretrained(directory)
+        else:
+            write_open_clip_config(directory, "ViT-L-14-quickgelu", "openai")
+
+    return build
+
+
+SIMULATED_BUILDERS = {
+    "sim-blip2-opt-2.7b": build_host_files("caption"),
+    "sim-grounding-dino-base": build_host_files("ground"),
+    "sim-clip-vit-l-14": build_host_files("embed"),
+}
 GROUNDING_SIZES = {"grounding-dino-base-random": "base", "grounding-dino-tiny-random": "tiny"}
 CLIP_ARCHITECTURES = {"clip-vit-l-14-random": "ViT-L-14-quickgelu", "clip-vit-b-16-random": "ViT-B-16-quickgelu"}
 BUILDERS = {
@@ -212,8 +246,9 @@ BUILDERS = {
 
 
 def build(name: str, directory: Path, seed: int) -> None:
-    """Writes the full-size random model `name`, generated from `seed`, into the (empty) folder `directory`."""
-    BUILDERS[name](Path(directory), seed)
+    """Writes the full-size random model `name` (or a simulated model's files), generated from `seed`, into the
+    (empty) folder `directory`."""
+    (BUILDERS | SIMULATED_BUILDERS)[name](Path(directory), seed)
 
 
 def model_on_meta(name: str):

@@ -25,6 +25,7 @@ from torch import nn
 from pipeline.core.errors import HeadError
 from pipeline.core.misalignment import DEFAULT_W1, DEFAULT_W2
 from pipeline.core.results import verdict
+from pipeline.core.simulated import SIMULATED_MARK
 
 FORMAT_VERSION = 1
 DEFAULT_HIDDEN = 256  # the paper gives no width; 256 is ample for a 768-d input and trains in seconds
@@ -136,10 +137,22 @@ class Head:
     def verdict(self, p_fake: float) -> str:
         return verdict(p_fake, self.metadata.threshold, self.metadata.threshold_low)
 
+    @property
+    def untrained(self) -> bool:
+        """A head made without training (`untrained_head`), for profiles whose scores mean nothing."""
+        return bool(self.metadata.training.get("untrained"))
+
     def check_compatible(self, stage_versions: dict[str, str], rules: dict[str, str] | None = None) -> None:
         """Refuses features from any stage version, or code rule, other than the ones this head was trained on.
 
-        A head that recorded no rules (saved before they were) is taken to have been trained with today's."""
+        A head that recorded no rules (saved before they were) is taken to have been trained with today's. No head
+        but an untrained one accepts the simulated device's stages: their features are made up."""
+        if any(SIMULATED_MARK in version for version in stage_versions.values()) and not self.untrained:
+            raise HeadError(
+                "The models are the simulated device (profile 'sim'), a benchmark instrument whose outputs are made "
+                "up: it scores nothing. Run it with the untrained head (--head untrained / ITEM_HEAD=untrained).",
+                code="head.simulated_refused",
+            )
         differing = [
             f"{stage}: head has {self.metadata.stage_versions.get(stage)!r}, models are {stage_versions.get(stage)!r}"
             for stage in HEAD_STAGES

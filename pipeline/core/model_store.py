@@ -124,7 +124,7 @@ def _generator(spec: ModelSpec):
     transformers, so only when a model must be built)."""
     from pipeline.core import full_size, tiny
 
-    return full_size if spec.name in full_size.BUILDERS else tiny
+    return full_size if spec.name in full_size.BUILDERS or spec.name in full_size.SIMULATED_BUILDERS else tiny
 
 
 def _revision(spec: ModelSpec, manifest: dict) -> str:

@@ -28,6 +28,9 @@ class ModelSpec:
     # downloaded folder whose hub repo lacks one (timm's OpenAI CLIP repos hold only the weights).
     open_clip: tuple[str, str] | None = None
     weights: bool = True  # False for a stage that runs no model (grounding off): nothing to fetch or load
+    # True for the `sim` profile's stages: the host work is real, the model is the simulated device (a benchmark
+    # instrument: pipeline.core.simulated)
+    simulated: bool = False
 
     @property
     def generated(self) -> bool:
@@ -55,6 +58,11 @@ class Profile:
         """True for random-weight profiles, whose scores show the plumbing, not detection quality."""
         return all(spec.generated or not spec.weights for spec in self.specs.values())
 
+    @property
+    def simulated(self) -> bool:
+        """True for a profile whose models are the simulated device: its results are no verdicts at all."""
+        return any(spec.simulated for spec in self.specs.values())
+
 
 # Grounding: the paper used GLIP-L, which transformers does not package; Grounding DINO is the closest
 # phrase-grounding model that it does. One box per phrase (its best), kept above `box_threshold`, at most
@@ -81,6 +89,7 @@ CATALOG: dict[str, dict[str, ModelSpec]] = {
             ModelSpec("blip2-opt-2.7b-random", seed=0, params=_RANDOM_CAPTION_PARAMS),
             ModelSpec("blip-image-captioning-base-random", seed=0, params=_RANDOM_CAPTION_PARAMS),
             ModelSpec("tiny-blip2", seed=0, params=_TINY_CAPTION_PARAMS),
+            ModelSpec("sim-blip2-opt-2.7b", seed=0, params=_RANDOM_CAPTION_PARAMS, simulated=True),
             ModelSpec("tiny-blip2-alt", seed=1, params=_TINY_CAPTION_PARAMS),
         )
     },
@@ -91,6 +100,7 @@ CATALOG: dict[str, dict[str, ModelSpec]] = {
             ModelSpec("grounding-dino-tiny", "IDEA-Research/grounding-dino-tiny", params=_GROUND_PARAMS),
             ModelSpec("grounding-dino-base-random", seed=0, params=_GROUND_PARAMS),
             ModelSpec("grounding-dino-tiny-random", seed=0, params=_GROUND_PARAMS),
+            ModelSpec("sim-grounding-dino-base", seed=0, params=_GROUND_PARAMS, simulated=True),
             ModelSpec(
                 "tiny-grounding-dino",
                 seed=0,
@@ -125,6 +135,7 @@ CATALOG: dict[str, dict[str, ModelSpec]] = {
             ModelSpec("clip-vit-l-14-random", seed=0, params=_CLIP_PARAMS),
             ModelSpec("clip-vit-b-16-random", seed=0, params={**_CLIP_PARAMS, "batch_size": 128}),
             ModelSpec("tiny-clip-quickgelu", seed=0, params=_CLIP_PARAMS),
+            ModelSpec("sim-clip-vit-l-14", seed=0, params=_CLIP_PARAMS, simulated=True),
             ModelSpec("tiny-clip-quickgelu-alt", seed=1, params=_CLIP_PARAMS),
         )
     },
@@ -168,6 +179,16 @@ PROFILES: dict[str, Profile] = {
             caption=CATALOG["caption"]["blip-image-captioning-base-random"],
             ground=CATALOG["ground"]["grounding-dino-tiny-random"],
             embed=CATALOG["embed"]["clip-vit-b-16-random"],
+        ),
+        Profile(
+            name="sim",
+            description="A benchmark instrument, not a detector: the paper profile's host work for real (decoding, "
+            "the downscale, BLIP-2's and Grounding DINO's processors at their real sizes, tokenizers, crops, "
+            "batching) with every model call replaced by a simulated device held for the paper models' H100 time "
+            "(ITEM_SIMULATED_DEVICE_MS). Its results say `simulated`; no trained head accepts it.",
+            caption=CATALOG["caption"]["sim-blip2-opt-2.7b"],
+            ground=CATALOG["ground"]["sim-grounding-dino-base"],
+            embed=CATALOG["embed"]["sim-clip-vit-l-14"],
         ),
         Profile(
             name="tiny",

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pipeline.core.simulated import SIMULATED_MARK
+
 if TYPE_CHECKING:
     import torch
 
@@ -131,6 +133,7 @@ class Detection:
     provenance: Provenance | None = None  # what the bytes declare; None where it was not read
     decided_by: str | None = None  # set when provenance, not the score, made the verdict (`provenance.c2pa`)
     attribution: list[dict] | None = None  # an attribution head's likeliest generators: [{"generator", "p"}]
+    simulated: bool = False  # made by the `sim` profile's simulated device: a benchmark's output, never a verdict
 
     @property
     def verdict(self) -> str:
@@ -138,7 +141,8 @@ class Detection:
 
     @property
     def verdict_reason(self) -> str:
-        return self.decided_by or "score"
+        """What made the verdict: `score`, a provenance declaration, or `simulated` (nothing: a benchmark ran)."""
+        return self.decided_by or (SIMULATED_MARK if self.simulated else "score")
 
     @property
     def object_count(self) -> int:

@@ -23,11 +23,11 @@ class HeldModels(Detector):
     running: threading.Event
     ran: list[tuple[float, float]]
 
-    def detect(self, images, known=None):
+    def detect(self, images, known=None, prepared=None):
         self.running.set()
         started = time.monotonic()
         self.go.wait(30)
-        results = super().detect(images, known)
+        results = super().detect(images, known, prepared)
         self.ran.append((started, time.monotonic()))
         return results
 

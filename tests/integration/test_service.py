@@ -26,11 +26,11 @@ class SmallGpu(Detector):
     capacity = 2
     batches: list[int]
 
-    def detect(self, images, known=None):
+    def detect(self, images, known=None, prepared=None):
         self.batches.append(len(images))
         if len(images) > self.capacity:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().detect(images, known)
+        return super().detect(images, known, prepared)
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_a_malformed_message_never_rejects_an_earlier_valid_check(service, tmp_p
 
 
 class CrashingModel(SmallGpu):
-    def detect(self, images, known=None):
+    def detect(self, images, known=None, prepared=None):
         raise RuntimeError("model kernel crashed")
 
 
@@ -139,11 +139,11 @@ def test_a_crashing_model_is_retried_then_failed(ledger, tiny_store, tmp_path):
 class SlowModel(SmallGpu):
     seen_after: list  # the check's status as the models return, long past the budget
 
-    def detect(self, images, known=None):
+    def detect(self, images, known=None, prepared=None):
         time.sleep(3)  # stands for a model stage running long (huge inputs, a contended GPU)
         with self.ledger.session() as session:
             self.seen_after.append(self.ledger.get_check(session, self.check_id).status)
-        return super().detect(images, known)
+        return super().detect(images, known, prepared)
 
 
 def test_a_batch_past_its_budget_inside_the_models_ends_as_check_timeout(ledger, tiny_store, tmp_path):
@@ -172,7 +172,7 @@ def test_a_batch_past_its_budget_inside_the_models_ends_as_check_timeout(ledger,
 
 
 class PoisonedGpu(SmallGpu):
-    def detect(self, images, known=None):
+    def detect(self, images, known=None, prepared=None):
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")  # as PyTorch raises it
 
 

@@ -24,9 +24,11 @@ from pipeline.core.detector import Detector
 from pipeline.core.devices import free_gpu_memory, is_out_of_memory, is_sticky_cuda_error
 from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage
+from pipeline.core.prepared import Prepared
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
 from worker.gpu import faults, reading
+from worker.gpu.outcomes import Outcomes, about, result_of, result_of_detection
 from worker.intake.text import storable, storable_tree
 from worker.ledger import outbox, reviews
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
@@ -54,34 +56,6 @@ class TransientError(ItemError):
 
 
 @dataclass
-class _Outcomes:
-    """Outcomes written in one transaction, reported (metrics, logs) only after it committed."""
-
-    version_id: str
-    items: list[tuple] = field(default_factory=list)
-
-    def add(self, status: str, check: CheckRow, stage: str, code: str | None = None, text: str = "", **more) -> None:
-        self.items.append((status, check, stage, code, text, more))
-
-    def report(self) -> None:
-        for status, check, stage, code, text, more in self.items:
-            about = _about(check, stage, **({"code": code} if code else {}))
-            if status == "retried":
-                metrics.RETRIES.labels(code).inc()
-                log.info("check retried in %.1fs: %s", more["delay"], text, extra=about)
-                continue
-            metrics.finished(status, code, check.created_at)
-            if status == "done":
-                metrics.scored(self.version_id, check.p_fake, check.verdict)
-                metrics.provenance(check.provenance)
-                log.info("check done: %s %.3f", check.verdict, check.p_fake, extra=about)
-            elif status == "rejected":
-                log.info("check rejected: %s", text, extra=about)
-            else:
-                log.warning("check failed: %s", text, extra=about)
-
-
-@dataclass
 class Batch:
     """A claimed batch on its way through a worker: prepared (read, decoded, looked up), run, then stored.
 
@@ -101,8 +75,12 @@ class Batch:
     detections: dict = field(default_factory=dict)  # by sha256
     thumbnails: list[Thumbnail] = field(default_factory=list)  # of the images decoded, one per sha256
     tally: LedgerTally = field(default_factory=LedgerTally)
+    prepared: Prepared | None = None  # the models' host work, done ahead (ITEM_PREPARE_AHEAD)
+    prepared_for: list[str] = field(default_factory=list)  # the sha256 of each image `prepared` holds, in order
     read_ms: float = 0.0
+    prepare_ms: float = 0.0
     model_ms: float = 0.0
+    busy_ms: float = 0.0  # of model_ms, how long the device ran (the simulated device: how long it was held)
     renewal: Any = None  # the heartbeat renewing its lease (see worker.gpu.loop)
     timed_out: bool = False  # its checks were retried as check.timeout: nothing is left to store
 
@@ -239,10 +217,27 @@ class CheckService:
             done = earlier.get(sha_by_check[check.id])
             metrics.DUPLICATE_BYTES.labels("miss" if done is None else "hit").inc()
             if done is not None:
-                batch.answers[check.id] = {**_result_of(done), "timings_ms": {"reused": 0.0}}
+                batch.answers[check.id] = {**result_of(done), "timings_ms": {"reused": 0.0}}
             else:
                 batch.todo.append(check)
                 batch.images[check.id] = images[check.id]
+        if self.settings.prepare_ahead:
+            self._prepare_inputs(batch)
+
+    def _prepare_inputs(self, batch: Batch) -> None:
+        """The models' host work for the batch (downscale, processors, pixel copies; `Detector.prepare`), here on
+        the prefetch thread while the device runs the batch before. If it fails, the model thread does it again
+        and meets the same error there, where a model error is handled per check."""
+        unique = _unique_images(batch)
+        images = list(unique.values())
+        started = time.perf_counter()
+        try:
+            batch.prepared = self.detector.prepare(images, [batch.known.get(sha) for sha in unique])
+            batch.prepared_for = list(unique)
+        except Exception:
+            log.warning("preparing the models' inputs of a batch failed; the model thread prepares them",
+                        exc_info=True)  # fmt: skip
+        batch.prepare_ms = (time.perf_counter() - started) * 1000
 
     def _read(
         self, batch: Batch, checks: list[CheckRow], blobs: dict[str, bytes], optional: set[str]
@@ -260,7 +255,7 @@ class CheckService:
                 batch.deferred.append((one.item, one.error))
             elif one.item.id in optional:
                 log.info("image unreadable; scored from stored features without provenance: %s", one.error.code,
-                         extra=_about(one.item, "decode", code=one.error.code))  # fmt: skip
+                         extra=about(one.item, "decode", code=one.error.code))  # fmt: skip
                 images[one.item.id] = None
             else:
                 batch.errors.append((one.item, one.error, "decode"))
@@ -295,7 +290,7 @@ class CheckService:
     def run_models(self, batch: Batch) -> None:
         """The models, once per distinct image, with what is stored of each; a model error ends the checks it
         concerns (retried, or failed once attempts run out)."""
-        unique = {_sha_of(check, batch.images[check.id]): batch.images[check.id] for check in batch.todo}
+        unique = _unique_images(batch)
         pixels = sum(image is not None for image in unique.values())
         # One line per batch, in a fixed shape: operators grep it, and the tests count model runs with it.
         undecodable = sum(stage == "decode" for _, _, stage in batch.errors)
@@ -303,9 +298,12 @@ class CheckService:
         if not unique:
             return
         _count_reuse(batch.known, list(unique))
-        started = time.perf_counter()
+        prepared = batch.prepared if batch.prepared_for == list(unique) else None
+        started, held_before = time.perf_counter(), self._device_held_s()
         try:
-            batch.detections = once_per_image(self._detect, unique, batch.known)
+            batch.detections = once_per_image(
+                lambda images, known: self._detect(images, known, prepared), unique, batch.known
+            )
         except ItemError as error:
             batch.errors += [(check, error, "models") for check in batch.todo]
         except Exception as error:  # a bug or a model crash: retried, and failed once attempts run out
@@ -316,6 +314,18 @@ class CheckService:
             batch.errors += [(check, crash, "models") for check in batch.todo]
         finally:
             batch.model_ms = (time.perf_counter() - started) * 1000
+            held = self._device_held_s()
+            batch.busy_ms = batch.model_ms if held is None else (held - held_before) * 1000
+            metrics.DEVICE_BUSY.labels(str(self.detector.device)).inc(batch.busy_ms / 1000)
+
+    def _device_held_s(self) -> float | None:
+        """The simulated device's busy seconds so far (the `sim` profile); None on a real device, whose busy time
+        is taken as the model thread's time in the models (they end by copying results back: a synchronisation)."""
+        if not self.detector.profile.simulated:
+            return None
+        from pipeline.core import simulated
+
+        return simulated.device().busy_s
 
     def store(self, batch: Batch) -> None:
         """One transaction, a fixed number of statements whatever the batch's size: the images and their
@@ -327,10 +337,10 @@ class CheckService:
             if sha in batch.detections:
                 # What a model wrote (a caption, its phrases) and what an image declared (a C2PA signer) may hold
                 # NUL or lone surrogates, which the ledger cannot store: kept escaped, never failing the batch.
-                results[check.id] = storable_tree(_result_of_detection(batch.detections[sha], sha))
+                results[check.id] = storable_tree(result_of_detection(batch.detections[sha], sha))
 
-        def write(session: Session) -> _Outcomes:
-            outcomes = _Outcomes(self.version_id)
+        def write(session: Session) -> Outcomes:
+            outcomes = Outcomes(self.version_id)
             self._store_artifacts(session, batch)
             reviews.put_thumbnails(session, batch.thumbnails)
             done = self.ledger.finish_done_many(session, batch.lease.token, results)
@@ -347,8 +357,10 @@ class CheckService:
         metrics.gpu_memory()
         tally = batch.tally
         log.info(
-            "batch stored checks=%d statements=%d ledger_ms=%.1f read_ms=%.1f model_ms=%.1f",
-            len(batch.checks), tally.statements, tally.ms, batch.read_ms, batch.model_ms,
+            "batch stored checks=%d statements=%d ledger_ms=%.1f read_ms=%.1f prepare_ms=%.1f model_ms=%.1f "
+            "busy_ms=%.1f",
+            len(batch.checks), tally.statements, tally.ms, batch.read_ms, batch.prepare_ms, batch.model_ms,
+            batch.busy_ms,
         )  # fmt: skip
 
     def _store_artifacts(self, session: Session, batch: Batch) -> None:
@@ -371,15 +383,16 @@ class CheckService:
     def _decoded(self, check: CheckRow, image: DecodedImage) -> DecodedImage:
         if check.image_sha256 and image.sha256 != check.image_sha256:
             # A URL or object that changed since it was checked: these are other bytes, scored as they are now.
-            log.info("image changed since its earlier check", extra=_about(check, "decode"))
+            log.info("image changed since its earlier check", extra=about(check, "decode"))
         return image
 
-    def _detect(self, images: list[DecodedImage], known: list) -> list:
-        """Runs the models. Each stage halves its own runs when the GPU runs out of memory; what still runs out
-        (one image too large for a stage, or memory outside the stages) halves the batch of checks."""
+    def _detect(self, images: list[DecodedImage], known: list, prepared: Prepared | None = None) -> list:
+        """Runs the models (on `prepared` inputs when they were prepared ahead). Each stage halves its own runs when
+        the GPU runs out of memory; what still runs out (one image too large for a stage, or memory outside the
+        stages) halves the batch of checks."""
         try:
             faults.strike("models")  # tests only (worker.gpu.faults): a CUDA error or a long call here
-            return self.detector.detect(images, known)
+            return self.detector.detect(images, known, prepared)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -388,21 +401,22 @@ class CheckService:
                     "The GPU ran out of memory on a single image.", code="gpu.out_of_memory"
                 ) from error
             free_gpu_memory()
-            half = len(images) // 2
-            return self._detect(images[:half], known[:half]) + self._detect(images[half:], known[half:])
+            half, end = len(images) // 2, len(images)
+            first, second = (None, None) if prepared is None else (prepared.part(0, half), prepared.part(half, end))
+            return self._detect(images[:half], known[:half], first) + self._detect(images[half:], known[half:], second)
 
     # ------------------------------------------------------------------ outcomes
 
     def fail(self, checks: list[CheckRow], error: ItemError, lease: Lease, stage: str) -> None:
         """Ends `checks` for `error` in one transaction (see `_end`). Checks this lease no longer holds are left
         alone."""
-        outcomes = _Outcomes(self.version_id)
+        outcomes = Outcomes(self.version_id)
         with self.ledger.session() as session:
             self._queue_deliveries(session, self._end(session, lease, [(c, error, stage) for c in checks], outcomes))
         outcomes.report()
 
     def _end(
-        self, session: Session, lease: Lease, errors: list[tuple[CheckRow, ItemError, str]], outcomes: _Outcomes
+        self, session: Session, lease: Lease, errors: list[tuple[CheckRow, ItemError, str]], outcomes: Outcomes
     ) -> list[CheckRow]:
         """Each check ends for its error: rejected if the error is permanent; else retried with backoff and
         jitter, or failed once attempts are used up. One statement per kind of ending, whatever their number.
@@ -440,6 +454,11 @@ class CheckService:
         return backoff_s(attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
 
 
+def _unique_images(batch: Batch) -> dict[str, DecodedImage | None]:
+    """The batch's images to run, once per distinct sha256, in the order of its checks."""
+    return {_sha_of(check, batch.images[check.id]): batch.images[check.id] for check in batch.todo}
+
+
 def _missing(known: Artifacts | None, kind: str) -> bool:
     return known is None or codec.get_field(known, kind) is None
 
@@ -456,42 +475,9 @@ def _sha_of(check: CheckRow, image: DecodedImage | None) -> str:
     return image.sha256 if image is not None else check.image_sha256
 
 
-def _about(check: CheckRow, stage: str, **fields) -> dict:
-    """The `extra` of every log line about a check: which check, for which upload, at which stage."""
-    return {"check_id": check.id, "external_id": check.external_id, "stage": stage, **fields}
-
-
 def _count_reuse(known: dict, shas: list[str]) -> None:
     for sha in shas:
         artifacts = known.get(sha)
         for artifact in ("caption", "objects", "embeddings", "features"):
             hit = artifacts is not None and getattr(artifacts, artifact) is not None
             metrics.ARTIFACT_REUSE.labels(artifact, "hit" if hit else "miss").inc()
-
-
-RESULT_FIELDS = (
-    "image_sha256", "p_fake", "verdict", "verdict_reason", "threshold", "threshold_low", "caption", "objects",
-    "object_count", "attribution", "provenance",
-)  # fmt: skip
-
-
-def _result_of(done: CheckRow) -> dict:
-    return {field: getattr(done, field) for field in RESULT_FIELDS}
-
-
-def _result_of_detection(d, sha256: str) -> dict:
-    as_dict = d.to_dict()
-    return {
-        "image_sha256": sha256,
-        "p_fake": d.p_fake,
-        "verdict": d.verdict,
-        "verdict_reason": d.verdict_reason,
-        "threshold": d.threshold,
-        "threshold_low": d.threshold_low,
-        "caption": d.caption,
-        "objects": as_dict["objects"],
-        "object_count": d.object_count,
-        "attribution": d.attribution,
-        "provenance": as_dict["provenance"],
-        "timings_ms": as_dict["timings_ms"],
-    }

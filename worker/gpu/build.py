@@ -24,6 +24,10 @@ def build_detector(settings: Settings):
     if untrained and not profile.meaningless_scores:
         message = f"--head {UNTRAINED_HEAD} is only for random-weight profiles; {profile.name!r} needs a trained head."
         raise HeadError(message, code="head.untrained_refused")
+    if profile.simulated:  # this process's simulated device, at the times the settings give
+        from pipeline.core import simulated
+
+        simulated.configure(settings.simulated_device_ms)
     store = ModelStore(settings.model_dir, allow_download=settings.allow_download)
     head = None if untrained else Head.load(settings.head)
     detector = Detector(

@@ -41,7 +41,7 @@ from worker.ledger.store import Lease
 from worker.ledger.wakeups import Listener
 from worker.ops import metrics
 from worker.ops.logs import OutageLog
-from worker.ops.supervise import Supervised
+from worker.ops.supervise import Supervised, name_os_thread
 
 log = logging.getLogger("item.worker")
 
@@ -77,6 +77,7 @@ class Renewal:
     def _live(self) -> None:
         """A heartbeat lives as long as its batch: a death is not restarted (the lease runs out and the checks are
         redone elsewhere), but it is logged and counted, as a supervised thread's is."""
+        name_os_thread("item-heartbeat")
         try:
             self._renew()
         except BaseException:  # noqa: BLE001  (a bug: nothing inside is meant to escape)

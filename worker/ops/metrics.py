@@ -40,6 +40,12 @@ CHECK_LATENCY = Histogram(
 QUEUE_WAIT = Histogram(
     "item_queue_wait_seconds", "From (re-)queueing to being claimed by a worker.", buckets=LATENCY_BUCKETS
 )
+DEVICE_BUSY = Counter(
+    "item_device_busy_seconds_total",
+    "Seconds each GPU loop's device ran models (the model thread's time in them; the simulated device's time held). "
+    "Its rate is the device's busy share.",
+    ["device"],
+)
 BATCH_SIZE = Histogram("item_batch_size", "Checks per claimed batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 MODEL_LOAD_SECONDS = Gauge(
     "item_model_load_seconds", "How long each stage's model took to load.", ["stage"], multiprocess_mode="max"

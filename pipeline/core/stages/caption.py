@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipeline.core.devices import compute_precision, weight_dtype
 from pipeline.core.errors import ModelLoadError
+from pipeline.core.model_input import PixelRecipe
 from pipeline.core.stages.base import Stage
 
 # Parameters passed through to `generate`; anything else in the spec's params is ours.
@@ -23,21 +24,25 @@ class Captioner(Stage):
     name = "caption"
     # fp16 on CUDA: BLIP-2 is published for it and greedy decoding rarely flips a token over it (fp32 on a CPU).
     default_precision = "fp16"
+    # 2: resized by Pillow on the host, rescaled and normalised on the device (pipeline.core.model_input), rather
+    # than by the processor's torchvision backend on the host: a pixel may differ by a level.
+    implementation = 2
 
     def _load(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.dtype = weight_dtype(self.precision)  # half precisions load half weights; tf32 keeps float32
         self.processor = AutoProcessor.from_pretrained(self.located.path)
+        self.recipe = PixelRecipe.of(self.processor.image_processor)
         model = AutoModelForImageTextToText.from_pretrained(self.located.path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:
-        """The image processor's pixels of `images` (resize, rescale, normalise), on the CPU: host work, which a
-        worker does for the next batch while the device runs this one (pinned on CUDA, so the copy is async)."""
+        """Each image resized to the processor's square, as uint8 (B, H, W, 3) on the CPU: the host's share of the
+        input, done for the next batch while the device runs this one (pinned on CUDA, so the copy is async).
+        Rescaling and normalising happen on the device (`pipeline.core.model_input`)."""
         self.load()
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+        return self.recipe.host(images, pinned=self.device.type == "cuda")
 
     @torch.inference_mode()
     def caption(self, images: list[Image.Image], prepared: torch.Tensor | None = None) -> list[str]:
@@ -66,7 +71,7 @@ class Captioner(Stage):
 
     def _generate_ids(self, pixels: torch.Tensor) -> torch.Tensor:
         """The model: token ids of each image's caption (the simulated device replaces this)."""
-        pixel_values = pixels.to(self.device, self.dtype, non_blocking=True)
+        pixel_values = self.recipe.on_device(pixels, self.device, self.dtype)
         settings = {key: self.params[key] for key in _GENERATE_KEYS if key in self.params}
         if self.params.get("static_cache"):
             # A fixed-size KV cache: on CUDA, transformers then compiles the decoder step (CUDA graphs).

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from pipeline.core.devices import compute_precision
-from pipeline.core.imaging import letterbox
+from pipeline.core.imaging import PAD_COLOR
+from pipeline.core.model_input import PixelRecipe
 from pipeline.core.model_store import LocatedModel
 from pipeline.core.results import GroundedObject
 from pipeline.core.stages.base import Stage
@@ -27,31 +28,30 @@ class Grounder(Stage):
     default_batch_size = 16  # 900 queries over ~13k image tokens at the 800-pixel canvas: activations dominate
     # TF32 on CUDA (fp32 on a CPU): see the README's "Precision" for the figures behind the choice.
     default_precision = "tf32"
+    # 2: resized by Pillow on the host, rescaled and normalised on the device (pipeline.core.model_input), rather
+    # than by the processor's torchvision backend on the host; each phrase's best query picked on the device.
+    implementation = 2
 
     def _load(self) -> None:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(self.located.path)
+        canvas = int(self.params["canvas"])
+        self.recipe = PixelRecipe.of(self.processor.image_processor, size=(canvas, canvas))
         # fp32 weights: scores are thresholded, and a score moved across the threshold changes the objects.
         model = AutoModelForZeroShotObjectDetection.from_pretrained(self.located.path)
         self.model = model.to(self.device).eval()
 
-    def prepare(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """The image processor's pixels and mask of each letterboxed image at the canvas size, on the CPU: host
-        work, which a worker does for the next batch while the device runs this one (pinned on CUDA)."""
+    def prepare(self, images: list[Image.Image]) -> torch.Tensor:
+        """Each image letterboxed and resized to the canvas, as uint8 (B, canvas, canvas, 3) on the CPU: the host's
+        share of the input, done for the next batch while the device runs this one (pinned on CUDA). Rescaling
+        and normalising happen on the device (`pipeline.core.model_input`)."""
         self.load()
-        canvas = int(self.params["canvas"])
-        inputs = self.processor.image_processor(
-            images=[letterbox(image) for image in images],
-            size={"shortest_edge": canvas, "longest_edge": canvas},
-            return_tensors="pt",
-        )
-        pinned = self.device.type == "cuda"
-        return {key: value.pin_memory() if pinned else value for key, value in inputs.items()}
+        return self.recipe.letterboxed(images, PAD_COLOR, pinned=self.device.type == "cuda")
 
     @torch.inference_mode()
     def ground(
-        self, images: list[Image.Image], phrases: list[list[str]], prepared: dict[str, torch.Tensor] | None = None
+        self, images: list[Image.Image], phrases: list[list[str]], prepared: torch.Tensor | None = None
     ) -> list[list[GroundedObject]]:
         """The objects found for each (image, phrases) pair; an image with no phrases skips the model. `prepared`
         is `prepare(images)` when it was done ahead."""
@@ -62,20 +62,19 @@ class Grounder(Stage):
         pixels = self._pixels_of(images, todo, prepared)
 
         def run(part: list[int]) -> list[list[GroundedObject]]:
-            rows = {key: value[part[0] : part[-1] + 1] for key, value in pixels.items()}
+            rows = pixels[part[0] : part[-1] + 1]
             return self._ground(rows, [images[todo[i]] for i in part], [phrases[todo[i]] for i in part])
 
         for index, objects in zip(todo, self.in_runs(list(range(len(todo))), run), strict=True):
             results[index] = objects
         return results
 
-    def _pixels_of(self, images, todo: list[int], prepared: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def _pixels_of(self, images, todo: list[int], prepared: torch.Tensor | None) -> torch.Tensor:
         if prepared is None:
             return self.prepare([images[i] for i in todo])
         if len(todo) == len(images):
             return prepared
-        rows = torch.tensor(todo)  # a caption without objects: its image is left out (a copy of the others' rows)
-        return {key: value[rows] for key, value in prepared.items()}
+        return prepared[torch.tensor(todo)]  # a caption without objects: its image is left out (a copy of the rest)
 
     @property
     def input_side(self) -> int:
@@ -83,7 +82,7 @@ class Grounder(Stage):
         return int(self.params["canvas"])
 
     def _ground(
-        self, pixels: dict[str, torch.Tensor], images: list[Image.Image], phrases: list[list[str]]
+        self, pixels: torch.Tensor, images: list[Image.Image], phrases: list[list[str]]
     ) -> list[list[GroundedObject]]:
         prompts = [_prompt(image_phrases) for image_phrases in phrases]
         text = self.processor.tokenizer(
@@ -95,13 +94,13 @@ class Grounder(Stage):
         )
         offsets = text.pop("offset_mapping")
         owners = _phrase_tokens(offsets, text["attention_mask"], [spans for _, spans in prompts])
-        scores, boxes, found = (t.tolist() for t in self._best_boxes({**pixels, **text}, owners))
+        scores, boxes, found = (t.tolist() for t in self._best_boxes(pixels, dict(text), owners))
         return [
             self._objects(scores[row], boxes[row], found[row], phrases[row], image) for row, image in enumerate(images)
         ]
 
     def _best_boxes(
-        self, inputs: dict[str, torch.Tensor], owners: torch.Tensor
+        self, pixels: torch.Tensor, text: dict[str, torch.Tensor], owners: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The model, and each phrase's best query picked on the device: for phrase p of image b, its score (the
         highest probability over its tokens, at the query where that is highest), that query's box (cx, cy, w, h
@@ -109,8 +108,12 @@ class Grounder(Stage):
         (B, phrases) figures come back to the CPU, not the (B, 900, 256) logits. `owners` (B, phrases, tokens)
         says which tokens make up each phrase (the simulated device replaces this method)."""
         device = self.device
+        inputs = {key: value.to(device, non_blocking=True) for key, value in text.items()}
+        inputs["pixel_values"] = self.recipe.on_device(pixels, device, torch.float32)
+        # Every image fills its canvas (letterboxed, all of one size): no padding to mask.
+        inputs["pixel_mask"] = torch.ones(pixels.shape[:3], dtype=torch.long, device=device)
         with compute_precision(self.precision, device):  # fp32 weights; tf32 or autocast when asked
-            outputs = self.model(**{key: value.to(device, non_blocking=True) for key, value in inputs.items()})
+            outputs = self.model(**inputs)
         probabilities = outputs.logits.float().sigmoid()  # (B, queries, model text length)
         length = probabilities.shape[-1]
         owners = owners[..., :length].to(device, non_blocking=True)  # tokens past the text length were cut

@@ -18,7 +18,7 @@ def test_profiles_cover_paper_small_and_tiny():
 
 
 def test_unknown_profile_names_the_known_ones():
-    with pytest.raises(ProfileError, match="paper, paper-random, small, small-random, tiny"):
+    with pytest.raises(ProfileError, match="paper, paper-random, sim, small, small-random, tiny"):
         get_profile("huge")
 
 

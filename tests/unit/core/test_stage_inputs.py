@@ -4,7 +4,9 @@ import pytest
 from PIL import Image
 
 from pipeline.core.detector import Detector
+from pipeline.core import imaging
 from pipeline.core.imaging import downscale
+from pipeline.core.model_input import PixelRecipe
 from pipeline.core.phrases import object_phrases
 from pipeline.core.profiles import get_profile
 from pipeline.core.results import Artifacts
@@ -39,14 +41,24 @@ def test_the_side_is_the_largest_any_stage_uses(tiny_detector):
 
 
 def test_a_large_image_is_downscaled_once_and_every_stage_gets_that_copy(tiny_detector, received, monkeypatch):
-    resized_from = []
-    original_resize = Image.Image.resize
+    resized_from = []  # (width, height) of every picture resized, by Pillow or by the torch kernels
+    pil_resize, bicubic, recipe_resize = Image.Image.resize, imaging._bicubic, PixelRecipe._resized
 
-    def counting_resize(self, *args, **kwargs):
+    def counting_pil(self, *args, **kwargs):
         resized_from.append(self.size)
-        return original_resize(self, *args, **kwargs)
+        return pil_resize(self, *args, **kwargs)
 
-    monkeypatch.setattr(Image.Image, "resize", counting_resize)
+    def counting_bicubic(image, size):
+        resized_from.append(image.size)
+        return bicubic(image, size)
+
+    def counting_recipe(self, pixels):
+        resized_from.append((pixels.shape[1], pixels.shape[0]))
+        return recipe_resize(self, pixels)
+
+    monkeypatch.setattr(Image.Image, "resize", counting_pil)
+    monkeypatch.setattr(imaging, "_bicubic", counting_bicubic)
+    monkeypatch.setattr(PixelRecipe, "_resized", counting_recipe)
     image = decoded(0, 3000, 2000)
     analysis = tiny_detector.analyze([image])[0]
     assert resized_from.count((3000, 2000)) == 1  # the one downscale: no stage resized the upload itself

@@ -1,0 +1,106 @@
+"""The `sim` profile's stages: the real stages' host work with every model call replaced by the simulated device.
+
+Each class is the real stage (its processor, tokenizer, batching, crop geometry and result handling run as they
+do for the paper's models) with only the method that calls the model overridden: it holds this process's
+`pipeline.core.simulated` device for the model's time on that many images, then returns outputs of the real
+shapes, so every later stage, the ledger and the deliveries run for real. What the outputs say is made up
+(derived from the pixels, so the same image always gets the same caption and boxes): a benchmark instrument,
+never a verdict. Their versions say `simulated`; a trained head refuses them (`Head.check_compatible`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.core import simulated
+from pipeline.core.clip_input import Box
+from pipeline.core.model_input import PixelRecipe
+from pipeline.core.stages.caption import Captioner
+from pipeline.core.stages.embed import Embedder
+from pipeline.core.stages.ground import Grounder
+
+# Made-up captions: four objects each, as GPU.md's per-image device time assumes (k = 4 crops).
+_NOUNS = (
+    "dog", "cat", "horse", "car", "tree", "house", "bicycle", "boat", "chair", "table", "window", "lamp", "flower",
+    "bird", "clock", "umbrella", "bench", "mountain", "road", "bottle",
+)  # fmt: skip
+_ADJECTIVES = ("red", "small", "old", "wooden", "white", "large", "green", "dark")
+
+
+class _Simulated:
+    """What every simulated stage adds: its version says so, and its model is never loaded."""
+
+    @property
+    def version(self) -> str:
+        return super().version + f"|{simulated.SIMULATED_MARK}"
+
+
+def _seeds(pixels: torch.Tensor) -> list[int]:
+    """A number per image from a sparse sample of its pixels: the same image gives the same made-up outputs."""
+    sample = pixels.reshape(len(pixels), -1)[:, ::4099].float()
+    return [int(value) for value in (sample * 1000).sum(1).abs().long().tolist()]
+
+
+def _caption_of(seed: int) -> str:
+    nouns = [_NOUNS[(seed >> (5 * i)) % len(_NOUNS)] for i in range(4)]
+    adjective = _ADJECTIVES[seed % len(_ADJECTIVES)]
+    return f"a {adjective} {nouns[0]} next to a {nouns[1]} with a {nouns[2]} and a {nouns[3]}"
+
+
+class SimulatedCaptioner(_Simulated, Captioner):
+    def _load(self) -> None:
+        from transformers import AutoProcessor
+
+        self.dtype = torch.float32
+        self.processor = AutoProcessor.from_pretrained(self.located.path)
+        self.recipe = PixelRecipe.of(self.processor.image_processor)
+
+    def _generate_ids(self, pixels: torch.Tensor) -> torch.Tensor:
+        simulated.device().hold("caption", len(pixels))
+        captions = [_caption_of(seed) for seed in _seeds(pixels)]
+        length = int(self.params.get("max_new_tokens", 30))
+        ids = self.processor.tokenizer(captions, padding="max_length", truncation=True, max_length=length)
+        return torch.tensor(ids["input_ids"])
+
+
+class SimulatedGrounder(_Simulated, Grounder):
+    def _load(self) -> None:
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(self.located.path)
+        canvas = int(self.params["canvas"])
+        self.recipe = PixelRecipe.of(self.processor.image_processor, size=(canvas, canvas))
+
+    def _best_boxes(self, pixels: torch.Tensor, text: dict[str, torch.Tensor], owners: torch.Tensor):
+        simulated.device().hold("ground", len(owners))
+        batch, phrases = owners.shape[:2]
+        generator = torch.Generator().manual_seed(sum(_seeds(pixels)) % (2**31))
+        scores = 0.4 + 0.55 * torch.rand(batch, phrases, generator=generator)  # above the 0.35 threshold
+        centres = 0.2 + 0.6 * torch.rand(batch, phrases, 2, generator=generator)
+        sizes = 0.1 + 0.3 * torch.rand(batch, phrases, 2, generator=generator)
+        return scores, torch.cat([centres, sizes], dim=-1), owners.any(-1)
+
+
+class SimulatedEmbedder(_Simulated, Embedder):
+    def _load(self) -> None:
+        import open_clip
+
+        self.tokenizer = open_clip.get_tokenizer(f"local-dir:{self.located.path}")
+
+    @property
+    def dim(self) -> int:
+        return int(self._from_config("embedding width", lambda config: config["model_cfg"]["embed_dim"]))
+
+    def _encode_pictures(self, pictures: list[tuple[torch.Tensor, Box | None]]) -> torch.Tensor:
+        """Crops are cut on a real device: only their geometry is host work, and the held time covers the rest."""
+        simulated.device().hold("embed_image", len(pictures))
+        seed = sum(int(whole.shape[-1]) * 31 + (round(box[0]) if box else 0) for whole, box in pictures)
+        return torch.randn(len(pictures), self.dim, generator=torch.Generator().manual_seed(seed))
+
+    def _encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        simulated.device().hold("embed_text", len(tokens))
+        seed = int(tokens.sum()) % (2**31)
+        return torch.randn(len(tokens), self.dim, generator=torch.Generator().manual_seed(seed))
+
+
+SIMULATED_STAGES = {"caption": SimulatedCaptioner, "ground": SimulatedGrounder, "embed": SimulatedEmbedder}
