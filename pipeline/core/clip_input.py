@@ -11,21 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.core.imaging import PAD_COLOR
+from pipeline.core.imaging import PAD_COLOR, picture_pixels
 
 Box = tuple[float, float, float, float]
 _RESIZE_MODES = ("shortest", "squash")  # what open_clip's eval transform supports that we reproduce
 _FILTERS = ("bicubic", "bilinear")
 
 
-def host_pixels(image: Image.Image, pinned: bool = False) -> torch.Tensor:
-    """The (H, W, 3) uint8 pixels of an RGB image on the CPU; `pinned` (page-locked) so that the copy to a CUDA
-    device is asynchronous."""
-    pixels = torch.from_numpy(np.array(image))
+def host_pixels(picture, pinned: bool = False) -> torch.Tensor:
+    """The (H, W, 3) uint8 pixels of a Pillow image or of pixels, on the CPU; `pinned` (page-locked, a copy) so
+    that the copy to a CUDA device is asynchronous."""
+    pixels = picture_pixels(picture)
     return pixels.pin_memory() if pinned else pixels
 
 

@@ -229,14 +229,14 @@ class Detector:
         for artifact, stage in (("caption", self.captioner), ("objects", self.grounder), ("embeddings", self.embedder)):
             rows = _missing(analyses, artifact, images)
             if rows and hasattr(stage, "prepare"):  # the whole-image grounder runs no model: nothing to prepare
-                inputs[stage.name] = StageInputs(rows, stage.prepare([staged[i].image for i in rows]))
+                inputs[stage.name] = StageInputs(rows, stage.prepare([staged[i].pixels for i in rows]))
         ms = (time.perf_counter() - started) * 1000 / max(1, len(todo))
         return Prepared(staged, inputs, ms)
 
     def _caption(self, images, analyses: list[Analysis], prepared: Prepared) -> None:
         todo = _missing(analyses, "caption", images)
         with _timed(analyses, todo, self.captioner):
-            captions = self.captioner.caption([images[i].image for i in todo], prepared.of("caption", todo))
+            captions = self.captioner.caption([images[i].pixels for i in todo], prepared.of("caption", todo))
         for index, caption in zip(todo, captions, strict=True):
             analyses[index].artifacts.caption = caption
 
@@ -246,7 +246,7 @@ class Detector:
         phrases = [object_phrases(analyses[i].artifacts.caption, limit) for i in todo]
         pixels = _given(prepared.of("ground", todo))
         with _timed(analyses, todo, self.grounder):
-            found = self.grounder.ground([images[i].image for i in todo], phrases, *pixels)
+            found = self.grounder.ground([images[i].pixels for i in todo], phrases, *pixels)
         for index, objects in zip(todo, found, strict=True):
             staged = images[index]
             analyses[index].artifacts.objects = [
@@ -259,7 +259,7 @@ class Detector:
         pictures, boxes, texts, counts = [], [], [], []
         for index in todo:
             staged, artifacts = images[index], analyses[index].artifacts
-            pictures.append(staged.image)
+            pictures.append(staged.pixels)
             boxes.append([staged.from_original(obj.box) for obj in artifacts.objects])  # stored boxes too
             texts += [artifacts.caption] + [obj.phrase for obj in artifacts.objects]
             counts.append(1 + len(artifacts.objects))

@@ -14,14 +14,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from pipeline.core.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.core.errors import ImageError
 
 if TYPE_CHECKING:
+    import torch
+
     from pipeline.core.provenance import Provenance
 
+Picture = "Image.Image | torch.Tensor"  # what a stage is handed: a Pillow image, or (H, W, 3) uint8 pixels
 PAD_COLOR = (124, 116, 104)  # the ImageNet/CLIP mean: padding normalises to about zero in every model
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, the way most viewers show them
 
@@ -146,7 +149,10 @@ def _too_many_pixels(image: Image.Image | None, max_pixels: int) -> ImageError:
 
 
 def _orient(image: Image.Image) -> Image.Image:
+    """The image turned upright by its EXIF orientation; itself when it is upright (Pillow would copy it)."""
     try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return image
         return ImageOps.exif_transpose(image)
     except Exception:
         return image  # a malformed EXIF block should not cost the image: keep it as stored
@@ -164,6 +170,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         canvas = Image.new("RGB", image.size, BACKGROUND)
         canvas.paste(image, mask=image.getchannel("A"))
         return canvas
+    if image.mode == "RGB" and image.format == "JPEG":
+        return image  # already what the stages take, a single frame: no copy (a megapixel costs ~1 ms of GIL)
     return image.convert("RGB")
 
 
@@ -175,14 +183,39 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
-@dataclass(frozen=True)
 class StageImage:
     """An image as the model stages see it (see `downscale`), with the factors that carry boxes between its
-    pixels and the original's: stages work in its pixels, results report the original's."""
+    pixels and the original's: stages work in its pixels, results report the original's.
 
-    image: Image.Image
-    scale_x: float = 1.0  # original pixels per stage pixel, across
-    scale_y: float = 1.0  # and down
+    It holds its pixels as a Pillow image or as an (H, W, 3) uint8 tensor, and makes the other on first use only:
+    copying pixels out of Pillow or into it holds the GIL (Pillow packs RGB as 4 bytes a pixel), which a worker's
+    model thread then waits for (README, "Keeping a GPU busy")."""
+
+    def __init__(self, image: Image.Image | None, scale_x: float = 1.0, scale_y: float = 1.0, pixels=None):
+        if image is None and pixels is None:
+            raise ValueError("A StageImage needs an image or its pixels.")
+        self._image, self._pixels = image, pixels
+        self.scale_x, self.scale_y = scale_x, scale_y  # original pixels per stage pixel, across and down
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            self._image = Image.fromarray(self._pixels.numpy(), "RGB")
+        return self._image
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """(H, W, 3) uint8 on the CPU."""
+        if self._pixels is None:
+            self._pixels = rgb_pixels(self._image)
+        return self._pixels
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), from whichever form it holds."""
+        if self._image is not None:
+            return self._image.size
+        return int(self._pixels.shape[1]), int(self._pixels.shape[0])
 
     def to_original(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         """A box in this image's pixels, in the original's, at the two decimals results report."""
@@ -197,6 +230,25 @@ class StageImage:
         return (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
 
 
+def rgb_pixels(image: Image.Image) -> torch.Tensor:
+    """(H, W, 3) uint8 pixels of an image (converted to RGB if it is not), one copy."""
+    import torch
+
+    return torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB")))
+
+
+def picture_size(picture) -> tuple[int, int]:
+    """(width, height) of a Pillow image or of (H, W, 3) pixels."""
+    if isinstance(picture, Image.Image):
+        return picture.size
+    return int(picture.shape[1]), int(picture.shape[0])
+
+
+def picture_pixels(picture) -> torch.Tensor:
+    """(H, W, 3) uint8 pixels of a Pillow image (one copy) or of pixels (themselves)."""
+    return rgb_pixels(picture) if isinstance(picture, Image.Image) else picture
+
+
 def downscale(image: Image.Image, max_side: int | None) -> StageImage:
     """`image` with its longer side brought down to `max_side`, aspect kept; an image within it is untouched
     (never upscaled: the stages' own processors do that, as before)."""
@@ -204,23 +256,22 @@ def downscale(image: Image.Image, max_side: int | None) -> StageImage:
         return StageImage(image)
     factor = max_side / max(image.size)
     size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-    return StageImage(_bicubic(image, size), image.width / size[0], image.height / size[1])
+    return StageImage(None, image.width / size[0], image.height / size[1], pixels=_bicubic(image, size))
 
 
 DOWNSCALE_FILTER = "bicubic-aa"  # in every stage version (`Detector.stage_versions`): other pixels, other artifacts
 
 
-def _bicubic(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Antialiased bicubic (Pillow's filter, as torchvision ports it) on the 8-bit pixels: torchvision's uint8
-    kernel is vectorised, about 2 ms for 1024×768 → 800×600 where Pillow's Lanczos took 10 to 14 on the same core,
-    the host's largest cost per image before this (README, "Keeping a GPU busy"). It runs without the GIL."""
-    import torch
+def _bicubic(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 of `image` at `size`: antialiased bicubic (Pillow's filter, as torchvision ports it) on the
+    8-bit pixels. torchvision's uint8 kernel is vectorised: about 2 ms for 1024×768 → 800×600 where Pillow's
+    Lanczos took 10 to 14 on the same core, the host's largest cost per image before this (README, "Keeping a GPU
+    busy"). It runs without the GIL; only the copy out of Pillow holds it."""
     from torchvision.transforms.v2 import functional
 
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # channels last in memory: the fast kernel's layout
+    pixels = rgb_pixels(image).permute(2, 0, 1)  # channels last in memory: the fast kernel's layout
     small = functional.resize(pixels, [size[1], size[0]], functional.InterpolationMode.BICUBIC, antialias=True)
-    return Image.fromarray(small.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    return small.permute(1, 2, 0).contiguous()
 
 
 THUMBNAIL_QUALITY = 80  # JPEG quality of thumbnails: small files, artefacts a reviewer does not notice at that size

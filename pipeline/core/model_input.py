@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional
 
+from pipeline.core.imaging import picture_pixels
+
 
 @dataclass(frozen=True)
 class PixelRecipe:
@@ -43,29 +45,33 @@ class PixelRecipe:
             std=tuple(processor.image_std) if normalise else (1.0, 1.0, 1.0),
         )
 
-    def host(self, images: list[Image.Image], pinned: bool = False) -> torch.Tensor:
-        """(B, H, W, 3) uint8: each image resized to `size`, written straight into one batch tensor."""
+    def host(self, pictures: list, pinned: bool = False) -> torch.Tensor:
+        """(B, H, W, 3) uint8: each picture (a Pillow image or (H, W, 3) pixels) resized to `size`, written straight
+        into one batch tensor."""
         width, height = self.size
-        batch = torch.empty((len(images), height, width, 3), dtype=torch.uint8, pin_memory=pinned)
-        for row, image in enumerate(images):
-            batch[row] = self._resized(_pixels(image))
+        batch = torch.empty((len(pictures), height, width, 3), dtype=torch.uint8, pin_memory=pinned)
+        for row, picture in enumerate(pictures):
+            batch[row] = self._resized(picture_pixels(picture))
         return batch
 
-    def letterboxed(self, images: list[Image.Image], pad: tuple[int, int, int], pinned: bool = False) -> torch.Tensor:
-        """(B, H, W, 3) uint8 of square `size`: each image padded at the bottom and right to a square of its longer
-        side in colour `pad`, then resized to `size` (`pipeline.core.imaging.letterbox`). An image whose longer side
-        is the canvas already (the detector downscaled it there) is only copied into its padded slot."""
+    def letterboxed(self, pictures: list, pad: tuple[int, int, int], pinned: bool = False) -> torch.Tensor:
+        """(B, H, W, 3) uint8 of square `size`: each picture padded at the bottom and right to a square of its longer
+        side in colour `pad`, then resized to `size` (`pipeline.core.imaging.letterbox`). A picture whose longer
+        side is the canvas already (the detector downscaled it there) is only copied into its padded slot."""
         width, height = self.size
-        batch = torch.empty((len(images), height, width, 3), dtype=torch.uint8, pin_memory=pinned)
-        for row, image in enumerate(images):
-            if max(image.size) == width == height:
-                slot = batch[row].numpy()  # the image, then padding below and to its right: each byte written once
-                slot[: image.height, : image.width] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-                slot[image.height :, :], slot[: image.height, image.width :] = pad, pad
-            else:
-                square = Image.new("RGB", (max(image.size),) * 2, pad)
-                square.paste(image.convert("RGB"), (0, 0))
-                batch[row] = self._resized(_pixels(square))
+        batch = torch.empty((len(pictures), height, width, 3), dtype=torch.uint8, pin_memory=pinned)
+        colour = torch.tensor(pad, dtype=torch.uint8)
+        for row, picture in enumerate(pictures):
+            pixels = picture_pixels(picture)
+            rows, columns = pixels.shape[:2]
+            side = max(rows, columns)
+            if side != width or width != height:
+                square = torch.empty((side, side, 3), dtype=torch.uint8)
+                square[:rows, :columns], square[rows:, :], square[:rows, columns:] = pixels, colour, colour
+                batch[row] = self._resized(square)
+                continue
+            slot = batch[row]  # the picture, then padding below and to its right: each byte written once
+            slot[:rows, :columns], slot[rows:, :], slot[:rows, columns:] = pixels, colour, colour
         return batch
 
     def on_device(self, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -94,8 +100,3 @@ _MODES = {
     Image.Resampling.BILINEAR: functional.InterpolationMode.BILINEAR,
     Image.Resampling.NEAREST: functional.InterpolationMode.NEAREST,
 }
-
-
-def _pixels(image: Image.Image) -> torch.Tensor:
-    """(H, W, 3) uint8 pixels of `image` (one copy)."""
-    return torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB")))

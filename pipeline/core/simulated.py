@@ -26,28 +26,39 @@ SIMULATED_MARK = "simulated"  # in every stage version of the `sim` profile, and
 
 
 class SimulatedDevice:
-    """Held for a stage's time per item; counts how long it was held (its busy time)."""
+    """A device timeline, as CUDA's stream is one: work is launched without waiting (it starts when the work before
+    it ends), and the host waits only when it synchronises, as copying a result back to the CPU does. Counts how
+    long the device was busy."""
 
     def __init__(self, device_ms: dict[str, float] | None = None):
         self.device_ms = {**DEVICE_MS, **(device_ms or {})}
         self._lock = threading.Lock()
+        self._free_at = 0.0  # time.perf_counter() at which the work launched so far ends
         self._busy_s = 0.0
         self._holds = 0
 
-    def hold(self, part: str, items: int) -> float:
-        """Holds the device for `items` × the part's time; returns the seconds held."""
+    def launch(self, part: str, items: int) -> None:
+        """Queues `items` × the part's time of work; returns at once."""
         seconds = self.device_ms[part] * items / 1000
         with self._lock:
-            started = time.perf_counter()
-            time.sleep(seconds)
-            held = time.perf_counter() - started
-            self._busy_s += held
+            self._free_at = max(self._free_at, time.perf_counter()) + seconds
+            self._busy_s += seconds
             self._holds += 1
-        return held
+
+    def synchronize(self) -> None:
+        """Waits, with the GIL released, until the work launched so far has ended."""
+        wait = self._free_at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+
+    def hold(self, part: str, items: int) -> None:
+        """Runs `items` × the part's time of work and waits for it: a model whose outputs the host needs at once."""
+        self.launch(part, items)
+        self.synchronize()
 
     @property
     def busy_s(self) -> float:
-        """Seconds the device was held since this process started."""
+        """Seconds of work launched on the device since this process started."""
         return self._busy_s
 
     def per_image_ms(self, objects: int) -> float:

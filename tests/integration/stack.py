@@ -47,9 +47,9 @@ class Stack:
 
     @property
     def settings(self) -> Settings:
-        # As pydantic-settings reads the environment: complex (list) values arrive as JSON.
+        # As pydantic-settings reads the environment: complex (list, dict) values arrive as JSON.
         keys = {k[len("ITEM_") :].lower(): v for k, v in self.env.items() if k.startswith("ITEM_")}
-        return Settings(**{k: json.loads(v) if v.startswith("[") else v for k, v in keys.items()})
+        return Settings(**{k: json.loads(v) if v.startswith(("[", "{")) else v for k, v in keys.items()})
 
     def image(self, seed: int, fmt: str = "PNG") -> Path:
         path = self.folder / f"image-{seed}.{fmt.lower()}"

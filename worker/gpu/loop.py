@@ -41,7 +41,7 @@ from worker.ledger.store import Lease
 from worker.ledger.wakeups import Listener
 from worker.ops import metrics
 from worker.ops.logs import OutageLog
-from worker.ops.supervise import Supervised, name_os_thread
+from worker.ops.supervise import Supervised, lower_thread_priority, name_os_thread
 
 log = logging.getLogger("item.worker")
 
@@ -305,6 +305,7 @@ class Prefetch:
         return batch
 
     def run(self) -> None:
+        lower_thread_priority()  # its reading threads too: the model thread comes first
         outage = OutageLog(
             log, "the ledger is unreachable; claimed checks wait out their lease and are redone",
             "the ledger is still unreachable",
@@ -390,6 +391,7 @@ class Store:
         self._thread.stop(timeout_s)
 
     def run(self) -> None:
+        lower_thread_priority()
         while (batch := self._batches.get()) is not None:
             faults.strike("store")  # tests only: a death of this thread (worker.gpu.faults)
             try:

@@ -173,6 +173,7 @@ METRIC_NAMES = frozenset(
         "item_check_latency_seconds",
         "item_queue_wait_seconds",
         "item_batch_size",
+        "item_device_busy_seconds_total",
         "item_model_load_seconds",
         "item_artifact_reuse_total",
         "item_stage_images_total",

@@ -14,6 +14,7 @@ probe with `watch`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ EXIT_STATUS = 70  # EX_SOFTWARE: the process is replaced (see worker/gpu/exits.p
 RESTART_BACKOFF_S = (1.0, 60.0)  # first and longest wait before a dead thread runs again
 STABLE_AFTER_S = 60.0  # a thread that lived this long before dying is restarted after the first wait again
 
+
 def name_os_thread(name: str) -> None:
     """Gives the calling thread `name` in the operating system too (Linux: its first 15 bytes), so `top -H`, `ps -L`
     and /proc show which thread of a worker uses the CPU; threads it starts inherit the name. Best effort."""
@@ -36,6 +38,18 @@ def name_os_thread(name: str) -> None:
         ctypes.CDLL(None).prctl(15, name.encode()[:15])  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
+
+
+BACKGROUND_NICENESS = 5  # how much lower a GPU process's helper threads are scheduled than its model thread
+
+
+def lower_thread_priority(niceness: int = BACKGROUND_NICENESS) -> None:
+    """Schedules the calling thread (and the threads it starts) `niceness` below its process: a GPU process's
+    prefetch and store threads, so that when the device finishes, the model thread gets a core at once rather
+    than after their time slice (README, "Keeping a GPU busy"). Raising niceness needs no privilege. Linux only;
+    best effort elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 _probes: dict[str, Callable[[], bool]] = {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
-from PIL import Image
 
 from pipeline.core.devices import compute_precision, weight_dtype
 from pipeline.core.errors import ModelLoadError
+from pipeline.core.imaging import Picture
 from pipeline.core.model_input import PixelRecipe
 from pipeline.core.stages.base import Stage
 
@@ -37,7 +37,7 @@ class Captioner(Stage):
         model = AutoModelForImageTextToText.from_pretrained(self.located.path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
 
-    def prepare(self, images: list[Image.Image]) -> torch.Tensor:
+    def prepare(self, images: list[Picture]) -> torch.Tensor:
         """Each image resized to the processor's square, as uint8 (B, H, W, 3) on the CPU: the host's share of the
         input, done for the next batch while the device runs this one (pinned on CUDA, so the copy is async).
         Rescaling and normalising happen on the device (`pipeline.core.model_input`)."""
@@ -45,7 +45,7 @@ class Captioner(Stage):
         return self.recipe.host(images, pinned=self.device.type == "cuda")
 
     @torch.inference_mode()
-    def caption(self, images: list[Image.Image], prepared: torch.Tensor | None = None) -> list[str]:
+    def caption(self, images: list[Picture], prepared: torch.Tensor | None = None) -> list[str]:
         """Deterministic (greedy or beam) captions, one per image, in order, `batch_size` images per `generate`;
         `prepared` is `prepare(images)` when it was done ahead."""
         if not images:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 
 import torch
-from PIL import Image
 
 from pipeline.core.clip_input import Box, ClipTransform, host_pixels, on_device, square_crop
 from pipeline.core.devices import compute_precision
 from pipeline.core.errors import ModelLoadError
+from pipeline.core.imaging import Picture
 from pipeline.core.stages.base import Stage
 
 CONFIG_FILE = "open_clip_config.json"  # what open_clip's `local-dir:` loader reads; every CLIP folder has one
+TOKEN_CACHE = 50_000  # distinct texts whose tokens a process keeps (~0.6 KB each: 77 int64)
 
 
 class Embedder(Stage):
@@ -38,8 +39,9 @@ class Embedder(Stage):
         self.model = model.eval()
         self.transform = ClipTransform.of(model)  # the model's own eval transform (`preprocess`), on tensors
         self.tokenizer = open_clip.get_tokenizer(source)
+        self._token_cache: dict[str, torch.Tensor] = {}
 
-    def prepare(self, images: list[Image.Image]) -> list[torch.Tensor]:
+    def prepare(self, images: list[Picture]) -> list[torch.Tensor]:
         """Each image as a (H, W, 3) uint8 tensor on the CPU, which its pictures are cut from on the device: the
         host's share of CLIP's input, done for the next batch while the device runs this one (pinned on CUDA)."""
         pinned = self.device.type == "cuda"
@@ -48,7 +50,7 @@ class Embedder(Stage):
     @torch.inference_mode()
     def embed_images(
         self,
-        images: list[Image.Image],
+        images: list[Picture],
         boxes: list[list[Box]] | None = None,
         prepared: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -68,8 +70,23 @@ class Embedder(Stage):
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Unnormalised text embeddings (truncated to the model's context), float32 on the CPU."""
         self.load()
-        parts = self.in_runs(texts, lambda part: [self._encode_texts(self.tokenizer(part))])
+        parts = self.in_runs(texts, lambda part: [self._encode_texts(self._tokens(part))])
         return _concat(parts, self.dim)
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        """(len(texts), context) token ids. open_clip's tokenizer is Python (text cleaning, BPE), ~0.1 ms a text on
+        the model thread while the device waits; object phrases repeat across uploads ("man", "red car"), so each
+        distinct text is tokenized once per process, up to TOKEN_CACHE texts."""
+        return torch.cat([self._token_row(text) for text in texts])
+
+    def _token_row(self, text: str) -> torch.Tensor:
+        row = self._token_cache.get(text)
+        if row is None:
+            row = self.tokenizer([text])
+            if len(self._token_cache) >= TOKEN_CACHE:
+                self._token_cache.pop(next(iter(self._token_cache)))  # the oldest: plain FIFO is enough here
+            self._token_cache[text] = row
+        return row
 
     def _encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         """The text tower on tokenised texts (the simulated device replaces this)."""

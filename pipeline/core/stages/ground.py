@@ -13,10 +13,9 @@ Decisions the paper leaves open, made here:
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
 from pipeline.core.devices import compute_precision
-from pipeline.core.imaging import PAD_COLOR
+from pipeline.core.imaging import PAD_COLOR, Picture, picture_size
 from pipeline.core.model_input import PixelRecipe
 from pipeline.core.model_store import LocatedModel
 from pipeline.core.results import GroundedObject
@@ -42,7 +41,7 @@ class Grounder(Stage):
         model = AutoModelForZeroShotObjectDetection.from_pretrained(self.located.path)
         self.model = model.to(self.device).eval()
 
-    def prepare(self, images: list[Image.Image]) -> torch.Tensor:
+    def prepare(self, images: list[Picture]) -> torch.Tensor:
         """Each image letterboxed and resized to the canvas, as uint8 (B, canvas, canvas, 3) on the CPU: the host's
         share of the input, done for the next batch while the device runs this one (pinned on CUDA). Rescaling
         and normalising happen on the device (`pipeline.core.model_input`)."""
@@ -51,7 +50,7 @@ class Grounder(Stage):
 
     @torch.inference_mode()
     def ground(
-        self, images: list[Image.Image], phrases: list[list[str]], prepared: torch.Tensor | None = None
+        self, images: list[Picture], phrases: list[list[str]], prepared: torch.Tensor | None = None
     ) -> list[list[GroundedObject]]:
         """The objects found for each (image, phrases) pair; an image with no phrases skips the model. `prepared`
         is `prepare(images)` when it was done ahead."""
@@ -82,7 +81,7 @@ class Grounder(Stage):
         return int(self.params["canvas"])
 
     def _ground(
-        self, pixels: torch.Tensor, images: list[Image.Image], phrases: list[list[str]]
+        self, pixels: torch.Tensor, images: list[Picture], phrases: list[list[str]]
     ) -> list[list[GroundedObject]]:
         prompts = [_prompt(image_phrases) for image_phrases in phrases]
         text = self.processor.tokenizer(
@@ -129,10 +128,10 @@ class Grounder(Stage):
     ) -> list[GroundedObject]:
         """Each phrase's best box in image pixels, kept if its score reaches `box_threshold`; the best
         `max_objects` of them by score."""
-        side = max(image.width, image.height)
+        width, height = picture_size(image)
         kept = []
         for phrase, score, box, has_tokens in zip(image_phrases, scores, boxes, found, strict=False):
-            pixels = _to_pixels(box, side, image.width, image.height) if has_tokens else None
+            pixels = _to_pixels(box, max(width, height), width, height) if has_tokens else None
             if pixels is not None and score >= self.params["box_threshold"]:
                 kept.append(GroundedObject(phrase, pixels, score))
         kept.sort(key=lambda obj: obj.score, reverse=True)
@@ -189,11 +188,12 @@ class WholeImageGrounder(Stage):
         canvas = self.params.get("canvas")
         return int(canvas) if canvas else None
 
-    def ground(self, images: list[Image.Image], phrases: list[list[str]]) -> list[list[GroundedObject]]:
+    def ground(self, images: list[Picture], phrases: list[list[str]]) -> list[list[GroundedObject]]:
         limit = int(self.params["max_objects"])
         found = []
         for image, wanted in zip(images, phrases, strict=True):
-            whole = (0.0, 0.0, float(image.width), float(image.height))
+            width, height = picture_size(image)
+            whole = (0.0, 0.0, float(width), float(height))
             found.append([GroundedObject(phrase, whole, 1.0) for phrase in wanted[:limit]])
         return found
 

@@ -86,19 +86,32 @@ class SimulatedEmbedder(_Simulated, Embedder):
         import open_clip
 
         self.tokenizer = open_clip.get_tokenizer(f"local-dir:{self.located.path}")
+        self._token_cache = {}
 
     @property
     def dim(self) -> int:
         return int(self._from_config("embedding width", lambda config: config["model_cfg"]["embed_dim"]))
 
+    def embed_images(self, images, boxes=None, prepared=None) -> torch.Tensor:
+        """As the real one: its runs are launched one after another, and the copy back to the CPU at the end waits
+        for them."""
+        embeddings = super().embed_images(images, boxes, prepared)
+        simulated.device().synchronize()
+        return embeddings
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        embeddings = super().embed_texts(texts)
+        simulated.device().synchronize()
+        return embeddings
+
     def _encode_pictures(self, pictures: list[tuple[torch.Tensor, Box | None]]) -> torch.Tensor:
-        """Crops are cut on a real device: only their geometry is host work, and the held time covers the rest."""
-        simulated.device().hold("embed_image", len(pictures))
+        """Crops are cut on a real device: only their geometry is host work, and the device time covers the rest."""
+        simulated.device().launch("embed_image", len(pictures))
         seed = sum(int(whole.shape[-1]) * 31 + (round(box[0]) if box else 0) for whole, box in pictures)
         return torch.randn(len(pictures), self.dim, generator=torch.Generator().manual_seed(seed))
 
     def _encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        simulated.device().hold("embed_text", len(tokens))
+        simulated.device().launch("embed_text", len(tokens))
         seed = int(tokens.sum()) % (2**31)
         return torch.randn(len(tokens), self.dim, generator=torch.Generator().manual_seed(seed))
 

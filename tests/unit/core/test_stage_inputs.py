@@ -1,11 +1,12 @@
 """What the detector hands its stages: each image downscaled once, boxes back in the original's pixels."""
 
 import pytest
+import torch
 from PIL import Image
 
-from pipeline.core.detector import Detector
 from pipeline.core import imaging
-from pipeline.core.imaging import downscale
+from pipeline.core.detector import Detector
+from pipeline.core.imaging import downscale, picture_size, rgb_pixels
 from pipeline.core.model_input import PixelRecipe
 from pipeline.core.phrases import object_phrases
 from pipeline.core.profiles import get_profile
@@ -64,7 +65,7 @@ def test_a_large_image_is_downscaled_once_and_every_stage_gets_that_copy(tiny_de
     assert resized_from.count((3000, 2000)) == 1  # the one downscale: no stage resized the upload itself
     copies = received["caption"] + received["ground"] + received["embed"]
     assert len(copies) == 3 and all(copy is copies[0] for copy in copies)  # the same copy, three times
-    assert copies[0].size == (96, 64)
+    assert picture_size(copies[0]) == (96, 64)
     assert analysis.timings_ms["prepare"] > 0
 
 
@@ -90,7 +91,9 @@ def test_stored_boxes_crop_the_same_pictures_as_fresh_ones(tiny_detector):
 def test_a_small_image_reaches_the_stages_untouched(tiny_detector, received):
     image = decoded(2, 80, 60)
     tiny_detector.analyze([image])
-    assert all(copy is image.image for copies in received.values() for copy in copies)
+    first = received["caption"][0]  # its pixels, copied out of Pillow once and handed to every stage
+    assert all(copy is first for copies in received.values() for copy in copies)
+    assert torch.equal(first, rgb_pixels(image.image))
     assert len(received["caption"]) == 1
 
 
