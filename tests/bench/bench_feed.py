@@ -15,7 +15,8 @@ inline (base64 in the message) and by URL from a local server that waits 50 ms b
 
 Figures per phase:
 - `img_s`: checks done a second, from the first send to the last check done (every check must end `done`);
-  `steady_img_s`: the same between the 10th and the 90th percentile of the checks' finishing times.
+  `steady_img_s`: the same between the 10th and the 90th percentile of the checks' finishing times (no start-up,
+  no drain), and `steady_busy`, that rate over the simulated one.
 - `busy`: the device's busy share over the phase, from the GPU loop's batch lines (`busy_ms`: the simulated
   device's time held; on a real device the model thread's time in the models).
 - `cpu_ms_per_image`: CPU milliseconds per image of each part, from /proc: the worker's main process (`intake`:
@@ -160,7 +161,9 @@ def finishing_times(engine, prefix: str, n: int, timeout_s: float) -> list[float
         return sorted(float(row[0]) for row in connection.execute(finished, {"prefix": prefix + "%"}))
 
 
-def through_stack(stack, engine, worker, source: str, payloads: list[bytes], url_base: str, served: dict) -> dict:
+def through_stack(
+    stack, engine, worker, source: str, payloads: list[bytes], url_base: str, served: dict, rate: float = 0.0
+) -> dict:
     """One phase: every payload sent by the platform's client, inline or as a URL the local server answers (from
     `served`) after URL_DELAY_S; timed until the last check is done."""
     from tests.integration.stack import platform_client
@@ -189,6 +192,8 @@ def through_stack(stack, engine, worker, source: str, payloads: list[bytes], url
         "img_s": n / elapsed,
         "steady_img_s": (0.8 * n) / (high - low) if high > low else None,
         "busy": sum(line.get("busy_ms", 0.0) for line in lines) / 1000 / elapsed,
+        # Every image holds the simulated device equally long: the busy share between the 10th and 90th percentile
+        "steady_busy": (0.8 * n) / (high - low) / rate if high > low and rate > 0 else None,
         "batches": len(lines),
         "checks_per_batch": sum(line.get("checks", 0) for line in lines) / max(1, len(lines)),
         "ms_per_check": {
@@ -234,7 +239,7 @@ def stack_run(args, scratch: Path, rate: float, prepare_ahead: bool, images: dic
         through_stack(stack, engine, worker, "inline", warm, url_base, images)
         for number, source in enumerate(sources):
             payloads = [jpeg(1_000_000 * (number + 1) + i, size) for i in range(args.n)]
-            results[source] = through_stack(stack, engine, worker, source, payloads, url_base, images)
+            results[source] = through_stack(stack, engine, worker, source, payloads, url_base, images, rate)
             images.clear()
     return results
 

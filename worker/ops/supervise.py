@@ -49,7 +49,8 @@ def lower_thread_priority(niceness: int = BACKGROUND_NICENESS) -> None:
     than after their time slice (README, "Keeping a GPU busy"). Raising niceness needs no privilege. Linux only;
     best effort elsewhere."""
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
 
 
 _probes: dict[str, Callable[[], bool]] = {}

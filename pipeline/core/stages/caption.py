@@ -64,7 +64,7 @@ class Captioner(Stage):
         one. The copies' captions are dropped."""
         if not self.params.get("static_cache") or len(pixels) == 0:
             return pixels
-        bucket = min(self.configured_batch_size, 1 << (len(pixels) - 1).bit_length())
+        bucket = min(self.batch_size, 1 << (len(pixels) - 1).bit_length())  # never above a size halved for memory
         if bucket <= len(pixels):
             return pixels
         return torch.cat([pixels, pixels[-1:].expand(bucket - len(pixels), *pixels.shape[1:])])

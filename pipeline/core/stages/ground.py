@@ -40,6 +40,7 @@ class Grounder(Stage):
         # fp32 weights: scores are thresholded, and a score moved across the threshold changes the objects.
         model = AutoModelForZeroShotObjectDetection.from_pretrained(self.located.path)
         self.model = model.to(self.device).eval()
+        self.max_text_len = int(model.config.max_text_len)
 
     def prepare(self, images: list[Picture]) -> torch.Tensor:
         """Each image letterboxed and resized to the canvas, as uint8 (B, canvas, canvas, 3) on the CPU: the host's
@@ -87,6 +88,8 @@ class Grounder(Stage):
         text = self.processor.tokenizer(
             [prompt for prompt, _ in prompts],
             padding=True,
+            truncation=True,  # the model reads max_text_len tokens: phrases past it get no tokens, and no box
+            max_length=self.max_text_len,
             return_offsets_mapping=True,
             return_token_type_ids=True,
             return_tensors="pt",

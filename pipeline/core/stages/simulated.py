@@ -10,6 +10,10 @@ never a verdict. Their versions say `simulated`; a trained head refuses them (`H
 
 from __future__ import annotations
 
+import json
+import random
+import zlib
+
 import torch
 
 from pipeline.core import simulated
@@ -36,15 +40,23 @@ class _Simulated:
 
 
 def _seeds(pixels: torch.Tensor) -> list[int]:
-    """A number per image from a sparse sample of its pixels: the same image gives the same made-up outputs."""
-    sample = pixels.reshape(len(pixels), -1)[:, ::4099].float()
-    return [int(value) for value in (sample * 1000).sum(1).abs().long().tolist()]
+    """A number per image (row) from a sparse sample of its own pixels: the same image gives the same made-up
+    outputs, whatever else is in its batch."""
+    sample = pixels.reshape(len(pixels), -1)[:, ::4099].contiguous()
+    return [zlib.crc32(row.numpy().tobytes()) for row in sample]
 
 
 def _caption_of(seed: int) -> str:
-    nouns = [_NOUNS[(seed >> (5 * i)) % len(_NOUNS)] for i in range(4)]
-    adjective = _ADJECTIVES[seed % len(_ADJECTIVES)]
-    return f"a {adjective} {nouns[0]} next to a {nouns[1]} with a {nouns[2]} and a {nouns[3]}"
+    """Four distinct objects, as GPU.md's per-image device time assumes."""
+    chooser = random.Random(seed)
+    first, second, third, fourth = chooser.sample(_NOUNS, 4)
+    return f"a {chooser.choice(_ADJECTIVES)} {first} next to a {second} with a {third} and a {fourth}"
+
+
+def _made_up(seeds: list[int], shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+    """(len(seeds), *shape) uniform in [low, high), each row from its own seed."""
+    rows = [torch.rand(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    return low + (high - low) * torch.stack(rows)
 
 
 class SimulatedCaptioner(_Simulated, Captioner):
@@ -70,14 +82,14 @@ class SimulatedGrounder(_Simulated, Grounder):
         self.processor = AutoProcessor.from_pretrained(self.located.path)
         canvas = int(self.params["canvas"])
         self.recipe = PixelRecipe.of(self.processor.image_processor, size=(canvas, canvas))
+        self.max_text_len = int(json.loads((self.located.path / "config.json").read_text())["max_text_len"])
 
     def _best_boxes(self, pixels: torch.Tensor, text: dict[str, torch.Tensor], owners: torch.Tensor):
         simulated.device().hold("ground", len(owners))
-        batch, phrases = owners.shape[:2]
-        generator = torch.Generator().manual_seed(sum(_seeds(pixels)) % (2**31))
-        scores = 0.4 + 0.55 * torch.rand(batch, phrases, generator=generator)  # above the 0.35 threshold
-        centres = 0.2 + 0.6 * torch.rand(batch, phrases, 2, generator=generator)
-        sizes = 0.1 + 0.3 * torch.rand(batch, phrases, 2, generator=generator)
+        seeds, phrases = _seeds(pixels), owners.shape[1]
+        scores = _made_up(seeds, (phrases,), 0.4, 0.95)  # above the 0.35 threshold
+        centres = _made_up([seed + 1 for seed in seeds], (phrases, 2), 0.2, 0.8)
+        sizes = _made_up([seed + 2 for seed in seeds], (phrases, 2), 0.1, 0.4)
         return scores, torch.cat([centres, sizes], dim=-1), owners.any(-1)
 
 
@@ -107,13 +119,15 @@ class SimulatedEmbedder(_Simulated, Embedder):
     def _encode_pictures(self, pictures: list[tuple[torch.Tensor, Box | None]]) -> torch.Tensor:
         """Crops are cut on a real device: only their geometry is host work, and the device time covers the rest."""
         simulated.device().launch("embed_image", len(pictures))
-        seed = sum(int(whole.shape[-1]) * 31 + (round(box[0]) if box else 0) for whole, box in pictures)
-        return torch.randn(len(pictures), self.dim, generator=torch.Generator().manual_seed(seed))
+        seeds = [
+            zlib.crc32(whole[:, ::97, ::97].contiguous().numpy().tobytes() + repr(box).encode())
+            for whole, box in pictures
+        ]
+        return _made_up(seeds, (self.dim,), -1.0, 1.0)
 
     def _encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         simulated.device().launch("embed_text", len(tokens))
-        seed = int(tokens.sum()) % (2**31)
-        return torch.randn(len(tokens), self.dim, generator=torch.Generator().manual_seed(seed))
+        return _made_up([zlib.crc32(row.numpy().tobytes()) for row in tokens], (self.dim,), -1.0, 1.0)
 
 
 SIMULATED_STAGES = {"caption": SimulatedCaptioner, "ground": SimulatedGrounder, "embed": SimulatedEmbedder}

@@ -273,7 +273,7 @@ def test_the_device_pick_is_the_cpu_rule_on_the_same_model_outputs(tiny_detector
     phrases = [
         ["dog", "red car", "tree", "man"],
         [],  # no phrases: left out of the model call
-        list(WORDS[3:]),  # many phrases, within the model's 64 text tokens (see the xfail below for more)
+        list(WORDS[3:]),  # many phrases, within the model's 64 text tokens
         ["small white boat", "lamp"],
     ]
     found = grounder.ground(images, phrases)
@@ -339,14 +339,6 @@ def test_the_device_pick_is_the_cpu_rule_with_ties_and_cut_text(tiny_detector, m
     assert (cut > 0) == (length < offsets.shape[1])  # a text shorter than the prompt's tokens cut phrases off
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="pipeline/core/stages/ground.py: Grounder._ground tokenizes the prompt without truncating it to the "
-    "model's max_text_len (64 in tiny, 256 in paper), and transformers' Grounding DINO raises on a longer text "
-    "('size of tensor a (85) must match ... (64)'), so _best_boxes' cut of `owners` to the text length is never "
-    "reached: a long stored caption fails the grounder",
-)
 def test_phrases_past_the_models_text_length_are_grounded_on_what_fits(tiny_detector):
     caption = (
         "a big old rusty red wooden farm tractor with huge black rubber wheels next to a tall green metal street "

@@ -36,7 +36,7 @@ def photo(seed: int, size: tuple[int, int]):
 
 
 # Landscape, portrait, square, and one larger than the 800-pixel canvas (downscaled once, to a pixel tensor).
-# Their made-up captions name four distinct objects each (see the xfail below for ones that do not).
+# Their made-up captions name four distinct objects each.
 IMAGES = [photo(0, (320, 240)), photo(3, (200, 300)), photo(5, (300, 300)), photo(12, (1024, 768))]
 
 
@@ -244,14 +244,6 @@ def test_the_same_image_gets_the_same_caption_whatever_its_batch(sim_detector, d
     assert sim_detector.detect([IMAGES[2]])[0].objects == alone.objects  # the same batch: the same boxes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pipeline/core/stages/simulated.py: SimulatedGrounder._best_boxes seeds its generator with the sum of "
-    "the whole run's image seeds, and SimulatedEmbedder with the whole run's pictures, so an image's boxes, "
-    "embeddings and p_fake depend on the other images in its batch (the module says they are derived from its "
-    "pixels)",
-)
 def test_an_images_boxes_and_score_do_not_depend_on_its_batch(sim_detector, device):
     batch = sim_detector.detect(IMAGES[:2])
     alone = sim_detector.detect(IMAGES[:1])[0]
@@ -259,26 +251,12 @@ def test_an_images_boxes_and_score_do_not_depend_on_its_batch(sim_detector, devi
     assert alone.p_fake == pytest.approx(batch[0].p_fake, abs=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pipeline/core/stages/simulated.py: _seeds multiplies the pixel sample by 1000 before summing, so every "
-    "seed is a multiple of 1000 (= 8 × 125): seed % 8 (the adjective) and seed % 20 (the first noun) are always 0, "
-    "and every made-up caption starts 'a red dog'",
-)
 def test_made_up_captions_vary_from_their_first_words(sim_detector, device):
     extra = [photo(seed, (320, 240)) for seed in range(20, 28)]
     captions = [d.caption for d in sim_detector.detect(IMAGES + extra)]
     assert len({caption.split(" next to ")[0] for caption in captions}) > 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pipeline/core/stages/simulated.py: _caption_of draws its four nouns independently, so a caption often "
-    "repeats one ('... with a umbrella and a umbrella') and has three objects, not the four the sim profile "
-    "(and tests/bench/bench_feed.py's OBJECTS = 4, which scales the device times) assumes",
-)
 def test_every_made_up_caption_names_four_objects(sim_detector, device):
     extra = [photo(seed, (320, 240)) for seed in range(20, 28)]
     assert [len(d.objects) for d in sim_detector.detect(extra)] == [4] * len(extra)

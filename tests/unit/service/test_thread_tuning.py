@@ -65,7 +65,7 @@ def test_a_thread_names_itself_for_the_os_and_its_threads_inherit_the_name():
 def test_a_background_thread_is_scheduled_below_the_process_and_so_are_its_threads():
     main = threading.get_native_id()
     if niceness(main) != 0 or os.getpriority(os.PRIO_PROCESS, os.getpid()) != 0:
-        pytest.skip("the tests run below the default priority; see the xfail below for that case")
+        pytest.skip("the tests run below the default priority")
 
     def work():
         tid = threading.get_native_id()
@@ -99,14 +99,6 @@ LOWERED_IN_A_NICE_PROCESS = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="worker/ops/supervise.py: lower_thread_priority sets the thread's niceness to `niceness` itself "
-    "(os.setpriority(PRIO_PROCESS, tid, niceness)), not `niceness` below its process as documented: in a process "
-    "at nice 3 the helper threads end at 5 (2 below, not 5); in one at nice 10 they end at 5, above the model "
-    "thread, where the process may lower niceness (root, CAP_SYS_NICE), or stay at 10 (EPERM, suppressed)",
-)
 @pytest.mark.parametrize("process", [3, 10])
 def test_background_threads_are_lowered_relative_to_a_niced_process(process):
     code = LOWERED_IN_A_NICE_PROCESS.format(process=process)
