@@ -98,8 +98,10 @@ def _run_batch(service: CheckService, expected: int) -> Batch:
     batch = Batch(checks, lease, time.monotonic() + 120)
     service.detector.phase = "prefetch"
     service.prepare(batch)
+    batch.prepared_ahead = batch.prepared  # run_models lets go of it (pinned buffers are freed before the store)
     service.detector.phase = "models"
     service.run_models(batch)
+    assert batch.prepared is None
     service.detector.phase = "store"
     service.store(batch)
     return batch
@@ -140,12 +142,12 @@ def test_inputs_are_prepared_where_the_setting_says_with_the_same_results(
     [(images, handed)] = detector.calls  # one model call for the batch, each image once
     assert images == 4
     if ahead:
-        assert batch.prepared is not None and handed is batch.prepared and batch.prepared_for == unique
-        assert len(batch.prepared.staged) == 4 and batch.prepare_ms > 0
+        assert batch.prepared_ahead is not None and handed is batch.prepared_ahead and batch.prepared_for == unique
+        assert len(batch.prepared_ahead.staged) == 4 and batch.prepare_ms > 0
         assert detector.prepared_in == ["prefetch"]
         assert {phase for _, phase in detector.stage_prepared_in} == {"prefetch"}  # no stage prepared again
     else:
-        assert batch.prepared is None and handed is None and batch.prepare_ms == 0.0
+        assert batch.prepared_ahead is None and handed is None and batch.prepare_ms == 0.0
         assert detector.prepared_in == ["models"]  # the model thread prepared them, within detect
         assert {phase for _, phase in detector.stage_prepared_in} == {"models"}
     rows = _stored(service)
@@ -165,10 +167,10 @@ def test_a_batch_halved_for_memory_detects_each_half_on_its_part_of_the_prepared
     assert batch.prepared_for == _unique_in_batch_order(batch)
     assert [images for images, _ in detector.calls] == [4, 2, 2]  # out of memory at 4: two halves
     whole, first, second = (handed for _, handed in detector.calls)
-    assert whole is batch.prepared
+    assert whole is batch.prepared_ahead
     for part, start in ((first, 0), (second, 2)):
-        assert part is not None and part is not batch.prepared
-        assert part.staged == batch.prepared.staged[start : start + 2]
+        assert part is not None and part is not batch.prepared_ahead
+        assert part.staged == batch.prepared_ahead.staged[start : start + 2]
         assert all(inputs.rows == [0, 1] for inputs in part.inputs.values())
     assert detector.prepared_in == ["prefetch"]
     assert {phase for _, phase in detector.stage_prepared_in} == {"prefetch"}  # the halves prepared nothing
@@ -190,7 +192,7 @@ def test_a_failed_preparation_is_done_again_on_the_model_thread(ledger, tiny_sto
     detector.prepare = fails_on_the_prefetch_thread
     _file(service, tmp_path, SEEDS[:3])
     batch = _run_batch(service, expected=3)
-    assert batch.prepared is None and detector.calls[0][1] is None
+    assert batch.prepared_ahead is None and detector.calls[0][1] is None
     assert detector.prepared_in == ["models"]
     rows = _stored(service)
     assert {row.status for row in rows.values()} == {CheckStatus.done}

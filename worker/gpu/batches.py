@@ -313,6 +313,7 @@ class CheckService:
             crash = TransientError(f"Internal error: {error!r}", code="check.internal_error")
             batch.errors += [(check, crash, "models") for check in batch.todo]
         finally:
+            batch.prepared = None  # pinned pixel buffers: freed now, not when the store thread is done with the batch
             batch.model_ms = (time.perf_counter() - started) * 1000
             held = self._device_held_s()
             batch.busy_ms = batch.model_ms if held is None else (held - held_before) * 1000

@@ -189,11 +189,6 @@ def gpu_main(settings: Settings, index: int, loops: int, loglevel: str, events) 
     """GPU loop `index` of `loops`: take its device, load the models, register the version, say so, then claim and
     run batches until SIGTERM."""
     logs.configure(settings.log_format, loglevel)
-    # The model thread waits on the device with the GIL released (a CUDA synchronisation; the simulated device's
-    # sleep) while the prefetch and store threads run Python. When the device is done it must get the GIL back,
-    # and by default another thread keeps it up to 5 ms before being asked to yield: time the GPU sits idle, at
-    # every one of a batch's few dozen waits. A shorter interval hands it back sooner (README, "Keeping a GPU busy").
-    sys.setswitchinterval(MODEL_THREAD_SWITCH_S)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which stops us in order
@@ -213,6 +208,11 @@ def gpu_main(settings: Settings, index: int, loops: int, loglevel: str, events) 
     stages = (detector.captioner, detector.grounder, detector.embedder)
     metrics.models_loaded({stage.name: stage.load_seconds or 0.0 for stage in stages})
     events.put(("ready", index, os.getpid(), service.version_id, active, str(detector.device)))
+    # The model thread waits on the device with the GIL released (a CUDA synchronisation; the simulated device's
+    # sleep) while the prefetch and store threads run Python. When the device is done it must get the GIL back,
+    # and by default another thread keeps it up to 5 ms before being asked to yield: time the GPU sits idle, at
+    # every one of a batch's few dozen waits. A shorter interval hands it back sooner (README, "Keeping a GPU busy").
+    sys.setswitchinterval(MODEL_THREAD_SWITCH_S)
     loop = Loop(service, stop=stop)
     Supervised("gpu-state", lambda: _report_state(loop, index, events), stopping=stop, on_death="exit").start()
     loop.run_forever()
