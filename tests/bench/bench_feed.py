@@ -39,7 +39,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import re
 import shlex
 import sys
@@ -341,16 +340,10 @@ def run(args, scratch: Path) -> dict:
 
 
 def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or (model and model.group(1)), "load": load}
+    """The machine as bench_stack describes it, and its load average when the run began."""
+    from tests.bench import bench_stack
 
-
-def rounded(value):
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    return round(value, 3) if isinstance(value, float) else value
+    return {**bench_stack.machine(), "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def main() -> None:
@@ -378,6 +371,8 @@ def main() -> None:
         "batch_size": args.batch_size,
     }
     with tempfile.TemporaryDirectory() as scratch:
+        from tests.bench.bench_stack import rounded
+
         result = rounded({**header, **run(args, Path(scratch)), "load_after": os.getloadavg()[0]})
     if args.json:
         print(json.dumps(result))
