@@ -92,10 +92,12 @@ class Settings(BaseSettings):
         'device is held per image and stage, over the defaults (README, "Keeping a GPU busy"), e.g. '
         '{"caption": 2.46, "ground": 2.0, "embed_image": 0.41, "embed_text": 0.03}.',
     )
-    prepare_ahead: bool = Field(
-        True,
-        description="Prepare the models' inputs (downscale, processors, pixel tensors) of the next batch on the "
-        "prefetch thread while the models run this one; off, they are prepared on the model thread.",
+    prepare_ahead: str = Field(
+        "auto",
+        description="Prepare the models' inputs (downscale, each stage's resize, pixel copies) of the next batch on "
+        "the prefetch thread while the models run this one (on), or on the model thread (off); auto: on when the "
+        "models run on a GPU (or the simulated device), off when they run on the CPU, where both would share its "
+        "cores.",
     )
 
     # inputs
@@ -347,6 +349,15 @@ class Settings(BaseSettings):
                     f"({', '.join(PRECISIONS)})"
                 )
         return precisions
+
+    @field_validator("prepare_ahead", mode="before")
+    @classmethod
+    def _prepare_ahead(cls, value) -> str:
+        text = str(value).strip().lower()
+        choice = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(text, text)
+        if choice not in ("auto", "on", "off"):
+            raise ValueError(f"{value!r}: expected auto, on or off")
+        return choice
 
     @field_validator("simulated_device_ms")
     @classmethod

@@ -221,8 +221,16 @@ class CheckService:
             else:
                 batch.todo.append(check)
                 batch.images[check.id] = images[check.id]
-        if self.settings.prepare_ahead:
+        if self.prepares_ahead:
             self._prepare_inputs(batch)
+
+    @property
+    def prepares_ahead(self) -> bool:
+        """ITEM_PREPARE_AHEAD, with `auto` resolved: on when the models run off the CPU (a GPU, the simulated
+        device), where the prefetch thread has a core while the model thread waits on the device."""
+        setting = self.settings.prepare_ahead
+        detector = self.detector
+        return setting == "on" or (setting == "auto" and (detector.device.type != "cpu" or detector.profile.simulated))
 
     def _prepare_inputs(self, batch: Batch) -> None:
         """The models' host work for the batch (downscale, processors, pixel copies; `Detector.prepare`), here on

@@ -142,11 +142,11 @@ def test_configure_replaces_this_processs_device_and_none_restores_the_defaults(
 
 
 def test_the_settings_read_simulated_times_and_prepare_ahead(monkeypatch):
-    assert load_settings().prepare_ahead is True and load_settings().simulated_device_ms == {}
+    assert load_settings().prepare_ahead == "auto" and load_settings().simulated_device_ms == {}
     monkeypatch.setenv("ITEM_SIMULATED_DEVICE_MS", '{"caption": 0.5, "embed_text": 0}')
     monkeypatch.setenv("ITEM_PREPARE_AHEAD", "false")
     settings = load_settings()
-    assert settings.simulated_device_ms == {"caption": 0.5, "embed_text": 0} and settings.prepare_ahead is False
+    assert settings.simulated_device_ms == {"caption": 0.5, "embed_text": 0} and settings.prepare_ahead == "off"
 
 
 @pytest.mark.parametrize(
