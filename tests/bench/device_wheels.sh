@@ -41,6 +41,7 @@ PACKAGES=(
   Mako==1.4.3
   defusedxml==0.7.1
   typing_extensions==4.16.0
+  prometheus_client==0.26.0  # bench_feed's embedded mode runs the worker's GPU loop, which counts its metrics
 )
 # PIP_CONSTRAINT is emptied: this machine's global constraints are for its own Python, not the device's.
 PIP_CONSTRAINT= "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: \
