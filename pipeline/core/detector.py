@@ -228,7 +228,7 @@ class Detector:
         inputs = {}
         for artifact, stage in (("caption", self.captioner), ("objects", self.grounder), ("embeddings", self.embedder)):
             rows = _missing(analyses, artifact, images)
-            if rows and hasattr(stage, "prepare"):  # the whole-image grounder runs no model: nothing to prepare
+            if rows:
                 inputs[stage.name] = StageInputs(rows, stage.prepare([staged[i].pixels for i in rows]))
         ms = (time.perf_counter() - started) * 1000 / max(1, len(todo))
         return Prepared(staged, inputs, ms)
@@ -244,9 +244,9 @@ class Detector:
         todo = _missing(analyses, "objects", images)
         limit = int(self.grounder.params["max_phrases"])
         phrases = [object_phrases(analyses[i].artifacts.caption, limit) for i in todo]
-        pixels = _given(prepared.of("ground", todo))
+        pixels = prepared.of("ground", todo)
         with _timed(analyses, todo, self.grounder):
-            found = self.grounder.ground([images[i].pixels for i in todo], phrases, *pixels)
+            found = self.grounder.ground([images[i].pixels for i in todo], phrases, pixels)
         for index, objects in zip(todo, found, strict=True):
             staged = images[index]
             analyses[index].artifacts.objects = [
@@ -302,11 +302,6 @@ def _downscale_side(sides: list[int | None]) -> int | None:
     2:1 falls below BLIP's square input, which then stretches it (it squeezed it before).
     """
     return max((side for side in sides if side), default=None)
-
-
-def _given(inputs) -> tuple:
-    """Prepared inputs as an optional argument: none when there are none (a stage without a model)."""
-    return () if inputs is None else (inputs,)
 
 
 def _missing(analyses: list[Analysis], field_name: str, images) -> list[int]:

@@ -264,9 +264,9 @@ DOWNSCALE_FILTER = "bicubic-aa"  # in every stage version (`Detector.stage_versi
 
 def _bicubic(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """(H, W, 3) uint8 of `image` at `size`: antialiased bicubic (Pillow's filter, as torchvision ports it) on the
-    8-bit pixels. torchvision's uint8 kernel is vectorised: about 2 ms for 1024×768 → 800×600 where Pillow's
-    Lanczos took 10 to 14 on the same core, the host's largest cost per image before this (README, "Keeping a GPU
-    busy"). It runs without the GIL; only the copy out of Pillow holds it."""
+    8-bit pixels. torchvision's uint8 kernel is vectorised: 3.9 ms a 1024×768 upload where Pillow's Lanczos took
+    14.7 (`tests/bench/bench_host_prep.py`, README "Keeping a GPU busy"). It runs without the GIL; only the copy
+    out of Pillow holds it."""
     from torchvision.transforms.v2 import functional
 
     pixels = rgb_pixels(image).permute(2, 0, 1)  # channels last in memory: the fast kernel's layout

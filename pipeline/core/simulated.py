@@ -35,7 +35,6 @@ class SimulatedDevice:
         self._lock = threading.Lock()
         self._free_at = 0.0  # time.perf_counter() at which the work launched so far ends
         self._busy_s = 0.0
-        self._holds = 0
 
     def launch(self, part: str, items: int) -> None:
         """Queues `items` × the part's time of work; returns at once."""
@@ -43,7 +42,6 @@ class SimulatedDevice:
         with self._lock:
             self._free_at = max(self._free_at, time.perf_counter()) + seconds
             self._busy_s += seconds
-            self._holds += 1
 
     def synchronize(self) -> None:
         """Waits, with the GIL released, until the work launched so far has ended."""

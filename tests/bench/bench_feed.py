@@ -39,7 +39,6 @@ import datetime
 import io
 import json
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -131,11 +130,6 @@ def per_image(before: dict[str, float], after: dict[str, float], n: int) -> dict
 # ---------------------------------------------------------------- the whole stack
 
 
-def batch_lines(text: str) -> list[dict[str, float]]:
-    lines = re.findall(r"batch stored ([^\n]*)", text)
-    return [{key: float(value) for key, value in re.findall(r"(\w+)=(\d+(?:\.\d+)?)", line)} for line in lines]
-
-
 def finishing_times(engine, prefix: str, n: int, timeout_s: float) -> list[float]:
     """Waits until the `n` checks of `prefix` ended; returns their finishing times (epoch seconds)."""
     import sqlalchemy as sa
@@ -165,6 +159,7 @@ def through_stack(
 ) -> dict:
     """One phase: every payload sent by the platform's client, inline or as a URL the local server answers (from
     `served`) after URL_DELAY_S; timed until the last check is done."""
+    from tests.bench.bench_stack import batch_lines
     from tests.integration.stack import platform_client
 
     n, since = len(payloads), worker.log.stat().st_size

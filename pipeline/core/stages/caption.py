@@ -24,8 +24,8 @@ class Captioner(Stage):
     name = "caption"
     # fp16 on CUDA: BLIP-2 is published for it and greedy decoding rarely flips a token over it (fp32 on a CPU).
     default_precision = "fp16"
-    # 2: resized by Pillow on the host, rescaled and normalised on the device (pipeline.core.model_input), rather
-    # than by the processor's torchvision backend on the host: a pixel may differ by a level.
+    # 2: resized in uint8 on the host (torchvision), rescaled and normalised on the device
+    # (pipeline.core.model_input), rather than in float32 by the processor on the host: a pixel may differ by a level.
     implementation = 2
 
     def _load(self) -> None:

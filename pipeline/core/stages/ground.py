@@ -27,8 +27,9 @@ class Grounder(Stage):
     default_batch_size = 16  # 900 queries over ~13k image tokens at the 800-pixel canvas: activations dominate
     # TF32 on CUDA (fp32 on a CPU): see the README's "Precision" for the figures behind the choice.
     default_precision = "tf32"
-    # 2: resized by Pillow on the host, rescaled and normalised on the device (pipeline.core.model_input), rather
-    # than by the processor's torchvision backend on the host; each phrase's best query picked on the device.
+    # 2: resized in uint8 on the host (torchvision), rescaled and normalised on the device
+    # (pipeline.core.model_input), rather than in float32 by the processor on the host; each phrase's best query
+    # picked on the device.
     implementation = 2
 
     def _load(self) -> None:
@@ -191,7 +192,10 @@ class WholeImageGrounder(Stage):
         canvas = self.params.get("canvas")
         return int(canvas) if canvas else None
 
-    def ground(self, images: list[Picture], phrases: list[list[str]]) -> list[list[GroundedObject]]:
+    def prepare(self, images: list[Picture]) -> None:
+        """Nothing: no model looks at the pixels."""
+
+    def ground(self, images: list[Picture], phrases: list[list[str]], prepared=None) -> list[list[GroundedObject]]:
         limit = int(self.params["max_objects"])
         found = []
         for image, wanted in zip(images, phrases, strict=True):
