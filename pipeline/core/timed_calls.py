@@ -32,6 +32,7 @@ class _Call:
         self.function, self.args = function, args
         self.done = threading.Event()
         self.result = self.error = None
+        self.ended_at = float("inf")  # time.monotonic() when the function returned or raised
         self._lock = threading.Lock()
         self._on_late_end = None
 
@@ -40,6 +41,7 @@ class _Call:
             self.result = self.function(*self.args)
         except BaseException as error:  # handed to the waiter, who says what it was
             self.error = error
+        self.ended_at = time.monotonic()
         with self._lock:
             self.done.set()
             on_late_end = self._on_late_end
@@ -77,6 +79,8 @@ class TimedCalls:
         try:
             call = self._start(function, args)
             if call.done.wait(max(0.0, deadline - time.monotonic())) or not call.abandon(self._late_end):
+                if call.ended_at > deadline:  # it ended after its limit, before its waiter looked: still too late
+                    raise CallTimeout
                 return call.outcome()
             self._left_behind()
             raise CallTimeout
