@@ -14,6 +14,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.core.errors import ImageError
@@ -328,6 +330,34 @@ def test_exif_orientation_is_applied():
     top, bottom = decoded.image.getpixel((10, 8)), decoded.image.getpixel((10, 32))
     assert top[0] > 200 and top[2] < 50
     assert bottom[2] > 200 and bottom[0] < 50
+
+
+def _oriented_jpeg(orientation: int) -> bytes:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    orientation=st.integers(0, 10),
+    damage=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=8),
+)
+def test_a_damaged_exif_block_decodes_upright_or_is_refused_never_crashes(orientation, damage):
+    """The EXIF block is read before the pixels are used (is the image upright?): bytes flipped in the first 400
+    bytes, the EXIF segment and the header, end as an RGB image or a typed refusal, never another exception."""
+    data = bytearray(_oriented_jpeg(orientation))
+    for offset, value in damage:
+        data[offset % len(data)] = value
+    try:
+        decoded = decode_image(bytes(data))
+    except ImageError:
+        return
+    # the header may be damaged too: any size, as long as the image is what it says it is
+    assert decoded.image.mode == "RGB" and decoded.image.size == (decoded.width, decoded.height)
+    assert decoded.width >= 1 and decoded.height >= 1
 
 
 def test_animated_gif_is_judged_on_its_first_frame():
