@@ -20,6 +20,7 @@ TABLES = {
     *("api_keys", "console_sessions", "decisions", "thumbnails", "workers"),  # 0005: the API and console
     *("check_rollups", "check_totals", "check_latency_rollups"),  # 0008: the operator views' counts
     "check_keys",  # 0009: idempotency by external id, apart from the partitioned checks
+    *("tenants", "tenant_buckets", "callback_secrets", "review_items"),  # 0010: tenants and the review queue
 }
 
 
@@ -50,7 +51,7 @@ def _drift(url: str) -> list:
 def test_upgrade_creates_the_tables(database_url):
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current(database_url) == migrate.head() == "0009"
+    assert migrate.current(database_url) == migrate.head() == "0010"
     assert migrate.is_up_to_date(database_url)
 
 
@@ -90,7 +91,7 @@ def test_the_claim_indexes_hold_queued_and_running_checks_only(database_url):
     # 0009: the running one leaves out `lease_expires_at`, so renewing a lease is a HOT update
     for status, claimable_from in (("queued", ["available_at"]), ("running", [])):
         claim = indexes[f"ix_checks_claim_{status}"]
-        assert claim["column_names"] == ["pipeline_version_id", "priority", "created_at", *claimable_from]
+        assert claim["column_names"] == ["tenant_id", "pipeline_version_id", "priority", "created_at", *claimable_from]
         where = str(claim["dialect_options"][f"{engine.dialect.name}_where"])  # postgresql_where, sqlite_where
         assert "status" in where and f"'{status}'" in where
     replaced = {"ix_checks_pipeline_version_id_status_priority_created_at", "ix_checks_status_lease_expires_at"}

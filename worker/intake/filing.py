@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 
 from pipeline.core.errors import ItemError
 from worker.intake import text
-from worker.ledger import outbox
+from worker.ledger import outbox, tenants
 from worker.ledger.checks import REPLACEABLE
-from worker.ledger.models import CheckRow, DeadLetterRow
+from worker.ledger.models import DEFAULT_TENANT, CheckRow, DeadLetterRow
 from worker.ledger.store import Ledger, NewCheck
 from worker.ledger.wakeups import notify_new_checks
 from worker.ops import metrics
@@ -82,6 +82,7 @@ class Intake:
         *,
         version_id: str | None = None,
         conflicts_dead: bool = False,
+        tenant_id: str = DEFAULT_TENANT,
     ) -> list[Filed]:
         """One transaction: a row for each submission (and each dead letter); then metrics and logs.
 
@@ -90,11 +91,14 @@ class Intake:
         names its own). A submission that conflicts with the check its external id names (`Filed.conflict`) is
         not filed; with `conflicts_dead` (the broker's intake, which has no one to answer) it is kept as a dead
         letter `check.conflict`.
+
+        Every submission is `tenant_id`'s: its external id is looked up among that tenant's checks only, and its
+        version is the one the tenant is pinned to, if any (`item tenants pin`).
         """
         dead = list(dead)
         with self.ledger.session() as session:
             if submissions:  # dead letters belong to no version, and are kept before any is registered
-                version_id = version_id or self.active_version_id(session)
+                version_id = version_id or self.active_version_id(session, tenant_id)
             filed: list[Filed | None] = [None] * len(submissions)
             blobs: dict[str, bytes] = {}
             valid: list[tuple[int, NewCheck]] = []
@@ -102,9 +106,9 @@ class Intake:
                 try:
                     valid.append((index, self._checked(submission, blobs)))
                 except ItemError as error:
-                    filed[index] = self._file_rejected(session, version_id, submission, error)
+                    filed[index] = self._file_rejected(session, version_id, submission, error, tenant_id)
             self.ledger.put_blobs(session, blobs)
-            created = self.ledger.create_checks(session, version_id, [new for _, new in valid])
+            created = self.ledger.create_checks(session, version_id, [new for _, new in valid], tenant_id=tenant_id)
             for (index, new), (check, is_new) in zip(valid, created, strict=True):
                 filed[index] = Filed(check, True) if is_new else self._filed_before(session, check, new)
             if conflicts_dead:
@@ -117,7 +121,14 @@ class Intake:
         self._report(filed, dead)
         return filed
 
-    def active_version_id(self, session: Session) -> str:
+    def active_version_id(self, session: Session, tenant_id: str = DEFAULT_TENANT) -> str:
+        """The version a tenant's new checks are filed under: its pinned one, else the deployment's active one.
+        A disabled or unknown tenant files nothing (`tenant.disabled`, `tenant.unknown`)."""
+        tenant = tenants.require_tenant(session, tenant_id)
+        if tenant.disabled_at is not None:
+            raise ItemError(f"Tenant {tenant_id!r} is disabled: it files no new checks.", code="tenant.disabled")
+        if tenant.pipeline_version_id is not None:
+            return tenant.pipeline_version_id
         version = self.ledger.active_version(session)
         if version is None:
             raise ItemError(
@@ -154,12 +165,14 @@ class Intake:
                 return Filed(replaced, created=True)
         return Filed(check, created=False, conflict=_conflict(check))
 
-    def _file_rejected(self, session: Session, version_id: str, submission: CheckRequest, error: ItemError) -> Filed:
+    def _file_rejected(
+        self, session: Session, version_id: str, submission: CheckRequest, error: ItemError, tenant_id: str
+    ) -> Filed:
         """Still a row: the platform can read why. A bad callback URL is not kept, a good one still hears of it."""
         callback = None if isinstance(error, CallbackError) else _usable_callback(submission.callback_url)
         check, created = self.ledger.create_check(
             session, external_id=submission.external_id, pipeline_version_id=version_id, source={"invalid": True},
-            callback_url=callback,
+            callback_url=callback, tenant_id=tenant_id,
         )  # fmt: skip
         if not created:  # never reject an earlier, valid check that happens to share the external id
             return Filed(check, False, conflict=None if check.status in REPLACEABLE else _conflict(check))

@@ -10,8 +10,13 @@ from sqlalchemy.orm import Session
 from worker.ledger.models import ApiKeyRow, ConsoleSessionRow, utcnow
 
 
-def add_key(session: Session, key_id: str, name: str, scopes: list[str], secret_sha256: str) -> ApiKeyRow:
-    row = ApiKeyRow(id=key_id, name=name, scopes=scopes, secret_sha256=secret_sha256, created_at=utcnow())
+def add_key(
+    session: Session, key_id: str, name: str, scopes: list[str], secret_sha256: str, tenant_id: str | None
+) -> ApiKeyRow:
+    """`tenant_id` None makes an operator key: it reads every tenant's checks (see `worker.web.keys.Principal`)."""
+    row = ApiKeyRow(
+        id=key_id, name=name, scopes=scopes, secret_sha256=secret_sha256, tenant_id=tenant_id, created_at=utcnow()
+    )
     session.add(row)
     session.flush()
     return row

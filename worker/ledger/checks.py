@@ -14,7 +14,15 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.ledger.models import CheckKeyRow, CheckRow, DeliveryRow, created_at_of, new_check_id, utcnow
+from worker.ledger.models import (
+    DEFAULT_TENANT,
+    CheckKeyRow,
+    CheckRow,
+    DeliveryRow,
+    created_at_of,
+    new_check_id,
+    utcnow,
+)
 from worker.ledger.queries import dialect_insert, fresh, in_chunks
 from worker.ledger.states import CheckStatus
 
@@ -38,15 +46,19 @@ def create_check(
     pipeline_version_id: str,
     source: dict,
     callback_url: str | None = None,
+    tenant_id: str = DEFAULT_TENANT,
 ) -> tuple[CheckRow, bool]:
-    """The check for (external_id, version), and whether this call created it (see `create_checks`)."""
+    """The check for (tenant, external_id, version), and whether this call created it (see `create_checks`)."""
     new = NewCheck(external_id, source, callback_url)
-    return create_checks(session, pipeline_version_id, [new])[0]
+    return create_checks(session, pipeline_version_id, [new], tenant_id=tenant_id)[0]
 
 
-def create_checks(session: Session, pipeline_version_id: str, new: list[NewCheck]) -> list[tuple[CheckRow, bool]]:
-    """The check of each (external_id, version), and whether this call created it: a few statements per
-    IN_CHUNK checks (see `file_rows`), however many. An external id given twice is created once."""
+def create_checks(
+    session: Session, pipeline_version_id: str, new: list[NewCheck], *, tenant_id: str = DEFAULT_TENANT
+) -> list[tuple[CheckRow, bool]]:
+    """The check of each (external_id, version) of one tenant, and whether this call created it: a few statements
+    per IN_CHUNK checks (see `file_rows`), however many. An external id given twice is created once; the same
+    external id of another tenant is another check."""
     for one in new:
         if len(one.external_id) > _MAX_EXTERNAL_ID:  # PostgreSQL would refuse it and SQLite keep it
             raise ValueError(f"external_id is {len(one.external_id)} characters; the limit is {_MAX_EXTERNAL_ID}")
@@ -55,11 +67,11 @@ def create_checks(session: Session, pipeline_version_id: str, new: list[NewCheck
     rows = [
         queued_check(
             now, external_id=one.external_id, pipeline_version_id=pipeline_version_id, source=one.source,
-            callback_url=one.callback_url,
+            callback_url=one.callback_url, tenant_id=tenant_id,
         )
         for one in first
     ]  # fmt: skip
-    found, created = file_rows(session, pipeline_version_id, rows)
+    found, created = file_rows(session, pipeline_version_id, rows, tenant_id=tenant_id)
     answers = []
     for one in new:
         answers.append((found[one.external_id], one.external_id in created))
@@ -67,9 +79,11 @@ def create_checks(session: Session, pipeline_version_id: str, new: list[NewCheck
     return answers
 
 
-def file_rows(session: Session, pipeline_version_id: str, rows: list[dict]) -> tuple[dict[str, CheckRow], set[str]]:
-    """Files new checks (`queued_check` rows of one version) unless their external id has one already: the check
-    of each external id, and the external ids this call created.
+def file_rows(
+    session: Session, pipeline_version_id: str, rows: list[dict], *, tenant_id: str
+) -> tuple[dict[str, CheckRow], set[str]]:
+    """Files new checks (`queued_check` rows of one version and tenant) unless their external id has one already
+    for that tenant: the check of each external id, and the external ids this call created.
 
     Race-safe without locks: a key is claimed in `check_keys` with INSERT ... ON CONFLICT DO NOTHING before its
     check is inserted, so of two concurrent filers one wins and the other's insert waits for it, then reads the
@@ -79,15 +93,17 @@ def file_rows(session: Session, pipeline_version_id: str, rows: list[dict]) -> t
     """
     found, created = {}, set()
     for chunk in in_chunks(rows):
-        known = _keys(session, pipeline_version_id, [row["external_id"] for row in chunk])
+        if any(row["tenant_id"] != tenant_id for row in chunk):
+            raise ValueError(f"file_rows files checks of one tenant ({tenant_id}) at a time")
+        known = _keys(session, tenant_id, pipeline_version_id, [row["external_id"] for row in chunk])
         new = [row for row in chunk if row["external_id"] not in known]
-        won = _claim_keys(session, pipeline_version_id, new)
+        won = _claim_keys(session, tenant_id, pipeline_version_id, new)
         if won:
             session.execute(sa.insert(CheckRow), [row for row in new if row["external_id"] in won])
             created |= won
         lost = [row["external_id"] for row in new if row["external_id"] not in won]
         if lost:  # a concurrent filer committed these keys while this insert waited
-            known |= _keys(session, pipeline_version_id, lost)
+            known |= _keys(session, tenant_id, pipeline_version_id, lost)
         known |= {row["external_id"]: row["id"] for row in new if row["external_id"] in won}
         by_id = {row.id: row for row in checks_by_id(session, list(known.values()))}
         for external_id, check_id in known.items():
@@ -97,19 +113,23 @@ def file_rows(session: Session, pipeline_version_id: str, rows: list[dict]) -> t
     return found, created
 
 
-def _keys(session: Session, pipeline_version_id: str, external_ids: list[str]) -> dict[str, str]:
-    """{external id: check id} of the keys kept for these ids (the earliest, should two days hold one)."""
+def _keys(session: Session, tenant_id: str, pipeline_version_id: str, external_ids: list[str]) -> dict[str, str]:
+    """{external id: check id} of a tenant's keys kept for these ids (the earliest, should two days hold one)."""
     if not external_ids:
         return {}
     query = (
         sa.select(CheckKeyRow.external_id, CheckKeyRow.check_id)
-        .where(CheckKeyRow.pipeline_version_id == pipeline_version_id, CheckKeyRow.external_id.in_(external_ids))
+        .where(
+            CheckKeyRow.tenant_id == tenant_id,
+            CheckKeyRow.pipeline_version_id == pipeline_version_id,
+            CheckKeyRow.external_id.in_(external_ids),
+        )
         .order_by(CheckKeyRow.day.desc())
     )
     return dict(session.execute(query).tuples().all())
 
 
-def _claim_keys(session: Session, pipeline_version_id: str, rows: list[dict]) -> set[str]:
+def _claim_keys(session: Session, tenant_id: str, pipeline_version_id: str, rows: list[dict]) -> set[str]:
     """Inserts the keys of `rows` for today; returns the external ids whose key this call inserted."""
     if not rows:
         return set()
@@ -117,6 +137,7 @@ def _claim_keys(session: Session, pipeline_version_id: str, rows: list[dict]) ->
     keys = [
         {
             "external_id": row["external_id"],
+            "tenant_id": tenant_id,
             "pipeline_version_id": pipeline_version_id,
             "day": day,
             "check_id": row["id"],
@@ -160,20 +181,29 @@ def replace_check(session: Session, check_id: str, new: NewCheck) -> CheckRow | 
     return get_check(session, check_id)
 
 
-def get_check(session: Session, check_id: str) -> CheckRow | None:
+def get_check(session: Session, check_id: str, *, tenant_id: str | None = None) -> CheckRow | None:
+    """The check `check_id`; with `tenant_id`, only if it is that tenant's (another's reads as none at all)."""
     query = sa.select(CheckRow).where(CheckRow.id == check_id, *made_at([check_id]))
+    if tenant_id is not None:
+        query = query.where(CheckRow.tenant_id == tenant_id)
     return session.scalars(fresh(query)).one_or_none()
 
 
-def find_check(session: Session, external_id: str, pipeline_version_id: str) -> CheckRow | None:
-    """The check of an external id under a version: the one its key names while the key is kept, else the
+def find_check(
+    session: Session, external_id: str, pipeline_version_id: str, *, tenant_id: str = DEFAULT_TENANT
+) -> CheckRow | None:
+    """A tenant's check of an external id under a version: the one its key names while the key is kept, else the
     latest check filed under it."""
-    check_id = _keys(session, pipeline_version_id, [external_id]).get(external_id)
+    check_id = _keys(session, tenant_id, pipeline_version_id, [external_id]).get(external_id)
     if check_id is not None:
         return get_check(session, check_id)
     query = (
         sa.select(CheckRow)
-        .where(CheckRow.external_id == external_id, CheckRow.pipeline_version_id == pipeline_version_id)
+        .where(
+            CheckRow.tenant_id == tenant_id,
+            CheckRow.external_id == external_id,
+            CheckRow.pipeline_version_id == pipeline_version_id,
+        )
         .order_by(CheckRow.created_at.desc())
         .limit(1)
     )

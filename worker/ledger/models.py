@@ -97,8 +97,13 @@ _DONE_BY_IMAGE = ("image_sha256", "pipeline_version_id", "finished_at", "id")  #
 _PENDING = sa.text("status = 'pending'")
 
 
+DEFAULT_TENANT = "default"  # the tenant of a deployment that configures none, and of every row made before tenants
+_TENANT = {"server_default": DEFAULT_TENANT}
+
+
 def _claim_index(name: str, where: sa.TextClause, *claimable_from: str) -> sa.Index:
-    columns = ("pipeline_version_id", "priority", "created_at", *claimable_from)
+    # Tenant first: a fair claim reads each tenant's oldest checks from its own range (see `claims.claim`).
+    columns = ("tenant_id", "pipeline_version_id", "priority", "created_at", *claimable_from)
     return sa.Index(name, *columns, postgresql_where=where, sqlite_where=where)
 
 
@@ -173,6 +178,7 @@ class CheckRow(Base):
     # no index, so renewing a lease (the most frequent write) is a HOT update that touches no index.
     __table_args__ = (
         sa.Index(None, "external_id", "pipeline_version_id"),  # find a check by the platform's id
+        sa.Index(None, "tenant_id", "created_at", "id"),  # one tenant's checks, newest first (its keys' reads)
         # Answering duplicate bytes: the first done check of an image under a version is the first entry of its
         # range (see `images.done_checks_for_images`), one row read however often the bytes were sent.
         sa.Index("ix_checks_done_by_image", *_DONE_BY_IMAGE, postgresql_where=_DONE, sqlite_where=_DONE),
@@ -191,6 +197,7 @@ class CheckRow(Base):
     )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), default=DEFAULT_TENANT, **_TENANT)  # the platform's
     external_id: Mapped[str] = mapped_column(sa.String(512))
     pipeline_version_id: Mapped[str] = mapped_column(sa.String(64), sa.ForeignKey("pipeline_versions.id"))
     source: Mapped[dict] = mapped_column(sa.JSON)  # {"url": ...} | {"path": ...} | {"blob": sha256}
@@ -238,6 +245,7 @@ class CheckKeyRow(Base):
     __tablename__ = "check_keys"
 
     external_id: Mapped[str] = mapped_column(sa.String(512), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)  # idempotency is per tenant
     pipeline_version_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     day: Mapped[date] = mapped_column(sa.Date, primary_key=True)  # UTC day the key was filed
     check_id: Mapped[str] = mapped_column(sa.String(36))
@@ -265,6 +273,7 @@ class DeliveryRow(Base):
     # are dropped by day before their checks are (see `worker.ledger.retention`).
     check_id: Mapped[str] = mapped_column(sa.String(36))
     check_created_at: Mapped[datetime] = mapped_column(UTCDateTime)  # the check's `created_at`: see the key
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), default=DEFAULT_TENANT, **_TENANT)  # signs with its secret
     target: Mapped[str] = mapped_column(sa.Text)  # "stream" or the callback URL
     status: Mapped[DeliveryStatus] = mapped_column(_DELIVERY_STATUS, default=DeliveryStatus.pending)
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
@@ -291,6 +300,7 @@ class DeadLetterRow(Base):
     task: Mapped[str | None] = mapped_column(sa.String(255))
     content_type: Mapped[str | None] = mapped_column(sa.String(255))
     body: Mapped[str | None] = mapped_column(sa.Text)  # the raw body, cut at DEAD_LETTER_BODY_CHARS
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64))  # the tenant whose queue it came in on, if known
 
 
 class ApiKeyRow(Base):
@@ -302,6 +312,8 @@ class ApiKeyRow(Base):
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)  # the key's public prefix, "k" + 12 hex
     name: Mapped[str] = mapped_column(sa.String(128))
     scopes: Mapped[list] = mapped_column(sa.JSON)  # of worker.web.keys.SCOPES
+    # The tenant whose checks the key files and reads; NULL only for an operator key made with --all-tenants.
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64))
     secret_sha256: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -326,10 +338,15 @@ class DecisionRow(Base):
     """A moderator's decision on a check: every decision is kept (who, when); the latest one counts."""
 
     __tablename__ = "decisions"
-    __table_args__ = (sa.Index(None, "check_id", "decided_at"), sa.Index(None, "decided_at"))
+    __table_args__ = (
+        sa.Index(None, "check_id", "decided_at"),
+        sa.Index(None, "decided_at"),
+        sa.Index(None, "tenant_id", "decided_at"),  # a tenant's moderators' counts on the operations page
+    )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
     check_id: Mapped[str] = mapped_column(sa.String(36))  # no foreign key: see DeliveryRow.check_id
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), default=DEFAULT_TENANT, **_TENANT)  # the check's
     label: Mapped[str] = mapped_column(sa.String(16))  # ai_generated | authentic | unsure
     reviewer: Mapped[str] = mapped_column(sa.String(128))  # the name of the key that decided
     key_id: Mapped[str | None] = mapped_column(sa.String(32))
@@ -365,13 +382,14 @@ class WorkerRow(Base):
 
 
 class CheckRollupRow(Base):
-    """Checks that ended in one UTC minute, per version, status, verdict and priority: what the operator views
+    """Checks that ended in one UTC minute, per tenant, version, status, verdict and priority: what the operator views
     read instead of `checks` (see `worker.ledger.rollups`). A key's count is spread over `slot` rows, so
     transactions ending checks at once seldom wait on one row's lock; readers sum them."""
 
     __tablename__ = "check_rollups"
 
     minute: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)  # finished_at, truncated
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True, **_TENANT)
     pipeline_version_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     status: Mapped[str] = mapped_column(sa.String(16), primary_key=True)  # done, rejected or failed
     verdict: Mapped[str] = mapped_column(sa.String(16), primary_key=True)  # '' when none
@@ -385,6 +403,7 @@ class CheckTotalRow(Base):
 
     __tablename__ = "check_totals"
 
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True, **_TENANT)
     pipeline_version_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     status: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
     verdict: Mapped[str] = mapped_column(sa.String(16), primary_key=True)
@@ -403,3 +422,89 @@ class CheckLatencyRow(Base):
     bucket: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True)
     slot: Mapped[int] = mapped_column(sa.SmallInteger, primary_key=True)
     n: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+# ---------------------------------------------------------------------- tenants (0010)
+
+
+class TenantRow(Base):
+    """A platform sharing the deployment: its checks, keys, decisions and deliveries are its own (every read is
+    narrowed to one tenant unless an operator key asks for all), and its share of the GPUs and intake is set here.
+    A deployment that configures none has one, `default`, which holds every row made before tenants existed."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)  # a slug: worker.ledger.tenants.TENANT_ID
+    name: Mapped[str] = mapped_column(sa.String(128))
+    weight: Mapped[int] = mapped_column(sa.Integer, default=1, server_default="1")  # share of every claim
+    rate_per_s: Mapped[float | None] = mapped_column(sa.Float)  # checks filed per second; NULL: no limit
+    burst: Mapped[int | None] = mapped_column(sa.Integer)  # the bucket's size; NULL: one second of the rate
+    backlog_cap: Mapped[int | None] = mapped_column(sa.Integer)  # checks queued at once; NULL: no limit
+    # The version this tenant's new checks are filed under; NULL follows the deployment's active version.
+    pipeline_version_id: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # refuses new checks; reads go on
+
+
+class TenantBucketRow(Base):
+    """A tenant's token bucket (its rate): apart from `tenants` so the hot update touches a row nothing reads
+    for anything else."""
+
+    __tablename__ = "tenant_buckets"
+
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    tokens: Mapped[float] = mapped_column(sa.Float)
+    refilled_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class CallbackSecretRow(Base):
+    """A secret that signs a tenant's callbacks, named by its key id in the signature header. A rotation adds a
+    new one and gives the old one a `retires_at`: both sign until then, so receivers can switch at leisure."""
+
+    __tablename__ = "callback_secrets"
+    __table_args__ = (sa.Index(None, "tenant_id"),)
+
+    key_id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)  # "cs" + 12 hex, public
+    tenant_id: Mapped[str] = mapped_column(sa.String(64))
+    secret: Mapped[str] = mapped_column(sa.String(128))  # the service must sign with it: kept, not hashed
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    retires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # NULL: current
+
+
+_OPEN_REVIEW = sa.text("reviews_done < reviews_needed")
+
+
+class ReviewItemRow(Base):
+    """A done check a moderator should look at, in the review queue of its tenant until it has the reviews it
+    needs (two for a sample, to measure agreement). A moderator takes it under a lease, like a worker takes a
+    check, so two moderators never review it at once; an abandoned lease expires and the item returns.
+
+    Queue order (the partial index): the uncertain band first, then the highest p(fake), then the oldest.
+    """
+
+    __tablename__ = "review_items"
+    __table_args__ = (
+        sa.Index(
+            "ix_review_items_queue",
+            "tenant_id",
+            "band",
+            "p_fake_desc",
+            "created_at",
+            postgresql_where=_OPEN_REVIEW,
+            sqlite_where=_OPEN_REVIEW,
+        ),  # fmt: skip
+        sa.Index(None, "created_at"),  # retention
+    )
+
+    check_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    check_created_at: Mapped[datetime] = mapped_column(UTCDateTime)  # finds the check's partition
+    tenant_id: Mapped[str] = mapped_column(sa.String(64))
+    band: Mapped[int] = mapped_column(sa.SmallInteger)  # 0 uncertain, 1 fake, 2 anything else asked for
+    p_fake_desc: Mapped[float] = mapped_column(sa.Float)  # -p_fake: the index is read ascending
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # when it entered the queue
+    reviews_needed: Mapped[int] = mapped_column(sa.SmallInteger, default=1)
+    reviews_done: Mapped[int] = mapped_column(sa.SmallInteger, default=0)
+    reviewed_by: Mapped[str | None] = mapped_column(sa.String(32))  # key id of the first review: not the second
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(32))  # the moderator's key id
+    lease_token: Mapped[str | None] = mapped_column(sa.String(36))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -69,14 +69,17 @@ def rescore_candidates(
         query = query.where(condition)
     if after_external_id is not None:
         query = query.where(CheckRow.external_id > after_external_id)
-    newest: dict[str, CheckRow] = {}
+    newest: dict[tuple[str, str], CheckRow] = {}
     for row in session.scalars(fresh(query)):
-        newest.setdefault(row.external_id, row)
+        newest.setdefault((row.tenant_id, row.external_id), row)  # each tenant's upload is its own
     return list(newest.values())
 
 
-def create_rescores(session: Session, earlier: list[CheckRow], version_id: str) -> tuple[dict[str, CheckRow], set[str]]:
-    """Re-score checks of `earlier` under `version_id`, by external id, and the ids of those this call made.
+def create_rescores(
+    session: Session, earlier: list[CheckRow], version_id: str
+) -> tuple[dict[tuple[str, str], CheckRow], set[str]]:
+    """Re-score checks of `earlier` under `version_id`, by (tenant, external id), and the ids of those this call
+    made. Each stays its tenant's: filed under the tenant's own idempotency keys.
 
     Ones that exist already (an earlier run, or a fresh upload under the new version) are kept as they are.
 
@@ -96,11 +99,17 @@ def create_rescores(session: Session, earlier: list[CheckRow], version_id: str) 
             image_sha256=check.image_sha256,
             priority=Priority.rescore,
             rescore_of=check.id,
+            tenant_id=check.tenant_id,
         )
         for check in earlier
     ]
-    found, created = file_rows(session, version_id, rows)
-    return found, {found[external_id].id for external_id in created}
+    found, made = {}, set()
+    for tenant_id in sorted({row["tenant_id"] for row in rows}):
+        of_tenant = [row for row in rows if row["tenant_id"] == tenant_id]
+        tenant_found, created = file_rows(session, version_id, of_tenant, tenant_id=tenant_id)
+        found |= {(tenant_id, external_id): check for external_id, check in tenant_found.items()}
+        made |= {tenant_found[external_id].id for external_id in created}
+    return found, made
 
 
 def rescore_progress(

@@ -4,7 +4,8 @@ the ledger grows: the console's operations page, `item status`, `item versions`,
 Three summaries, each written in the transaction that ends the checks it counts (`count_endings`, called by
 `worker.ledger.transitions` for every check that becomes done, rejected or failed), so they are exact and never
 drift:
-- `check_rollups`: endings per UTC minute × version × status × verdict × priority (the windows: last hour, day);
+- `check_rollups`: endings per UTC minute × tenant × version × status × verdict × priority (the windows: last
+  hour, day);
 - `check_totals`: the same without the minute, never pruned (all-time figures);
 - `check_latency_rollups`: done checks per UTC minute × bucket of filing-to-result latency (the percentiles).
 
@@ -68,8 +69,8 @@ def count_endings(session: Session, rows: Iterable[CheckRow]) -> None:
     for row in ended:
         minute = minute_of(row.finished_at or utcnow())
         outcome = (row.pipeline_version_id, CheckStatus(row.status).value, row.verdict or "", row.priority)
-        per_minute[(minute, *outcome)] += 1
-        totals[outcome] += 1
+        per_minute[(minute, row.tenant_id, *outcome)] += 1
+        totals[(row.tenant_id, *outcome)] += 1
         if row.status == CheckStatus.done and row.finished_at is not None:
             latencies[(minute, latency_bucket((row.finished_at - row.created_at).total_seconds()))] += 1
     slot = session.info.setdefault("rollup_slot", random.randrange(SLOTS))  # a Ledger session is one transaction
@@ -96,21 +97,38 @@ def _add(session: Session, model: type, counts: Counter, slot: int) -> None:
 # ---------------------------------------------------------------------- reading
 
 
-def ended_since(session: Session, since: datetime) -> dict[tuple[str, str, str, int], int]:
-    """{(version, status, verdict, priority): checks ended} from the minute `since` falls in: whole minutes, so
-    up to 59 s before `since` count too."""
+def ended_since(
+    session: Session, since: datetime, *, tenant_id: str | None = None
+) -> dict[tuple[str, str, str, int], int]:
+    """{(version, status, verdict, priority): checks ended} from the minute `since` falls in (of one tenant, when
+    given): whole minutes, so up to 59 s before `since` count too."""
     rollup = CheckRollupRow
     outcome = (rollup.pipeline_version_id, rollup.status, rollup.verdict, rollup.priority)
     query = sa.select(*outcome, sa.func.sum(rollup.n)).where(rollup.minute >= minute_of(since)).group_by(*outcome)
+    if tenant_id is not None:
+        query = query.where(rollup.tenant_id == tenant_id)
     return {tuple(outcome): int(n) for *outcome, n in session.execute(query)}
 
 
+def ended_per_tenant(session: Session, since: datetime) -> dict[tuple[str, str], int]:
+    """{(tenant, status): checks ended} from the minute `since` falls in."""
+    rollup = CheckRollupRow
+    query = (
+        sa.select(rollup.tenant_id, rollup.status, sa.func.sum(rollup.n))
+        .where(rollup.minute >= minute_of(since))
+        .group_by(rollup.tenant_id, rollup.status)
+    )
+    return {(tenant, status): int(n) for tenant, status, n in session.execute(query)}
+
+
 def totals(
-    session: Session, *, version_id: str | None = None, priority: int | None = None
+    session: Session, *, version_id: str | None = None, priority: int | None = None, tenant_id: str | None = None
 ) -> dict[tuple[str, str], int]:
-    """{(version, status): checks ever ended}, of one version and priority when given."""
+    """{(version, status): checks ever ended}, of one version, priority and tenant when given."""
     total = CheckTotalRow
     query = sa.select(total.pipeline_version_id, total.status, sa.func.sum(total.n))
+    if tenant_id is not None:
+        query = query.where(total.tenant_id == tenant_id)
     if version_id is not None:
         query = query.where(total.pipeline_version_id == version_id)
     if priority is not None:

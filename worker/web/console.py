@@ -82,7 +82,7 @@ def visitor(request: Request) -> Visitor:
             found = access.live_session(session, token_sha256)
         if found is not None:
             row, key = found
-            return Visitor(Principal(key.id, key.name, frozenset(key.scopes)), row.csrf_token, token_sha256)
+            return Visitor(Principal.of(key), row.csrf_token, token_sha256)
     metrics.AUTH_FAILURES.labels("session").inc()
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     raise SignInRequired(path)

@@ -17,8 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from pipeline.core.errors import ItemError
-from worker.ledger import access
-from worker.ledger.models import utcnow
+from worker.ledger import access, tenants
+from worker.ledger.models import DEFAULT_TENANT, utcnow
 from worker.ledger.store import Ledger
 
 SCOPES = ("submit", "read", "review", "admin")
@@ -37,14 +37,29 @@ class InvalidKeyRequest(ItemError):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a key's id, name and scopes."""
+    """Who is calling: a key's id, name, scopes and tenant. `tenant_id` None is an operator key, made explicitly
+    (`item keys create --all-tenants`), which reads every tenant's checks; any other key sees its tenant's only."""
 
     key_id: str
     name: str
     scopes: frozenset[str]
+    tenant_id: str | None = DEFAULT_TENANT
 
     def may(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
+
+    @property
+    def all_tenants(self) -> bool:
+        return self.tenant_id is None
+
+    def tenant_scope(self, asked: str | None = None) -> str | None:
+        """The tenant a read is narrowed to: the key's own; for an operator key the one `asked` for, or None (all).
+        A tenant key asking for another tenant still gets its own: what it may see does not depend on asking."""
+        return asked if self.all_tenants else self.tenant_id
+
+    @classmethod
+    def of(cls, row) -> Principal:
+        return cls(row.id, row.name, frozenset(row.scopes), row.tenant_id)
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,7 @@ class NewKey:
     key_id: str
     name: str
     scopes: list[str]
+    tenant_id: str | None  # None: an operator key of every tenant
 
 
 def hashed(secret: str) -> str:
@@ -66,15 +82,23 @@ def checked_scopes(scopes: list[str]) -> list[str]:
     return [scope for scope in SCOPES if scope in scopes]
 
 
-def create_key(ledger: Ledger, name: str, scopes: list[str]) -> NewKey:
+def create_key(
+    ledger: Ledger, name: str, scopes: list[str], *, tenant_id: str | None = DEFAULT_TENANT, all_tenants: bool = False
+) -> NewKey:
+    """A new key of `tenant_id` (which must exist); `all_tenants` makes an operator key that reads every tenant,
+    and must be asked for explicitly, never as a default."""
     name = name.strip()
     if not name or len(name) > 128:
         raise InvalidKeyRequest("A key needs a name of 1 to 128 characters (who or what uses it).")
     scopes = checked_scopes(scopes)
+    if all_tenants == (tenant_id is not None):
+        raise InvalidKeyRequest("A key belongs to one tenant (--tenant), or is an operator key of all (--all-tenants).")
     key_id, secret = "k" + secrets.token_hex(6), secrets.token_urlsafe(32)
     with ledger.session() as session:
-        access.add_key(session, key_id, name, scopes, hashed(secret))
-    return NewKey(f"item_{key_id}_{secret}", key_id, name, scopes)
+        if tenant_id is not None:
+            tenants.require_tenant(session, tenant_id)
+        access.add_key(session, key_id, name, scopes, hashed(secret), tenant_id)
+    return NewKey(f"item_{key_id}_{secret}", key_id, name, scopes, tenant_id)
 
 
 class _Recent:
@@ -141,7 +165,7 @@ class Authenticator:
         with self.ledger.session() as session:
             row = access.get_key(session, key_id)
             usable = row is not None and row.revoked_at is None
-            found = (row.secret_sha256, Principal(row.id, row.name, frozenset(row.scopes))) if usable else ("", None)
+            found = (row.secret_sha256, Principal.of(row)) if usable else ("", None)
         with self._lock:
             if found[1] is None:  # revoked, or never was: remembered apart, so no key in use is dropped for it
                 self._known.pop(key_id)
