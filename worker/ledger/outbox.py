@@ -39,6 +39,7 @@ def record_outcomes(session: Session, checks: list[CheckRow], *, results_stream:
             "id": new_id(),
             "check_id": check.id,
             "check_created_at": check.created_at,
+            "tenant_id": check.tenant_id,  # whose secret signs it (worker.outbox.delivery)
             "target": target,
             "status": DeliveryStatus.pending,
             "attempts": 0,
