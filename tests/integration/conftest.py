@@ -20,9 +20,11 @@ import sqlalchemy as sa
 from tests.integration.stack import REDIS_URL, image_server
 from worker.ledger import migrate
 from worker.ledger.models import (
+    DEFAULT_TENANT,
     ApiKeyRow,
     ArtifactRow,
     BlobRow,
+    CallbackSecretRow,
     CheckKeyRow,
     CheckLatencyRow,
     CheckRollupRow,
@@ -33,6 +35,9 @@ from worker.ledger.models import (
     DeliveryRow,
     ImageRow,
     PipelineVersionRow,
+    ReviewItemRow,
+    TenantBucketRow,
+    TenantRow,
     ThumbnailRow,
     WorkerRow,
 )
@@ -112,8 +117,16 @@ def ledger(migrated_ledger) -> Ledger:
             *(DecisionRow, DeliveryRow, CheckKeyRow, CheckRow, ArtifactRow, BlobRow, ImageRow, PipelineVersionRow),
             *(ConsoleSessionRow, ApiKeyRow, ThumbnailRow, WorkerRow),
             *(CheckRollupRow, CheckTotalRow, CheckLatencyRow),
+            *(TenantBucketRow, CallbackSecretRow, ReviewItemRow),
         ):
             session.execute(sa.delete(model))
+        # Every tenant but the one a migrated ledger starts with, which gets its first settings back.
+        session.execute(sa.delete(TenantRow).where(TenantRow.id != DEFAULT_TENANT))
+        session.execute(
+            sa.update(TenantRow).values(
+                weight=1, rate_per_s=None, burst=None, backlog_cap=None, pipeline_version_id=None, disabled_at=None
+            )
+        )
     return migrated_ledger
 
 

@@ -31,6 +31,7 @@ from worker.gpu import faults, reading
 from worker.gpu.outcomes import Outcomes, about, result_of, result_of_detection
 from worker.intake.text import storable, storable_tree
 from worker.ledger import outbox, reviews
+from worker.ledger.claims import FairShare
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import CheckRow, utcnow
 from worker.ledger.reviews import Thumbnail
@@ -96,6 +97,7 @@ class CheckService:
     reader: Reader = field(init=False)  # fetches and decodes a batch's images a few at a time
     provenance: ProvenanceReader | None = field(init=False)  # None: ITEM_READ_PROVENANCE is off
     downloads: Downloads = field(init=False)  # URLs and S3 objects, read on past their batch's wait
+    fair_share: FairShare = field(init=False, default_factory=FairShare)  # claims shared fairly across tenants
 
     def __post_init__(self) -> None:
         self.provenance = provenance_reader(self.settings)
@@ -146,6 +148,7 @@ class CheckService:
                 lease=lease,
                 max_attempts=self.settings.max_attempts,
                 priority=priority,
+                fair=self.fair_share,  # this loop's shares across tenants, kept from claim to claim
             )
 
     def claim_batch(self, lease: Lease) -> list[CheckRow]:
@@ -352,7 +355,8 @@ class CheckService:
             outcomes = Outcomes(self.version_id)
             self._store_artifacts(session, batch)
             reviews.put_thumbnails(session, batch.thumbnails)
-            done = self.ledger.finish_done_many(session, batch.lease.token, results)
+            share = self.settings.review_double_share
+            done = self.ledger.finish_done_many(session, batch.lease.token, results, review_double_share=share)
             for row in done:
                 outcomes.add("done", row, "store")
             ended = self._end(session, batch.lease, batch.errors, outcomes)

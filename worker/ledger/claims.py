@@ -8,14 +8,18 @@ strands a check. The lease conditions (`held`, `status_is`) are shared with `tra
 
 from __future__ import annotations
 
+import heapq
+import math
+import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.ledger.models import CheckRow, new_id, utcnow
-from worker.ledger.queries import claim_rows
+from worker.ledger.models import DEFAULT_TENANT, CheckRow, TenantRow, new_id, utcnow
+from worker.ledger.queries import claim_shares
 from worker.ledger.states import CheckStatus
 
 
@@ -35,6 +39,54 @@ class Lease:
         return cls(owner, new_id(), seconds)
 
 
+class FairShare:
+    """Weighted fair claiming across tenants, for one claimer (a GPU loop): stride scheduling.
+
+    Each tenant has a pass, its checks claimed so far divided by its weight; a claim's slots go one at a time to the
+    tenant with work whose pass (counting the slots it was given already) is lowest. Over many claims each tenant
+    with work gets slots in proportion to its weight, however long another tenant's backlog is, and a tenant's own
+    checks keep their order (priority, then oldest first). A tenant that had no work does not bank its unused
+    share: when it has work again its pass is raised to the lowest pass of the tenants with work, less one claim's
+    worth of slots (`limit`), so it is served at once without being able to starve the others.
+
+    Weights are read from `tenants` at most every `refresh_s`. The state is this process's: several loops each
+    share fairly, so together they do too.
+    """
+
+    def __init__(self, refresh_s: float = 10.0):
+        self.refresh_s = refresh_s
+        self._weights: dict[str, int] = {}
+        self._read_at = -math.inf
+        self._passes: dict[str, float] = {}
+
+    def weights(self, session: Session) -> dict[str, int]:
+        if time.monotonic() - self._read_at >= self.refresh_s or not self._weights:
+            rows = session.execute(sa.select(TenantRow.id, TenantRow.weight)).tuples().all()
+            self._weights = {tenant: max(1, weight) for tenant, weight in rows} or {DEFAULT_TENANT: 1}
+            self._read_at = time.monotonic()
+        return self._weights
+
+    def allot(self, slots: int, busy: list[str], weights: dict[str, int]) -> dict[str, int]:
+        """`slots` given out among the tenants `busy` (with work now), by weight and pass."""
+        known = [self._passes[tenant] for tenant in busy if tenant in self._passes]
+        floor = min(known, default=0.0)
+        for tenant in busy:  # a tenant back from idle (or new): served first, by at most one claim's worth
+            earliest = floor - slots / weights[tenant] if known else floor
+            self._passes[tenant] = max(self._passes.get(tenant, -math.inf), earliest)
+        given = dict.fromkeys(busy, 0)
+        heap = [(self._passes[tenant] + 1 / weights[tenant], tenant) for tenant in busy]
+        heapq.heapify(heap)
+        for _ in range(slots):
+            _, tenant = heapq.heappop(heap)
+            given[tenant] += 1
+            heapq.heappush(heap, (self._passes[tenant] + (given[tenant] + 1) / weights[tenant], tenant))
+        return {tenant: n for tenant, n in given.items() if n}
+
+    def charge(self, claimed: Counter, weights: dict[str, int]) -> None:
+        for tenant, n in claimed.items():
+            self._passes[tenant] = self._passes.get(tenant, 0.0) + n / weights.get(tenant, 1)
+
+
 def claim(
     session: Session,
     *,
@@ -43,6 +95,7 @@ def claim(
     lease: Lease,
     max_attempts: int,
     priority: int | None = None,
+    fair: FairShare | None = None,
 ) -> list[CheckRow]:
     """Takes up to `limit` checks of one pipeline version for a batch, under `lease`: running, attempts + 1.
 
@@ -53,31 +106,66 @@ def claim(
     check. Checks that used up `max_attempts` are left for the reconciler to fail: an image that kills its
     worker every time must not be claimed forever.
 
+    Fair across tenants (`FairShare`, the claimer's own; a new one when none is given): with more than one
+    tenant, a query first finds the tenants with claimable checks (an index probe each), the slots are allotted
+    among them by weight, and each tenant's share is picked from its own range of the claim indexes, all in one
+    statement; slots a tenant could not fill go, in a second statement, to the tenants that filled theirs.
+
     On PostgreSQL queued and expired checks are picked apart, each from its own partial index in claim order
     (`ix_checks_claim_queued`, `ix_checks_claim_running`), so a claim reads about `limit` entries of each however
     long the backlog, instead of sorting every claimable check (see `claim_rows`).
     """
+    fair = fair or FairShare()
     now = utcnow()
     claimable = sa.and_(CheckRow.pipeline_version_id == pipeline_version_id, CheckRow.attempts < max_attempts)
     if priority is not None:
         claimable = sa.and_(claimable, CheckRow.priority == priority)
-    return claim_rows(
-        session,
-        CheckRow,
-        claimable=claimable,
-        any_of=[_ready(now), _lease_expired(now)],
-        order_by=[CheckRow.priority, CheckRow.created_at],
-        limit=limit,
-        values={
-            "status": CheckStatus.running,
-            "attempts": CheckRow.attempts + 1,
-            "started_at": now,
-            "updated_at": now,
-            "lease_owner": lease.owner,
-            "lease_token": lease.token,
-            "lease_expires_at": now + timedelta(seconds=lease.seconds),
-        },
-    )
+    any_of = [_ready(now), _lease_expired(now)]
+    weights = fair.weights(session)
+    busy = sorted(weights) if len(weights) == 1 else _tenants_with_work(session, claimable, any_of)
+    claimed: list[CheckRow] = []
+    for _ in range(2):  # the allotment, then what tenants with less work left to those with more
+        left = limit - len(claimed)
+        if left <= 0 or not busy:
+            break
+        allotted = fair.allot(left, busy, {tenant: weights.get(tenant, 1) for tenant in busy})
+        rows = claim_shares(
+            session,
+            CheckRow,
+            claimable=claimable,
+            shares=[(CheckRow.tenant_id == tenant, n) for tenant, n in allotted.items()],
+            any_of=any_of,
+            order_by=[CheckRow.priority, CheckRow.created_at],
+            values=_claimed_values(now, lease),
+        )
+        got = Counter(row.tenant_id for row in rows)
+        fair.charge(got, weights)
+        claimed += rows
+        busy = [tenant for tenant, n in allotted.items() if got[tenant] >= n]  # they may have more
+    claimed.sort(key=lambda row: (row.priority, row.created_at))
+    return claimed
+
+
+def _tenants_with_work(
+    session: Session, claimable: sa.ColumnElement[bool], any_of: list[sa.ColumnElement[bool]]
+) -> list[str]:
+    """The tenants with a claimable check: for each tenant, a probe of each claim index's range (EXISTS)."""
+    has_work = [
+        sa.exists().where(CheckRow.tenant_id == TenantRow.id, claimable, alternative) for alternative in any_of
+    ]
+    return list(session.scalars(sa.select(TenantRow.id).where(sa.or_(*has_work)).order_by(TenantRow.id)))
+
+
+def _claimed_values(now: datetime, lease: Lease) -> dict:
+    return {
+        "status": CheckStatus.running,
+        "attempts": CheckRow.attempts + 1,
+        "started_at": now,
+        "updated_at": now,
+        "lease_owner": lease.owner,
+        "lease_token": lease.token,
+        "lease_expires_at": now + timedelta(seconds=lease.seconds),
+    }
 
 
 def renew(session: Session, lease: Lease) -> int:
