@@ -15,9 +15,10 @@ What a platform receives:
 - Callback: `POST <callback_url>` with the body `{"event": "check.finished", "check": {...}}` (the check as
   `item status --json` shows it) as canonical JSON (sorted keys, no spaces), and the headers
   `Content-Type: application/json`, `X-Item-Timestamp` (Unix seconds), `X-Item-Signature`
-  (`v1=<hex HMAC-SHA256(secret, f"{timestamp}." + body)>`), `X-Item-Delivery` (the delivery id) and
-  `User-Agent`. Any 2xx answer counts as delivered; redirects are not followed. Verify with
-  `worker.outbox.signing.verify`.
+  (`kid=<key id>;v1=<hex HMAC-SHA256(secret, f"{timestamp}." + body)>`, one per secret of the check's tenant
+  that signs now, comma-separated; `v1=<hex>` without a key id for ITEM_CALLBACK_SECRET: see
+  `worker.outbox.signing` and `SigningSecrets`), `X-Item-Delivery` (the delivery id) and `User-Agent`. Any 2xx
+  answer counts as delivered; redirects are not followed. Verify with `worker.outbox.signing.verify`.
 - Stream: `XADD <ITEM_RESULTS_STREAM> MINID ~ <now - ITEM_RESULTS_STREAM_RETENTION_S, in ms> * check_id <id>
   external_id <id> delivery_id <id> body <canonical JSON>`: entries stay for the retention, whatever the rate
   (approximately: Redis drops whole nodes of ~100 entries), and ITEM_RESULTS_STREAM_MAXLEN, if set, caps the
@@ -30,7 +31,9 @@ Callbacks to one receiver reuse keep-alive connections (`worker.sources.keepaliv
 Errors, as "code: message" in `last_error`:
 
     callback.invalid     permanent  at submission: the callback URL is not http(s), has credentials, is too long...
-    callback.no_secret   permanent  no ITEM_CALLBACK_SECRET: callbacks are never sent unsigned
+    callback.no_secret   permanent  the tenant has no callback secret (the default tenant: nor ITEM_CALLBACK_SECRET):
+                                    callbacks are never sent unsigned
+    callback.secrets_unreadable  transient  the ledger could not be read for the tenant's secrets
     stream.unconfigured  permanent  a stream delivery with no ITEM_RESULTS_STREAM or no Redis to send it to
     stream.error         transient  Redis refused or could not be reached
     url.invalid, url.refused, url.unresolvable   permanent  (see worker/sources/fetch.py)
@@ -45,17 +48,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import ItemError
-from worker.ledger.models import DeliveryRow, utcnow
+from worker.ledger.callback_secrets import signing_secrets
+from worker.ledger.models import DEFAULT_TENANT, DeliveryRow, utcnow
 from worker.ledger.outbox import claim_due, record_attempt
 from worker.ledger.states import STREAM_TARGET, DeliveryStatus
 from worker.ledger.views import shown_target, target_kind
 from worker.ops import metrics
 from worker.ops.logs import OutageLog
-from worker.outbox.signing import canonical, sign
+from worker.outbox.signing import canonical, signature_header
 from worker.settings import Settings, backoff_s
 from worker.sources.fetch import AddressPolicy, post
 from worker.sources.keepalive import KeptConnections
@@ -66,6 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("item.delivery")
 
 PASS_LIMIT = 50  # deliveries claimed per pass
+SECRETS_CACHE_S = 5.0  # how long a deliverer signs with the secrets it read: a rotation or retirement takes this
 SENDS_AT_ONCE = 8  # one slow receiver must not make every other delivery of the pass wait for it
 
 # A target that can never work: retrying would only delay the `failed` an operator needs to see.
@@ -94,6 +99,7 @@ class Deliverer:
         self.policy = AddressPolicy(allowed=allowed)
         self._stream_client: Any = None
         self._kept = KeptConnections(per_host=SENDS_AT_ONCE)  # callbacks' idle keep-alive connections
+        self._secrets = SigningSecrets(settings, ledger)
         self._client_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = None  # a worker.ops.supervise.Supervised once started
@@ -223,19 +229,15 @@ class Deliverer:
             self._call_back(row)
 
     def _call_back(self, row: DeliveryRow) -> None:
-        secret = self.settings.callback_secret
-        if secret is None or not secret.get_secret_value():
-            raise DeliveryError(
-                "No ITEM_CALLBACK_SECRET is set, and callbacks are never sent unsigned.",
-                code="callback.no_secret",
-                permanent=True,
-            )
+        secrets = self._secrets.signing(row.tenant_id)
+        if not secrets:
+            raise DeliveryError(_no_secret(row.tenant_id), code="callback.no_secret", permanent=True)
         body = canonical(row.body)
         timestamp = int(time.time())  # signed afresh on every attempt: receivers refuse stale timestamps
         headers = {
             "Content-Type": "application/json",
             "X-Item-Timestamp": str(timestamp),
-            "X-Item-Signature": sign(secret.get_secret_value().encode(), timestamp, body),
+            "X-Item-Signature": signature_header(secrets, timestamp, body),
             "X-Item-Delivery": row.id,  # the receiver's idempotency key: the same on every attempt
         }  # post() adds Host, Content-Length, User-Agent and Connection
         timeout_s = self.settings.callback_timeout_s
@@ -328,6 +330,75 @@ class Deliverer:
                 full = False
             if not full:
                 self._stopping.wait(self.settings.delivery_poll_s)
+
+
+class SigningSecrets:
+    """Each tenant's secrets that sign now, read from the ledger at most every SECRETS_CACHE_S (one query for
+    every tenant), so a pass does not query per delivery.
+
+    A cached secret whose `retires_at` passed stops signing at once; a new or retired-early secret is seen within
+    SECRETS_CACHE_S. A tenant left with none cached is read again before its callback fails, so `rotate --window
+    0` never leaves a callback unsigned. The default tenant also signs with ITEM_CALLBACK_SECRET, unnamed, while
+    it is set: alone, the header is exactly that of before tenants.
+    """
+
+    def __init__(self, settings: Settings, ledger: Ledger, cache_s: float = SECRETS_CACHE_S):
+        self.ledger = ledger
+        self.cache_s = cache_s
+        unnamed = settings.callback_secret.get_secret_value() if settings.callback_secret else ""
+        self._unnamed = unnamed.encode() or None
+        self._lock = threading.Lock()
+        self._rows: dict[str, list[tuple[str, bytes, datetime | None]]] = {}
+        self._read_at = float("-inf")
+
+    def signing(self, tenant_id: str) -> list[tuple[str | None, bytes]]:
+        """(key id, secret) of every secret that signs a callback of `tenant_id` now; key id None: the unnamed."""
+        unnamed = [(None, self._unnamed)] if self._unnamed and tenant_id == DEFAULT_TENANT else []
+        named = self._named(tenant_id, fresh=False)
+        if not named and not unnamed:
+            named = self._named(tenant_id, fresh=True)
+        return unnamed + named
+
+    def forget(self) -> None:
+        """Reads the ledger again at the next callback (tests, and an operator's `rotate` in this process)."""
+        with self._lock:
+            self._read_at = float("-inf")
+
+    def _named(self, tenant_id: str, *, fresh: bool) -> list[tuple[str, bytes]]:
+        with self._lock:
+            if fresh or time.monotonic() - self._read_at > self.cache_s:
+                self._read()
+            rows = self._rows.get(tenant_id, [])
+        now = utcnow()
+        return [(key_id, secret) for key_id, secret, retires_at in rows if retires_at is None or retires_at > now]
+
+    def _read(self) -> None:
+        import sqlalchemy as sa
+
+        rows: dict[str, list[tuple[str, bytes, datetime | None]]] = {}
+        try:
+            with self.ledger.session() as session:
+                for row in signing_secrets(session):  # newest first: the current secret leads
+                    rows.setdefault(row.tenant_id, []).append((row.key_id, row.secret.encode(), row.retires_at))
+        except sa.exc.SQLAlchemyError as error:  # the ledger is down: sent later, when it is back
+            raise DeliveryError(
+                f"The callback secrets could not be read from the ledger: {error.__class__.__name__}",
+                code="callback.secrets_unreadable",
+                permanent=False,
+            ) from error
+        self._rows, self._read_at = rows, time.monotonic()
+
+
+def _no_secret(tenant_id: str) -> str:
+    if tenant_id == DEFAULT_TENANT:
+        return (
+            "No ITEM_CALLBACK_SECRET is set and the default tenant has no callback secret (`item secrets create "
+            "--tenant default`), and callbacks are never sent unsigned."
+        )
+    return (
+        f"Tenant {tenant_id!r} has no callback secret (`item secrets create --tenant {tenant_id}`), and callbacks "
+        "are never sent unsigned."
+    )
 
 
 def _external_id(row: DeliveryRow) -> str | None:
