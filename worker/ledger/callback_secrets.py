@@ -89,12 +89,12 @@ def rotate_secret(session: Session, tenant_id: str, window_s: float) -> MadeSecr
             f"`item secrets create --tenant {tenant_id}` makes its first."
         )
     now = utcnow()
+    purge_retired(session, tenant_id=tenant_id, now=now)  # before: the secret retiring now stays listed
     retires_at = now + timedelta(seconds=window_s)
     retiring = tuple(row.key_id for row in current)
     session.execute(
         sa.update(CallbackSecretRow).where(CallbackSecretRow.key_id.in_(retiring)).values(retires_at=retires_at)
     )
-    purge_retired(session, tenant_id=tenant_id, now=now)
     made = _add(session, tenant_id)
     return MadeSecret(made.key_id, tenant_id, made.secret, retiring, retires_at)
 

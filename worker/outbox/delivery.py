@@ -336,10 +336,11 @@ class SigningSecrets:
     """Each tenant's secrets that sign now, read from the ledger at most every SECRETS_CACHE_S (one query for
     every tenant), so a pass does not query per delivery.
 
-    A cached secret whose `retires_at` passed stops signing at once; a new or retired-early secret is seen within
-    SECRETS_CACHE_S. A tenant left with none cached is read again before its callback fails, so `rotate --window
-    0` never leaves a callback unsigned. The default tenant also signs with ITEM_CALLBACK_SECRET, unnamed, while
-    it is set: alone, the header is exactly that of before tenants.
+    A cached secret whose `retires_at` passed stops signing at once; a rotation or an early retirement is seen
+    within SECRETS_CACHE_S (so after `rotate --window 0` the old secret may sign for up to that long: a receiver
+    that switched at once refuses those callbacks, and they are retried). A tenant with no secret cached is read
+    again before its callback fails, so a tenant's first secret signs at once. The default tenant also signs with
+    ITEM_CALLBACK_SECRET, unnamed, while it is set: alone, the header is exactly that of before tenants.
     """
 
     def __init__(self, settings: Settings, ledger: Ledger, cache_s: float = SECRETS_CACHE_S):
