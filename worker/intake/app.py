@@ -59,12 +59,14 @@ def create_app(settings: Settings) -> Celery:
     from worker.gpu.control import register_commands
     from worker.gpu.step import GpuLoops, add_worker_options
     from worker.intake.task import register_check_task
+    from worker.intake.tenant_step import TenantQueues
     from worker.ops.step import Upkeep
 
     register_check_task(app, settings)
     register_commands()
     app.steps["worker"].add(GpuLoops)
     app.steps["worker"].add(Upkeep)
+    app.steps["worker"].add(TenantQueues)
     add_worker_options(app)
     _connect_signals(app, settings)
     return app

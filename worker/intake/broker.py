@@ -6,8 +6,9 @@ each other and with a platform's Celery client.
 
 from __future__ import annotations
 
-from kombu import Connection, Exchange, Queue
+from kombu import Connection, Queue
 
+from worker.intake.queues import tenant_queue
 from worker.settings import CHECK_QUEUE, Settings
 
 # Redis: a message stays unacknowledged at most ITEM_INTAKE_VISIBILITY_TIMEOUT_S before any worker gives it back to
@@ -17,9 +18,8 @@ RESTORE_EVERY_S = 2  # how often a Redis worker looks for such messages
 
 
 def check_queue() -> Queue:
-    """`item.checks` as Celery declares it by default (a durable direct exchange of the same name), so a
-    platform's Celery client and the workers agree on RabbitMQ."""
-    return Queue(CHECK_QUEUE, Exchange(CHECK_QUEUE, type="direct"), routing_key=CHECK_QUEUE, durable=True)
+    """`item.checks`, the default tenant's queue (`worker.intake.queues.tenant_queue` names every tenant's)."""
+    return tenant_queue()
 
 
 def transport_options(settings: Settings) -> dict:
@@ -31,7 +31,9 @@ def transport_options(settings: Settings) -> dict:
             visibility_timeout=settings.intake_visibility_timeout_s,
             unacked_restore_interval=RESTORE_EVERY_S,
             unacked_restore_throttle=1,  # every sweep looks: the interval alone sets the pace
-            atomic_queues=[CHECK_QUEUE],  # worker.intake.redis_take: taken with BLMOVE, never lost to a kill
+            # worker.intake.redis_take: item.checks and every tenant's item.checks.<t>, taken with BLMOVE, never
+            # lost to a kill
+            atomic_queues=[CHECK_QUEUE],
         )
     return options
 

@@ -3,7 +3,8 @@
 Celery logs and drops a message that names no task, names one this worker does not have, or cannot be decoded
 (a pickle refused by the JSON-only accept list). A platform would never hear of it. Here each one is written to
 the ledger's dead letters with a stable code (`item deadletters` lists them) and only then acknowledged; while
-the ledger is unreachable the message is left unacknowledged, so the broker keeps it.
+the ledger is unreachable the message is left unacknowledged, so the broker keeps it. A dead letter belongs to the
+tenant whose queue the message came on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 
 from celery.worker.consumer import Consumer
 
+from worker.intake.queues import ArrivalQueues, tenant_of_queue
 from worker.intake.task import bare_letter, message_letter, unreadable_letter
 from worker.settings import CHECK_TASK
 
@@ -42,6 +44,9 @@ class IntakeConsumer(Consumer):
         that comes back to fail again for ever."""
         from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 
+        if not hasattr(self, "_arrivals"):
+            self._arrivals = ArrivalQueues()
+        letter.tenant_id = tenant_of_queue(self._arrivals.of(message, self.task_consumer))  # its queue's tenant
         intake = self.app.tasks[CHECK_TASK].intake()
         for attempt in (letter, bare_letter(letter)):
             try:

@@ -8,10 +8,19 @@ into a list of this consumer's own (`<queue>.taking.<consumer>`) in the same ste
 from there once kombu has recorded it as unacknowledged. A consumer alive says so with a key that expires after
 `taking_alive_s` (15 s); any live consumer gives the list of one that stopped saying so back to the queue.
 
-Only the queues named in the transport option `atomic_queues` are taken this way (one queue per channel); every
-other use of the transport (events, remote control, replies) is kombu's own. Messages sent with a priority land
-in kombu's per-priority lists; they are moved into the main list at each sweep, so they are taken the same way.
-Platforms send as before: the lists and the message format are kombu's.
+Only the queues named in the transport option `atomic_queues`, and each tenant's queue of theirs (`item.checks.<t>`),
+are taken this way; every other use of the transport (events, remote control, replies) is kombu's own. Messages
+sent with a priority land in kombu's per-priority lists; they are moved into the main list at each sweep, so they
+are taken the same way. Platforms send as before: the lists and the message format are kombu's.
+
+A channel consuming several tenants' queues cannot block on all of them at once (BLMOVE waits on one list): it
+first takes from the first queue not empty, in kombu's rotating order, in one script (`TAKE_FIRST`, atomic as
+BLMOVE is); only when every queue was empty does it wait on one of them, for `MANY_QUEUES_WAIT_S`, and then looks at
+all again. A message on a quiet tenant's queue waits at most that long more than one on the queue waited on.
+
+A message's queue is its tenant (`worker.intake.queues`): what its envelope says of its exchange and routing key
+was written by whoever pushed it, so the take replaces it with the list it took the message from, for the intake
+to read and for kombu to put the message back into if it is never acknowledged.
 """
 
 from __future__ import annotations
@@ -27,11 +36,23 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from worker.ledger.tenants import TENANT_ID
+
 log = logging.getLogger("item.intake")
 
 ALIVE_S = 15.0
 TAKE_AT_ONCE = 64  # messages one take moves when a burst waits: one round trip, not one each
 SAY_ALIVE_EVERY_S = 5.0  # between the event loop's sweeps (every 2 s), in case they stop
+MANY_QUEUES_WAIT_S = 0.1  # with several queues, all empty: how long to wait on one before looking at all again
+
+# KEYS: queue, its taking list, next queue, its taking list, ...: the first message found is moved (as BLMOVE does)
+TAKE_FIRST = """
+for i = 1, #KEYS, 2 do
+  local raw = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'RIGHT', 'LEFT')
+  if raw then return {(i + 1) / 2, raw} end
+end
+return false
+"""
 
 
 class QoS(kombu_redis.QoS):
@@ -83,39 +104,60 @@ class Channel(kombu_redis.Channel):
     taking_alive_s: float = ALIVE_S
 
     def __init__(self, *args, **kwargs):
-        self._taking_from = None
+        self._taking_from: list[str] | None = None  # the queues of the take in flight (several: TAKE_FIRST)
+        self._look_at_all = True  # several queues: look at all (TAKE_FIRST) next, else wait on one
+        self._took_from: set[str] = set()  # every queue this consumer has a taking list of
+        self._take_command = "BLMOVE"
         self._said_alive_at = float("-inf")
         super().__init__(*args, **kwargs)
         self.consumer_id = uuid.uuid4().hex
+
+    def is_atomic(self, queue: str) -> bool:
+        """One of `atomic_queues`, or a tenant's queue of one (`item.checks.<tenant>`)."""
+        return is_atomic(queue, self.atomic_queues)
 
     # ------------------------------------------------------------------ the take
 
     def _brpop_start(self, timeout=None):
         queues = list(self.active_queues)
-        if len(queues) != 1 or queues[0] not in self.atomic_queues:
+        if not queues or not all(self.is_atomic(queue) for queue in queues):
             return super()._brpop_start(timeout)
-        queue = queues[0]
+        self._took_from.update(queues)
         if monotonic() - self._said_alive_at > SAY_ALIVE_EVERY_S:  # a new consumer, or a sweep was missed
             self.sweep()
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
-        self._taking_from = queue
         wait = self.brpop_timeout if timeout is None else timeout
-        command = ["BLMOVE", self._key(queue), self._key(self._taking(queue)), "RIGHT", "LEFT", wait or 0]
+        if len(queues) > 1:
+            queues = self._queue_cycle.consume(len(queues))  # kombu's rotation: the last one taken from is last
+        if len(queues) > 1 and self._look_at_all:
+            keys = [key for queue in queues for key in (self._key(queue), self._key(self._taking(queue)))]
+            command = ["EVAL", TAKE_FIRST, len(keys), *keys]
+        else:
+            if len(queues) > 1:
+                wait = min(wait or MANY_QUEUES_WAIT_S, MANY_QUEUES_WAIT_S)
+                queues = queues[:1]
+            command = ["BLMOVE", self._key(queues[0]), self._key(self._taking(queues[0])), "RIGHT", "LEFT", wait or 0]
+        self._taking_from, self._take_command = queues, command[0]
         self.client.connection.send_command(*command)
 
     def _brpop_read(self, **options):
-        queue = self._taking_from
-        if queue is None:
+        queues = self._taking_from
+        if queues is None:
             return super()._brpop_read(**options)
         try:
             try:
-                raw = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                reply = self.client.parse_response(self.client.connection, self._take_command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            if raw is None:
+            many = len(queues) > 1
+            if not reply:  # nothing anywhere: wait on one queue next (or, having waited, look at all again)
+                self._look_at_all = not many
                 raise kombu_redis.Empty()
+            self._look_at_all = True
+            queue, raw = (queues[int(reply[0]) - 1], reply[1]) if many else (queues[0], reply)
+            self._queue_cycle.rotate(queue)
             with self.conn_or_acquire() as client:  # not the blocking connection: it is the take's alone
                 raws = [raw, *self._take_more(client, queue)]
                 payloads = self._record(client, queue, raws)
@@ -151,10 +193,11 @@ class Channel(kombu_redis.Channel):
             raw = raw if isinstance(raw, bytes) else raw.encode()
             try:
                 payload = loads(bytes_to_str(raw))
-                tag, info = payload["properties"]["delivery_tag"], payload["properties"]["delivery_info"]
-                exchange, routing_key = info["exchange"], info["routing_key"]
-                # kombu's record is the JSON list [payload, exchange, routing key]: the payload as it arrived
-                record = b"[" + raw + b"," + dumps([exchange, routing_key]).encode()[1:]
+                tag = payload["properties"]["delivery_tag"]
+                # kombu's record is the JSON list [payload, exchange, routing key]: the payload as it arrived, and
+                # the queue it was taken from (the anonymous exchange routes by queue name), not the one the
+                # envelope claims: a message put back goes where it was, never into another tenant's queue
+                record = b"[" + raw + b"," + dumps(["", queue]).encode()[1:]
             except Exception as error:  # not JSON, not an object, no properties: any bytes a client may push
                 log.error("a message in %s is not a kombu message (%r); it becomes a dead letter", queue, error)
                 payload = unreadable_envelope(raw, f"Not a kombu message: {error!r}", queue)
@@ -187,12 +230,12 @@ class Channel(kombu_redis.Channel):
     # ------------------------------------------------------------------ liveness and recovery
 
     def sweep(self) -> None:
+        queues = [queue for queue in self.active_queues if self.is_atomic(queue)]
         with self.conn_or_acquire() as client:
-            for queue in self.atomic_queues:
-                if queue in self.active_queues:
-                    self._say_alive(client, queue)
-                    self._recover(client, queue)
-                    self._lift_priorities(client, queue)
+            self._say_alive(client, queues)
+            for queue in queues:
+                self._recover(client, queue)
+                self._lift_priorities(client, queue)
 
     def close(self):
         """A clean close: kombu's reads a take still in flight and gives back what is unacknowledged; then
@@ -202,14 +245,17 @@ class Channel(kombu_redis.Channel):
         super().close()
         try:
             with self.conn_or_acquire() as client:
-                for queue in self.atomic_queues:
+                for queue in self._took_from:
                     self._give_back(client, queue, self.consumer_id)
         except Exception:  # the broker is away: the list waits for a sweep once it is back
             log.debug("could not give back what this consumer took", exc_info=True)
 
-    def _say_alive(self, client, queue: str) -> None:
-        client.execute_command("PSETEX", self._key(self._alive(queue)), int(self.taking_alive_s * 1000), "1")
-        client.sadd(self._takers(queue), self.consumer_id)  # SADD is prefixed by kombu's client itself
+    def _say_alive(self, client, queues: list[str]) -> None:
+        pipe = client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.execute_command("PSETEX", self._key(self._alive(queue)), int(self.taking_alive_s * 1000), "1")
+            pipe.sadd(self._takers(queue), self.consumer_id)  # SADD is prefixed by kombu's client itself
+        pipe.execute()
         self._said_alive_at = monotonic()
 
     def _recover(self, client, queue: str) -> None:
@@ -251,6 +297,23 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def _deliver(self, message, queue):
+        """Every delivery from an intake queue says the queue it came from, and nothing its sender claimed (a
+        consumer tag, another queue): the intake reads its tenant from there (`worker.intake.queues`)."""
+        families = self.client.transport_options.get("atomic_queues", ())
+        properties = message.get("properties") if isinstance(message, dict) else None
+        if queue and isinstance(properties, dict) and is_atomic(queue, families):
+            properties["delivery_info"] = {"exchange": "", "routing_key": queue}
+        return super()._deliver(message, queue)
+
+
+def is_atomic(queue: str, families) -> bool:
+    """`queue` is one of `families` or a tenant's queue of one (`<family>.<tenant id>`)."""
+    if queue in families:
+        return True
+    family, _, tenant_id = queue.rpartition(".")
+    return family in families and TENANT_ID.fullmatch(tenant_id) is not None
 
 
 UNREADABLE_TYPE = "application/x-item-unreadable"  # no reader accepts it: the intake's dead letter keeps the bytes

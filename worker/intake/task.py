@@ -7,6 +7,10 @@ The task body is the intake and nothing else: validate, keep inline bytes as a b
 here, so a message waits in the broker for milliseconds whatever the GPU backlog. A batch is what arrived within
 `FLUSH_EVERY_S`, at most `intake_batch_size` messages.
 
+A message is filed for the tenant whose queue it arrived on (`worker.intake.queues`), never one its body or headers
+name; a batch is filed one transaction per tenant. A message on the queue of a tenant that does not exist, or is
+disabled, becomes a dead letter (`tenant.unknown`, `tenant.disabled`).
+
 Decoding never raises: a message that is not a well-formed `item.check` becomes a `rejected` row (a usable
 external id) or a dead letter, and is acknowledged like any other. While the ledger is unreachable the batch is
 held and tried again, unacknowledged: the messages stay the broker's, and come back if this worker dies.
@@ -28,6 +32,9 @@ from typing import Any
 from celery_batches import Batches
 from kombu.exceptions import ContentDisallowed
 
+from pipeline.core.errors import ItemError
+from worker.intake.queues import ArrivalQueues, tenant_of_queue
+from worker.ledger.models import DEFAULT_TENANT
 from worker.settings import CHECK_TASK, Settings
 
 log = logging.getLogger("item.intake")
@@ -46,6 +53,7 @@ class Taken:
     message: Any
     ack: Any
     reject: Any
+    queue: str | None = None  # the queue it was delivered from: its tenant's
     eta = None  # celery-batches' flush asks; item.check never has one
 
     @property
@@ -74,10 +82,10 @@ class CheckIntake(Batches):
         self._tref = None
         if not self._buffer.empty():  # taken before the connection dropped: filed now (the ack may not land)
             self._start_timer()
-        put, every = self._buffer.put, self.flush_every
+        put, every, arrivals = self._buffer.put, self.flush_every, ArrivalQueues()
 
         def on_message(message, body, ack, reject, callbacks, **_) -> None:
-            put(Taken(message, ack, reject))
+            put(Taken(message, ack, reject, arrivals.of(message, consumer.task_consumer)))
             if self._tref is None:
                 self._start_timer()
             if not next(self._count) % every:  # celery-batches replaces its counter at each flush
@@ -100,6 +108,7 @@ class CheckIntake(Batches):
         """Decodes each request (never raising), then files them all on a pool thread; acks on return."""
         limit = self.settings.max_b64_bytes * 4 // 3 + MESSAGE_MARGIN_BYTES
         items = [_item_of(request, limit) for request in requests]
+        tenants = [tenant_of_queue(request.queue) for request in requests]
         received, started = time.time(), time.monotonic()
 
         consumer = self._consumer
@@ -108,12 +117,12 @@ class CheckIntake(Batches):
             runtime = time.monotonic() - started
             consumer.call_soon(_acknowledge, consumer, requests, items, filed, received, runtime)
 
-        return self._pool.apply_async(self._file, (items,), callback=on_return)
+        return self._pool.apply_async(self._file, (items, tenants), callback=on_return)
 
-    def _file(self, items: list) -> list | None:
+    def _file(self, items: list, tenants: list[str | None]) -> list | None:
         """The filed checks (None in the place of a dead letter), or None when stopping with the ledger down."""
         try:
-            return file_holding(self.intake(), items, self.stopping)
+            return file_by_tenant(self.intake(), items, tenants, self.stopping)
         except Exception:  # a bug: nothing is acknowledged, and the broker gives the messages back later
             log.exception("filing %d messages crashed; they stay unacknowledged", len(items))
             return None
@@ -145,24 +154,75 @@ def _contract(external_id: str, image: dict, callback_url: str | None = None) ->
     """item.check(external_id, image, callback_url=None): the documented contract; the worker files it."""
 
 
-def file_holding(intake, items: list, stopping: threading.Event) -> list | None:
+def file_by_tenant(intake, items: list, tenants: list[str | None], stopping: threading.Event) -> list | None:
+    """`file_holding` for each tenant's part of `items` (`tenants[i]` is the tenant whose queue `items[i]` came
+    from; None: a queue that is no tenant's), one transaction each; the outcomes in the order of `items` (which
+    this changes in place, as `file_holding` does), or None if told to stop meanwhile."""
+    parts: dict[str | None, list[int]] = {}
+    for index, tenant_id in enumerate(tenants):
+        parts.setdefault(tenant_id, []).append(index)
+    outcomes: list = [None] * len(items)
+    for tenant_id, indexes in parts.items():
+        part = [items[index] for index in indexes]
+        filed = file_holding(intake, part, stopping, tenant_id)
+        if filed is None:
+            return None  # what was filed already is filed again, the same, when the messages come back
+        for index, item, outcome in zip(indexes, part, filed, strict=True):
+            items[index], outcomes[index] = item, outcome
+    return outcomes
+
+
+TENANT_REFUSALS = ("tenant.unknown", "tenant.disabled")
+
+
+def file_holding(intake, items: list, stopping: threading.Event, tenant_id: str | None = DEFAULT_TENANT) -> list | None:
     """Files `items` (requests and dead letters) in one transaction, holding on while the ledger is unreachable
     (or no version is registered yet); returns what each became (None for a dead letter), or None if told to
     stop meanwhile (the caller then gives the messages back).
+
+    They are `tenant_id`'s (None: no tenant's; see `file_by_tenant`). A tenant that does not exist or is disabled
+    files nothing: every item becomes a dead letter saying so.
 
     A transaction that fails for any other reason (a message no check foresaw, a bug) must not hold the batch
     forever, nor fail it whole: its items are filed one at a time, and the one that fails again becomes a dead
     letter `message.internal_error` in `items` (which this changes in place), so the rest are filed as usual.
     """
     try:
-        return _holding(lambda: _file_together(intake, items), len(items), stopping)
-    except Exception:
-        if len(items) == 1 and _is_dead_letter(items[0]):
-            raise  # a dead letter alone that cannot be filed: see _file_one
-        log.exception("filing a batch of %d messages failed; filing them one at a time", len(items))
+        if tenant_id is None:
+            raise TenantQueueError(f"The queue of these {len(items)} messages is no tenant's.")
+        return _holding(lambda: _file_together(intake, items, tenant_id), len(items), stopping)
+    except ItemError as error:
+        if error.code not in TENANT_REFUSALS:
+            return _one_at_a_time(intake, items, stopping, tenant_id, error)
+        letters = [_refused_letter(item, error, tenant_id) for item in items]
+        filed = _holding(lambda: _file_together(intake, letters, None), len(items), stopping)
+        items[:] = letters
+        return filed
+    except Exception as error:
+        return _one_at_a_time(intake, items, stopping, tenant_id, error)
+
+
+class TenantQueueError(ItemError):
+    """Messages that came on a queue of no tenant. Permanent: each becomes a dead letter."""
+
+    code = "tenant.unknown"
+
+
+def _refused_letter(item, error: ItemError, tenant_id: str | None):
+    """The dead letter of a message its tenant cannot file: a disabled tenant's keeps its tenant, an unknown
+    tenant's none (an id that is no tenant's names no one)."""
+    letter = item if _is_dead_letter(item) else _asked_letter(item, error.code, error.message)
+    letter.tenant_id = tenant_id if error.code == "tenant.disabled" else None
+    return letter
+
+
+def _one_at_a_time(intake, items: list, stopping: threading.Event, tenant_id: str, error: Exception) -> list | None:
+    if len(items) == 1 and _is_dead_letter(items[0]):
+        raise error  # a dead letter alone that cannot be filed: see _file_one
+    log.error("filing a batch of %d messages failed; filing them one at a time", len(items), exc_info=error)
     outcomes = []
     for index in range(len(items)):
-        one = _file_one(intake, items, index, stopping)
+        one = _file_one(intake, items, index, stopping, tenant_id)
         if one is _STOPPED:
             return None
         outcomes.append(one)
@@ -172,18 +232,18 @@ def file_holding(intake, items: list, stopping: threading.Event) -> list | None:
 _STOPPED = object()
 
 
-def _file_one(intake, items: list, index: int, stopping: threading.Event):
+def _file_one(intake, items: list, index: int, stopping: threading.Event, tenant_id: str):
     """Files `items[index]` alone; if that fails too, files a dead letter in its place (a bare one, without the
     body, if even that fails: the message is then acknowledged with only a log line to show for it)."""
     try:
-        filed = _holding(lambda: _file_together(intake, [items[index]]), 1, stopping)
+        filed = _holding(lambda: _file_together(intake, [items[index]], tenant_id), 1, stopping)
         return _STOPPED if filed is None else filed[0]
     except Exception as error:
         log.exception("a message of the batch cannot be filed; it becomes a dead letter")
         letter = _internal_error_letter(items[index], error)
     for attempt in (letter, bare_letter(letter)):
         try:
-            if _holding(lambda one=attempt: _file_together(intake, [one]), 1, stopping) is None:
+            if _holding(lambda one=attempt: _file_together(intake, [one], tenant_id), 1, stopping) is None:
                 return _STOPPED
             items[index] = attempt
             return None
@@ -196,7 +256,6 @@ def _file_one(intake, items: list, index: int, stopping: threading.Event):
 
 def _holding(file, count: int, stopping: threading.Event) -> list | None:
     """`file()`, tried again while the ledger is unreachable or no version is registered; None if told to stop."""
-    from pipeline.core.errors import ItemError
     from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 
     wait = HOLD_BACKOFF_S[0]
@@ -212,10 +271,13 @@ def _holding(file, count: int, stopping: threading.Event) -> list | None:
         wait = min(HOLD_BACKOFF_S[1], wait * 2)
 
 
-def _file_together(intake, items: list) -> list:
+def _file_together(intake, items: list, tenant_id: str | None) -> list:
+    """One transaction; `tenant_id` None: dead letters only, of no tenant."""
     requests = [item for item in items if not _is_dead_letter(item)]
     dead = [item for item in items if _is_dead_letter(item)]
-    filed = iter(intake.file(requests, dead, conflicts_dead=True))
+    for letter in dead:
+        letter.tenant_id = letter.tenant_id or tenant_id
+    filed = iter(intake.file(requests, dead, conflicts_dead=True, tenant_id=tenant_id or DEFAULT_TENANT))
     return [None if _is_dead_letter(item) else next(filed) for item in items]
 
 
@@ -230,16 +292,26 @@ def _internal_error_letter(item, error: Exception):
     from worker.intake.filing import dead_letter
 
     if _is_dead_letter(item):
-        return dead_letter(item.code, item.reason, item.body, item.queue, item.task, item.content_type)
+        letter = dead_letter(item.code, item.reason, item.body, item.queue, item.task, item.content_type)
+        letter.tenant_id = item.tenant_id
+        return letter
+    return _asked_letter(item, "message.internal_error", f"Filing this message failed: {type(error).__name__}: {error}")
+
+
+def _asked_letter(item, code: str, reason: str):
+    """A dead letter keeping what a check request asked for."""
+    from worker.intake.filing import dead_letter
+
     asked = {"external_id": item.external_id, "image": item.image, "callback_url": item.callback_url}
-    reason = f"Filing this message failed: {type(error).__name__}: {error}"
-    return dead_letter("message.internal_error", reason, asked, None, CHECK_TASK)
+    return dead_letter(code, reason, asked, None, CHECK_TASK)
 
 
 def bare_letter(letter):
     from worker.intake.filing import dead_letter
 
-    return dead_letter(letter.code, letter.reason[:200], "<body not kept: it could not be stored>", None)
+    bare = dead_letter(letter.code, letter.reason[:200], "<body not kept: it could not be stored>", None)
+    bare.tenant_id = letter.tenant_id
+    return bare
 
 
 def _item_of(taken, max_bytes: int):
