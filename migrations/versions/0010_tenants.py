@@ -34,6 +34,7 @@ _DEFAULT = "default"
 _QUEUED = sa.text("status = 'queued'")
 _RUNNING = sa.text("status = 'running'")
 _OPEN_REVIEW = sa.text("reviews_done < reviews_needed")
+_HELD_REVIEW = sa.text("lease_owner IS NOT NULL")  # a moderator holds (or skipped) the item
 _CLAIM = ["pipeline_version_id", "priority", "created_at"]
 _ROLLUP_KEYS = {
     "check_rollups": ["minute", "pipeline_version_id", "status", "verdict", "priority", "slot"],
@@ -143,6 +144,10 @@ def _create_tables() -> None:
         postgresql_where=_OPEN_REVIEW, sqlite_where=_OPEN_REVIEW,
     )  # fmt: skip
     op.create_index("ix_review_items_created_at", "review_items", ["created_at"])
+    op.create_index(
+        "ix_review_items_lease_owner", "review_items", ["lease_owner"],
+        postgresql_where=_HELD_REVIEW, sqlite_where=_HELD_REVIEW,
+    )  # fmt: skip
 
 
 def _claim_indexes(columns: list[str]) -> None:

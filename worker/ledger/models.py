@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, synonym
 
 from worker.ledger.states import CheckStatus, DeliveryStatus, Priority
 
@@ -472,6 +472,7 @@ class CallbackSecretRow(Base):
 
 
 _OPEN_REVIEW = sa.text("reviews_done < reviews_needed")
+_HELD_REVIEW = sa.text("lease_owner IS NOT NULL")
 
 
 class ReviewItemRow(Base):
@@ -494,9 +495,11 @@ class ReviewItemRow(Base):
             sqlite_where=_OPEN_REVIEW,
         ),  # fmt: skip
         sa.Index(None, "created_at"),  # retention
+        sa.Index(None, "lease_owner", postgresql_where=_HELD_REVIEW, sqlite_where=_HELD_REVIEW),  # the few held
     )
 
     check_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    id = synonym("check_id")  # so `queries.claim_rows` takes review items as it takes checks
     check_created_at: Mapped[datetime] = mapped_column(UTCDateTime)  # finds the check's partition
     tenant_id: Mapped[str] = mapped_column(sa.String(64))
     band: Mapped[int] = mapped_column(sa.SmallInteger)  # 0 uncertain, 1 fake, 2 anything else asked for
