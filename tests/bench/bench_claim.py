@@ -2,6 +2,7 @@
 
 Run on demand, never as a timed test (PostgreSQL as for the integration tests, `ITEM_TEST_POSTGRES_URL`):
     python -m tests.bench.bench_claim [--rescores 1000000 --fresh 10000 --claims 200 --batch 16 --json]
+    python -m tests.bench.bench_claim --tenants 10   # the same rows spread over ten tenants: the fair claim
 
 A new database, migrated with the real migrations, holds one pipeline version's checks, written server-side
 (INSERT ... SELECT FROM generate_series, in chunks, with progress): --rescores queued re-scores (priority 1) of as
@@ -42,7 +43,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from tests.integration.conftest import POSTGRES_URL, temporary_postgres_database
-from worker.ledger import migrate
+from worker.ledger import migrate, tenants
+from worker.ledger.claims import FairShare
 from worker.ledger.states import Priority
 from worker.ledger.store import Lease, Ledger
 
@@ -66,7 +68,7 @@ FROM (SELECT i, CAST(:start AS timestamptz) + i * interval '2 seconds' AS at
 _INSERT_QUEUED = f"""
 INSERT INTO checks (id, external_id, pipeline_version_id, source, status, attempts, priority, rescore_of,
                     created_at, enqueued_at, available_at, started_at, updated_at,
-                    lease_owner, lease_token, lease_expires_at)
+                    lease_owner, lease_token, lease_expires_at, tenant_id)
 SELECT gen_random_uuid()::text, :prefix || i, '{VERSION}', '{{"url": "http://bench.invalid/i.jpg"}}',
        CASE WHEN kind IN ({_EXPIRED}, {_LIVE}, {_USED_UP}) THEN 'running' ELSE 'queued' END,
        CASE kind WHEN {_USED_UP} THEN {MAX_ATTEMPTS} WHEN {_EXPIRED} THEN 1 WHEN {_LIVE} THEN 1
@@ -81,7 +83,8 @@ SELECT gen_random_uuid()::text, :prefix || i, '{VERSION}', '{{"url": "http://ben
        CASE WHEN kind IN ({_EXPIRED}, {_LIVE}, {_USED_UP}) THEN gen_random_uuid()::text END,
        CASE kind WHEN {_LIVE} THEN now() + interval '10 minutes'
                  WHEN {_EXPIRED} THEN now() - interval '5 minutes'
-                 WHEN {_USED_UP} THEN now() - interval '5 minutes' END
+                 WHEN {_USED_UP} THEN now() - interval '5 minutes' END,
+       CASE WHEN CAST(:tenants AS int) > 1 THEN 'tenant-' || (i % CAST(:tenants AS int)) ELSE 'default' END
 FROM (SELECT i, i % 1000 AS kind, CAST(:start AS timestamptz) + i * CAST(:step AS interval) AS at
       FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS i) AS s
 """
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
                 "rows": _scalar(ledger, "SELECT count(*) FROM checks"),
                 "rescores": args.rescores,
                 "fresh": args.fresh,
+                "tenants": args.tenants,
                 "insert_s": round(insert_s, 1),
                 "index_mb": _index_sizes(ledger),
                 "write_floor_ms": floor,
@@ -144,10 +148,17 @@ def _filled(ledger: Ledger, args: argparse.Namespace) -> float:
             ),
             {"old": OLD_VERSION, "new": VERSION},
         )
+    if args.tenants > 1:
+        with ledger.session() as session:
+            for index in range(args.tenants):
+                tenants.create_tenant(session, f"tenant-{index}")
     _insert(ledger, "done checks of the older version", _INSERT_DONE, args.rescores, {"start": _days_ago(60)})
+    shared = {"tenants": args.tenants}
     rescores = {"prefix": "post-", "priority": Priority.rescore, "start": _days_ago(1), "step": "1 millisecond"}
+    rescores |= shared
     _insert(ledger, "queued re-scores", _INSERT_QUEUED, args.rescores, rescores)
     fresh = {"prefix": "upload-", "priority": Priority.fresh, "start": _days_ago(1 / 24), "step": "300 milliseconds"}
+    fresh |= shared
     _insert(ledger, "fresh checks", _INSERT_QUEUED, args.fresh, fresh)
     _progress("ANALYZE")
     with ledger.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
@@ -206,7 +217,10 @@ def _phase(ledger: Ledger, name: str, args: argparse.Namespace) -> dict:
         "claims": args.claims,
         "rows_per_claim": {"min": min(taken), "max": max(taken)},
         "ms": _summary(timings),
-        "plan": _explained(ledger, *sent[-1]),
+        "plan": _explained(ledger, *claims[-1]) if (claims := [one for one in sent if "UPDATE" in one[0]]) else None,
+        "probe_plan": _explained(ledger, *probes[-1])
+        if (probes := [one for one in sent if "UPDATE" not in one[0]])
+        else None,
     }
 
 
@@ -224,6 +238,9 @@ def _write_floor(ledger: Ledger, times: int) -> dict[str, float]:
     return _summary(timings)
 
 
+_FAIR = FairShare()  # one claimer's shares across tenants, kept from claim to claim as a GPU loop keeps its own
+
+
 def _claim(ledger: Ledger, limit: int, priority: int | None) -> list:
     with ledger.session() as session:
         return ledger.claim(
@@ -233,16 +250,18 @@ def _claim(ledger: Ledger, limit: int, priority: int | None) -> list:
             lease=Lease.new("bench:claim", 300),
             max_attempts=MAX_ATTEMPTS,
             priority=priority,
+            fair=_FAIR,
         )
 
 
 @contextmanager
 def _claim_statements(engine: sa.Engine) -> Iterator[list[tuple[str, dict]]]:
-    """The claim UPDATEs the engine sends meanwhile, as the driver got them (SQL text and parameters)."""
+    """The claim UPDATEs the engine sends meanwhile, and with several tenants the probe for those with work, as
+    the driver got them (SQL text and parameters)."""
     sent: list[tuple[str, dict]] = []
 
     def record(_connection, _cursor, statement, parameters, _context, _many) -> None:
-        if "UPDATE checks" in statement:
+        if "UPDATE checks" in statement or "FROM tenants" in statement:
             sent.append((statement, parameters))
 
     event.listen(engine, "before_cursor_execute", record)
@@ -359,6 +378,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="Limit of fresh and priority-None claims.")
     parser.add_argument("--rescore-batch", type=int, default=64, help="Limit of re-score claims.")
     parser.add_argument("--server-url", default=POSTGRES_URL, help="A server to make the temporary database on.")
+    parser.add_argument("--tenants", type=int, default=1, help="Spread every queued check over this many tenants.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     report = run(args)
