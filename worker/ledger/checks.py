@@ -80,7 +80,7 @@ def create_checks(
 
 
 def file_rows(
-    session: Session, pipeline_version_id: str, rows: list[dict], *, tenant_id: str
+    session: Session, pipeline_version_id: str, rows: list[dict], *, tenant_id: str = DEFAULT_TENANT
 ) -> tuple[dict[str, CheckRow], set[str]]:
     """Files new checks (`queued_check` rows of one version and tenant) unless their external id has one already
     for that tenant: the check of each external id, and the external ids this call created.
@@ -93,7 +93,7 @@ def file_rows(
     """
     found, created = {}, set()
     for chunk in in_chunks(rows):
-        if any(row["tenant_id"] != tenant_id for row in chunk):
+        if any(row.setdefault("tenant_id", tenant_id) != tenant_id for row in chunk):
             raise ValueError(f"file_rows files checks of one tenant ({tenant_id}) at a time")
         known = _keys(session, tenant_id, pipeline_version_id, [row["external_id"] for row in chunk])
         new = [row for row in chunk if row["external_id"] not in known]
