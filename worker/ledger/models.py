@@ -12,21 +12,10 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, synonym
+from sqlalchemy.orm import Mapped, mapped_column
 
+from worker.ledger.columns import NAMING_CONVENTION, Base, UTCDateTime, utcnow  # noqa: F401 (part of this module's API)
 from worker.ledger.states import CheckStatus, DeliveryStatus, Priority
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_id() -> str:
@@ -55,30 +44,6 @@ def created_at_of(check_id: str) -> datetime | None:
     return datetime.fromtimestamp((value.int >> 80) / 1000, UTC)
 
 
-class UTCDateTime(sa.TypeDecorator[datetime]):
-    """A timezone-aware UTC datetime on every backend.
-
-    PostgreSQL stores `timestamptz`; SQLite stores text without a zone, so values are converted to UTC before
-    they are written (keeping string comparisons in WHERE clauses correct) and get UTC attached when read.
-    """
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: the ledger stores timezone-aware UTC times only")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _string_enum(enum: type[StrEnum]) -> sa.Enum:
     # Stored as VARCHAR (no native enum type, no CHECK constraint): adding a status later is a code change only.
     return sa.Enum(
@@ -105,10 +70,6 @@ def _claim_index(name: str, where: sa.TextClause, *claimable_from: str) -> sa.In
     # Tenant first: a fair claim reads each tenant's oldest checks from its own range (see `claims.claim`).
     columns = ("tenant_id", "pipeline_version_id", "priority", "created_at", *claimable_from)
     return sa.Index(name, *columns, postgresql_where=where, sqlite_where=where)
-
-
-class Base(DeclarativeBase):
-    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
 class PipelineVersionRow(Base):
@@ -424,90 +385,6 @@ class CheckLatencyRow(Base):
     n: Mapped[int] = mapped_column(sa.BigInteger)
 
 
-# ---------------------------------------------------------------------- tenants (0010)
-
-
-class TenantRow(Base):
-    """A platform sharing the deployment: its checks, keys, decisions and deliveries are its own (every read is
-    narrowed to one tenant unless an operator key asks for all), and its share of the GPUs and intake is set here.
-    A deployment that configures none has one, `default`, which holds every row made before tenants existed."""
-
-    __tablename__ = "tenants"
-
-    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)  # a slug: worker.ledger.tenants.TENANT_ID
-    name: Mapped[str] = mapped_column(sa.String(128))
-    weight: Mapped[int] = mapped_column(sa.Integer, default=1, server_default="1")  # share of every claim
-    rate_per_s: Mapped[float | None] = mapped_column(sa.Float)  # checks filed per second; NULL: no limit
-    burst: Mapped[int | None] = mapped_column(sa.Integer)  # the bucket's size; NULL: one second of the rate
-    backlog_cap: Mapped[int | None] = mapped_column(sa.Integer)  # checks queued at once; NULL: no limit
-    # The version this tenant's new checks are filed under; NULL follows the deployment's active version.
-    pipeline_version_id: Mapped[str | None] = mapped_column(sa.String(64))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # refuses new checks; reads go on
-
-
-class TenantBucketRow(Base):
-    """A tenant's token bucket (its rate): apart from `tenants` so the hot update touches a row nothing reads
-    for anything else."""
-
-    __tablename__ = "tenant_buckets"
-
-    tenant_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    tokens: Mapped[float] = mapped_column(sa.Float)
-    refilled_at: Mapped[datetime] = mapped_column(UTCDateTime)
-
-
-class CallbackSecretRow(Base):
-    """A secret that signs a tenant's callbacks, named by its key id in the signature header. A rotation adds a
-    new one and gives the old one a `retires_at`: both sign until then, so receivers can switch at leisure."""
-
-    __tablename__ = "callback_secrets"
-    __table_args__ = (sa.Index(None, "tenant_id"),)
-
-    key_id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)  # "cs" + 12 hex, public
-    tenant_id: Mapped[str] = mapped_column(sa.String(64))
-    secret: Mapped[str] = mapped_column(sa.String(128))  # the service must sign with it: kept, not hashed
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    retires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # NULL: current
-
-
-_OPEN_REVIEW = sa.text("reviews_done < reviews_needed")
-_HELD_REVIEW = sa.text("lease_owner IS NOT NULL")
-
-
-class ReviewItemRow(Base):
-    """A done check a moderator should look at, in the review queue of its tenant until it has the reviews it
-    needs (two for a sample, to measure agreement). A moderator takes it under a lease, like a worker takes a
-    check, so two moderators never review it at once; an abandoned lease expires and the item returns.
-
-    Queue order (the partial index): the uncertain band first, then the highest p(fake), then the oldest.
-    """
-
-    __tablename__ = "review_items"
-    __table_args__ = (
-        sa.Index(
-            "ix_review_items_queue",
-            "tenant_id",
-            "band",
-            "p_fake_desc",
-            "created_at",
-            postgresql_where=_OPEN_REVIEW,
-            sqlite_where=_OPEN_REVIEW,
-        ),  # fmt: skip
-        sa.Index(None, "created_at"),  # retention
-        sa.Index(None, "lease_owner", postgresql_where=_HELD_REVIEW, sqlite_where=_HELD_REVIEW),  # the few held
-    )
-
-    check_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
-    id = synonym("check_id")  # so `queries.claim_rows` takes review items as it takes checks
-    check_created_at: Mapped[datetime] = mapped_column(UTCDateTime)  # finds the check's partition
-    tenant_id: Mapped[str] = mapped_column(sa.String(64))
-    band: Mapped[int] = mapped_column(sa.SmallInteger)  # 0 uncertain, 1 fake, 2 anything else asked for
-    p_fake_desc: Mapped[float] = mapped_column(sa.Float)  # -p_fake: the index is read ascending
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # when it entered the queue
-    reviews_needed: Mapped[int] = mapped_column(sa.SmallInteger, default=1)
-    reviews_done: Mapped[int] = mapped_column(sa.SmallInteger, default=0)
-    reviewed_by: Mapped[str | None] = mapped_column(sa.String(32))  # key id of the first review: not the second
-    lease_owner: Mapped[str | None] = mapped_column(sa.String(32))  # the moderator's key id
-    lease_token: Mapped[str | None] = mapped_column(sa.String(36))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+# The tables of tenants, their quotas and secrets, and the review queue: in `worker.ledger.tenant_rows`, imported
+# here so that `Base.metadata` (the migrations' check, `create_all`) holds them wherever models are imported.
+from worker.ledger.tenant_rows import CallbackSecretRow, ReviewItemRow, TenantBucketRow, TenantRow  # noqa: E402, F401
