@@ -35,6 +35,8 @@ REJECTED = (
     "s3.no_credentials",
     "s3.bad_endpoint",
     "s3.error",
+    "quota.exceeded",
+    "quota.backlog",
 )
 # Transient: retried with backoff; a check ends `failed` with one of these once its attempts are used up.
 FAILED = (

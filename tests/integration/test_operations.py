@@ -60,7 +60,7 @@ def test_metrics_add_up_the_work_of_every_process(stack, worked):
     batches = [json.loads(line) for line in worker.log.read_text().splitlines() if '"batch checks=' in line]
     assert len({line["process"] for line in batches}) >= 2  # both pool processes did some of the work
     samples = _samples(_scrape(stack))
-    assert samples[("item_checks_total", (("code", ""), ("status", "done")))] == len(rows) == 16
+    assert samples[("item_checks_total", (("code", ""), ("status", "done"), ("tenant", "default")))] == len(rows) == 16
     assert samples[("item_worker_ready", ())] == 2  # one per process with models loaded
     readyz = f"http://127.0.0.1:{stack.env['ITEM_METRICS_PORT']}/readyz"
     with urllib.request.urlopen(readyz, timeout=10) as response:  # every part alive, both GPU loops serving
@@ -71,11 +71,11 @@ def test_metrics_add_up_the_work_of_every_process(stack, worked):
     flagged = samples.get(("item_flagged_total", (("pipeline_version", version), ("verdict", "fake"))), 0)
     assert flagged == sum(row.verdict == "fake" for row in rows.values())
     assert samples[("item_queue_depth", (("queue", "item.checks"),))] == 0
-    assert samples[("item_checks_waiting", (("priority", "fresh"),))] == 0
-    assert samples[("item_checks_waiting", (("priority", "rescore"),))] == 0
+    assert samples[("item_checks_waiting", (("priority", "fresh"), ("tenant", "default")))] == 0
+    assert samples[("item_checks_waiting", (("priority", "rescore"), ("tenant", "default")))] == 0
     assert samples[("item_checks_stuck", (("status", "running"),))] == 0
     # Every failure code an alert watches is exported from the start, at 0.
-    assert samples[("item_checks_total", (("code", "check.timeout"), ("status", "failed")))] == 0
+    assert samples[("item_checks_total", (("code", "check.timeout"), ("status", "failed"), ("tenant", "default")))] == 0
 
 
 def test_the_backlog_is_read_from_the_broker_under_its_prefix_and_from_the_ledger(stack):
@@ -97,7 +97,9 @@ def test_the_backlog_is_read_from_the_broker_under_its_prefix_and_from_the_ledge
         # then the broker's queue is reported by its unprefixed name, and the ledger's backlog per priority
         depth = {sample.labels["queue"]: sample.value for sample in families["item_queue_depth"].samples}
         assert depth == {"item.checks": 3}
-        waiting = {sample.labels["priority"]: sample.value for sample in families["item_checks_waiting"].samples}
+        waiting = {"fresh": 0, "rescore": 0}  # per tenant: summed here, as the alerts do
+        for sample in families["item_checks_waiting"].samples:
+            waiting[sample.labels["priority"]] += sample.value
         assert waiting == {"fresh": before["fresh"] + 2, "rescore": before["rescore"]}
     finally:
         stack.redis.delete(f"{prefix}item.checks")

@@ -29,7 +29,7 @@ class Outcomes:
                 metrics.RETRIES.labels(code).inc()
                 log.info("check retried in %.1fs: %s", more["delay"], text, extra=extra)
                 continue
-            metrics.finished(status, code, check.created_at)
+            metrics.finished(status, code, check.created_at, check.tenant_id)
             if status == "done":
                 metrics.scored(self.version_id, check.p_fake, check.verdict)
                 metrics.provenance(check.provenance)

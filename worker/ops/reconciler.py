@@ -54,7 +54,7 @@ def reconcile(settings: Settings, ledger: Ledger) -> Reconciled:
                 failed.append(row)
         stuck = ledger.count_stuck(session, timedelta(seconds=settings.reconcile_after_s))
     for row in failed:
-        metrics.finished("failed", "check.stuck", row.created_at)
+        metrics.finished("failed", "check.stuck", row.created_at, row.tenant_id)
         about = {"check_id": row.id, "external_id": row.external_id, "stage": "reconcile", "code": "check.stuck"}
         log.warning("check failed: %s", STUCK_MESSAGE, extra=about)
     if any(stuck.values()):

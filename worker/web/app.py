@@ -12,6 +12,8 @@ import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +25,7 @@ from worker.intake.filing import Intake
 from worker.ledger.store import Ledger
 from worker.ops import metrics
 from worker.settings import Settings
-from worker.web import api, console
+from worker.web import api, console, review
 from worker.web.auth import requires
 from worker.web.docs import add_docs
 from worker.web.errors import HttpError, http_error, invalid_request, ledger_unavailable, unstorable
@@ -53,6 +55,7 @@ class WebState:
     intake: Intake
     reads: Reads  # where reads that may be a little stale go (worker/web/replica.py)
     filer: GroupFiler | None = None  # started with the app (its thread belongs to the serving process)
+    tenant_labels: Any = None  # worker.ops.tenant_labels.TenantLabels, made at the first /metrics
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -86,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(console.Forbidden, console.forbidden_page)
     app.include_router(api.router)
     app.include_router(console.router)
+    app.include_router(review.router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="static")
     _add_service_routes(app)
     add_docs(app)
@@ -126,11 +130,16 @@ def _add_service_routes(app: FastAPI) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
+        from worker.ops.tenant_labels import TenantLabels
+
         registry = REGISTRY
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # `item serve --workers N`: every process's samples
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        web = app.state.web
+        web.tenant_labels = web.tenant_labels or TenantLabels(web.settings, web.ledger)
+        folded = SimpleNamespace(collect=lambda: web.tenant_labels.fold(registry.collect()))  # a bounded `tenant`
+        return Response(generate_latest(folded), media_type=CONTENT_TYPE_LATEST)
 
 
 class BodyCap:
