@@ -20,6 +20,7 @@ from worker.cli.common import (
     ModelDirOpt,
     OfflineOpt,
     ProfileOpt,
+    TenantOpt,
     as_utc,
     err,
     fail,
@@ -46,7 +47,7 @@ def scan(
     from pipeline.core.errors import ItemError
     from pipeline.core.files import collect_files
     from pipeline.core.scan import scan as run_scan
-    from worker.settings import provenance_reader
+    from worker.sources.provenance import provenance_reader
 
     settings = settings_from(profile=profile, head=head, model_dir=model_dir, device=device, batch_size=batch_size)
     detector = _loaded_detector(settings, offline)
@@ -140,6 +141,7 @@ def submit(
     callback_url: Annotated[
         str | None, typer.Option(help="POST each result here, signed with ITEM_CALLBACK_SECRET.")
     ] = None,
+    tenant: Annotated[str, typer.Option("--tenant", help="The tenant the checks are filed for.")] = "default",
     as_json: JsonOpt = False,
 ) -> None:
     """Record checks in the ledger, then queue them (or, with no ITEM_BROKER_URL, run them here).
@@ -156,11 +158,11 @@ def submit(
     try:
         items = [(eid, client.image_from(ref, by_path=by_path)) for eid, ref in zip(ids, inputs, strict=True)]
         if settings.broker_url:  # a service runs: file them for its workers
-            submitted = client.submit(settings, items, callback_url=callback_url)
+            submitted = client.submit(settings, items, callback_url=callback_url, tenant_id=tenant)
         else:  # embedded: the models load here, and the checks run before this command returns
             from worker.gpu.embedded import submit_in_process
 
-            submitted = submit_in_process(settings, items, callback_url=callback_url)
+            submitted = submit_in_process(settings, items, callback_url=callback_url, tenant_id=tenant)
     except ItemError as error:
         raise fail(error) from None
     for s in submitted:
@@ -180,18 +182,20 @@ def submit(
 @app.command()
 def status(
     check_ids: Annotated[list[str] | None, typer.Argument(help="Check ids; none: counts by status.")] = None,
+    tenant: TenantOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One line per check (status, verdict, error), or the number of checks in each status."""
+    """One line per check (status, verdict, error), or the number of checks in each status (of one tenant's checks
+    with --tenant; another tenant's check is then not found)."""
     from worker.ledger.store import Ledger
 
     ledger = Ledger(settings_from().database_url)
     with ledger.session() as session:
         if not check_ids:
-            counts = ledger.count_by_status(session)
+            counts = ledger.count_by_status(session, tenant_id=tenant)
             print(json.dumps(counts) if as_json else "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
             return
-        rows = [ledger.get_check(session, check_id) for check_id in check_ids]
+        rows = [ledger.get_check(session, check_id, tenant_id=tenant) for check_id in check_ids]
     missing = [cid for cid, row in zip(check_ids, rows, strict=True) if row is None]
     _print_checks([row for row in rows if row is not None], as_json)
     if missing:
@@ -209,6 +213,7 @@ def results(
         str | None, typer.Option("--external-id", "-e", help="One upload: its check under every version.")
     ] = None,
     version: Annotated[str | None, typer.Option(help="Only checks scored under this pipeline version.")] = None,
+    tenant: TenantOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
     as_json: JsonOpt = False,
 ) -> None:
@@ -223,6 +228,7 @@ def results(
         until=as_utc(until),
         external_id=external_id,
         pipeline_version_id=version,
+        tenant_id=tenant,
         limit=limit + 1,  # one more than shown tells whether the limit cut the list
     )
     _print_checks(rows[:limit], as_json)
@@ -235,13 +241,13 @@ def _print_checks(rows, as_json: bool) -> None:
 
     if as_json:
         for row in rows:
-            print(json.dumps(check_dict(row)))
+            print(json.dumps({**check_dict(row), "tenant": row.tenant_id}))
         return
     table = Table()
-    for column in ("check", "external id", "version", "status", "verdict", "p(fake)", "error"):
+    for column in ("check", "tenant", "external id", "version", "status", "verdict", "p(fake)", "error"):
         table.add_column(column, overflow="fold")
     for row in rows:
         p_fake = "" if row.p_fake is None else f"{row.p_fake:.3f}"
         cells = (row.pipeline_version_id, row.status, row.verdict or "", p_fake, row.error_code or "")
-        table.add_row(row.id, escape(row.external_id), *cells)
+        table.add_row(row.id, escape(row.tenant_id), escape(row.external_id), *cells)
     out.print(table)

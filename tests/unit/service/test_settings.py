@@ -76,7 +76,7 @@ def test_a_provenance_policy_that_could_never_apply_is_refused(monkeypatch, tmp_
 
 def test_unreadable_trust_anchors_are_one_clear_error(tmp_path):
     from pipeline.core.errors import ItemError
-    from worker.settings import provenance_reader
+    from worker.sources.provenance import provenance_reader
 
     for anchors, why in ((tmp_path / "missing.pem", "cannot read"), (tmp_path / "empty.pem", "no PEM certificate")):
         if anchors.name == "empty.pem":
