@@ -52,6 +52,7 @@ COLUMNS = (
     "decided_at",
     "p_fake",
     "pipeline_version_id",
+    "tenant",
 )
 CHUNK = 64  # checks whose bytes are read (and blobs held in memory) at once
 
@@ -104,6 +105,7 @@ class _Decided:
 
     check_id: str
     external_id: str
+    tenant_id: str
     source: dict
     image_sha256: str | None  # of the bytes that were scored; None if the check never decoded an image
     p_fake: float | None
@@ -124,16 +126,18 @@ def export_labels(
     *,
     since: datetime | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    tenant_id: str | None = None,
 ) -> ExportReport:
     """Writes `out_dir/labels.csv` and `out_dir/images/`; `on_progress(done, total)` after each decided check.
 
-    `since`: only checks whose latest decision was made at or after it (a timezone-aware time).
+    `since`: only checks whose latest decision was made at or after it (a timezone-aware time). `tenant_id`: only
+    that tenant's checks (None: every tenant's; each row names its tenant).
     """
     out_dir = Path(out_dir)
     image_dir = out_dir / IMAGE_FOLDER
     image_dir.mkdir(parents=True, exist_ok=True)
     report = ExportReport(manifest=out_dir / MANIFEST)
-    decided, report.unsure = _decided(ledger, since)
+    decided, report.unsure = _decided(ledger, since, tenant_id)
     rows: list[dict] = []
     labels_of_image: dict[str, set[str]] = {}
     written: set[str] = set()
@@ -161,13 +165,13 @@ def export_labels(
     return report
 
 
-def _decided(ledger: Ledger, since: datetime | None) -> tuple[list[_Decided], int]:
+def _decided(ledger: Ledger, since: datetime | None, tenant_id: str | None) -> tuple[list[_Decided], int]:
     """The labelled checks, oldest decision first, and how many latest decisions were "unsure"."""
     from worker.ledger.reviews import latest_decisions
 
     decided, unsure = [], 0
     with ledger.session() as session:
-        for decision, check in latest_decisions(session, since=since):
+        for decision, check in latest_decisions(session, since=since, tenant_id=tenant_id):
             label = LABEL_OF.get(decision.label)
             if label is None:
                 unsure += 1
@@ -176,6 +180,7 @@ def _decided(ledger: Ledger, since: datetime | None) -> tuple[list[_Decided], in
                 _Decided(
                     check_id=check.id,
                     external_id=check.external_id,
+                    tenant_id=check.tenant_id,
                     source=dict(check.source or {}),
                     image_sha256=check.image_sha256,
                     p_fake=check.p_fake,
@@ -239,6 +244,7 @@ def _row(one: _Decided, path: str, sha: str) -> dict:
         "decided_at": one.decided_at.isoformat(),
         "p_fake": "" if one.p_fake is None else repr(one.p_fake),
         "pipeline_version_id": one.pipeline_version_id,
+        "tenant": one.tenant_id,
     }
 
 

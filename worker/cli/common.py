@@ -25,6 +25,8 @@ ProfileOpt = Annotated[str | None, typer.Option("--profile", "-p", help=PROFILE_
 ModelDirOpt = Annotated[Path | None, typer.Option("--model-dir", help="Model folder [env ITEM_MODEL_DIR].")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download; missing models are an error.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per line on stdout.")]
+# The command line reads the ledger itself, as an operator: every tenant's rows unless narrowed to one.
+TenantOpt = Annotated[str | None, typer.Option("--tenant", help="Only this tenant's (default: every tenant's).")]
 
 
 def settings_from(**overrides) -> Settings:

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import JsonOpt, err, fail, out, settings_from
+from worker.cli.common import JsonOpt, TenantOpt, err, fail, out, settings_from
 from worker.ledger.states import DeliveryStatus
 
 app = typer.Typer()
@@ -25,6 +25,7 @@ app.add_typer(deliveries_app, name="deliveries")
 def deliveries_list(
     status: Annotated[DeliveryStatus | None, typer.Option("--status", help="Only deliveries in this status.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many, newest first.")] = 100,
+    tenant: TenantOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Deliveries newest first: target, status, attempts, last error."""
@@ -34,7 +35,8 @@ def deliveries_list(
 
     ledger = Ledger(settings_from().database_url)
     with ledger.session() as session:
-        rows = [delivery_dict(row) for row in list_deliveries(session, status=status, limit=limit)]
+        found = list_deliveries(session, status=status, limit=limit, tenant_id=tenant)
+        rows = [{**delivery_dict(row), "tenant": row.tenant_id} for row in found]
     ledger.dispose()
     if as_json:
         for row in rows:

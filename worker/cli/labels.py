@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import JsonOpt, as_utc, err, fail, out, progress, settings_from
+from worker.cli.common import JsonOpt, TenantOpt, as_utc, err, fail, out, progress, settings_from
 
 app = typer.Typer()
 labels_app = typer.Typer(help="Moderators' decisions as training data for the head.", no_args_is_help=True)
@@ -32,6 +32,7 @@ def labels_export(
     since: Annotated[
         datetime | None, typer.Option(help="Only checks whose latest decision is at or after (ISO time, UTC).")
     ] = None,
+    tenant: TenantOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the decided checks' images and a labels.csv (path,label,group,...) for `item train`.
@@ -54,6 +55,7 @@ def labels_export(
                 ledger,
                 out_dir,
                 since=as_utc(since),
+                tenant_id=tenant,
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
     except (ItemError, OSError) as error:

@@ -14,6 +14,7 @@ from worker.cli.common import (
     JsonOpt,
     ModelDirOpt,
     ProfileOpt,
+    TenantOpt,
     err,
     fail,
     model_store,
@@ -70,14 +71,16 @@ def worker(
 @app.command()
 def deadletters(
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many, newest first.")] = 100,
+    tenant: TenantOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Messages the intake could not file as checks (not JSON, another task, no usable external id)."""
+    """Messages the intake could not file as checks (not JSON, another task, no usable external id); with --tenant
+    those that came in on that tenant's queue (a letter of no known tenant shows only without it)."""
     from worker.ledger.store import Ledger
 
     ledger = Ledger(settings_from().database_url)
     with ledger.session() as session:
-        rows = ledger.dead_letters(session, limit=limit)
+        rows = ledger.dead_letters(session, limit=limit, tenant_id=tenant)
     if as_json:
         for row in rows:
             print(json.dumps(_dead_letter_dict(row)))
@@ -97,7 +100,8 @@ def deadletters(
 
 def _dead_letter_dict(row) -> dict:
     fields = ("id", "code", "reason", "queue", "task", "content_type", "body")
-    return {"received_at": row.received_at.isoformat(), **{field: getattr(row, field) for field in fields}}
+    about = {"received_at": row.received_at.isoformat(), "tenant": row.tenant_id}
+    return {**about, **{field: getattr(row, field) for field in fields}}
 
 
 @app.command()

@@ -71,23 +71,37 @@ def _share_metrics() -> None:
 def keys_create(
     name: Annotated[str, typer.Option("--name", help="Who or what uses the key (shown in lists and decisions).")],
     scope: Annotated[list[str], typer.Option("--scope", help="submit, read, review or admin (repeat for several).")],
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="The tenant whose checks it files and reads [default: default].")
+    ] = None,
+    all_tenants: Annotated[
+        bool, typer.Option("--all-tenants", help="An operator key: reads every tenant's checks (never a default).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Makes a key and prints it once: only its hash is stored."""
+    """Makes a key and prints it once: only its hash is stored. A key is one tenant's (--tenant, `default` if not
+    given) or, asked for explicitly, an operator key of all tenants (--all-tenants)."""
+    from worker.ledger.models import DEFAULT_TENANT
     from worker.ledger.store import Ledger
     from worker.web.keys import create_key
 
+    if all_tenants and tenant is not None:
+        raise fail(ValueError("A key is one tenant's (--tenant) or an operator key of all (--all-tenants), not both."))
+    tenant_id = None if all_tenants else tenant or DEFAULT_TENANT
+    scopes = [part.strip() for value in scope for part in value.split(",") if part.strip()]
     ledger = Ledger(_require_migrated(settings_from().database_url))
     try:
-        made = create_key(ledger, name, [part.strip() for value in scope for part in value.split(",") if part.strip()])
+        made = create_key(ledger, name, scopes, tenant_id=tenant_id, all_tenants=all_tenants)
     except Exception as error:  # a bad scope or name, or a ledger that is not migrated
         raise fail(error) from None
     finally:
         ledger.dispose()
     if as_json:
-        print(json.dumps({"key": made.key, "id": made.key_id, "name": made.name, "scopes": made.scopes}))
+        about = {"id": made.key_id, "name": made.name, "scopes": made.scopes, "tenant": made.tenant_id}
+        print(json.dumps({"key": made.key, **about}))
         return
-    err.print(f"key {made.key_id} ({escape(made.name)}, scopes {', '.join(made.scopes)}); shown only this once:")
+    whose = escape(f"tenant {made.tenant_id}" if made.tenant_id else "all tenants")
+    err.print(f"key {made.key_id} ({escape(made.name)}, scopes {', '.join(made.scopes)}, {whose}); shown once:")
     print(made.key)
 
 
@@ -111,11 +125,12 @@ def keys_list(
         err.print("no keys: `item keys create --scope read --name NAME`")
         return
     table = Table()
-    for column in ("id", "name", "scopes", "created", "last used", "revoked"):
+    for column in ("id", "name", "scopes", "tenant", "created", "last used", "revoked"):
         table.add_column(column)
     for row in rows:
         times = [(row[key] or "")[:19].replace("T", " ") for key in ("created_at", "last_used_at", "revoked_at")]
-        table.add_row(row["id"], escape(row["name"]), ", ".join(row["scopes"]), *times)
+        tenant = escape(row["tenant"]) if row["tenant"] else "[bold]all[/]"
+        table.add_row(row["id"], escape(row["name"]), ", ".join(row["scopes"]), tenant, *times)
     out.print(table)
 
 
@@ -156,4 +171,5 @@ def _require_migrated(database_url: str) -> str:
 
 def _key_dict(row) -> dict:
     times = {name: getattr(row, name) for name in ("created_at", "last_used_at", "revoked_at")}
-    return {"id": row.id, "name": row.name, "scopes": row.scopes, **{k: v and v.isoformat() for k, v in times.items()}}
+    about = {"id": row.id, "name": row.name, "scopes": row.scopes, "tenant": row.tenant_id}  # tenant None: all
+    return {**about, **{k: v and v.isoformat() for k, v in times.items()}}

@@ -7,6 +7,7 @@ from worker.gpu.build import build_service
 from worker.gpu.loop import Loop
 from worker.intake.client import Submitted
 from worker.intake.filing import CheckRequest, Filed, Intake
+from worker.ledger.models import DEFAULT_TENANT
 from worker.ledger.states import TERMINAL_STATUSES
 from worker.outbox.delivery import Deliverer
 from worker.settings import Settings
@@ -30,9 +31,12 @@ class InProcess:
         self.deliverer = Deliverer(self.settings, self.service.ledger)
         self.loop = Loop(self.service)
 
-    def submit(self, submissions: list[CheckRequest]) -> list[Filed]:
-        """Files the submissions, runs them to their end, and sends the results that are due."""
-        filed = self.intake.file(submissions, version_id=self.service.version_id)
+    def submit(self, submissions: list[CheckRequest], tenant_id: str = DEFAULT_TENANT) -> list[Filed]:
+        """Files the submissions for `tenant_id` (which must exist and file: `tenant.unknown`, `tenant.disabled`),
+        runs them to their end, and sends the results that are due."""
+        with self.service.ledger.session() as session:
+            self.intake.active_version_id(session, tenant_id)  # refuses an unknown or disabled tenant
+        filed = self.intake.file(submissions, version_id=self.service.version_id, tenant_id=tenant_id)
         self.finish([one.check.id for one in filed if one.conflict is None])
         return filed
 
@@ -55,12 +59,17 @@ class InProcess:
 
 
 def submit_in_process(
-    settings: Settings, items: list[tuple[str, dict]], *, callback_url: str | None = None
+    settings: Settings,
+    items: list[tuple[str, dict]],
+    *,
+    callback_url: str | None = None,
+    tenant_id: str = DEFAULT_TENANT,
 ) -> list[Submitted]:
     """`worker.intake.client.submit` without a broker: the checks run here, now, under the version the settings make;
     each comes back with the status it ended in."""
     runner = InProcess(settings)
-    filed = runner.submit([CheckRequest(external_id, image, callback_url) for external_id, image in items])
+    requests = [CheckRequest(external_id, image, callback_url) for external_id, image in items]
+    filed = runner.submit(requests, tenant_id)
     ledger = runner.service.ledger
     with ledger.session() as session:
         ended = {row.id: row for row in ledger.checks_by_id(session, [one.check.id for one in filed])}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.core.errors import ItemError
 from worker.intake.filing import CheckRequest, Intake
-from worker.ledger.models import CheckRow
+from worker.ledger.models import DEFAULT_TENANT, CheckRow
 from worker.ledger.store import Ledger
 from worker.settings import Settings
 from worker.sources import kinds as sources
@@ -54,8 +54,15 @@ def image_from(reference: str, *, by_path: bool = False) -> dict:
         raise ItemError(f"{reference} cannot be read: {error}", code="file.unreadable") from None
 
 
-def submit(settings: Settings, items: list[tuple[str, dict]], *, callback_url: str | None = None) -> list[Submitted]:
-    """Files (external_id, image) pairs as checks of the active version, for the workers to claim.
+def submit(
+    settings: Settings,
+    items: list[tuple[str, dict]],
+    *,
+    callback_url: str | None = None,
+    tenant_id: str = DEFAULT_TENANT,
+) -> list[Submitted]:
+    """Files (external_id, image) pairs as checks of `tenant_id` under its version (the active one unless the tenant
+    is pinned), for the workers to claim.
 
     With `callback_url`, each result is also POSTed there, signed with ITEM_CALLBACK_SECRET.
     """
@@ -68,12 +75,14 @@ def submit(settings: Settings, items: list[tuple[str, dict]], *, callback_url: s
     ledger = Ledger(settings.database_url)
     try:
         requests = [CheckRequest(external_id, image, callback_url) for external_id, image in items]
-        return [Submitted.of(one.check, one.created, one.conflict) for one in Intake(settings, ledger).file(requests)]
+        filed = Intake(settings, ledger).file(requests, tenant_id=tenant_id)
+        return [Submitted.of(one.check, one.created, one.conflict) for one in filed]
     finally:
         ledger.dispose()
 
 
 def checks(settings: Settings, **filters) -> list[CheckRow]:
+    """Checks of the ledger, newest first (`listing.list_checks`'s filters: `tenant_id` narrows to one tenant)."""
     ledger = Ledger(settings.database_url)
     try:
         with ledger.session() as session:

@@ -1,7 +1,8 @@
 """The audit trail outlives the ledger: a day of checks is written to a file before its partition goes.
 
 One file per UTC day, `checks-YYYY-MM-DD.jsonl.gz` in ITEM_ARCHIVE_DIR: gzip-compressed JSON Lines, a check
-per line as platforms read it everywhere else (`views.check_dict`, the JSON of `item status --json`), so
+per line as platforms read it everywhere else (`views.check_dict`, the JSON of `item status --json`) with its
+`tenant`, so
 `zcat checks-*.jsonl.gz | jq` and any tool reading `item labels export` files read it. The file is written
 beside its final name and renamed once complete and on disk, so a run killed halfway leaves no partial
 archive under that name, and a run repeated after a failed drop writes the same file again.
@@ -43,7 +44,8 @@ def export_day(engine: sa.Engine, folder: Path, day: date) -> Path:
     with Session(engine) as session, partial.open("wb") as raw:
         with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as compressed:
             for row in session.scalars(query.execution_options(yield_per=READ_PAGE)):
-                compressed.write(json.dumps(check_dict(row), ensure_ascii=False).encode() + b"\n")
+                record = {**check_dict(row), "tenant": row.tenant_id}
+                compressed.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
         raw.flush()
         os.fsync(raw.fileno())
     partial.replace(final)

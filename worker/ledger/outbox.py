@@ -101,9 +101,13 @@ def record_attempt(session: Session, claimed: DeliveryRow, values: dict) -> bool
     return session.execute(statement).rowcount == 1
 
 
-def list_deliveries(session: Session, *, status: str | None = None, limit: int = 100) -> list[DeliveryRow]:
-    """Deliveries newest first, optionally of one status."""
+def list_deliveries(
+    session: Session, *, status: str | None = None, limit: int = 100, tenant_id: str | None = None
+) -> list[DeliveryRow]:
+    """Deliveries newest first, optionally of one status and one tenant."""
     query = sa.select(DeliveryRow).order_by(DeliveryRow.created_at.desc(), DeliveryRow.id.desc()).limit(limit)
+    if tenant_id is not None:
+        query = query.where(DeliveryRow.tenant_id == tenant_id)
     if status is not None:
         query = query.where(DeliveryRow.status == DeliveryStatus(status))
     return list(session.scalars(fresh(query)))
