@@ -27,8 +27,8 @@ from tests.integration.brokers import free_port
 from tests.integration.conftest import temporary_postgres_database
 from worker.gpu.batches import CheckService
 from worker.gpu.loop import Loop
-from worker.ledger import migrate
-from worker.ledger.models import Base
+from worker.ledger import migrate, tenants
+from worker.ledger.models import DEFAULT_TENANT, Base
 from worker.ledger.store import Ledger
 from worker.settings import Settings
 from worker.web.app import create_app
@@ -78,6 +78,7 @@ def served(served_database, tiny_store) -> Iterator[Served]:
     with ledger.session() as session:
         for table in reversed(Base.metadata.sorted_tables):
             session.execute(sa.delete(table))
+        tenants.create_tenant(session, DEFAULT_TENANT)  # what the migration seeds, emptied with the rest
     settings = Settings(database_url=served_database, batch_size=8, batch_max_wait_s=0, profile="tiny")
     detector = Detector(get_profile("tiny"), tiny_store, device="cpu")
     detector.use_head(random_head(detector))

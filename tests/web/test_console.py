@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from tests.conftest import random_head
 from tests.web.conftest import image_b64
 from worker.ledger.models import CheckRow
+from worker.web.keys import create_key
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ITEM = Path(sys.executable).parent / "item"
@@ -140,7 +141,8 @@ def test_operations_page_and_activation_with_confirmation(served, client, server
     served.service.register_version(activate=False)  # a second version, registered, not active
     second = served.service.version_id
     page = browser.new_page()
-    _sign_in(page, base, served.keys["admin"], to="/console/operations")
+    operator = create_key(served.ledger, "operator", ["admin"], tenant_id=None, all_tenants=True).key  # all tenants'
+    _sign_in(page, base, operator, to="/console/operations")
     assert page.locator("code.active-version").text_content() == first
     _shot(page, "operations")
     page.click(f"a[href='/console/versions/{second}/activate']")
