@@ -198,6 +198,15 @@ class Settings(BaseSettings):
     intake_threads: int = Field(
         2, ge=1, le=64, description="Threads of a worker filing messages (Celery's pool): transactions in flight."
     )
+    quota_cache_s: float = Field(
+        5.0, ge=0, le=300, description="How long an intake process keeps a tenant's rate and backlog cap (0: never)."
+    )
+    quota_backlog_retry_s: int = Field(
+        30, ge=1, le=3600, description="Retry-After of a submission refused for its tenant's backlog cap."
+    )
+    tenant_refresh_s: float = Field(
+        30.0, gt=0, le=3600, description="How often a worker's intake looks for new tenants, to consume their queues."
+    )
     intake_visibility_timeout_s: float = Field(
         15.0,
         ge=5,
@@ -218,7 +227,11 @@ class Settings(BaseSettings):
 
     # result delivery
     callback_secret: SecretStr | None = Field(
-        None, description="Shared secret that signs callback bodies (HMAC-SHA256); callbacks need one."
+        None,
+        description="The default tenant's unnamed callback secret (HMAC-SHA256); other tenants' are in the ledger.",
+    )
+    callback_rotation_window_s: float = Field(
+        86_400, ge=0, le=90 * 86_400, description="How long `item secrets rotate` keeps the old secret signing."
     )
     callback_timeout_s: float = Field(5.0, gt=0, description="Whole-request time limit of one callback POST.")
     callback_allowed_networks: TextList = Field(
@@ -260,6 +273,9 @@ class Settings(BaseSettings):
     thumbnail_retention_days: float = Field(
         30.0, gt=0, description="How long thumbnails are kept (the reconciler deletes older ones)."
     )
+    review_lease_s: float = Field(300.0, ge=10, le=86400, description="Seconds a moderator holds a review item.")
+    review_double_share: float = Field(0.05, ge=0, le=1, description="Share of review items two moderators review.")
+    retain_reviews_days: int | None = Field(None, ge=1, description="Days an unreviewed item stays queued (30).")
 
     # retention: what the ledger keeps, by kind, in whole UTC days (`item db maintain`, and every
     # maintain_interval_s in the deployment's reconciler). On PostgreSQL a day goes as one partition.
@@ -298,6 +314,10 @@ class Settings(BaseSettings):
         "port is published to Prometheus), as the metrics name pipeline versions and queue depths.",
     )
     metrics_dir: Path | None = Field(None, description="Folder for the worker processes' metric files.")
+    metrics_tenants: int = Field(
+        20, ge=1, le=1000, description="Tenant label values of the metrics: `default` and the heaviest others; the "
+        "rest are `other` (Prometheus' series stay bounded however many tenants there are).",
+    )  # fmt: skip
     log_format: str = Field("json", pattern="^(json|text)$", description="Worker log lines: json or text.")
 
     @property
@@ -439,26 +459,6 @@ class SettingsError(ItemError):
     """A setting has a value it cannot take. Nothing can run until it is fixed."""
 
     code = "settings.invalid"
-
-
-def provenance_reader(settings: Settings):
-    """What reads each image's provenance under these settings (the trust anchors' file read now), or None."""
-    from pipeline.core.provenance import ProvenanceReader
-
-    if not settings.read_provenance:
-        return None
-    anchors = None
-    if settings.c2pa_trust_anchors is not None:
-        try:
-            anchors = settings.c2pa_trust_anchors.expanduser().read_text()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ItemError(
-                f"ITEM_C2PA_TRUST_ANCHORS: cannot read {settings.c2pa_trust_anchors}: {error}", code="settings.invalid"
-            ) from None
-        if "-----BEGIN CERTIFICATE-----" not in anchors:
-            message = f"ITEM_C2PA_TRUST_ANCHORS: {settings.c2pa_trust_anchors} holds no PEM certificate."
-            raise ItemError(message, code="settings.invalid")
-    return ProvenanceReader(anchors, settings.provenance_timeout_s)
 
 
 def load_settings(**overrides) -> Settings:

@@ -11,10 +11,22 @@ import os
 
 import typer
 
-from worker.cli import checks, deliveries, experiments, labels, operations, versions, web
+from worker.cli import (
+    broker_access,
+    callback_secrets,
+    checks,
+    deliveries,
+    experiments,
+    labels,
+    operations,
+    tenants,
+    versions,
+    web,
+)
 
 app = typer.Typer(help="ITEM: detect AI-generated images by image-text misalignment.", no_args_is_help=True)
-for group in (checks, experiments, versions, deliveries, operations, web, labels):
+for group in (checks, experiments, versions, deliveries, operations, web, labels, tenants, callback_secrets,
+              broker_access):  # fmt: skip
     app.add_typer(group.app)
 
 

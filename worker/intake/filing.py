@@ -12,16 +12,18 @@ What cannot be filed keeps a record with a stable code: a submission whose `exte
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
 from pipeline.core.errors import ItemError
 from worker.intake import text
+from worker.intake.quotas import BacklogFull, QuotaExceeded, Quotas
 from worker.ledger import outbox, tenants
 from worker.ledger.checks import REPLACEABLE
 from worker.ledger.models import DEFAULT_TENANT, CheckRow, DeadLetterRow
+from worker.ledger.states import CheckStatus
 from worker.ledger.store import Ledger, NewCheck
 from worker.ledger.wakeups import notify_new_checks
 from worker.ops import metrics
@@ -62,10 +64,11 @@ class CheckRequest:
 
 @dataclass
 class Filed:
-    check: CheckRow
+    check: CheckRow | None  # None only when `refused`
     created: bool  # False: this external id was already filed under this version (a redelivered message)
     rejected: ItemError | None = None  # filed, and rejected at once
     conflict: CheckConflict | None = None  # not filed: the id names another image's check (`check`)
+    refused: QuotaExceeded | None = None  # not filed: over the tenant's quota (`over_quota="refuse"`; HTTP 429)
 
 
 @dataclass
@@ -74,6 +77,10 @@ class Intake:
 
     settings: Settings
     ledger: Ledger
+    quotas: Quotas = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.quotas = Quotas(self.settings)
 
     def file(
         self,
@@ -83,6 +90,7 @@ class Intake:
         version_id: str | None = None,
         conflicts_dead: bool = False,
         tenant_id: str = DEFAULT_TENANT,
+        over_quota: Literal["reject", "refuse"] = "reject",
     ) -> list[Filed]:
         """One transaction: a row for each submission (and each dead letter); then metrics and logs.
 
@@ -94,39 +102,56 @@ class Intake:
 
         Every submission is `tenant_id`'s: its external id is looked up among that tenant's checks only, and its
         version is the one the tenant is pinned to, if any (`item tenants pin`).
+
+        The tenant's quota (worker.intake.quotas) admits the first valid submissions it has room for; each of the
+        others is, with `over_quota="reject"` (the broker, `item submit`), filed `rejected` with `quota.exceeded`
+        or `quota.backlog` like any refused message, or with `"refuse"` (HTTP) not filed at all (`Filed.refused`).
         """
         dead = list(dead)
         with self.ledger.session() as session:
             if submissions:  # dead letters belong to no version, and are kept before any is registered
-                version_id = version_id or self.active_version_id(session, tenant_id)
+                version_id = self.version_for(session, tenant_id, version_id)
             filed: list[Filed | None] = [None] * len(submissions)
             blobs: dict[str, bytes] = {}
-            valid: list[tuple[int, NewCheck]] = []
+            valid: list[tuple[int, NewCheck, dict[str, bytes]]] = []
             for index, submission in enumerate(submissions):
                 try:
-                    valid.append((index, self._checked(submission, blobs)))
+                    own: dict[str, bytes] = {}
+                    valid.append((index, self._checked(submission, own), own))
                 except ItemError as error:
                     filed[index] = self._file_rejected(session, version_id, submission, error, tenant_id)
+            admission = self.quotas.admit(session, tenant_id, len(valid))
+            for index, new, _ in valid[admission.admitted :]:
+                if over_quota == "refuse":
+                    filed[index] = Filed(None, False, refused=admission.refused)
+                else:
+                    filed[index] = self._file_over_quota(session, version_id, new, admission.refused, tenant_id)
+            for _, _, own in valid[: admission.admitted]:  # a refused check's bytes are not kept
+                blobs.update(own)
+            valid = [(index, new) for index, new, _ in valid[: admission.admitted]]
             self.ledger.put_blobs(session, blobs)
             created = self.ledger.create_checks(session, version_id, [new for _, new in valid], tenant_id=tenant_id)
             for (index, new), (check, is_new) in zip(valid, created, strict=True):
                 filed[index] = Filed(check, True) if is_new else self._filed_before(session, check, new)
             if conflicts_dead:
                 conflicts = [(sub, one.conflict) for sub, one in zip(submissions, filed, strict=True) if one.conflict]
-                dead += [_conflict_letter(submission, conflict) for submission, conflict in conflicts]
+                dead += [_conflict_letter(submission, conflict, tenant_id) for submission, conflict in conflicts]
             for letter in dead:
                 session.add(letter)
             if any(one.created and one.rejected is None for one in filed):
                 notify_new_checks(session, version_id)  # sent on commit: idle workers claim at once
-        self._report(filed, dead)
+        self._report(filed, dead, tenant_id, admission.asked - admission.admitted, admission.refused)
         return filed
 
-    def active_version_id(self, session: Session, tenant_id: str = DEFAULT_TENANT) -> str:
-        """The version a tenant's new checks are filed under: its pinned one, else the deployment's active one.
-        A disabled or unknown tenant files nothing (`tenant.disabled`, `tenant.unknown`)."""
+    def version_for(self, session: Session, tenant_id: str = DEFAULT_TENANT, named: str | None = None) -> str:
+        """The version a tenant's new checks are filed under: `named` (the embedded mode names its own), else the
+        tenant's pinned one, else the deployment's active one. A disabled or unknown tenant files nothing, whatever
+        the version (`tenant.disabled`, `tenant.unknown`)."""
         tenant = tenants.require_tenant(session, tenant_id)
         if tenant.disabled_at is not None:
             raise ItemError(f"Tenant {tenant_id!r} is disabled: it files no new checks.", code="tenant.disabled")
+        if named is not None:
+            return named
         if tenant.pipeline_version_id is not None:
             return tenant.pipeline_version_id
         version = self.ledger.active_version(session)
@@ -181,10 +206,39 @@ class Intake:
         outbox.record_outcome(session, rejected, results_stream=bool(self.settings.results_stream))
         return Filed(rejected, created=True, rejected=error)
 
-    def _report(self, filed: list[Filed], dead: list[DeadLetterRow]) -> None:
+    def _file_over_quota(
+        self, session: Session, version_id: str, new: NewCheck, error: QuotaExceeded, tenant_id: str
+    ) -> Filed:
+        """A valid submission over the tenant's quota, as a `rejected` check with the quota's code (a statement or
+        three each). Its external id filed before with the same image is that check (a redelivery is never
+        refused); one that ended without a result is replaced by this rejection, so the platform hears of it."""
+        refused = NewCheck(new.external_id, {"invalid": True}, new.callback_url)
+        check, created = self.ledger.create_check(
+            session, external_id=new.external_id, pipeline_version_id=version_id, source=refused.source,
+            callback_url=new.callback_url, tenant_id=tenant_id,
+        )  # fmt: skip
+        if not created and check.source == new.source:
+            return Filed(check, created=False)
+        if not created and check.status in REPLACEABLE:
+            check = self.ledger.replace_check(session, check.id, refused) or check
+            created = check.status == CheckStatus.queued
+        if not created:
+            return Filed(check, False, conflict=_conflict(check))
+        rejected = self.ledger.finish_rejected(session, check.id, error.code, error.message)
+        outbox.record_outcome(session, rejected, results_stream=bool(self.settings.results_stream))
+        return Filed(rejected, created=True, rejected=error)
+
+    def _report(
+        self, filed: list[Filed], dead: list[DeadLetterRow], tenant_id: str, refused: int, why: QuotaExceeded | None
+    ) -> None:
+        if refused:
+            metrics.QUOTA_REFUSED.labels(tenant_id, "backlog" if isinstance(why, BacklogFull) else "rate").inc(refused)
+        admitted = sum(1 for one in filed if one.created and one.rejected is None)
+        if admitted:
+            metrics.CHECKS_FILED.labels(tenant_id).inc(admitted)
         for one in filed:
             if one.rejected is not None:
-                metrics.finished("rejected", one.rejected.code, one.check.created_at)
+                metrics.finished("rejected", one.rejected.code, one.check.created_at, tenant_id)
                 about = {"check_id": one.check.id, "external_id": one.check.external_id, "code": one.rejected.code}
                 log.info("check rejected at intake: %s", one.rejected.message, extra={**about, "stage": "intake"})
         for letter in dead:
@@ -201,9 +255,11 @@ def _usable_callback(url: Any) -> str | None:
         return None
 
 
-def _conflict_letter(submission: CheckRequest, conflict: CheckConflict) -> DeadLetterRow:
+def _conflict_letter(submission: CheckRequest, conflict: CheckConflict, tenant_id: str) -> DeadLetterRow:
     asked = {"external_id": submission.external_id, "image": submission.image, "callback_url": submission.callback_url}
-    return dead_letter(conflict.code, conflict.message, asked, None, CHECK_TASK)
+    letter = dead_letter(conflict.code, conflict.message, asked, None, CHECK_TASK)
+    letter.tenant_id = tenant_id
+    return letter
 
 
 def _conflict(check: CheckRow) -> CheckConflict:

@@ -123,7 +123,7 @@ class Quotas:
 
     def limits(self, session: Session, tenant_id: str) -> Limits:
         """The tenant's limits, read again once they are ITEM_QUOTA_CACHE_S old (no statement if the filing
-        already loaded the tenant's row: see `Intake.active_version_id`)."""
+        already loaded the tenant's row: see `Intake.version_for`)."""
         now = time.monotonic()
         with self._lock:
             kept = self._limits.get(tenant_id)
