@@ -40,9 +40,13 @@ def test_past_its_rate_a_tenant_gets_429_with_retry_after_and_nothing_is_filed(c
     assert _filed(served, "tiny") == ["up-1"]
     # and another tenant is not held back by it
     assert _post(client, served.headers("submit"), "up-2", 2).status_code == 202
-    # and the refusal is counted under the tenant's label
-    metrics = client.get("/metrics", headers=served.headers("read")).text
-    assert 'item_quota_refused_total{reason="rate",tenant="tiny"}' in metrics
+    # and the refusal is counted under the tenant's label: seen by the tenant's own key and an operator's, not
+    # by another tenant's
+    operator = create_key(served.ledger, "operator", ["read"], tenant_id=None, all_tenants=True).key
+    refused = 'item_quota_refused_total{reason="rate",tenant="tiny"}'
+    assert refused in client.get("/metrics", headers={"Authorization": f"Bearer {operator}"}).text
+    assert refused in client.get("/metrics", headers=headers).text
+    assert refused not in client.get("/metrics", headers=served.headers("read")).text
 
 
 def test_past_its_backlog_cap_a_tenant_gets_429_quota_backlog(client, served):

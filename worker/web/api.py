@@ -5,6 +5,11 @@ server is no business of an HTTP client), the same idempotency on (external_id, 
 checks of what a submission holds (worker.intake.text), the same stable error codes: a corrected resubmission
 replaces a check that ended rejected or failed; another image under a live or answered check's id is a 409
 `check.conflict`. It runs no model and answers in milliseconds; workers claim the row from the ledger.
+
+Every check is one tenant's: a key files and reads its own tenant's checks only, and another tenant's check reads
+exactly as a missing one (`404 check.not_found`, the same one query): no answer tells that it exists. An operator
+key (`item keys create --all-tenants`) reads every tenant's, narrows with `?tenant=`, and names the tenant it files
+for.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from pipeline.core.errors import ItemError
 from worker.intake import text
 from worker.intake.filing import MAX_EXTERNAL_ID, CheckRequest
-from worker.ledger import reviews
+from worker.ledger import reviews, tenants
 from worker.ledger.states import CheckStatus
 from worker.ledger.views import as_time, check_dict, shown_target
 from worker.web.auth import requires
@@ -31,6 +36,8 @@ from worker.web.keys import Principal
 
 MAX_PAGE = 200
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refused here with a code, not as a database error
+TENANT = tenants.TENANT_ID.pattern
+TENANT_REFUSED = {"tenant.unknown": 422, "tenant.invalid": 422, "tenant.disabled": 403}  # else 503: nothing filed
 
 router = APIRouter(prefix="/v1", tags=["checks"])
 _ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}
@@ -70,6 +77,13 @@ class CheckIn(BaseModel):
     image: ImageIn
     callback_url: str | None = Field(
         None, max_length=2048, pattern=NO_NUL, description="Where the signed result is POSTed."
+    )
+    tenant: str | None = Field(
+        None,
+        max_length=64,
+        pattern=TENANT,
+        description="The tenant to file for: an operator key (of all tenants) must name one; a tenant's key files "
+        "for its own (naming another is 403 `tenant.forbidden`).",
     )
 
     # The broker intake's own checks of what a submission holds (worker.intake.text), so both refuse alike.
@@ -138,6 +152,7 @@ class ProvenanceOut(BaseModel):
 class CheckOut(BaseModel):
     id: str
     external_id: str
+    tenant: str = Field(description="The tenant (platform) whose check it is.")
     status: Literal["queued", "running", "done", "rejected", "failed"]
     created: bool | None = Field(None, description="On submission: false when this upload was already filed.")
     attempts: int
@@ -203,12 +218,16 @@ class VersionOut(BaseModel):
     created_at: str
     activated_at: str | None
     active: bool
+    pinned: bool = Field(
+        False, description="The version the tenant's new checks are filed under instead of the active one."
+    )
 
 
 def check_out(row, created: bool | None = None) -> dict:
     body = check_dict(row)
     body["status"] = str(body["status"])
     body["created"] = created
+    body["tenant"] = row.tenant_id
     if body["callback_url"]:
         body["callback_url"] = shown_target(body["callback_url"])
     return body
@@ -222,6 +241,12 @@ def check_out(row, created: bool | None = None) -> dict:
         200: {"model": CheckOut, "description": "Already filed under the active version: that check."},
         413: {"model": ErrorBody},
         409: {"model": ErrorBody, "description": "check.conflict: the external id names another image's check."},
+        429: {
+            "model": ErrorBody,
+            "description": "quota.exceeded (the tenant's rate) or quota.backlog (its backlog cap): nothing was "
+            "filed; send again after the Retry-After header's seconds.",
+            "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+        },
         422: {"model": RejectedOut | ErrorBody, "description": "Malformed, or filed and rejected at once."},
         503: {"model": ErrorBody},
         **_ERRORS,
@@ -232,14 +257,20 @@ async def submit_check(
 ) -> dict | Response:
     """Files a check of an image for the workers; idempotent on (external_id, active version)."""
     image = body.image.model_dump(exclude_none=True)
+    tenant_id = _filing_tenant(who, body.tenant)
     try:
-        filed = await request.app.state.web.filer.file(CheckRequest(body.external_id, image, body.callback_url))
-    except ItemError as error:  # no version registered yet: nothing can be filed
-        raise HttpError(503, error.code, error.message) from None
+        filed = await request.app.state.web.filer.file(
+            CheckRequest(body.external_id, image, body.callback_url), tenant_id
+        )
+    except ItemError as error:  # an unknown or disabled tenant; no version registered yet: nothing can be filed
+        raise HttpError(TENANT_REFUSED.get(error.code, 503), error.code, error.message) from None
     except (OperationalError, InterfaceError):
         raise HttpError(503, "ledger.unavailable", "The ledger cannot be reached; nothing was filed. Retry.") from None
     except TimeoutError:  # it may still commit: a retry finds it, since filing is idempotent
         raise HttpError(503, "ledger.timeout", "The ledger did not answer in time. Retry.") from None
+    if filed.refused is not None:
+        retry = {"Retry-After": str(filed.refused.retry_after_s)}
+        raise HttpError(429, filed.refused.code, filed.refused.message, retry)
     if filed.conflict is not None:
         raise HttpError(409, filed.conflict.code, filed.conflict.message)
     checked = check_out(filed.check, filed.created)
@@ -251,12 +282,30 @@ async def submit_check(
     return checked
 
 
+def _filing_tenant(who: Principal, asked: str | None) -> str:
+    """The tenant a submission is filed for: the key's own; an operator key's must be named."""
+    if who.all_tenants:
+        if asked is None:
+            message = "An operator key files for the tenant it names: add `tenant` to the body."
+            raise HttpError(422, "tenant.required", message)
+        return asked
+    if asked is not None and asked != who.tenant_id:
+        raise HttpError(403, "tenant.forbidden", "This key files checks for its own tenant only.")
+    return who.tenant_id
+
+
+TenantQuery = Annotated[
+    str | None,
+    Query(max_length=64, pattern=TENANT, description="An operator key's filter; a tenant's key reads its own anyway."),
+]
+
+
 @router.get("/checks/{check_id}", response_model=CheckOut, responses={404: {"model": ErrorBody}, **_ERRORS})
 def get_check(
     check_id: Annotated[str, Path(pattern=NO_NUL)], request: Request, who: Principal = Depends(requires("read"))
 ) -> dict:
     web = request.app.state.web
-    return web.reads.run(request, lambda session: check_out(_check_or_404(web, session, check_id)))
+    return web.reads.run(request, lambda session: check_out(_check_or_404(web, session, check_id, who)))
 
 
 @router.get("/checks", response_model=CheckPage, responses={422: {"model": ErrorBody}, **_ERRORS})
@@ -270,10 +319,13 @@ def list_checks(
     until: Annotated[datetime | None, Query(description="Filed before.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
+    tenant: TenantQuery = None,
 ) -> dict:
-    """Checks newest first, `limit` at a time; follow `next_cursor` for the next page."""
+    """Checks newest first, `limit` at a time; follow `next_cursor` for the next page. A tenant's key lists its
+    own tenant's checks; an operator key every tenant's, or one's with `tenant`."""
     web = request.app.state.web
     filters = {"external_id": external_id, "verdict": verdict, "since": as_utc(since), "until": as_utc(until)}
+    filters["tenant_id"] = who.tenant_scope(tenant)
     after, wanted = decode_cursor(cursor), status.value if status else None
 
     def read(session) -> dict:
@@ -301,9 +353,12 @@ def decide(
     counting."""
     web = request.app.state.web
     with web.ledger.session() as session:
-        check = _check_or_404(web, session, check_id)
+        check = _check_or_404(web, session, check_id, who)
         note = (body.note or "").strip() or None
-        return _decision_out(reviews.record_decision(session, check.id, body.label, who.name, who.key_id, note))
+        decided = reviews.record_decision(
+            session, check.id, body.label, who.name, who.key_id, note, tenant_id=check.tenant_id
+        )
+        return _decision_out(decided)
 
 
 @router.get(
@@ -319,14 +374,17 @@ def list_decisions(
     web = request.app.state.web
 
     def read(session) -> list[dict]:
-        check = _check_or_404(web, session, check_id)
-        return [_decision_out(row) for row in reviews.decisions_of(session, check.id)]
+        check = _check_or_404(web, session, check_id, who)
+        return [_decision_out(row) for row in reviews.decisions_of(session, check.id, tenant_id=check.tenant_id)]
 
     return web.reads.run(request, read)
 
 
-def _check_or_404(web, session, check_id: str):
-    row = web.ledger.get_check(session, check_id) if len(check_id) <= 36 else None
+def _check_or_404(web, session, check_id: str, who: Principal):
+    """The check, if `who` may read it; another tenant's is not found, as a missing one is: the same one query
+    (narrowed by the tenant), the same answer, so no reply tells whether another tenant's check exists."""
+    tenant_id = who.tenant_scope()
+    row = web.ledger.get_check(session, check_id, tenant_id=tenant_id) if len(check_id) <= 36 else None
     if row is None:
         raise HttpError(404, "check.not_found", "No check has that id.")
     return row
@@ -338,20 +396,30 @@ def _decision_out(row) -> dict:
 
 
 @router.get("/versions", response_model=list[VersionOut], tags=["versions"], responses=_ERRORS)
-def list_versions(request: Request, who: Principal = Depends(requires("read"))) -> list[dict]:
+def list_versions(
+    request: Request, who: Principal = Depends(requires("read")), tenant: TenantQuery = None
+) -> list[dict]:
+    """Registered versions: the deployment's active one, and the one the tenant is pinned to, if any (`pinned`):
+    the key's own tenant, or for an operator key the `tenant` asked for."""
     web = request.app.state.web
+    scope = who.tenant_scope(tenant)
 
     def read(session) -> list[dict]:
         active = web.ledger.active_version(session)
-        return [_version_out(row, active is not None and row.id == active.id) for row in web.ledger.versions(session)]
+        row = tenants.get_tenant(session, scope) if scope is not None else None
+        pinned = row.pipeline_version_id if row is not None else None
+        return [
+            _version_out(version, active is not None and version.id == active.id, version.id == pinned)
+            for version in web.ledger.versions(session)
+        ]
 
     return web.reads.run(request, read)
 
 
-def _version_out(row, active: bool) -> dict:
+def _version_out(row, active: bool, pinned: bool = False) -> dict:
     stages = {name: getattr(row, name) for name in ("id", "profile", "caption", "ground", "embed", "head")}
     times = {"created_at": as_time(row.created_at), "activated_at": as_time(row.activated_at)}
-    return {**stages, **times, "active": active}
+    return {**stages, **times, "active": active, "pinned": pinned}
 
 
 def encode_cursor(row) -> str:

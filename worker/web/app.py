@@ -30,7 +30,7 @@ from worker.web.auth import requires
 from worker.web.docs import add_docs
 from worker.web.errors import HttpError, http_error, invalid_request, ledger_unavailable, unstorable
 from worker.web.filing import GroupFiler
-from worker.web.keys import Authenticator
+from worker.web.keys import Authenticator, Principal
 from worker.web.replica import MarksWrites, Reads
 
 HERE = Path(__file__).parent
@@ -124,9 +124,10 @@ def _add_service_routes(app: FastAPI) -> None:
         report = check_health(settings.model_copy(update={"broker_url": None}), probes=("database", "migrations"))
         return JSONResponse(report, status_code=200 if report["ok"] else 503)
 
-    @app.get("/metrics", tags=["service"], response_class=Response, dependencies=[Depends(requires("read"))])
-    def metrics_text() -> Response:
-        """Prometheus metrics of this process (a `read` key: Prometheus sends it as a bearer token)."""
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    def metrics_text(who: Principal = Depends(requires("read"))) -> Response:
+        """Prometheus metrics of this process (a `read` key: Prometheus sends it as a bearer token). A tenant's key
+        reads the deployment's figures and its own tenant's, never another tenant's (samples labelled `tenant`)."""
         from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -139,7 +140,20 @@ def _add_service_routes(app: FastAPI) -> None:
         web = app.state.web
         web.tenant_labels = web.tenant_labels or TenantLabels(web.settings, web.ledger)
         folded = SimpleNamespace(collect=lambda: web.tenant_labels.fold(registry.collect()))  # a bounded `tenant`
+        if not who.all_tenants:
+            everyone = folded
+            folded = SimpleNamespace(collect=lambda: metrics_of_tenant(everyone.collect(), who.tenant_id))
         return Response(generate_latest(folded), media_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_of_tenant(families, tenant_id: str):
+    """The metric families with every sample of another tenant left out (those without a `tenant` label stay)."""
+    from prometheus_client.metrics_core import Metric
+
+    for family in families:
+        kept = Metric(family.name, family.documentation, family.type, family.unit)
+        kept.samples = [sample for sample in family.samples if sample.labels.get("tenant", tenant_id) == tenant_id]
+        yield kept
 
 
 class BodyCap:
