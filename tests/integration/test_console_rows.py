@@ -225,7 +225,7 @@ def _old_and_new_rows(ledger, retention: timedelta) -> None:
     """Two thumbnails, one past `retention`; two console sessions of a key, one expired."""
     with ledger.session() as session:
         reviews.put_thumbnails(session, [Thumbnail(name * 64, b"\xff\xd8\xff", 1, 1) for name in ("a", "b")])
-        access.add_key(session, "k000000000001", "moderator", ["console"], "0" * 64)
+        access.add_key(session, "k000000000001", "moderator", ["console"], "0" * 64, "default")
         access.add_session(session, "1" * 64, "k000000000001", "csrf-1", timedelta(hours=1))
         access.add_session(session, "2" * 64, "k000000000001", "csrf-2", timedelta(hours=1))
     _age(ledger, ThumbnailRow, "created_at", "a" * 64, retention + timedelta(hours=1))

@@ -30,23 +30,32 @@ _STUCK = sa.or_(
 COUNT_CAP = 100_000  # a count read at every scrape or page view stops here: it reads an index, never a year of rows
 
 
-def count_waiting(session: Session, cap: int = COUNT_CAP) -> dict[str, int]:
+def count_waiting(session: Session, cap: int = COUNT_CAP, *, tenant_id: str | None = None) -> dict[str, int]:
     """Queued checks a worker may claim now, fresh uploads and re-scores apart (`item_checks_waiting`), each
-    counted up to `cap` (a backlog past it reads as `cap`: the alert has long fired by then)."""
+    counted up to `cap` (a backlog past it reads as `cap`: the alert has long fired by then); of one tenant when
+    given (the claim indexes lead with it)."""
     now = utcnow()
     counts = {}
+    mine = [CheckRow.tenant_id == tenant_id] if tenant_id is not None else []
     for priority, name in ((Priority.fresh, "fresh"), (Priority.rescore, "rescore")):
-        due = sa.and_(status_is(CheckStatus.queued), CheckRow.priority == priority, CheckRow.available_at <= now)
+        due = sa.and_(status_is(CheckStatus.queued), CheckRow.priority == priority, CheckRow.available_at <= now, *mine)
         counts[name] = _capped_count(session, due, cap)
     return counts
 
 
 def count_unfinished(
-    session: Session, *, version_id: str | None = None, priority: int | None = None, cap: int = COUNT_CAP
+    session: Session,
+    *,
+    version_id: str | None = None,
+    priority: int | None = None,
+    cap: int = COUNT_CAP,
+    tenant_id: str | None = None,
 ) -> dict[str, int]:
-    """Queued and running checks now (of one version and priority, when given), each read from its partial claim
-    index and counted up to `cap`: the live part of the counts whose ended part comes from the rollups."""
+    """Queued and running checks now (of one version, priority and tenant, when given), each read from its partial
+    claim index and counted up to `cap`: the live part of the counts whose ended part comes from the rollups."""
     narrowed = []
+    if tenant_id is not None:
+        narrowed.append(CheckRow.tenant_id == tenant_id)
     if version_id is not None:
         narrowed.append(CheckRow.pipeline_version_id == version_id)
     if priority is not None:
@@ -97,13 +106,17 @@ def list_checks(
     p_fake_below: float | None = None,
     after: tuple[datetime, str] | None = None,
     limit: int = 100,
+    tenant_id: str | None = None,
 ) -> list[CheckRow]:
     """Checks newest first; `since` is inclusive and `until` exclusive, both on created_at.
 
     `after` is a page's cursor: the (created_at, id) of the last check of the previous page, so a page is
-    an index range read however deep it is, and checks filed meanwhile never shift the pages.
+    an index range read however deep it is, and checks filed meanwhile never shift the pages. `tenant_id`: that
+    tenant's checks only (an index range of its own: (tenant_id, created_at, id)); None: every tenant's.
     """
     query = sa.select(CheckRow).order_by(CheckRow.created_at.desc(), CheckRow.id.desc()).limit(limit)
+    if tenant_id is not None:
+        query = query.where(CheckRow.tenant_id == tenant_id)
     if external_id is not None:
         query = query.where(CheckRow.external_id == external_id)
     if pipeline_version_id is not None:
@@ -130,17 +143,21 @@ def list_checks(
     return list(session.scalars(fresh(query)))
 
 
-def count_by_status(session: Session) -> dict[str, int]:
-    """Checks per status, every status present (zero included) so dashboards see stable keys: the ended ones
-    from the rollups' all-time totals (endings: a check a resubmission replaced counts its earlier one too), the
-    queued and running ones now, each up to COUNT_CAP (see `count_unfinished`). A few hundred rows read."""
+def count_by_status(session: Session, *, tenant_id: str | None = None) -> dict[str, int]:
+    """Checks per status (of one tenant, when given), every status present (zero included) so dashboards see
+    stable keys: the ended ones from the rollups' all-time totals (endings: a check a resubmission replaced counts
+    its earlier one too), the queued and running ones now, each up to COUNT_CAP (see `count_unfinished`). A few
+    hundred rows read."""
     counts = {status.value: 0 for status in CheckStatus}
-    for (_, status), n in rollups.totals(session).items():
+    for (_, status), n in rollups.totals(session, tenant_id=tenant_id).items():
         counts[status] += n
-    return counts | count_unfinished(session)
+    return counts | count_unfinished(session, tenant_id=tenant_id)
 
 
-def dead_letters(session: Session, *, limit: int = 100) -> list[DeadLetterRow]:
-    """Messages the intake could not file, newest first."""
+def dead_letters(session: Session, *, limit: int = 100, tenant_id: str | None = None) -> list[DeadLetterRow]:
+    """Messages the intake could not file, newest first; with `tenant_id`, those that came in on its queue (a
+    letter whose tenant is unknown is no tenant's, and shows only without the filter)."""
     query = sa.select(DeadLetterRow).order_by(DeadLetterRow.received_at.desc(), DeadLetterRow.id).limit(limit)
+    if tenant_id is not None:
+        query = query.where(DeadLetterRow.tenant_id == tenant_id)
     return list(session.scalars(query))

@@ -13,38 +13,55 @@ from sqlalchemy.orm import Session
 
 from worker.ledger import listing, rollups
 from worker.ledger.images import stored_today
-from worker.ledger.models import CheckRow, DecisionRow, DeliveryRow, ThumbnailRow, WorkerRow, utcnow
+from worker.ledger.models import DEFAULT_TENANT, CheckRow, DecisionRow, DeliveryRow, ThumbnailRow, WorkerRow, utcnow
 from worker.ledger.queries import dialect_insert, fresh, insert_many
+from worker.ledger.review_queue import LABELS, count_decision  # LABELS: what a moderator decides
 from worker.ledger.states import CheckStatus, Priority
-
-LABELS = ("ai_generated", "authentic", "unsure")
-
 
 # ---------------------------------------------------------------------- decisions
 
 
 def record_decision(
-    session: Session, check_id: str, label: str, reviewer: str, key_id: str | None, note: str | None = None
+    session: Session,
+    check_id: str,
+    label: str,
+    reviewer: str,
+    key_id: str | None,
+    note: str | None = None,
+    *,
+    tenant_id: str = DEFAULT_TENANT,
 ) -> DecisionRow:
+    """A moderator's decision on a check; `tenant_id` is the check's (a decision belongs to its check's tenant)."""
     if label not in LABELS:
         raise ValueError(f"label {label!r} is not one of {', '.join(LABELS)}")
-    row = DecisionRow(check_id=check_id, label=label, reviewer=reviewer, key_id=key_id, note=note, decided_at=utcnow())
+    row = DecisionRow(
+        check_id=check_id, label=label, reviewer=reviewer, key_id=key_id, note=note, decided_at=utcnow(),
+        tenant_id=tenant_id,
+    )  # fmt: skip
     session.add(row)
     session.flush()
+    count_decision(session, check_id, key_id)  # a decision outside the review queue counts in it too
     return row
 
 
-def decisions_of(session: Session, check_id: str) -> list[DecisionRow]:
-    """Every decision on a check, newest first."""
+def decisions_of(session: Session, check_id: str, *, tenant_id: str | None = None) -> list[DecisionRow]:
+    """Every decision on a check (of `tenant_id`'s, when given), newest first."""
     query = sa.select(DecisionRow).where(DecisionRow.check_id == check_id)
+    if tenant_id is not None:
+        query = query.where(DecisionRow.tenant_id == tenant_id)
     return list(session.scalars(query.order_by(DecisionRow.decided_at.desc(), DecisionRow.id.desc())))
 
 
-def latest_decisions(session: Session, *, since: datetime | None = None) -> Iterator[tuple[DecisionRow, CheckRow]]:
-    """Each decided check with its latest decision (a later one overrides an earlier one), oldest first."""
+def latest_decisions(
+    session: Session, *, since: datetime | None = None, tenant_id: str | None = None
+) -> Iterator[tuple[DecisionRow, CheckRow]]:
+    """Each decided check with its latest decision (a later one overrides an earlier one), oldest first; of one
+    tenant's checks when given."""
     latest = sa.select(DecisionRow.check_id, sa.func.max(DecisionRow.decided_at).label("at")).group_by(
         DecisionRow.check_id
     )
+    if tenant_id is not None:
+        latest = latest.where(DecisionRow.tenant_id == tenant_id)
     if since is not None:
         latest = latest.having(sa.func.max(DecisionRow.decided_at) >= since)
     latest = latest.subquery()
@@ -123,18 +140,19 @@ def workers_seen(session: Session, within: timedelta) -> list[WorkerRow]:
 # ---------------------------------------------------------------------- the operations page
 
 
-def status_counts_since(session: Session, since: datetime) -> dict[str, int]:
+def status_counts_since(session: Session, since: datetime, *, tenant_id: str | None = None) -> dict[str, int]:
     """Per status, every status present: the checks that ended since `since` (whole minutes: see
-    `rollups.ended_since`), and the checks queued and running now (each up to COUNT_CAP)."""
+    `rollups.ended_since`), and the checks queued and running now (each up to COUNT_CAP); of one tenant when
+    given."""
     counts = {status.value: 0 for status in CheckStatus}
-    for (_, status, _, _), n in rollups.ended_since(session, since).items():
+    for (_, status, _, _), n in rollups.ended_since(session, since, tenant_id=tenant_id).items():
         counts[status] += n
-    return counts | listing.count_unfinished(session)
+    return counts | listing.count_unfinished(session, tenant_id=tenant_id)
 
 
-def finished_since(session: Session, since: datetime) -> int:
-    """Checks that ended (done, rejected or failed) since `since`, in whole minutes."""
-    return sum(rollups.ended_since(session, since).values())
+def finished_since(session: Session, since: datetime, *, tenant_id: str | None = None) -> int:
+    """Checks that ended (done, rejected or failed) since `since`, in whole minutes; of one tenant when given."""
+    return sum(rollups.ended_since(session, since, tenant_id=tenant_id).values())
 
 
 def latency_percentiles(session: Session, since: datetime, quantiles=(0.5, 0.9, 0.99)) -> dict[str, float | None]:
@@ -144,36 +162,46 @@ def latency_percentiles(session: Session, since: datetime, quantiles=(0.5, 0.9, 
     return {f"p{round(q * 100)}": rollups.percentile(histogram, q) for q in quantiles}
 
 
-def verdicts_per_version(session: Session, since: datetime) -> dict[str, dict[str, int]]:
-    """{version: {verdict: count}} of the checks done since `since`, in whole minutes."""
+def verdicts_per_version(
+    session: Session, since: datetime, *, tenant_id: str | None = None
+) -> dict[str, dict[str, int]]:
+    """{version: {verdict: count}} of the checks done since `since`, in whole minutes; of one tenant when given."""
     shares: dict[str, dict[str, int]] = {}
-    for (version_id, status, verdict, _), n in rollups.ended_since(session, since).items():
+    for (version_id, status, verdict, _), n in rollups.ended_since(session, since, tenant_id=tenant_id).items():
         if status == CheckStatus.done:
             by_verdict = shares.setdefault(version_id, {})
             by_verdict[verdict or "none"] = by_verdict.get(verdict or "none", 0) + n
     return shares
 
 
-def deliveries_of(session: Session, check_id: str) -> list[DeliveryRow]:
+def deliveries_of(session: Session, check_id: str, *, tenant_id: str | None = None) -> list[DeliveryRow]:
+    """The deliveries of a check's result (of `tenant_id`'s, when given), oldest first."""
     query = sa.select(DeliveryRow).where(DeliveryRow.check_id == check_id).order_by(DeliveryRow.created_at)
+    if tenant_id is not None:
+        query = query.where(DeliveryRow.tenant_id == tenant_id)
     return list(session.scalars(query))
 
 
 def same_upload_elsewhere(session: Session, check: CheckRow) -> list[CheckRow]:
-    """The same upload (external id) under other versions, and re-scores of it: newest first, at most 20."""
+    """The same upload (external id, of the check's own tenant: another platform's id of the same spelling is
+    another upload) under other versions, and re-scores of it: newest first, at most 20."""
     query = (
         sa.select(CheckRow)
-        .where(CheckRow.external_id == check.external_id, CheckRow.id != check.id)
+        .where(
+            CheckRow.external_id == check.external_id, CheckRow.tenant_id == check.tenant_id, CheckRow.id != check.id
+        )
         .order_by(CheckRow.created_at.desc())
         .limit(20)
     )
     return list(session.scalars(query))
 
 
-def rescore_counts(session: Session, version_id: str) -> dict[str, int]:
+def rescore_counts(session: Session, version_id: str, *, tenant_id: str | None = None) -> dict[str, int]:
     """Re-score checks under `version_id`, per status they have any in: how far re-scoring onto it has come
-    (ended ones from the rollups' totals, queued and running ones now, each up to COUNT_CAP)."""
-    ended = rollups.totals(session, version_id=version_id, priority=Priority.rescore)
+    (ended ones from the rollups' totals, queued and running ones now, each up to COUNT_CAP); of one tenant when
+    given."""
+    ended = rollups.totals(session, version_id=version_id, priority=Priority.rescore, tenant_id=tenant_id)
     counts = {status: n for (_, status), n in ended.items()}
-    counts |= listing.count_unfinished(session, version_id=version_id, priority=Priority.rescore)
+    narrowed = {"version_id": version_id, "priority": Priority.rescore, "tenant_id": tenant_id}
+    counts |= listing.count_unfinished(session, **narrowed)
     return {status.value: counts[status.value] for status in CheckStatus if counts.get(status.value)}

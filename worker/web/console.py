@@ -4,6 +4,11 @@ Sign-in trades a key for a session: the cookie holds a random token (HttpOnly, S
 TLS), the ledger its hash. Every form carries the session's CSRF token; the sign-in form, made before any
 session exists, a token it also sets as a cookie (double submit). Jinja2 escapes everything it renders, so a
 caption or phrase a model wrote is text, never markup; the Content-Security-Policy would refuse a script anyway.
+
+Every page is narrowed to the visitor's tenant: another tenant's check, image or thumbnail is not found, as a
+missing one is (identical bytes are shared across tenants by sha256, so an image is served only through a check
+the visitor may see). An operator key (of all tenants) sees every tenant, picks one with `?tenant=`, and alone
+activates versions.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import jinja2
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from worker.ledger import access, reviews
+from worker.ledger import access, reviews, tenants
 from worker.ledger.models import utcnow
+from worker.ledger.review_queue import review_figures
 from worker.ledger.views import delivery_dict
 from worker.ops import metrics
 from worker.web.api import as_utc, decode_cursor, encode_cursor
@@ -98,6 +104,24 @@ def needs(scope: str):
     return checked
 
 
+def operator(request: Request, form_visitor: Visitor = Depends(needs("admin"))) -> Visitor:
+    """An admin key of all tenants: what changes the whole deployment (activating a version) needs."""
+    if not form_visitor.who.all_tenants:
+        metrics.AUTH_FAILURES.labels("scope").inc()
+        raise Forbidden()
+    return form_visitor
+
+
+def tenant_scope(visitor_: Visitor, tenant: str | None) -> str | None:
+    """The tenant a page reads: the visitor's own; an operator's pick (`?tenant=`), or None for all."""
+    return visitor_.who.tenant_scope(None if tenant in (None, "", "all") else tenant)
+
+
+def tenant_choices(session, visitor_: Visitor) -> list[str]:
+    """The tenants an operator may pick among on a page (none for a tenant's visitor: it sees its own only)."""
+    return tenants.tenant_ids(session) if visitor_.who.all_tenants else []
+
+
 def checked_form(visitor_: Visitor, csrf: str) -> None:
     if not hmac.compare_digest(visitor_.csrf.encode(), csrf.encode()):
         metrics.AUTH_FAILURES.labels("csrf").inc()
@@ -172,23 +196,28 @@ def review_queue(
     since: datetime | None = None,
     until: datetime | None = None,
     cursor: str | None = Query(None, max_length=200),
+    tenant: str | None = Query(None, max_length=64),
 ) -> Response:
     web = request.app.state.web
     verdicts, after = None if verdict == "any" else [verdict], decode_cursor(cursor)
+    scope = tenant_scope(who, tenant)
 
     def read(session):
         rows = web.ledger.list_checks(
             session, status="done", verdict=verdicts, pipeline_version_id=version or None, since=as_utc(since),
             until=as_utc(until), p_fake_at_least=p_min, p_fake_below=p_max, after=after, limit=PAGE + 1,
+            tenant_id=scope,
         )  # fmt: skip
-        return rows, web.ledger.versions(session)
+        return rows, web.ledger.versions(session), tenant_choices(session, who)
 
-    rows, versions = web.reads.run(request, read)
+    rows, versions, choices = web.reads.run(request, read)
     filters = {"verdict": verdict, "p_min": p_min, "p_max": p_max, "version": version, "since": since, "until": until}
+    filters["tenant"] = scope if who.who.all_tenants else None
     next_cursor = encode_cursor(rows[PAGE - 1]) if len(rows) > PAGE else None
     query = {k: v for k, v in filters.items() if v not in (None, "")}
+    next_query = urlencode({**query, "cursor": next_cursor}) if next_cursor else None
     return render(request, "queue.html", visitor=who, rows=rows[:PAGE], filters=filters, versions=versions,
-                  next_query=urlencode({**query, "cursor": next_cursor}) if next_cursor else None)  # fmt: skip
+                  tenants=choices, next_query=next_query)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- one check
@@ -199,18 +228,19 @@ def check_page(check_id: str, request: Request, who: Visitor = Depends(visitor))
     web = request.app.state.web
 
     def read(session) -> Response:
-        check = web.ledger.get_check(session, check_id[:36])
+        check = web.ledger.get_check(session, check_id[:36], tenant_id=tenant_scope(who, None))
         if check is None:
             return render(request, "message.html", 404, visitor=who, title="No such check",
                           message="No check has that id.")  # fmt: skip
         image = web.ledger.get_image(session, check.image_sha256) if check.image_sha256 else None
+        mine = {"tenant_id": check.tenant_id}
         values = {
             "check": check,
             "image": image,
             "objects": check.objects or [],
-            "deliveries": [delivery_dict(row) for row in reviews.deliveries_of(session, check.id)],
+            "deliveries": [delivery_dict(row) for row in reviews.deliveries_of(session, check.id, **mine)],
             "elsewhere": reviews.same_upload_elsewhere(session, check),
-            "decisions": reviews.decisions_of(session, check.id),
+            "decisions": reviews.decisions_of(session, check.id, **mine),
             "reused": [stage for stage, ms in (check.timings_ms or {}).items() if ms == 0.0],
         }
         return render(request, "check.html", visitor=who, names=DECISION_NAMES, **values)
@@ -233,21 +263,24 @@ def decide(
         return render(request, "message.html", 422, visitor=who, title="Unknown decision",
                       message=f"A decision is one of: {', '.join(DECISION_NAMES.values())}.")  # fmt: skip
     with web.ledger.session() as session:
-        check = web.ledger.get_check(session, check_id[:36])
+        check = web.ledger.get_check(session, check_id[:36], tenant_id=tenant_scope(who, None))
         if check is None:
             return render(request, "message.html", 404, visitor=who, title="No such check", message="No such check.")
-        reviews.record_decision(session, check.id, label, who.who.name, who.who.key_id, note.strip() or None)
+        reviews.record_decision(
+            session, check.id, label, who.who.name, who.who.key_id, note.strip() or None, tenant_id=check.tenant_id
+        )
     return RedirectResponse(f"/console/checks/{check.id}", status_code=303)
 
 
 @router.get("/checks/{check_id}/image")
 def check_image(check_id: str, request: Request, who: Visitor = Depends(visitor)) -> Response:
     """The upload itself when its bytes are stored (inline uploads) in a format browsers show; else the
-    thumbnail the worker kept. Never a fetch of the upload's URL."""
+    thumbnail the worker kept. Never a fetch of the upload's URL. Only through a check the visitor may see: the
+    bytes are shared by every tenant that sent them, the check is not."""
     web = request.app.state.web
 
     def read(session) -> Response | None:
-        check = web.ledger.get_check(session, check_id[:36])
+        check = web.ledger.get_check(session, check_id[:36], tenant_id=tenant_scope(who, None))
         image = web.ledger.get_image(session, check.image_sha256) if check and check.image_sha256 else None
         blob_sha = (check.source or {}).get("blob") if check else None
         if image is not None and blob_sha == image.sha256 and image.format in BROWSER_FORMATS:
@@ -264,7 +297,7 @@ def check_thumbnail(check_id: str, request: Request, who: Visitor = Depends(visi
     web = request.app.state.web
 
     def read(session) -> Response:
-        check = web.ledger.get_check(session, check_id[:36])
+        check = web.ledger.get_check(session, check_id[:36], tenant_id=tenant_scope(who, None))
         thumbnail = reviews.get_thumbnail(session, check.image_sha256) if check and check.image_sha256 else None
         if thumbnail is None:
             return Response(status_code=404)
@@ -282,33 +315,42 @@ def _image(data: bytes, media_type: str) -> Response:
 
 
 @router.get("/operations")
-def operations(request: Request, who: Visitor = Depends(visitor)) -> Response:
+def operations(
+    request: Request, who: Visitor = Depends(visitor), tenant: str | None = Query(None, max_length=64)
+) -> Response:
     web = request.app.state.web
     now = utcnow()
     hour, day = now - timedelta(hours=1), now - timedelta(days=1)
+    scope = tenant_scope(who, tenant)
+    mine = {"tenant_id": scope}  # the check figures; workers, versions and latency are the deployment's
 
     def read(session) -> dict:
         active = web.ledger.active_version(session)
+        pinned = tenants.get_tenant(session, scope) if scope is not None else None
         return {
             "per_status": {
-                "hour": reviews.status_counts_since(session, hour),
-                "day": reviews.status_counts_since(session, day),
+                "hour": reviews.status_counts_since(session, hour, **mine),
+                "day": reviews.status_counts_since(session, day, **mine),
             },  # fmt: skip
-            "finished_hour": reviews.finished_since(session, hour),
-            "waiting": web.ledger.count_waiting(session),
+            "finished_hour": reviews.finished_since(session, hour, **mine),
+            "waiting": web.ledger.count_waiting(session, **mine),
             "latency": reviews.latency_percentiles(session, hour),
-            "verdicts": reviews.verdicts_per_version(session, day),
+            "verdicts": reviews.verdicts_per_version(session, day, **mine),
             "workers": reviews.workers_seen(session, WORKER_ALIVE),
             "versions": web.ledger.versions(session),
             "active": active,
-            "rescores": reviews.rescore_counts(session, active.id) if active else {},
+            "pinned": pinned.pipeline_version_id if pinned is not None else None,
+            "rescores": reviews.rescore_counts(session, active.id, **mine) if active else {},
+            "tenant": scope,
+            "tenants": tenant_choices(session, who),
+            "review": review_figures(session, scope, now),
         }
 
     return render(request, "operations.html", visitor=who, now=now, **web.reads.run(request, read))
 
 
 @router.get("/versions/{version_id}/activate")
-def confirm_activation(version_id: str, request: Request, who: Visitor = Depends(needs("admin"))) -> Response:
+def confirm_activation(version_id: str, request: Request, who: Visitor = Depends(operator)) -> Response:
     web = request.app.state.web
 
     def read(session) -> Response:
@@ -328,7 +370,7 @@ def activate(
     request: Request,
     csrf: str = Form(max_length=100),
     confirm: str = Form(max_length=64),
-    who: Visitor = Depends(needs("admin")),
+    who: Visitor = Depends(operator),
 ) -> Response:
     checked_form(who, csrf)
     if confirm != version_id:  # the confirmation step: the operator types the version's id
