@@ -47,6 +47,8 @@ def _service(ledger: Ledger, tiny_store, seed: int) -> CheckService:
     )  # fmt: skip
     service = CheckService(settings, ledger, detector)
     service.register_version(activate=True)
+    with ledger.session() as session:  # the tenants' weights, read once per 10 s and not per batch: read now
+        service.fair_share.weights(session)
     return service
 
 
@@ -116,4 +118,4 @@ def test_a_batch_of_32_costs_the_statements_of_a_batch_of_1(ledger, tiny_store):
     for shape, by_size in shapes.items():
         one, many = (by_size[n] for n in SIZES)
         assert len(one) == len(many), f"{shape}: {len(one)} statements for 1 check, {len(many)} for 32\n{many}"
-        assert len(one) <= 12, f"{shape}: {one}"
+        assert len(one) <= 13, f"{shape}: {one}"  # 13: the review queue's insert joined the store's transaction

@@ -38,9 +38,10 @@ from worker.ledger.reviews import Thumbnail
 from worker.ledger.states import CheckStatus, Priority
 from worker.ledger.store import Ending, Lease, Ledger, LedgerTally
 from worker.ops import metrics
-from worker.settings import Settings, backoff_s, provenance_reader
+from worker.settings import Settings, backoff_s
 from worker.sources import kinds as sources
 from worker.sources.downloads import Deferred, Downloads
+from worker.sources.provenance import provenance_reader
 
 log = logging.getLogger("item.worker")
 

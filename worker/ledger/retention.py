@@ -22,7 +22,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.ledger import archive, partitions, rollups
+from worker.ledger import archive, partitions, review_queue, rollups
 from worker.ledger.models import CheckRow
 from worker.ledger.states import CheckStatus
 
@@ -51,6 +51,7 @@ class Policy:
             "blobs": settings.retain_blobs_days,
             "images": settings.retain_images_days,
             "thumbnails": math.ceil(settings.thumbnail_retention_days),
+            "review_items": settings.retain_reviews_days or min(30, settings.retain_checks_days),
         }
         return cls(days, settings.archive_dir, settings.partitions_ahead_days)
 
@@ -68,6 +69,7 @@ class Report:
     archived: list[str] = field(default_factory=list)  # archive files written
     kept: list[str] = field(default_factory=list)  # "<table> <day>: why" for an expired day not dropped
     rows_deleted: int = 0  # SQLite's rows, and the few of PostgreSQL's default partitions (see `partitions`)
+    review_items_deleted: int = 0  # reviewed, or queued past their retention (see `review_queue.purge`)
 
     def to_dict(self) -> dict:
         return {
@@ -76,6 +78,7 @@ class Report:
             "archived": self.archived,
             "kept": self.kept,
             "rows_deleted": self.rows_deleted,
+            "review_items_deleted": self.review_items_deleted,
         }
 
 
@@ -108,7 +111,19 @@ def maintain(
     if not dry_run:
         with Session(engine) as session, session.begin():
             rollups.prune_rollups(session, older_than=ROLLUP_KEEP)
+        report.review_items_deleted = _purge_review_items(engine, timedelta(days=policy.days.get("review_items", 30)))
     return report
+
+
+def _purge_review_items(engine: sa.Engine, older_than: timedelta) -> int:
+    """Review items with every review they need, or queued past their retention: a bounded DELETE per transaction."""
+    deleted = 0
+    while True:
+        with Session(engine) as session, session.begin():
+            count = review_queue.purge(session, older_than, DELETE_BATCH)
+        deleted += count
+        if count < DELETE_BATCH:
+            return deleted
 
 
 def _expire_day(engine: sa.Engine, policy: Policy, table: str, day: date, report: Report, *, dry_run: bool) -> str:

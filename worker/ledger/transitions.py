@@ -16,6 +16,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.ledger import review_queue
 from worker.ledger.checks import made_at
 from worker.ledger.claims import held, status_is
 from worker.ledger.models import CheckRow, utcnow
@@ -99,12 +100,17 @@ def finish_done(
     return _one(finish_done_many(session, token, {check_id: result}))
 
 
-def finish_done_many(session: Session, token: str, results: dict[str, dict]) -> list[CheckRow]:
-    """`finish_done` for a batch, {check id: result}, in one statement; returns the rows this lease finished."""
+def finish_done_many(
+    session: Session, token: str, results: dict[str, dict], *, review_double_share: float = review_queue.DOUBLE_SHARE
+) -> list[CheckRow]:
+    """`finish_done` for a batch, {check id: result}, in one statement; returns the rows this lease finished. The
+    uncertain and fake ones enter the moderators' review queue in the same transaction (`review_queue.enqueue`)."""
     now = utcnow()
     ended = {"status": CheckStatus.done, "error_code": None, "error_message": None, "finished_at": now}
     rows = [{"id": check_id, **result, **ended, "lease_expires_at": None} for check_id, result in results.items()]
-    return _transition_many(session, held(token), rows)
+    done = _transition_many(session, held(token), rows)
+    review_queue.enqueue(session, done, review_double_share)
+    return done
 
 
 def end_many(session: Session, token: str, endings: dict[str, Ending]) -> list[CheckRow]:
