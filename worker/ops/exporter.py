@@ -11,7 +11,7 @@ Live gauges of a process that is gone (a GPU loop killed and replaced) are dropp
 `item_worker_ready` counts the processes alive now; this is the one place that forgets them. While any
 supervised part of the worker is dead (worker.ops.supervise), `item_worker_ready` reads 0 and /readyz 503.
 Every count read at scrape time is capped (see `listing.COUNT_CAP`) and bounded in time: a scrape stays cheap
-however large the ledger.
+however large the ledger. Every `tenant` label is bounded here, at exposition (worker.ops.tenant_labels).
 """
 
 from __future__ import annotations
@@ -70,8 +70,11 @@ def thread_liveness():
 
 
 class ScrapeTimeCollector:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, labels=None):
+        from worker.ops.tenant_labels import TenantLabels
+
         self.settings = settings
+        self.labels = labels or TenantLabels(settings)
         self._ledger = None
 
     def collect(self):
@@ -87,10 +90,12 @@ class ScrapeTimeCollector:
         yield depth
         counts = self._ledger_counts()
         waiting = GaugeMetricFamily(
-            WAITING_NAME, "Checks ready for a worker in the ledger, fresh uploads and re-scores.", labels=["priority"]
+            WAITING_NAME,
+            "Checks ready for a worker in the ledger, fresh uploads and re-scores, by tenant.",
+            labels=["priority", "tenant"],
         )
-        for priority, count in counts.get("waiting", {}).items():
-            waiting.add_metric([priority], count)
+        for (priority, tenant), count in counts.get("waiting", {}).items():
+            waiting.add_metric([priority, tenant], count)
         yield waiting
         stuck = GaugeMetricFamily(
             STUCK_NAME, "Unfinished checks no worker moved for ITEM_RECONCILE_AFTER_S.", labels=["status"]
@@ -127,14 +132,16 @@ class ScrapeTimeCollector:
 
     def _ledger_counts(self) -> dict[str, dict[str, int]]:
         try:
+            from worker.ledger.listing import COUNT_CAP
             from worker.ledger.store import Ledger
+            from worker.ops import tenant_labels
 
             self._ledger = self._ledger or Ledger(self.settings.database_url)
             with self._ledger.session() as session:
                 if session.bind.dialect.name == "postgresql":  # a scrape answers within Prometheus' own timeout
                     session.execute(sa.text(f"SET LOCAL statement_timeout = {SCRAPE_STATEMENT_MS}"))
                 return {
-                    "waiting": self._ledger.count_waiting(session),
+                    "waiting": tenant_labels.count_waiting(session, self.labels.chosen(), COUNT_CAP),
                     "stuck": self._ledger.count_stuck(session, timedelta(seconds=self.settings.reconcile_after_s)),
                 }
         except Exception as error:
@@ -170,12 +177,13 @@ class ProcessesCollector:
     processes' gauges were dropped (the same scrape that follows a death no longer counts the dead); and
     `item_worker_ready` at 0 while any part of this worker is dead."""
 
-    def __init__(self, multiprocess: bool):
+    def __init__(self, multiprocess: bool, labels=None):
         from prometheus_client import REGISTRY
         from prometheus_client.multiprocess import MultiProcessCollector
 
         self._source = MultiProcessCollector(None) if multiprocess else REGISTRY  # collected through this
         self._multiprocess = multiprocess
+        self._labels = labels  # folds the `tenant` label to its bounded values (None: as counted)
 
     def collect(self):
         from worker.ops.supervise import dead_parts
@@ -183,7 +191,8 @@ class ProcessesCollector:
         if self._multiprocess:
             _forget_dead_processes()
         dead = dead_parts()
-        for family in self._source.collect():
+        families = self._source.collect()
+        for family in self._labels.fold(families) if self._labels is not None else families:
             if family.name == "item_worker_ready" and dead:
                 family.samples = [sample._replace(value=0.0) for sample in family.samples]
             yield family
@@ -192,9 +201,11 @@ class ProcessesCollector:
 def registry(settings: Settings):
     from prometheus_client import CollectorRegistry
 
-    registry = CollectorRegistry()
-    registry.register(ProcessesCollector(multiprocess="PROMETHEUS_MULTIPROC_DIR" in os.environ))
-    registry.register(ScrapeTimeCollector(settings))
+    from worker.ops.tenant_labels import TenantLabels
+
+    registry, labels = CollectorRegistry(), TenantLabels(settings)
+    registry.register(ProcessesCollector(multiprocess="PROMETHEUS_MULTIPROC_DIR" in os.environ, labels=labels))
+    registry.register(ScrapeTimeCollector(settings, labels))
     return registry
 
 

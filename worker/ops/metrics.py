@@ -3,7 +3,9 @@
 Worker processes write their samples to files in `PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess
 mode); the exporter that `item worker` (or `item metrics`) runs aggregates every process's files at scrape time,
 and adds what is read fresh at scrape (queue depth, stuck checks). No label holds an id, URL or hash: the
-`pipeline_version` label is the short version id, of which a deployment has a handful.
+`pipeline_version` label is the short version id, of which a deployment has a handful. The `tenant` label is
+written with the tenant's id here and bounded where it is exposed: ITEM_METRICS_TENANTS values at most, every
+other tenant summed as `other` (worker.ops.tenant_labels).
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from worker import codes
 
+DEFAULT_TENANT = "default"  # worker.ledger.models.DEFAULT_TENANT, without importing the ledger here
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
 CHECKS = Counter(
-    "item_checks_total", "Checks that reached a final status, by status and error code.", ["status", "code"]
+    "item_checks_total", "Checks that reached a final status, by status, error code and tenant.",
+    ["status", "code", "tenant"],
+)  # fmt: skip
+CHECKS_FILED = Counter("item_checks_filed_total", "Checks the intake filed (queued), by tenant.", ["tenant"])
+QUOTA_REFUSED = Counter(
+    "item_quota_refused_total",
+    "Submissions over their tenant's quota (HTTP 429, or `rejected` over the broker), by tenant and limit: rate "
+    "(quota.exceeded) or backlog (quota.backlog).",
+    ["tenant", "reason"],
 )
 RETRIES = Counter("item_retries_total", "Checks sent back to the queue to be tried again, by error code.", ["code"])
 FETCH_DEFERRED = Counter(
@@ -137,12 +149,15 @@ REPLICA_FALLBACKS = Counter(
 for _target in ("callback", "stream"):
     for _outcome in ("delivered", "retried", "failed"):
         DELIVERIES.labels(_target, _outcome)
-CHECKS.labels("done", "")
+CHECKS.labels("done", "", DEFAULT_TENANT)
+CHECKS_FILED.labels(DEFAULT_TENANT)
 for _code in codes.REJECTED:
-    CHECKS.labels("rejected", _code)
+    CHECKS.labels("rejected", _code, DEFAULT_TENANT)
 for _code in codes.FAILED:
-    CHECKS.labels("failed", _code)
+    CHECKS.labels("failed", _code, DEFAULT_TENANT)
     RETRIES.labels(_code)
+for _reason in ("rate", "backlog"):
+    QUOTA_REFUSED.labels(DEFAULT_TENANT, _reason)
 for _reason in ("downloading", "waiting"):
     FETCH_DEFERRED.labels(_reason)
 for _code in (*codes.DEAD_LETTER, "message.invalid"):
@@ -167,6 +182,8 @@ THREADS_NAME = "item_worker_threads"
 METRIC_NAMES = frozenset(
     {
         "item_checks_total",
+        "item_checks_filed_total",
+        "item_quota_refused_total",
         "item_retries_total",
         "item_fetch_deferred_total",
         "item_stage_seconds",
@@ -199,8 +216,8 @@ METRIC_NAMES = frozenset(
 )
 
 
-def finished(status: str, code: str | None, created_at: datetime | None) -> None:
-    CHECKS.labels(status, code or "").inc()
+def finished(status: str, code: str | None, created_at: datetime | None, tenant: str = DEFAULT_TENANT) -> None:
+    CHECKS.labels(status, code or "", tenant).inc()
     if created_at is not None:
         CHECK_LATENCY.observe(max(0.0, (datetime.now(UTC) - created_at).total_seconds()))
 
