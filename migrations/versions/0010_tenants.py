@@ -71,12 +71,14 @@ def downgrade() -> None:
     for table, key in _ROLLUP_KEYS.items():
         _merge_tenants(table, key)
         _rekey(table, key, drop_tenant=True)
-    # Two tenants' keys for one external id cannot both survive: keep the earliest check's.
+    # Without tenants an external id names one check under a version: of several tenants' keys for one id, the
+    # default tenant's stays, else the first tenant's by id (the others' checks stay, found by no key).
     op.execute(
         sa.text(
             "DELETE FROM check_keys WHERE tenant_id <> 'default' AND EXISTS (SELECT 1 FROM check_keys AS other "
             "WHERE other.external_id = check_keys.external_id AND other.pipeline_version_id = "
-            "check_keys.pipeline_version_id AND other.day = check_keys.day AND other.tenant_id = 'default')"
+            "check_keys.pipeline_version_id AND (other.tenant_id = 'default' OR other.tenant_id < "
+            "check_keys.tenant_id))"
         )
     )
     _rekey("check_keys", _KEY_COLUMNS, drop_tenant=True)

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from worker.ledger import migrate, partitions
+from worker.ledger import migrate, partitions, tenants
 from worker.ledger.checks import NewCheck
 from worker.ledger.engine import make_engine
 from worker.ledger.models import Base
@@ -247,6 +247,67 @@ def test_0009_keeps_existing_checks_in_their_days_and_their_idempotency(database
         with engine.connect() as connection:
             kept = connection.execute(sa.text("SELECT id FROM checks WHERE pipeline_version_id = 'pv-0009'"))
             assert kept.scalars().all() == ["c-0009"]
+    finally:
+        engine.dispose()
+        migrate.upgrade(database_url)
+
+
+def test_0010_puts_an_existing_ledger_under_the_default_tenant_and_back(database_url):
+    """Every existing check, key, delivery, decision, API key and count becomes the default tenant's, so a resent id
+    finds its old check and an old key reads what it read; a second tenant's same external id is a new check;
+    the downgrade folds the tenants' counts together and keeps the default tenant's keys."""
+    migrate.upgrade(database_url)
+    migrate.downgrade(database_url, "0009")
+    engine = make_engine(database_url)
+    at = "2026-12-01 10:00:00+00:00"
+    rows = [
+        "INSERT INTO pipeline_versions (id, profile, caption, ground, embed, head, created_at) "
+        "VALUES ('pv-0010', 'tiny', 'c', 'g', 'e', 'h', :at)",
+        "INSERT INTO checks (id, external_id, pipeline_version_id, source, status, attempts, priority, created_at, "
+        "enqueued_at, available_at, updated_at) VALUES ('c-0010', 'upload-0010', 'pv-0010', '{}', 'done', 1, 0, "
+        ":at, :at, :at, :at)",
+        "INSERT INTO check_keys (external_id, pipeline_version_id, day, check_id) "
+        "VALUES ('upload-0010', 'pv-0010', '2026-12-01', 'c-0010')",
+        "INSERT INTO api_keys (id, name, scopes, secret_sha256, created_at) "
+        "VALUES ('k0123456789ab', 'old', '[\"read\"]', 'x', :at)",
+        "INSERT INTO check_totals (pipeline_version_id, status, verdict, priority, slot, n) "
+        "VALUES ('pv-0010', 'done', 'real', 0, 0, 5)",
+    ]
+    try:
+        with engine.begin() as connection:
+            for statement in rows:
+                connection.execute(sa.text(statement), {"at": at})
+        migrate.upgrade(database_url)
+        with engine.connect() as connection:
+            tenants_of = {
+                table: connection.execute(sa.text(f"SELECT DISTINCT tenant_id FROM {table}")).scalars().all()
+                for table in ("checks", "check_keys", "api_keys", "check_totals")
+            }
+            assert connection.execute(sa.text("SELECT id FROM tenants")).scalars().all() == ["default"]
+        assert tenants_of == dict.fromkeys(tenants_of, ["default"])
+        ledger = Ledger(database_url)
+        try:
+            with ledger.session() as session:
+                tenants.create_tenant(session, "other")
+                [(again, created)] = ledger.create_checks(session, "pv-0010", [NewCheck("upload-0010", {"url": "x"})])
+                [(theirs, new)] = ledger.create_checks(
+                    session, "pv-0010", [NewCheck("upload-0010", {"url": "y"})], tenant_id="other"
+                )
+                session.execute(
+                    sa.text(
+                        "INSERT INTO check_totals (tenant_id, pipeline_version_id, status, verdict, priority, slot, "
+                        "n) VALUES ('other', 'pv-0010', 'done', 'real', 0, 0, 2)"
+                    )
+                )
+            assert (again.id, created) == ("c-0010", False)
+            assert new and theirs.id != "c-0010" and theirs.tenant_id == "other"
+        finally:
+            ledger.dispose()
+        migrate.downgrade(database_url, "0009")
+        with engine.connect() as connection:
+            keys = connection.execute(sa.text("SELECT check_id FROM check_keys WHERE external_id = 'upload-0010'"))
+            total = connection.execute(sa.text("SELECT sum(n) FROM check_totals WHERE pipeline_version_id = 'pv-0010'"))
+            assert keys.scalars().all() == ["c-0010"] and total.scalar_one() == 7
     finally:
         engine.dispose()
         migrate.upgrade(database_url)
