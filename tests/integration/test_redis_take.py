@@ -87,6 +87,21 @@ def test_a_message_taken_by_a_consumer_that_died_is_given_back(prefix):
         assert raw.hlen(f"{prefix}unacked") == 1  # recorded as unacknowledged, as kombu records it
 
 
+def test_a_consumer_is_among_the_takers_before_its_first_take_even_after_sweeping_nothing(prefix):
+    """The event loop sweeps every channel, also one not consuming yet: that must not count as saying it is alive,
+    or its first take skips saying it, and what it takes before being killed is in a list no one gives back (the
+    chaos run lost a message so)."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    with _connection(prefix) as connection:
+        channel = connection.channel()
+        channel.sweep()  # before any basic_consume: nothing to say alive for
+        check_queue()(channel).declare()
+        channel.basic_consume(CHECK_QUEUE, False, lambda message: None, consumer_tag=uuid.uuid4().hex)
+        connection.transport.cycle._register_BRPOP(channel)  # the first take
+        assert raw.smembers(f"{prefix}{CHECK_QUEUE}.takers") == {channel.consumer_id.encode()}
+        channel.client.connection.disconnect()
+
+
 def test_messages_sent_with_a_priority_are_taken_too(prefix):
     raw = redis.Redis.from_url(REDIS_URL)
     with _connection(prefix, transport=None) as platform:

@@ -109,6 +109,7 @@ class Channel(kombu_redis.Channel):
         self._took_from: set[str] = set()  # every queue this consumer has a taking list of
         self._take_command = "BLMOVE"
         self._said_alive_at = float("-inf")
+        self._alive_for: set[str] = set()  # the queues whose takers this consumer last said it is one of
         super().__init__(*args, **kwargs)
         self.consumer_id = uuid.uuid4().hex
 
@@ -123,7 +124,10 @@ class Channel(kombu_redis.Channel):
         if not queues or not all(self.is_atomic(queue) for queue in queues):
             return super()._brpop_start(timeout)
         self._took_from.update(queues)
-        if monotonic() - self._said_alive_at > SAY_ALIVE_EVERY_S:  # a new consumer, or a sweep was missed
+        # A consumer takes from a queue only once it is among the queue's takers, or what it takes and never
+        # acknowledges (it is killed) would sit in its list with no one to give it back: a new consumer, a queue
+        # new to it (a tenant's, added while running), or a sweep missed.
+        if monotonic() - self._said_alive_at > SAY_ALIVE_EVERY_S or not set(queues) <= self._alive_for:
             self.sweep()
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
@@ -231,6 +235,8 @@ class Channel(kombu_redis.Channel):
 
     def sweep(self) -> None:
         queues = [queue for queue in self.active_queues if self.is_atomic(queue)]
+        if not queues:  # consuming nothing yet: saying alive now would let the first take skip saying it
+            return
         with self.conn_or_acquire() as client:
             self._say_alive(client, queues)
             for queue in queues:
@@ -256,7 +262,7 @@ class Channel(kombu_redis.Channel):
             pipe.execute_command("PSETEX", self._key(self._alive(queue)), int(self.taking_alive_s * 1000), "1")
             pipe.sadd(self._takers(queue), self.consumer_id)  # SADD is prefixed by kombu's client itself
         pipe.execute()
-        self._said_alive_at = monotonic()
+        self._said_alive_at, self._alive_for = monotonic(), set(queues)
 
     def _recover(self, client, queue: str) -> None:
         for member in client.smembers(self._takers(queue)):
