@@ -26,7 +26,7 @@ from worker.gpu import reading as service_module  # where a batch makes its thum
 from worker.gpu.batches import CheckService
 from worker.gpu.loop import Loop
 from worker.intake.filing import CheckRequest, Intake
-from worker.ledger import access, reviews
+from worker.ledger import access, callback_secrets, reviews
 from worker.ledger.models import CheckRow, ConsoleSessionRow, ThumbnailRow, WorkerRow, utcnow
 from worker.ledger.reviews import Thumbnail
 from worker.ledger.states import CheckStatus
@@ -242,6 +242,16 @@ def test_the_reconciler_deletes_old_thumbnails_and_expired_sessions(ledger):
         assert list(session.scalars(sa.select(ConsoleSessionRow.token_sha256))) == ["1" * 64]
     again = reconcile(settings, ledger)
     assert (again.thumbnails_purged, again.sessions_purged) == (0, 0)  # counts of what went, not of what is
+
+
+def test_the_reconciler_deletes_callback_secrets_whose_rotation_window_ended(ledger):
+    with ledger.session() as session:
+        old = callback_secrets.create_secret(session, "default")
+        new = callback_secrets.rotate_secret(session, "default", window_s=0)  # the old one signs no more
+        assert {row.key_id for row in callback_secrets.list_secrets(session, "default")} == {old.key_id, new.key_id}
+    reconcile(Settings(database_url="sqlite://"), ledger)
+    with ledger.session() as session:
+        assert [row.key_id for row in callback_secrets.list_secrets(session, "default")] == [new.key_id]
 
 
 def test_item_reconcile_json_reports_the_purge(ledger, database_url, tiny_store):

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from worker.ledger import access, outbox, retention, reviews
+from worker.ledger import access, callback_secrets, outbox, retention, reviews
 from worker.ledger.leadership import AdvisoryLock
 from worker.ledger.store import Ledger
 from worker.ops import metrics
@@ -64,12 +64,14 @@ def reconcile(settings: Settings, ledger: Ledger) -> Reconciled:
 
 
 def _purge(settings: Settings, ledger: Ledger) -> tuple[int, int]:
-    """Deletes old thumbnails and expired console sessions, in a transaction of their own: a large first purge
-    must not hold the locks of the checks failed above. Returns how many of each went."""
+    """Deletes old thumbnails, expired console sessions and callback secrets whose rotation window ended, in a
+    transaction of their own: a large first purge must not hold the locks of the checks failed above. Returns how
+    many thumbnails and sessions went."""
     with ledger.session() as session:
         thumbnails = reviews.purge_thumbnails(session, timedelta(days=settings.thumbnail_retention_days))
         sessions = access.purge_sessions(session)
         reviews.forget_workers(session, FORGET_WORKERS_AFTER)
+        callback_secrets.purge_retired(session)  # sign no more: kept only until the next pass
     if thumbnails or sessions:
         log.info("deleted %d thumbnails past their retention and %d expired console sessions", thumbnails, sessions)
     return thumbnails, sessions
