@@ -137,3 +137,32 @@ def test_concurrent_fair_claimers_never_share_a_check(ledger, database_url):
     for thread in threads:
         thread.join(timeout=60)
     assert len(taken) == len(set(taken)) == 360
+
+
+def test_rescore_pages_keep_every_tenants_upload_of_a_shared_external_id(ledger):
+    """Pages of re-score candidates go by external id; two tenants' uploads of one id are two candidates, and a
+    page that ends between them must not let the next page (after that id) skip the second."""
+    from worker.ledger.rescores import RescoreSelection, rescore_candidates
+
+    old = PipelineVersion(caption="blip:a", ground="gdino:b", embed="clip:c", head="head:old")
+    now = datetime.now(UTC)
+    with ledger.session() as session:
+        ledger.ensure_pipeline_version(session, old, "tiny")
+        rows = [
+            {"id": new_id(), "tenant_id": tenant, "external_id": f"up-{i}", "pipeline_version_id": old.id,
+             "source": {}, "status": CheckStatus.done, "attempts": 1, "created_at": now, "available_at": now,
+             "updated_at": now, "finished_at": now - timedelta(seconds=i + (tenant == "b"))}
+            for i in range(5) for tenant in ("a", "b")
+        ]  # fmt: skip
+        session.execute(sa.insert(CheckRow), rows)
+    seen, after = [], None
+    while True:
+        with ledger.session() as session:
+            page = rescore_candidates(
+                session, target_version_id=VERSION.id, selection=RescoreSelection(), after_external_id=after, limit=3
+            )
+        if not page:
+            break
+        seen += [(row.tenant_id, row.external_id) for row in page]
+        after = page[-1].external_id
+    assert sorted(seen) == sorted((tenant, f"up-{i}") for i in range(5) for tenant in ("a", "b"))

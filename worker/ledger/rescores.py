@@ -69,8 +69,12 @@ def rescore_candidates(
         query = query.where(condition)
     if after_external_id is not None:
         query = query.where(CheckRow.external_id > after_external_id)
+    rows = list(session.scalars(fresh(query)))
+    if len(rows) == limit:  # the page may end inside an id another tenant uses too: take that id's rows whole,
+        last = rows[-1].external_id  # or the next page (after it) would skip the other tenant's upload
+        rows += session.scalars(fresh(query.limit(None).where(CheckRow.external_id == last)))
     newest: dict[tuple[str, str], CheckRow] = {}
-    for row in session.scalars(fresh(query)):
+    for row in rows:
         newest.setdefault((row.tenant_id, row.external_id), row)  # each tenant's upload is its own
     return list(newest.values())
 
