@@ -145,3 +145,24 @@ def images():
     """A local HTTP server of test images (and of slow, hanging and failing answers) for this module."""
     with image_server() as server:
         yield server
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of this test's own on the machine's Redis; its keys are deleted afterwards."""
+    prefix = f"item-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+
+
+def take_connection(prefix: str, transport: str | None = "worker.intake.redis_take:Transport"):
+    """A kombu connection to the machine's Redis under `prefix`, taking `item.checks` (and tenants' queues) the
+    intake's way (`worker.intake.redis_take`; `transport` None: kombu's own, as a platform's client)."""
+    from kombu import Connection
+
+    from worker.settings import CHECK_QUEUE
+
+    options = {"global_keyprefix": prefix, "atomic_queues": [CHECK_QUEUE], "taking_alive_s": 1.0}
+    return Connection(REDIS_URL, transport=transport, transport_options=options)

@@ -9,17 +9,16 @@ import socket
 import time
 import uuid
 
-import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kombu import Connection
 
+from tests.integration.conftest import take_connection
 from tests.integration.stack import REDIS_URL
 from worker.intake.broker import check_queue
 from worker.settings import CHECK_QUEUE
 
-TRANSPORT = "worker.intake.redis_take:Transport"
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=10),
     lambda children: (
@@ -28,20 +27,6 @@ JSON_VALUES = st.recursive(
     ),
     max_leaves=8,
 )
-
-
-@pytest.fixture
-def prefix():
-    prefix = f"item-test-{uuid.uuid4().hex[:10]}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
-
-
-def _connection(prefix: str, transport: str | None = TRANSPORT) -> Connection:
-    options = {"global_keyprefix": prefix, "atomic_queues": [CHECK_QUEUE], "taking_alive_s": 1.0}
-    return Connection(REDIS_URL, transport=transport, transport_options=options)
 
 
 def _consuming_channel(connection: Connection, received: list | None = None):
@@ -54,12 +39,12 @@ def _consuming_channel(connection: Connection, received: list | None = None):
 
 def test_a_message_taken_by_a_consumer_that_died_is_given_back(prefix):
     raw = redis.Redis.from_url(REDIS_URL)
-    with _connection(prefix, transport=None) as platform:  # a platform's plain kombu client sends
+    with take_connection(prefix, transport=None) as platform:  # a platform's plain kombu client sends
         platform.Producer().publish({"external_id": "taken"}, routing_key=CHECK_QUEUE, declare=[check_queue()])
     assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 1
 
     # a consumer takes it and dies before reading the server's reply (its process is gone: nothing of it runs)
-    doomed_connection = _connection(prefix)
+    doomed_connection = take_connection(prefix)
     doomed = _consuming_channel(doomed_connection)
     doomed_connection.transport.cycle._register_BRPOP(doomed)  # as the event loop starts a take
     deadline = time.monotonic() + 5
@@ -70,7 +55,7 @@ def test_a_message_taken_by_a_consumer_that_died_is_given_back(prefix):
     assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 0 and raw.llen(taking) == 1  # moved, not gone
 
     # another consumer, once the first stopped saying it is alive, gives it back, and it is taken again
-    with _connection(prefix) as connection:
+    with take_connection(prefix) as connection:
         received = []
         survivor = _consuming_channel(connection, received)
         survivor.sweep()
@@ -92,7 +77,7 @@ def test_a_consumer_is_among_the_takers_before_its_first_take_even_after_sweepin
     or its first take skips saying it, and what it takes before being killed is in a list no one gives back (the
     chaos run lost a message so)."""
     raw = redis.Redis.from_url(REDIS_URL)
-    with _connection(prefix) as connection:
+    with take_connection(prefix) as connection:
         channel = connection.channel()
         channel.sweep()  # before any basic_consume: nothing to say alive for
         check_queue()(channel).declare()
@@ -104,10 +89,10 @@ def test_a_consumer_is_among_the_takers_before_its_first_take_even_after_sweepin
 
 def test_messages_sent_with_a_priority_are_taken_too(prefix):
     raw = redis.Redis.from_url(REDIS_URL)
-    with _connection(prefix, transport=None) as platform:
+    with take_connection(prefix, transport=None) as platform:
         platform.Producer().publish({"n": 1}, routing_key=CHECK_QUEUE, declare=[check_queue()], priority=6)
     assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 0  # kombu keeps it in a list of that priority
-    with _connection(prefix) as connection:
+    with take_connection(prefix) as connection:
         channel = _consuming_channel(connection)
         channel.sweep()
         assert raw.llen(f"{prefix}{CHECK_QUEUE}") == 1
@@ -115,9 +100,9 @@ def test_messages_sent_with_a_priority_are_taken_too(prefix):
 
 def test_a_clean_close_gives_back_at_once_what_was_taken_and_not_recorded(prefix):
     raw = redis.Redis.from_url(REDIS_URL)
-    with _connection(prefix, transport=None) as platform:
+    with take_connection(prefix, transport=None) as platform:
         platform.Producer().publish({"n": 2}, routing_key=CHECK_QUEUE, declare=[check_queue()])
-    with _connection(prefix) as connection:
+    with take_connection(prefix) as connection:
         channel = _consuming_channel(connection)
         connection.transport.cycle._register_BRPOP(channel)
         deadline = time.monotonic() + 5
@@ -136,13 +121,13 @@ def _wrapped(received) -> list:
 
 def test_a_burst_is_taken_and_recorded_at_once_and_what_is_not_a_message_is_delivered_wrapped(prefix):
     raw = redis.Redis.from_url(REDIS_URL)
-    with _connection(prefix, transport=None) as platform:
+    with take_connection(prefix, transport=None) as platform:
         producer = platform.Producer()
         for n in range(10):
             producer.publish({"n": n}, routing_key=CHECK_QUEUE, declare=[check_queue()])
     raw.lpush(f"{prefix}{CHECK_QUEUE}", b"not json at all")  # taken last: the list is read from its other end
     received = []
-    with _connection(prefix) as connection:
+    with take_connection(prefix) as connection:
         channel = _consuming_channel(connection, received)
         connection.transport.cycle._register_BRPOP(channel)
         time.sleep(0.2)
@@ -175,12 +160,12 @@ def test_whatever_bytes_wait_in_the_queue_a_take_never_raises_nor_loses_one(pref
     raw = redis.Redis.from_url(REDIS_URL)
     for key in raw.scan_iter(f"{prefix}*"):
         raw.delete(key)
-    with _connection(prefix, transport=None) as platform:
+    with take_connection(prefix, transport=None) as platform:
         platform.Producer().publish({"n": "real"}, routing_key=CHECK_QUEUE, declare=[check_queue()])
     for item in junk:  # a hostile client's LPUSH, mixed with a real message
         raw.lpush(f"{prefix}{CHECK_QUEUE}", item)
     received = []
-    with _connection(prefix) as connection:
+    with take_connection(prefix) as connection:
         channel = _consuming_channel(connection, received)
         connection.transport.cycle._register_BRPOP(channel)
         time.sleep(0.05)
@@ -193,7 +178,7 @@ def test_whatever_bytes_wait_in_the_queue_a_take_never_raises_nor_loses_one(pref
 
 def test_an_envelope_kombu_cannot_open_is_delivered_wrapped_not_redelivered_for_ever(prefix):
     raw = redis.Redis.from_url(REDIS_URL)
-    with _connection(prefix, transport=None) as platform:
+    with take_connection(prefix, transport=None) as platform:
         platform.Producer().publish({"n": "real"}, routing_key=CHECK_QUEUE, declare=[check_queue()])
     poisoned = {
         "body": "!!! not base64 !!!", "content-type": "application/json", "content-encoding": "utf-8", "headers": {},
@@ -202,7 +187,7 @@ def test_an_envelope_kombu_cannot_open_is_delivered_wrapped_not_redelivered_for_
     }  # fmt: skip
     raw.lpush(f"{prefix}{CHECK_QUEUE}", json.dumps(poisoned))
     received = []
-    with _connection(prefix) as connection:
+    with take_connection(prefix) as connection:
         channel = _consuming_channel(connection, received)
         connection.transport.cycle._register_BRPOP(channel)
         time.sleep(0.05)

@@ -18,11 +18,11 @@ import sqlalchemy as sa
 from kombu import Connection
 
 from tests.conftest import encode, noise_image
+from tests.integration.conftest import take_connection
 from tests.integration.stack import REDIS_URL, Worker, celery_json_message, make_stack, platform_client
 from worker.intake.queues import queue_name, tenant_of_queue, tenant_queue
 from worker.ledger.models import CheckRow, DeadLetterRow, TenantRow
 from worker.ledger.tenants import create_tenant, set_disabled
-from worker.settings import CHECK_QUEUE
 
 PNG = base64.b64encode(encode(noise_image(5, 32, 32))).decode()
 
@@ -116,20 +116,6 @@ def test_a_disabled_or_vanished_tenants_messages_become_dead_letters(stack, work
 # ---------------------------------------------------------------------- the Redis take of several queues
 
 
-@pytest.fixture
-def prefix():
-    prefix = f"item-test-{uuid.uuid4().hex[:10]}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
-
-
-def _connection(prefix: str) -> Connection:
-    options = {"global_keyprefix": prefix, "atomic_queues": [CHECK_QUEUE], "taking_alive_s": 1.0}
-    return Connection(REDIS_URL, transport="worker.intake.redis_take:Transport", transport_options=options)
-
-
 def _consuming(connection: Connection, tenants: list[str], received: list):
     channel = connection.channel()
     for tenant_id in tenants:
@@ -144,7 +130,7 @@ def test_a_take_of_several_queues_keeps_what_a_dying_consumer_took_and_puts_back
     forged["properties"]["delivery_info"] = {"exchange": "", "routing_key": "item.checks.bravo"}
     raw.lpush(f"{prefix}item.checks.acme", json.dumps(forged))
 
-    doomed_connection = _connection(prefix)
+    doomed_connection = take_connection(prefix)
     doomed = _consuming(doomed_connection, ["default", "acme", "bravo"], [])
     doomed_connection.transport.cycle._register_BRPOP(doomed)  # one script looks at all three queues
     doomed.client.connection._sock.shutdown(socket.SHUT_RDWR)  # and its reply is never read
@@ -154,7 +140,7 @@ def test_a_take_of_several_queues_keeps_what_a_dying_consumer_took_and_puts_back
         time.sleep(0.01)
     assert raw.llen(f"{prefix}item.checks.acme") == 0 and raw.llen(taking) == 1  # moved, not gone
 
-    with _connection(prefix) as connection:
+    with take_connection(prefix) as connection:
         received: list = []
         survivor = _consuming(connection, ["default", "bravo", "acme"], received)
         time.sleep(1.2)  # the dead consumer stops saying it is alive

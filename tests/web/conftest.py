@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -122,3 +123,18 @@ def _wait_until_up(base: str, process: subprocess.Popen, log: Path) -> None:
         except httpx.HTTPError:
             time.sleep(0.1)
     raise AssertionError(f"item serve did not answer in 30 s: {log.read_text()}")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture
+def browser():
+    """A headless Chromium (Debian's, launched by its path: no browser is downloaded)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()

@@ -7,36 +7,23 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
-import pytest
 import sqlalchemy as sa
 
 from tests.conftest import random_head
-from tests.web.conftest import image_b64
+from tests.web.conftest import image_b64, needs_chromium
 from worker.ledger.models import CheckRow
 from worker.web.keys import create_key
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ITEM = Path(sys.executable).parent / "item"
 ARTIFACTS = Path(os.environ.get("ITEM_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")) / "console"
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield launched
-        launched.close()
+pytestmark = needs_chromium
 
 
 def _flagged_checks(served, client, n: int = 2) -> list[CheckRow]:

@@ -4,32 +4,19 @@ keyboard against `item serve`; each always holds an item the other does not."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from tests.conftest import random_head
-from tests.web.conftest import image_b64
+from tests.web.conftest import image_b64, needs_chromium
 from worker.ledger.models import CheckRow, DecisionRow, ReviewItemRow
 from worker.web.keys import create_key
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHECKS = 4
 ARTIFACTS = Path(os.environ.get("ITEM_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts")) / "console"
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield launched
-        launched.close()
+pytestmark = needs_chromium
 
 
 def _queued_checks(served, client) -> dict[str, int]:
