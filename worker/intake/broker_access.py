@@ -26,6 +26,8 @@ import subprocess
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from kombu.utils.url import parse_url
+
 from pipeline.core.errors import ItemError
 from worker.intake.queues import queue_name, tenant_queue
 from worker.ledger.tenants import checked_id
@@ -75,9 +77,9 @@ def rabbitmq_grant(tenant_id: str, vhost: str, user: str | None = None) -> Rabbi
 
 
 def vhost_of(url: str) -> str:
-    """The vhost of an amqp:// URL, as kombu reads it (none, or `/`: the default vhost `/`)."""
-    path = urlsplit(url).path
-    return "/" if path in ("", "/") else path[1:]
+    """The vhost of an amqp:// URL, read by kombu's own parser (so `/%2F` is the default vhost `/`, as kombu
+    connects to it; none is `/` too)."""
+    return parse_url(url)["virtual_host"] or "/"
 
 
 def apply_rabbitmq(grant: RabbitGrant, password: str, service_url: str, rabbitmqctl: str = "rabbitmqctl") -> bool:

@@ -26,10 +26,15 @@ def tenant_of_queue(queue: str | None) -> str | None:
     """The tenant whose queue `queue` is; None for a queue that is no tenant's."""
     if queue == CHECK_QUEUE:
         return DEFAULT_TENANT
-    family, _, tenant_id = (queue or "").rpartition(".")
-    if family == CHECK_QUEUE and TENANT_ID.fullmatch(tenant_id) and tenant_id != DEFAULT_TENANT:
-        return tenant_id
-    return None
+    tenant_id = tenant_suffix(queue, (CHECK_QUEUE,))
+    return tenant_id if tenant_id != DEFAULT_TENANT else None
+
+
+def tenant_suffix(queue: str | None, families) -> str | None:
+    """The tenant id of `<family>.<tenant id>` for one of `families`; None for any other name. The one reading of
+    a queue's name, shared by the intake (its tenant) and the Redis take (which queues it takes atomically)."""
+    family, _, tenant_id = (queue if isinstance(queue, str) else "").rpartition(".")
+    return tenant_id if family in families and TENANT_ID.fullmatch(tenant_id) else None
 
 
 def tenant_queue(tenant_id: str = DEFAULT_TENANT) -> Queue:
@@ -48,13 +53,14 @@ class ArrivalQueues:
     def of(self, message, task_consumer=None) -> str | None:
         info = getattr(message, "delivery_info", None) or {}
         tag = info.get("consumer_tag")  # AMQP: set by the broker, the consumer it delivered to
-        if tag is not None and task_consumer is not None:
+        if tag is not None:
+            # Only the broker's word counts: a tag this consumer does not know names no queue (its routing key was
+            # written by the publisher, so it is never a fallback here).
             queue = self._by_tag.get(tag)
-            if queue is None:
+            if queue is None and task_consumer is not None:
                 active = getattr(task_consumer, "_active_tags", None) or {}
                 self._by_tag = {active_tag: name for name, active_tag in active.items()}
                 queue = self._by_tag.get(tag)
-            if queue is not None:
-                return queue
+            return queue
         # Redis: the take wrote the list it took the message from (and nothing else) into delivery_info
         return info.get("routing_key")

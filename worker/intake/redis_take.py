@@ -36,7 +36,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from worker.ledger.tenants import TENANT_ID
+from worker.intake.queues import tenant_suffix
 
 log = logging.getLogger("item.intake")
 
@@ -316,10 +316,7 @@ class Transport(kombu_redis.Transport):
 
 def is_atomic(queue: str, families) -> bool:
     """`queue` is one of `families` or a tenant's queue of one (`<family>.<tenant id>`)."""
-    if queue in families:
-        return True
-    family, _, tenant_id = queue.rpartition(".")
-    return family in families and TENANT_ID.fullmatch(tenant_id) is not None
+    return queue in families or tenant_suffix(queue, families) is not None
 
 
 UNREADABLE_TYPE = "application/x-item-unreadable"  # no reader accepts it: the intake's dead letter keeps the bytes

@@ -6,11 +6,14 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.core.errors import ItemError
 from worker.intake import broker_access as access
-from worker.intake.queues import queue_name, tenant_of_queue
+from worker.intake.queues import ArrivalQueues, queue_name, tenant_of_queue
 from worker.intake.redis_take import is_atomic
+from worker.ledger.tenants import TENANT_ID
 
 
 @pytest.mark.parametrize(
@@ -72,3 +75,29 @@ def test_the_platforms_url_is_the_services_with_the_tenants_user():
     url = access.platform_url("amqp://item:pw@rabbit.internal:5672/item", "item-shop", "p@ss/word")
     assert url == "amqp://item-shop:p%40ss%2Fword@rabbit.internal:5672/item"
     assert access.vhost_of(url) == "item" and access.vhost_of("amqp://h//") == "/"
+    assert access.vhost_of("amqp://item:pw@rabbit.internal/%2F") == "/"  # the default vhost, written as kombu takes it
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.none(), st.text(max_size=80), st.from_regex(r"item\.checks\.[ -~]{0,70}", fullmatch=True)))
+def test_any_queue_name_reads_as_a_valid_tenant_or_none_the_same_for_intake_and_take(queue):
+    tenant = tenant_of_queue(queue)
+    assert tenant is None or (TENANT_ID.fullmatch(tenant) and queue_name(tenant) == queue)
+    atomic = isinstance(queue, str) and is_atomic(queue, ("item.checks",))
+    assert atomic == (tenant is not None or queue == "item.checks.default")  # one reading of a name, for both
+
+
+@settings(max_examples=200, deadline=None)
+@given(tag=st.text(max_size=20), routing_key=st.text(max_size=40))
+def test_an_amqp_delivery_names_its_queue_by_the_brokers_consumer_tag_only(tag, routing_key):
+    """A tag the consumer does not know names no queue: the routing key, which the publisher wrote, is never a
+    fallback (a message a tenant routed to look like another's is no one's, a dead letter)."""
+
+    class Consumer:
+        _active_tags = {"item.checks.shop": "tag-shop"}
+
+    class Delivered:
+        delivery_info = {"consumer_tag": tag, "routing_key": routing_key}
+
+    expected = "item.checks.shop" if tag == "tag-shop" else None
+    assert ArrivalQueues().of(Delivered(), Consumer()) == expected
