@@ -198,9 +198,6 @@ class Settings(BaseSettings):
     intake_threads: int = Field(
         2, ge=1, le=64, description="Threads of a worker filing messages (Celery's pool): transactions in flight."
     )
-    quota_cache_s: float = Field(
-        5.0, ge=0, le=300, description="How long an intake process keeps a tenant's rate and backlog cap (0: never)."
-    )
     quota_backlog_retry_s: int = Field(
         30, ge=1, le=3600, description="Retry-After of a submission refused for its tenant's backlog cap."
     )

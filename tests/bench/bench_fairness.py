@@ -101,7 +101,7 @@ class Bench:
         from worker.ledger.models import CheckRow
 
         with self.ledger.session() as session:
-            return listing._capped_count(session, (CheckRow.tenant_id == tenant) & (CheckRow.status == "queued"), 10**7)
+            return listing.capped_count(session, (CheckRow.tenant_id == tenant) & (CheckRow.status == "queued"), 10**7)
 
 
 def run(args, scratch: Path) -> dict:

@@ -15,16 +15,14 @@ Two limits per tenant (`item tenants set`), each optional:
 A batch admits its first k checks and refuses the rest (`Admission`): an HTTP request holds one check, so it is
 admitted or refused whole. A refusal says when to try again: for the rate, when the bucket holds the next token
 (at least 1 s); for the backlog, ITEM_QUOTA_BACKLOG_RETRY_S (the queue drains at the workers' pace, which the
-intake cannot know). A tenant without limits costs no statement: its limits come from a per-process cache of
-ITEM_QUOTA_CACHE_S seconds (a change of limits applies within that time).
+intake cannot know). A tenant without limits costs no statement: its limits are read from the tenant's row, which
+the filing loaded already (`Intake.version_for`), so a change of limits applies at the next filing.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -32,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.core.errors import ItemError
 from worker.ledger.claims import status_is
+from worker.ledger.listing import capped_count
 from worker.ledger.models import CheckRow, TenantBucketRow, TenantRow, UTCDateTime, utcnow
 from worker.ledger.queries import dialect_insert
 from worker.ledger.states import CheckStatus, Priority
@@ -89,11 +88,9 @@ class Admission:
 
 @dataclass
 class Quotas:
-    """One intake process's admissions: the limits it read lately, and the statements that decide."""
+    """One intake process's admissions: the statements that decide."""
 
     settings: Settings
-    _limits: dict[str, tuple[float, Limits]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def admit(self, session: Session, tenant_id: str, n: int, *, now: datetime | None = None) -> Admission:
         """Admits up to `n` new checks of `tenant_id` in the caller's transaction (tokens taken with it)."""
@@ -122,23 +119,10 @@ class Quotas:
         return Admission(n, room, refused)
 
     def limits(self, session: Session, tenant_id: str) -> Limits:
-        """The tenant's limits, read again once they are ITEM_QUOTA_CACHE_S old (no statement if the filing
-        already loaded the tenant's row: see `Intake.version_for`)."""
-        now = time.monotonic()
-        with self._lock:
-            kept = self._limits.get(tenant_id)
-        if kept is not None and kept[0] > now:
-            return kept[1]
+        """The tenant's limits, from its row: in the session already when the filing checked the tenant
+        (`Intake.version_for`), so no statement; read if not."""
         row = session.get(TenantRow, tenant_id)
-        limits = NO_LIMITS if row is None else Limits(row.rate_per_s, row.burst, row.backlog_cap)
-        with self._lock:
-            self._limits[tenant_id] = (now + self.settings.quota_cache_s, limits)
-        return limits
-
-    def forget(self) -> None:
-        """Reads every tenant's limits afresh at its next admission."""
-        with self._lock:
-            self._limits.clear()
+        return NO_LIMITS if row is None else Limits(row.rate_per_s, row.burst, row.backlog_cap)
 
 
 # ---------------------------------------------------------------------- the bucket
@@ -208,8 +192,7 @@ def backlog_room(session: Session, tenant_id: str, cap: int) -> int:
     queued = sa.and_(
         status_is(CheckStatus.queued), CheckRow.tenant_id == tenant_id, CheckRow.priority == Priority.fresh
     )
-    matching = sa.select(sa.literal(1)).select_from(CheckRow).where(queued).limit(cap).subquery()
-    return cap - int(session.execute(sa.select(sa.func.count()).select_from(matching)).scalar_one())
+    return cap - capped_count(session, queued, cap)
 
 
 __all__ = ["Admission", "BacklogFull", "Limits", "QuotaExceeded", "Quotas", "backlog_room", "take_tokens"]

@@ -30,16 +30,19 @@ _STUCK = sa.or_(
 COUNT_CAP = 100_000  # a count read at every scrape or page view stops here: it reads an index, never a year of rows
 
 
-def count_waiting(session: Session, cap: int = COUNT_CAP, *, tenant_id: str | None = None) -> dict[str, int]:
+def count_waiting(
+    session: Session, cap: int = COUNT_CAP, *, tenant_id: str | None = None, not_of: list[str] | None = None
+) -> dict[str, int]:
     """Queued checks a worker may claim now, fresh uploads and re-scores apart (`item_checks_waiting`), each
     counted up to `cap` (a backlog past it reads as `cap`: the alert has long fired by then); of one tenant when
-    given (the claim indexes lead with it)."""
+    given (the claim indexes lead with it), or of every tenant but those `not_of`."""
     now = utcnow()
     counts = {}
     mine = [CheckRow.tenant_id == tenant_id] if tenant_id is not None else []
+    mine += [CheckRow.tenant_id.not_in(not_of)] if not_of else []
     for priority, name in ((Priority.fresh, "fresh"), (Priority.rescore, "rescore")):
         due = sa.and_(status_is(CheckStatus.queued), CheckRow.priority == priority, CheckRow.available_at <= now, *mine)
-        counts[name] = _capped_count(session, due, cap)
+        counts[name] = capped_count(session, due, cap)
     return counts
 
 
@@ -61,7 +64,7 @@ def count_unfinished(
     if priority is not None:
         narrowed.append(CheckRow.priority == priority)
     statuses = (CheckStatus.queued, CheckStatus.running)
-    return {status.value: _capped_count(session, sa.and_(status_is(status), *narrowed), cap) for status in statuses}
+    return {status.value: capped_count(session, sa.and_(status_is(status), *narrowed), cap) for status in statuses}
 
 
 def stuck_checks(session: Session, older_than: timedelta, limit: int = 500) -> list[CheckRow]:
@@ -83,11 +86,11 @@ def count_stuck(session: Session, older_than: timedelta, cap: int = COUNT_CAP) -
         CheckStatus.running: CheckRow.status == CheckStatus.running,
         CheckStatus.queued: sa.and_(CheckRow.status == CheckStatus.queued, CheckRow.priority == Priority.fresh),
     }
-    return {str(status): _capped_count(session, sa.and_(where, CheckRow.updated_at < before), cap)
+    return {str(status): capped_count(session, sa.and_(where, CheckRow.updated_at < before), cap)
             for status, where in stuck.items()}  # fmt: skip
 
 
-def _capped_count(session: Session, where: sa.ColumnElement[bool], cap: int) -> int:
+def capped_count(session: Session, where: sa.ColumnElement[bool], cap: int) -> int:
     """`count(*)` of the rows matching `where`, reading at most `cap` of them."""
     matching = sa.select(sa.literal(1)).select_from(CheckRow).where(where).limit(cap).subquery()
     return int(session.execute(sa.select(sa.func.count()).select_from(matching)).scalar_one())

@@ -110,17 +110,6 @@ def ended_since(
     return {tuple(outcome): int(n) for *outcome, n in session.execute(query)}
 
 
-def ended_per_tenant(session: Session, since: datetime) -> dict[tuple[str, str], int]:
-    """{(tenant, status): checks ended} from the minute `since` falls in."""
-    rollup = CheckRollupRow
-    query = (
-        sa.select(rollup.tenant_id, rollup.status, sa.func.sum(rollup.n))
-        .where(rollup.minute >= minute_of(since))
-        .group_by(rollup.tenant_id, rollup.status)
-    )
-    return {(tenant, status): int(n) for tenant, status, n in session.execute(query)}
-
-
 def totals(
     session: Session, *, version_id: str | None = None, priority: int | None = None, tenant_id: str | None = None
 ) -> dict[tuple[str, str], int]:

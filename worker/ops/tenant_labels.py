@@ -52,9 +52,6 @@ class TenantLabels:
                 self._chosen = self._read() or self._chosen
             return self._chosen
 
-    def label(self, tenant_id: str) -> str:
-        return tenant_id if tenant_id in self.chosen() else OTHER
-
     def fold(self, families):
         """The families as collected, each with a `tenant` label folded to the chosen values (samples of the
         tenants folded together summed, per the other labels)."""
@@ -106,9 +103,7 @@ def count_waiting(session, chosen: frozenset[str], cap: int) -> dict[tuple[str, 
     stopping at `cap / labels` (at least 1,000), so a scrape reads about as many index entries as one count of
     all of them did."""
     from worker.ledger import listing
-    from worker.ledger.claims import status_is
-    from worker.ledger.models import CheckRow, TenantRow, utcnow
-    from worker.ledger.states import CheckStatus, Priority
+    from worker.ledger.models import TenantRow
 
     each = max(1_000, cap // (len(chosen) + 1))
     counts: dict[tuple[str, str], int] = {}
@@ -117,14 +112,8 @@ def count_waiting(session, chosen: frozenset[str], cap: int) -> dict[tuple[str, 
             counts[(priority, tenant_id)] = n
     if session.execute(sa.select(TenantRow.id).where(TenantRow.id.not_in(chosen)).limit(1)).first() is None:
         return counts
-    now = utcnow()
-    for priority, name in ((Priority.fresh, "fresh"), (Priority.rescore, "rescore")):
-        due = sa.and_(
-            status_is(CheckStatus.queued), CheckRow.tenant_id.not_in(chosen), CheckRow.priority == priority,
-            CheckRow.available_at <= now,
-        )  # fmt: skip
-        matching = sa.select(sa.literal(1)).select_from(CheckRow).where(due).limit(each).subquery()
-        counts[(name, OTHER)] = int(session.execute(sa.select(sa.func.count()).select_from(matching)).scalar_one())
+    for priority, n in listing.count_waiting(session, each, not_of=sorted(chosen)).items():
+        counts[(priority, OTHER)] = n
     return counts
 
 
