@@ -51,6 +51,7 @@ WATCHED_THREADS = {
     "deliverer": "item-deliverer",
     "reconciler": "item-reconciler",
     "metrics": "item-metrics",
+    "tenant_queues": "item-tenant-queues",  # the intake's refresher of tenants' queues (worker.intake.tenant_step)
 }
 
 

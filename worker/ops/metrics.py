@@ -119,7 +119,7 @@ THREAD_DEATHS = Counter(
 # (worker.gpu.loop.Renewal), whose death is counted but not restarted (its lease runs out).
 SUPERVISED_THREADS = (
     "deliverer", "reconciler", "gpu-supervisor", "metrics", "prefetch", "store", "presence", "gpu-state", "watchdog",
-    "heartbeat",
+    "heartbeat", "tenant-queues",
 )  # fmt: skip
 GPU_MEMORY = Gauge(
     "item_gpu_memory_bytes", "GPU memory held by torch in worker processes.", ["kind"], multiprocess_mode="livesum"

@@ -321,7 +321,7 @@ def test_the_workers_long_lived_threads_are_counted_alive_or_dead():
     deliverer.start()
     try:
         alive = {sample.labels["thread"]: sample.value for sample in thread_liveness().samples}
-        assert alive == {"gpu_supervisor": 0, "deliverer": 1, "reconciler": 0, "metrics": 0}
+        assert alive == {"gpu_supervisor": 0, "deliverer": 1, "reconciler": 0, "metrics": 0, "tenant_queues": 0}
     finally:
         stop.set()
         deliverer.join()
