@@ -57,8 +57,9 @@ class FairShare:
     share: when it has work again its pass is raised to the lowest pass of the tenants with work, less one claim's
     worth of slots (`limit`), so it is served at once without being able to starve the others.
 
-    Weights are read from `tenants` at most every `refresh_s`. The state is this process's: several loops each
-    share fairly, so together they do too.
+    Weights are read from `tenants` at most every `refresh_s`, so a tenant created while a loop knew of one tenant
+    only has its checks claimed within that time (a loop of one tenant claims without asking which have work). The
+    state is this process's: several loops each share fairly, so together they do too.
     """
 
     def __init__(self, refresh_s: float = 10.0):

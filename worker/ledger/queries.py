@@ -83,21 +83,10 @@ def claim_rows(
     locked but the cut left out are skipped by other claimers too. `order_by` must then be plain columns,
     ascending. SQLite gets the OR in one pick, as it always has.
     """
-    condition = sa.and_(claimable, sa.or_(*any_of)) if any_of else claimable
-    if session.get_bind().dialect.name != "postgresql":
-        picked = _pick(model, condition, order_by, limit, name="picked", lock=False)
-    elif len(any_of) > 1:
-        picked = _pick_each(model, [sa.and_(claimable, one) for one in any_of], order_by, limit)
-    else:
-        picked = _pick(model, condition, order_by, limit, name="picked", lock=True)
-    statement = (
-        sa.update(model)
-        .where(model.id.in_(sa.select(picked.c.id)), condition)
-        .values(**values)
-        .returning(model)
-        .execution_options(populate_existing=True)
-    )
-    return list(session.scalars(statement).all())
+    return claim_shares(
+        session, model, claimable=claimable, shares=[(sa.true(), limit)], order_by=order_by, values=values,
+        any_of=any_of,
+    )  # fmt: skip
 
 
 def claim_shares(
