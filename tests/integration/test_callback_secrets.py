@@ -249,3 +249,22 @@ def test_item_secrets_shows_a_secret_once_and_only_then(tenants):
     ):
         result = item(*args)
         assert result.exit_code == 2 and code in result.stderr, (args, result.output)
+
+
+def test_a_tenant_without_a_secret_costs_one_read_a_second_not_one_per_callback(tenants):
+    from sqlalchemy import event
+
+    from worker.outbox.delivery import SigningSecrets
+
+    secrets = SigningSecrets(Settings(database_url="sqlite://"), tenants)
+    reads = []
+
+    def record(_connection, _cursor, statement, *_args) -> None:
+        reads.append(statement)
+
+    event.listen(tenants.engine, "before_cursor_execute", record)
+    try:
+        assert all(secrets.signing("b") == [] for _ in range(50))  # b has no secret: every callback asks
+    finally:
+        event.remove(tenants.engine, "before_cursor_execute", record)
+    assert 1 <= sum("callback_secrets" in statement for statement in reads) <= 2

@@ -332,6 +332,9 @@ class Deliverer:
                 self._stopping.wait(self.settings.delivery_poll_s)
 
 
+RECHECK_S = 1.0  # a tenant without a secret: how often its callbacks may read the ledger again for one
+
+
 class SigningSecrets:
     """Each tenant's secrets that sign now, read from the ledger at most every SECRETS_CACHE_S (one query for
     every tenant), so a pass does not query per delivery.
@@ -339,8 +342,9 @@ class SigningSecrets:
     A cached secret whose `retires_at` passed stops signing at once; a rotation or an early retirement is seen
     within SECRETS_CACHE_S (so after `rotate --window 0` the old secret may sign for up to that long: a receiver
     that switched at once refuses those callbacks, and they are retried). A tenant with no secret cached is read
-    again before its callback fails, so a tenant's first secret signs at once. The default tenant also signs with
-    ITEM_CALLBACK_SECRET, unnamed, while it is set: alone, the header is exactly that of before tenants.
+    again before its callback fails (a tenant found without one, at most every RECHECK_S), so a tenant's first
+    secret signs at once. The default tenant also signs with ITEM_CALLBACK_SECRET, unnamed, while it is set:
+    alone, the header is exactly that of before tenants.
     """
 
     def __init__(self, settings: Settings, ledger: Ledger, cache_s: float = SECRETS_CACHE_S):
@@ -351,6 +355,7 @@ class SigningSecrets:
         self._lock = threading.Lock()
         self._rows: dict[str, list[tuple[str, bytes, datetime | None]]] = {}
         self._read_at = float("-inf")
+        self._missed: dict[str, float] = {}  # tenant: when a read found it had no secret (bounded by the tenants)
 
     def signing(self, tenant_id: str) -> list[tuple[str | None, bytes]]:
         """(key id, secret) of every secret that signs a callback of `tenant_id` now; key id None: the unnamed."""
@@ -367,9 +372,15 @@ class SigningSecrets:
 
     def _named(self, tenant_id: str, *, fresh: bool) -> list[tuple[str, bytes]]:
         with self._lock:
-            if fresh or time.monotonic() - self._read_at > self.cache_s:
+            now_s = time.monotonic()
+            # Read again when stale, or for a tenant found without a secret, unless it was so within RECHECK_S: a
+            # tenant that has none costs one read a second, not one per delivery.
+            recheck = fresh and now_s - self._missed.get(tenant_id, float("-inf")) > RECHECK_S
+            if recheck or now_s - self._read_at > self.cache_s:
                 self._read()
             rows = self._rows.get(tenant_id, [])
+            if fresh and not rows:
+                self._missed[tenant_id] = now_s
         now = utcnow()
         return [(key_id, secret) for key_id, secret, retires_at in rows if retires_at is None or retires_at > now]
 
