@@ -9,6 +9,8 @@ import os
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.web.conftest import ITEM, image_b64
 from worker.ledger import tenants
@@ -196,3 +198,30 @@ def test_tenants_and_their_keys_from_the_command_line(served, client):
     # pinning to an unknown version is refused; disabling refuses new checks
     assert _item(served, "tenants", "pin", "shop", "v-nope").returncode == 2
     assert json.loads(_item(served, "tenants", "disable", "shop", "--json").stdout)["disabled_at"] is not None
+
+
+HOSTILE_TENANTS = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(["A B", "../a", "a/../b", "a" * 64, "all", "", "\x00", "a\x00", "é", "a;drop", "%00", " a"]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tenant=HOSTILE_TENANTS)
+def test_any_tenant_a_caller_names_is_a_tenant_or_a_typed_refusal_never_a_server_error(client, served, two, tenant):
+    """Whatever an operator names as a tenant, in a body, a query or a form, the answer is a tenant's (or every
+    tenant's) or a typed 4xx: never a 5xx, never a database error (a NUL, say) reaching a query."""
+    body = {"external_id": "named", "image": {"b64": image_b64(1)}, "tenant": tenant}
+    filed = client.post("/v1/checks", json=body, headers=two["operator"])
+    assert filed.status_code in (202, 200, 403, 422), filed.text
+    listed = client.get("/v1/checks", params={"tenant": tenant}, headers=two["operator"])
+    assert listed.status_code in (200, 422), listed.text
+    _console(client, two["operator"])
+    for page in ("/console", "/console/operations", "/console/review"):
+        answer = client.get(page, params={"tenant": tenant})
+        assert answer.status_code in (200, 422), (page, answer.status_code)
+    csrf = client.get("/console/review").text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    skipped = client.post(
+        f"/console/review/{MISSING}/skip", data={"token": "x", "csrf": csrf, "tenant": tenant}, follow_redirects=False
+    )
+    assert skipped.status_code in (303, 422), skipped.status_code

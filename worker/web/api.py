@@ -37,7 +37,8 @@ from worker.web.keys import Principal
 MAX_PAGE = 200
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refused here with a code, not as a database error
 TENANT = tenants.TENANT_ID.pattern
-TENANT_REFUSED = {"tenant.unknown": 422, "tenant.invalid": 422, "tenant.disabled": 403}  # else 503: nothing filed
+# else 503: nothing filed (an id of the wrong form never gets past the request's model: 422 there)
+TENANT_REFUSED = {"tenant.unknown": 422, "tenant.disabled": 403}
 
 router = APIRouter(prefix="/v1", tags=["checks"])
 _ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}}

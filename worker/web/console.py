@@ -112,6 +112,17 @@ def operator(request: Request, form_visitor: Visitor = Depends(needs("admin"))) 
     return form_visitor
 
 
+# What an operator's tenant pick may be (a query parameter or a form field): empty or "all" (every tenant), or a
+# tenant id; anything else is refused (422) before it reaches a query.
+TENANT_PICK = rf"^(|{tenants.TENANT_ID.pattern[1:-1]})$"
+
+
+def unknown_decision(request: Request, who: Visitor) -> Response:
+    """The page a decision form answers when its label is none of the decisions (the check and review pages)."""
+    return render(request, "message.html", 422, visitor=who, title="Unknown decision",
+                  message=f"A decision is one of: {', '.join(DECISION_NAMES.values())}.")  # fmt: skip
+
+
 def tenant_scope(visitor_: Visitor, tenant: str | None) -> str | None:
     """The tenant a page reads: the visitor's own; an operator's pick (`?tenant=`), or None for all."""
     return visitor_.who.tenant_scope(None if tenant in (None, "", "all") else tenant)
@@ -196,7 +207,7 @@ def review_queue(
     since: datetime | None = None,
     until: datetime | None = None,
     cursor: str | None = Query(None, max_length=200),
-    tenant: str | None = Query(None, max_length=64),
+    tenant: str | None = Query(None, max_length=64, pattern=TENANT_PICK),
 ) -> Response:
     web = request.app.state.web
     verdicts, after = None if verdict == "any" else [verdict], decode_cursor(cursor)
@@ -260,8 +271,7 @@ def decide(
     checked_form(who, csrf)
     web = request.app.state.web
     if label not in reviews.LABELS:
-        return render(request, "message.html", 422, visitor=who, title="Unknown decision",
-                      message=f"A decision is one of: {', '.join(DECISION_NAMES.values())}.")  # fmt: skip
+        return unknown_decision(request, who)
     with web.ledger.session() as session:
         check = web.ledger.get_check(session, check_id[:36], tenant_id=tenant_scope(who, None))
         if check is None:
@@ -316,7 +326,9 @@ def _image(data: bytes, media_type: str) -> Response:
 
 @router.get("/operations")
 def operations(
-    request: Request, who: Visitor = Depends(visitor), tenant: str | None = Query(None, max_length=64)
+    request: Request,
+    who: Visitor = Depends(visitor),
+    tenant: str | None = Query(None, max_length=64, pattern=TENANT_PICK),
 ) -> Response:
     web = request.app.state.web
     now = utcnow()

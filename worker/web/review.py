@@ -17,7 +17,17 @@ from fastapi.responses import RedirectResponse, Response
 from worker.ledger import review_queue
 from worker.ledger.models import utcnow
 from worker.ledger.review_queue import LeaseLost, ReviewError
-from worker.web.console import DECISION_NAMES, Visitor, checked_form, needs, render, tenant_choices, tenant_scope
+from worker.web.console import (
+    DECISION_NAMES,
+    TENANT_PICK,
+    Visitor,
+    checked_form,
+    needs,
+    render,
+    tenant_choices,
+    tenant_scope,
+    unknown_decision,
+)
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 BAND_NAMES = {band: name for name, band in review_queue.BANDS.items()}
@@ -29,7 +39,7 @@ GONE_CHECKS = 3  # items whose check is gone (past retention) dropped per page v
 def review_page(
     request: Request,
     who: Visitor = Depends(needs("review")),
-    tenant: str | None = Query(None, max_length=64),
+    tenant: str | None = Query(None, max_length=64, pattern=TENANT_PICK),
     lost: bool = False,
 ) -> Response:
     web = request.app.state.web
@@ -56,7 +66,7 @@ def review_decision(
     label: str = Form(max_length=16),
     token: str = Form(max_length=36),
     csrf: str = Form(max_length=100),
-    tenant: str = Form("", max_length=64),
+    tenant: str = Form("", max_length=64, pattern=TENANT_PICK),
     who: Visitor = Depends(needs("review")),
 ) -> Response:
     checked_form(who, csrf)
@@ -67,8 +77,7 @@ def review_decision(
     except LeaseLost:
         return _next_item(tenant, lost=True)
     except ReviewError:
-        return render(request, "message.html", 422, visitor=who, title="Unknown decision",
-                      message=f"A decision is one of: {', '.join(DECISION_NAMES.values())}.")  # fmt: skip
+        return unknown_decision(request, who)
     return _next_item(tenant)
 
 
@@ -78,7 +87,7 @@ def review_skip(
     request: Request,
     token: str = Form(max_length=36),
     csrf: str = Form(max_length=100),
-    tenant: str = Form("", max_length=64),
+    tenant: str = Form("", max_length=64, pattern=TENANT_PICK),
     who: Visitor = Depends(needs("review")),
 ) -> Response:
     checked_form(who, csrf)
