@@ -272,7 +272,9 @@ class Settings(BaseSettings):
     )
     review_lease_s: float = Field(300.0, ge=10, le=86400, description="Seconds a moderator holds a review item.")
     review_double_share: float = Field(0.05, ge=0, le=1, description="Share of review items two moderators review.")
-    retain_reviews_days: int | None = Field(None, ge=1, description="Days an unreviewed item stays queued (30).")
+    retain_reviews_days: int | None = Field(
+        None, ge=1, description="Days an unreviewed item stays queued (30; never past ITEM_RETAIN_CHECKS_DAYS)."
+    )
 
     # retention: what the ledger keeps, by kind, in whole UTC days (`item db maintain`, and every
     # maintain_interval_s in the deployment's reconciler). On PostgreSQL a day goes as one partition.

@@ -35,6 +35,7 @@ _QUEUED = sa.text("status = 'queued'")
 _RUNNING = sa.text("status = 'running'")
 _OPEN_REVIEW = sa.text("reviews_done < reviews_needed")
 _HELD_REVIEW = sa.text("lease_owner IS NOT NULL")  # a moderator holds (or skipped) the item
+_REVIEWED = sa.text("reviews_done >= reviews_needed")  # every review it needs: retention's to delete
 _CLAIM = ["pipeline_version_id", "priority", "created_at"]
 _ROLLUP_KEYS = {
     "check_rollups": ["minute", "pipeline_version_id", "status", "verdict", "priority", "slot"],
@@ -146,6 +147,9 @@ def _create_tables() -> None:
         postgresql_where=_OPEN_REVIEW, sqlite_where=_OPEN_REVIEW,
     )  # fmt: skip
     op.create_index("ix_review_items_created_at", "review_items", ["created_at"])
+    op.create_index(
+        "ix_review_items_reviewed", "review_items", ["created_at"], postgresql_where=_REVIEWED, sqlite_where=_REVIEWED
+    )
     op.create_index(
         "ix_review_items_lease_owner", "review_items", ["lease_owner"],
         postgresql_where=_HELD_REVIEW, sqlite_where=_HELD_REVIEW,

@@ -51,7 +51,8 @@ class Policy:
             "blobs": settings.retain_blobs_days,
             "images": settings.retain_images_days,
             "thumbnails": math.ceil(settings.thumbnail_retention_days),
-            "review_items": settings.retain_reviews_days or min(30, settings.retain_checks_days),
+            # never past the checks' own: an item whose check was dropped has nothing left to review
+            "review_items": min(settings.retain_reviews_days or 30, settings.retain_checks_days),
         }
         return cls(days, settings.archive_dir, settings.partitions_ahead_days)
 

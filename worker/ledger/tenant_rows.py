@@ -57,6 +57,7 @@ class CallbackSecretRow(Base):
 
 _OPEN_REVIEW = sa.text("reviews_done < reviews_needed")
 _HELD_REVIEW = sa.text("lease_owner IS NOT NULL")
+_REVIEWED = sa.text("reviews_done >= reviews_needed")
 
 
 class ReviewItemRow(Base):
@@ -79,6 +80,8 @@ class ReviewItemRow(Base):
             sqlite_where=_OPEN_REVIEW,
         ),  # fmt: skip
         sa.Index(None, "created_at"),  # retention
+        # Items with every review they need, which retention deletes: apart, so finding them reads no open item.
+        sa.Index("ix_review_items_reviewed", "created_at", postgresql_where=_REVIEWED, sqlite_where=_REVIEWED),
         sa.Index(None, "lease_owner", postgresql_where=_HELD_REVIEW, sqlite_where=_HELD_REVIEW),  # the few held
     )
 
