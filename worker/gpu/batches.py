@@ -229,12 +229,17 @@ class CheckService:
             self._prepare_inputs(batch)
 
     @property
+    def models_off_the_cpu(self) -> bool:
+        """Whether the models run on a device (or the simulated one), so the model thread mostly waits on it with the
+        GIL released: what decides preparing ahead, the threads' priorities and the GIL's switch interval."""
+        return self.detector.device.type != "cpu" or self.detector.profile.simulated
+
+    @property
     def prepares_ahead(self) -> bool:
         """ITEM_PREPARE_AHEAD, with `auto` resolved: on when the models run off the CPU (a GPU, the simulated
         device), where the prefetch thread has a core while the model thread waits on the device."""
         setting = self.settings.prepare_ahead
-        detector = self.detector
-        return setting == "on" or (setting == "auto" and (detector.device.type != "cpu" or detector.profile.simulated))
+        return setting == "on" or (setting == "auto" and self.models_off_the_cpu)
 
     def _prepare_inputs(self, batch: Batch) -> None:
         """The models' host work for the batch (downscale, processors, pixel copies; `Detector.prepare`), here on

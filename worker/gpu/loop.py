@@ -305,7 +305,7 @@ class Prefetch:
         return batch
 
     def run(self) -> None:
-        if _models_off_the_cpu(self.service):
+        if self.service.models_off_the_cpu:
             lower_thread_priority()  # its reading threads too: the model thread comes first
         outage = OutageLog(
             log, "the ledger is unreachable; claimed checks wait out their lease and are redone",
@@ -392,7 +392,7 @@ class Store:
         self._thread.stop(timeout_s)
 
     def run(self) -> None:
-        if _models_off_the_cpu(self.service):
+        if self.service.models_off_the_cpu:
             lower_thread_priority()
         while (batch := self._batches.get()) is not None:
             faults.strike("store")  # tests only: a death of this thread (worker.gpu.faults)
@@ -406,13 +406,6 @@ class Store:
                               len(batch.checks))  # fmt: skip
             finally:
                 batch.renewal.stop()
-
-
-def _models_off_the_cpu(service: CheckService) -> bool:
-    """Whether the models run on a device (or the simulated one), so the model thread mostly waits and must get a
-    core the moment the device is done: then the prefetch and store threads yield to it. With the models on the
-    CPU they would only starve the threads that feed it."""
-    return service.detector.device.type != "cpu" or service.detector.profile.simulated
 
 
 def _first_line(error: BaseException) -> str:

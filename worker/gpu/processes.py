@@ -213,7 +213,7 @@ def gpu_main(settings: Settings, index: int, loops: int, loglevel: str, events) 
     # and by default another thread keeps it up to 5 ms before being asked to yield: time the GPU sits idle, at
     # every one of a batch's few dozen waits. A shorter interval hands it back sooner (README, "Keeping a GPU busy").
     # Models on the CPU never wait like that, and more switching only slows their threads down.
-    if detector.device.type != "cpu" or detector.profile.simulated:
+    if service.models_off_the_cpu:
         sys.setswitchinterval(MODEL_THREAD_SWITCH_S)
     loop = Loop(service, stop=stop)
     Supervised("gpu-state", lambda: _report_state(loop, index, events), stopping=stop, on_death="exit").start()
