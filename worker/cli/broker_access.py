@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli.common import fail, settings_from
+from worker.cli.common import fail, in_ledger, settings_from
 
 app = typer.Typer()
 broker_app = typer.Typer(
@@ -148,15 +148,9 @@ def _tenant_id(tenant: str) -> str:
 
 
 def _require_tenant(tenant: str) -> None:
-    from worker.ledger.store import Ledger
     from worker.ledger.tenants import require_tenant
 
-    ledger = Ledger(settings_from().database_url)
-    try:
-        with ledger.session() as session:
-            require_tenant(session, tenant)
-    finally:
-        ledger.dispose()
+    in_ledger(lambda session: require_tenant(session, tenant))
 
 
 def _platform_side(broker_url: str, queue: str, prefix: str = "") -> None:

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import JsonOpt, err, fail, out, settings_from
+from worker.cli.common import JsonOpt, err, fail, in_ledger, out, settings_from
 
 app = typer.Typer()
 secrets_app = typer.Typer(
@@ -32,7 +32,7 @@ def secrets_create(tenant: TenantArg, as_json: JsonOpt = False) -> None:
     """Makes a tenant's first secret and prints it once (give it to the platform's receiver)."""
     from worker.ledger.callback_secrets import create_secret
 
-    made = _in_ledger(lambda session: create_secret(session, tenant))
+    made = in_ledger(lambda session: create_secret(session, tenant))
     _print_made(made, as_json)
 
 
@@ -54,7 +54,7 @@ def secrets_rotate(
 
     settings = settings_from()
     window_s = settings.callback_rotation_window_s if window is None else _seconds(window)
-    made = _in_ledger(lambda session: rotate_secret(session, tenant, window_s), settings.database_url)
+    made = in_ledger(lambda session: rotate_secret(session, tenant, window_s), settings.database_url)
     _print_made(made, as_json)
 
 
@@ -67,7 +67,7 @@ def secrets_retire(
     """Stops a retiring secret from signing now (workers stop within 5 seconds)."""
     from worker.ledger.callback_secrets import retire_secret
 
-    row = _in_ledger(lambda session: _secret_dict(retire_secret(session, tenant, key_id)))
+    row = in_ledger(lambda session: _secret_dict(retire_secret(session, tenant, key_id)))
     if as_json:
         print(json.dumps(row))
     else:
@@ -85,7 +85,7 @@ def secrets_list(
     from worker.ledger.callback_secrets import list_secrets
 
     settings = settings_from()
-    rows = _in_ledger(
+    rows = in_ledger(
         lambda session: [_secret_dict(row) for row in list_secrets(session, tenant)], settings.database_url
     )
     if settings.callback_secret and settings.callback_secret.get_secret_value() and tenant in (None, "default"):
@@ -111,27 +111,11 @@ def secrets_purge(as_json: JsonOpt = False) -> None:
     """Deletes the secrets that retired (their window ended): they sign nothing any more."""
     from worker.ledger.callback_secrets import purge_retired
 
-    purged = _in_ledger(lambda session: purge_retired(session))
+    purged = in_ledger(lambda session: purge_retired(session))
     if as_json:
         print(json.dumps({"purged": purged}))
     else:
         err.print(f"{purged} retired secret(s) deleted")
-
-
-def _in_ledger(work, database_url: str | None = None):
-    """Runs `work(session)` in one transaction of the migrated ledger; a typed error exits 2 with its code."""
-    from pipeline.core.errors import ItemError
-    from worker.cli.web import _require_migrated
-    from worker.ledger.store import Ledger
-
-    ledger = Ledger(_require_migrated(database_url or settings_from().database_url))
-    try:
-        with ledger.session() as session:
-            return work(session)
-    except ItemError as error:
-        raise fail(error) from None
-    finally:
-        ledger.dispose()
 
 
 def _print_made(made, as_json: bool) -> None:

@@ -77,3 +77,32 @@ def profile_named(name: str):
 def as_utc(moment: datetime | None) -> datetime | None:
     """An option's time in UTC: a time given without a zone is taken as UTC."""
     return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+def require_migrated(database_url: str) -> str:
+    """The URL of a ledger at this code's schema; else exit 2 saying what to run (not an SQL traceback)."""
+    from worker.ledger import migrate
+
+    try:
+        current = migrate.is_up_to_date(database_url)
+    except Exception as error:  # unreachable, or not a database: said in one line
+        raise fail(error) from None
+    if not current:
+        raise fail(RuntimeError("The ledger's schema is not this code's: run `item db upgrade` first."))
+    return database_url
+
+
+def in_ledger(work, database_url: str | None = None):
+    """`work(session)` in one transaction of the migrated ledger (ITEM_DATABASE_URL unless given); a typed error
+    exits 2 with its code."""
+    from pipeline.core.errors import ItemError
+    from worker.ledger.store import Ledger
+
+    ledger = Ledger(require_migrated(database_url or settings_from().database_url))
+    try:
+        with ledger.session() as session:
+            return work(session)
+    except ItemError as error:
+        raise fail(error) from None
+    finally:
+        ledger.dispose()

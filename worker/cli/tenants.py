@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import JsonOpt, err, fail, out, settings_from
+from worker.cli.common import JsonOpt, err, fail, in_ledger, out
 
 app = typer.Typer()
 tenants_app = typer.Typer(help="Tenants (platforms) of this deployment: create, list, limit, disable, pin.",
@@ -28,20 +28,9 @@ BurstOpt = Annotated[int | None, typer.Option("--burst", help="Checks filed at o
 BacklogOpt = Annotated[int | None, typer.Option("--backlog-cap", help="Checks queued at once at most.")]
 
 
-def _changed(session_work):
-    """Runs `session_work(session)` in one transaction of a migrated ledger; prints a refusal as `[code] ...`."""
-    from pipeline.core.errors import ItemError
-    from worker.cli.web import _require_migrated
-    from worker.ledger.store import Ledger
-
-    ledger = Ledger(_require_migrated(settings_from().database_url))
-    try:
-        with ledger.session() as session:
-            return tenant_dict(session_work(session))
-    except ItemError as error:
-        raise fail(error) from None
-    finally:
-        ledger.dispose()
+def _changed(session_work) -> dict:
+    """Runs `session_work(session)` in one transaction of a migrated ledger; the tenant it returns, as a dict."""
+    return in_ledger(lambda session: tenant_dict(session_work(session)))
 
 
 def tenant_dict(row) -> dict:
@@ -77,16 +66,9 @@ def tenants_create(
 @tenants_app.command("list")
 def tenants_list(as_json: JsonOpt = False) -> None:
     """Every tenant with its weight, limits, pinned version and whether it is disabled."""
-    from worker.cli.web import _require_migrated
     from worker.ledger import tenants
-    from worker.ledger.store import Ledger
 
-    ledger = Ledger(_require_migrated(settings_from().database_url))
-    try:
-        with ledger.session() as session:
-            rows = [tenant_dict(row) for row in tenants.list_tenants(session)]
-    finally:
-        ledger.dispose()
+    rows = in_ledger(lambda session: [tenant_dict(row) for row in tenants.list_tenants(session)])
     if as_json:
         for row in rows:
             print(json.dumps(row))

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import JsonOpt, err, fail, out, settings_from
+from worker.cli.common import JsonOpt, err, fail, out, require_migrated, settings_from
 
 LIMIT_CONCURRENCY = 1024  # connections and requests a server process holds at once; beyond, 503 at once
 KEEP_ALIVE_S = 5  # an idle connection is closed after this
@@ -35,7 +35,7 @@ def serve(
     import uvicorn
 
     settings = settings_from(http_addr=host, http_port=port)
-    _require_migrated(settings.database_url)
+    require_migrated(settings.database_url)
     # The server processes read their settings from the environment, as every `item` process does.
     os.environ["ITEM_HTTP_ADDR"], os.environ["ITEM_HTTP_PORT"] = settings.http_addr, str(settings.http_port)
     if workers > 1:
@@ -89,7 +89,7 @@ def keys_create(
         raise fail(ValueError("A key is one tenant's (--tenant) or an operator key of all (--all-tenants), not both."))
     tenant_id = None if all_tenants else tenant or DEFAULT_TENANT
     scopes = [part.strip() for value in scope for part in value.split(",") if part.strip()]
-    ledger = Ledger(_require_migrated(settings_from().database_url))
+    ledger = Ledger(require_migrated(settings_from().database_url))
     try:
         made = create_key(ledger, name, scopes, tenant_id=tenant_id, all_tenants=all_tenants)
     except Exception as error:  # a bad scope or name, or a ledger that is not migrated
@@ -113,7 +113,7 @@ def keys_list(
     from worker.ledger import access
     from worker.ledger.store import Ledger
 
-    ledger = Ledger(_require_migrated(settings_from().database_url))
+    ledger = Ledger(require_migrated(settings_from().database_url))
     with ledger.session() as session:
         rows = [_key_dict(row) for row in access.list_keys(session, include_revoked=all_keys)]
     ledger.dispose()
@@ -143,7 +143,7 @@ def keys_revoke(
     from worker.ledger import access
     from worker.ledger.store import Ledger
 
-    ledger = Ledger(_require_migrated(settings_from().database_url))
+    ledger = Ledger(require_migrated(settings_from().database_url))
     with ledger.session() as session:
         revoked = [_key_dict(row) for row in access.revoke_key(session, key)]
     ledger.dispose()
@@ -154,19 +154,6 @@ def keys_revoke(
     if not revoked:
         err.print(f"no live key has the id or name {escape(key)!r}")
         raise typer.Exit(1)
-
-
-def _require_migrated(database_url: str) -> str:
-    """The URL of a ledger at this code's schema; else exit 2 saying what to run (not an SQL traceback)."""
-    from worker.ledger import migrate
-
-    try:
-        current = migrate.is_up_to_date(database_url)
-    except Exception as error:  # unreachable, or not a database: said in one line
-        raise fail(error) from None
-    if not current:
-        raise fail(RuntimeError("The ledger's schema is not this code's: run `item db upgrade` first."))
-    return database_url
 
 
 def _key_dict(row) -> dict:
