@@ -230,14 +230,12 @@ class CheckService:
 
     @property
     def models_off_the_cpu(self) -> bool:
-        """Whether the models run on a device (or the simulated one), so the model thread mostly waits on it with the
-        GIL released: what decides preparing ahead, the threads' priorities and the GIL's switch interval."""
+        """The models run on a device (or the simulated one): their thread mostly waits, the GIL released."""
         return self.detector.device.type != "cpu" or self.detector.profile.simulated
 
     @property
     def prepares_ahead(self) -> bool:
-        """ITEM_PREPARE_AHEAD, with `auto` resolved: on when the models run off the CPU (a GPU, the simulated
-        device), where the prefetch thread has a core while the model thread waits on the device."""
+        """ITEM_PREPARE_AHEAD; `auto`: on when the models run off the CPU, so the prefetch thread has a core."""
         setting = self.settings.prepare_ahead
         return setting == "on" or (setting == "auto" and self.models_off_the_cpu)
 
