@@ -15,7 +15,6 @@ are parsed, host names checked, here).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import random
@@ -35,6 +34,7 @@ from pipeline.core.defaults import (
     PRECISIONS,
 )
 from pipeline.core.errors import ItemError
+from worker.sources.addresses import host_pattern, network_text
 
 DATA_HOME = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "item"
 DEFAULT_DATABASE_URL = f"sqlite:///{DATA_HOME / 'ledger.sqlite3'}"
@@ -50,8 +50,6 @@ DEFAULT_STORED_ARTIFACTS = ("caption", "ground", "features", "provenance")
 # `10.1.0.0/16` would end every command in a traceback: NoDecode hands the text to `_split_list` instead.
 TextList = Annotated[list[str], NoDecode]
 PathList = Annotated[list[Path], NoDecode]
-# One DNS label: letters, digits and inner hyphens, at most 63 characters.
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 def backoff_s(attempts: int, first_s: float, max_s: float) -> float:
@@ -430,28 +428,6 @@ def split_list(value):
         except json.JSONDecodeError as error:
             raise ValueError(f"not a JSON list ({error}); or write the items separated by commas") from None
     return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def network_text(text: str) -> str:
-    """A network as its users parse it again (`ipaddress.ip_network`, strict): host bits dropped, 10.1.2.3/16 is
-    10.1.0.0/16; a single address is its own /32 or /128."""
-    try:
-        return str(ipaddress.ip_network(text.strip(), strict=False))
-    except ValueError:
-        raise ValueError(f"{text!r} is not a network: write a CIDR such as 10.1.0.0/16, or one address") from None
-
-
-def host_pattern(text: str) -> str:
-    """A host name (`cdn.example.com`) or every subdomain of one (`*.example.com`), lowercased; never a URL."""
-    host = text.strip().lower().removesuffix(".")
-    name = host.removeprefix("*.")
-    labels = name.split(".")
-    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
-        raise ValueError(
-            f"{text!r} is not a host name: write cdn.example.com, or *.example.com for its subdomains "
-            "(no scheme, port, path or other wildcard)"
-        )
-    return host
 
 
 class SettingsError(ItemError):

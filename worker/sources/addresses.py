@@ -7,6 +7,7 @@ forms that carry an IPv4 address (judged as that address), and the operator's de
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from pipeline.core.errors import ItemError
@@ -128,3 +129,29 @@ class AddressPolicy:
 
 
 DEFAULT_POLICY = AddressPolicy()
+
+
+# One DNS label: letters, digits and inner hyphens, at most 63 characters.
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def network_text(text: str) -> str:
+    """A network as its users parse it again (`ipaddress.ip_network`, strict): host bits dropped, 10.1.2.3/16 is
+    10.1.0.0/16; a single address is its own /32 or /128."""
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a network: write a CIDR such as 10.1.0.0/16, or one address") from None
+
+
+def host_pattern(text: str) -> str:
+    """A host name (`cdn.example.com`) or every subdomain of one (`*.example.com`), lowercased; never a URL."""
+    host = text.strip().lower().removesuffix(".")
+    name = host.removeprefix("*.")
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"{text!r} is not a host name: write cdn.example.com, or *.example.com for its subdomains "
+            "(no scheme, port, path or other wildcard)"
+        )
+    return host
