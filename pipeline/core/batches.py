@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 from pipeline.core.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage, decode_image
+from pipeline.core.media import FrameRule
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
 
@@ -66,8 +67,11 @@ class Reader:
         transform: Callable | None = None,
         threads: int = READ_THREADS,
         provenance: ProvenanceReader | None = None,
+        frames: FrameRule | None = None,
     ):
-        self.limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
+        # frames: how animations and videos are sampled (`pipeline.core.media`); None: judged as today (an
+        # animation on its first frame, a video refused)
+        self.limits = {"max_pixels": max_pixels, "max_bytes": max_bytes, "frames": frames}
         self.transform = transform  # applied to each decoded image (a perturbation, a re-encoding)
         self.provenance = provenance  # reads what each image's original bytes declare; None: not read
         self.threads = threads

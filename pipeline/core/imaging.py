@@ -18,6 +18,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from pipeline.core.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.core.errors import ImageError
+from pipeline.core.media import ANIMATABLE, Frame, FrameRule, animation_frames, is_animated, sniff_video
 
 if TYPE_CHECKING:
     import torch
@@ -62,11 +63,29 @@ class DecodedImage:
     height: int
     n_bytes: int
     provenance: Provenance | None = None  # what the original bytes declare (see `pipeline.core.provenance`)
+    kind: str = "image"  # "image", "animation", "video", or "frame" (one of theirs: `media.frame_images`)
+    frames: tuple[Frame, ...] = ()  # an animation's or video's sampled frames; `image` is the first of them
+    duration_s: float | None = None  # an animation's or video's timeline, seconds
+    frame_rule: str | None = None  # the id of the `FrameRule` that sampled the frames
+    pdq: bytes | None = None  # PDQ perceptual hash of `image`, when computed
+    pdq_quality: int | None = None  # its quality, 0..100
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    frames: FrameRule | None = None,
 ) -> DecodedImage:
+    """The upload decoded, or an `ImageError`. Without a frame rule an animated image is judged on its first frame
+    and a video is refused (`image.unsupported_format`); with one, an animation or a video (MP4, MOV, WebM, MKV)
+    is sampled into frames by the rule (`pipeline.core.media`), within its limits, and a still image is decoded
+    exactly as without it."""
+    if frames is not None:
+        moving = _decode_moving(data, max_pixels=max_pixels, max_bytes=max_bytes, rule=frames)
+        if moving is not None:
+            return moving
     check_size(data, max_bytes)
     image_format = sniff_format(data)
     image = _open_checked(data, image_format, max_pixels)
@@ -80,6 +99,67 @@ def decode_image(
         height=rgb.height,
         n_bytes=len(data),
     )
+
+
+def _decode_moving(data: bytes, *, max_pixels: int, max_bytes: int, rule: FrameRule) -> DecodedImage | None:
+    """A video or an animated image sampled by `rule`; None for anything else (decoded as a still image then).
+    Cheap first: the size of the bytes and their magic numbers, then the header, then the frames."""
+    if not data:
+        return None
+    video_format = sniff_video(data)
+    if video_format is not None:
+        if len(data) > rule.max_bytes:
+            raise ImageError(
+                f"The video is {len(data):,} bytes; the limit is {rule.max_bytes:,} bytes.", code="video.too_large"
+            )
+        from pipeline.core.video import video_frames  # PyAV is imported only when a video comes
+
+        sha256 = hashlib.sha256(data).hexdigest()
+        sampled, duration = video_frames(data, video_format, rule, sha256=sha256, max_pixels=max_pixels)
+        return _moving(data, sha256, video_format, "video", sampled, duration, rule)
+    image_format = _sniffed_or_none(data) if len(data) <= max(max_bytes, rule.max_bytes) else None
+    image = _open_header(data, image_format) if image_format in ANIMATABLE else None
+    if image is None or not is_animated(image):
+        return None  # a still image, or one too large or damaged: the still decoding says how
+    if len(data) > rule.max_bytes:
+        raise ImageError(
+            f"The animation is {len(data):,} bytes; the limit is {rule.max_bytes:,} bytes.", code="image.too_large"
+        )
+    if image.width * image.height > max_pixels:
+        raise _too_many_pixels(image, max_pixels)
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        sampled, duration = animation_frames(image, rule, sha256=sha256, max_pixels=max_pixels, convert=to_rgb)
+    except ImageError:
+        raise
+    except Exception as error:  # Pillow raises many types for damaged frames
+        raise _damaged(image_format, "animation") from error
+    return _moving(data, sha256, image_format, "animation", sampled, duration, rule)
+
+
+def _moving(data, sha256, media_format, kind, sampled, duration, rule) -> DecodedImage:
+    first = sampled[0].image
+    return DecodedImage(
+        image=first, sha256=sha256, format=media_format, width=first.width, height=first.height, n_bytes=len(data),
+        kind=kind, frames=sampled, duration_s=duration, frame_rule=rule.id,
+    )  # fmt: skip
+
+
+def _sniffed_or_none(data: bytes) -> str | None:
+    try:
+        return sniff_format(data)
+    except ImageError:
+        return None
+
+
+def _open_header(data: bytes, image_format: str) -> Image.Image | None:
+    """The image opened (its header read, no pixels), or None where Pillow refuses it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data), formats=[image_format])
+        except Exception:
+            return None
 
 
 def check_size(data: bytes, max_bytes: int) -> None:
