@@ -150,6 +150,44 @@ class ProvenanceOut(BaseModel):
     errors: list[ProvenanceErrorOut] = Field(description="What could not be read; the image is scored all the same.")
 
 
+class FrameOut(BaseModel):
+    index: int = Field(description="Its place among the sampled frames, from 0, in time order.")
+    time_s: float = Field(description="Seconds from the start of the video or animation.")
+    sha256: str = Field(description="The frame's key (its thumbnail is kept under it).")
+    p_fake: float
+    verdict: Literal["real", "uncertain", "fake"] = Field(description="The frame's own; fake counts as flagged.")
+    caption: str | None = None
+    objects: list[ObjectOut] | None = None
+
+
+class AggregationOut(BaseModel):
+    rule: str = Field(description="kth_highest: fake when at least `k` frames are; p_fake is the k-th highest.")
+    k: int
+    flagged: int = Field(description="How many frames are fake.")
+    frames: int
+
+
+class MediaOut(BaseModel):
+    kind: Literal["video", "animation"]
+    format: str = Field(description="MP4, WEBM, MOV, MKV; GIF, WEBP, PNG (APNG) for an animation.")
+    duration_s: float | None
+    frame_rule: str = Field(description="How frames were sampled, with its version (even-v1:n=8: 8 evenly spaced).")
+    aggregation: AggregationOut
+    frames: list[FrameOut]
+
+
+class ReusedFromOut(BaseModel):
+    check_id: str = Field(description="The earlier check of a near-copy whose result this one repeats.")
+    distance: int = Field(ge=0, le=256, description="The PDQ hashes' Hamming distance.")
+
+
+class BankMatchOut(BaseModel):
+    label: Literal["fake", "real"] = Field(description="The moderators' decision on the near-copy.")
+    check_id: str = Field(description="The decided check.")
+    decision_id: int | str = Field(description="The decision that made the label.")
+    distance: int = Field(ge=0, le=256, description="The PDQ hashes' Hamming distance.")
+
+
 class CheckOut(BaseModel):
     id: str
     external_id: str
@@ -162,7 +200,9 @@ class CheckOut(BaseModel):
     p_fake: float | None
     verdict: Literal["real", "uncertain", "fake"] | None
     verdict_reason: str | None = Field(
-        None, description="score, or the provenance that made the verdict fake (provenance.c2pa, provenance.xmp)"
+        None,
+        description="score; the provenance that made the verdict fake (provenance.c2pa, provenance.xmp); match: "
+        "a moderator's decision on a near-copy (`match`)",
     )
     threshold: float | None = Field(description="fake at or above it")
     threshold_low: float | None = Field(None, description="real below it, uncertain up to `threshold`; null: no band")
@@ -173,6 +213,9 @@ class CheckOut(BaseModel):
         None, description="An attribution head's likeliest generators; null with a real-or-fake head."
     )
     provenance: ProvenanceOut | None = Field(None, description="What the image's bytes declare; null: not read.")
+    media: MediaOut | None = Field(None, description="A video's or an animation's frames; null: a still image.")
+    reused_from: ReusedFromOut | None = Field(None, description="The near-copy answered from; null: checked anew.")
+    match: BankMatchOut | None = Field(None, description="The moderator decision a near-copy matched, if any.")
     image_sha256: str | None
     pipeline_version_id: str
     timings_ms: dict[str, float] | None
