@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
@@ -28,17 +27,17 @@ from pipeline.core.prepared import Prepared
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
 from worker.gpu import faults, reading
-from worker.gpu.outcomes import Outcomes, about, result_of, result_of_detection
-from worker.intake.text import storable, storable_tree
-from worker.ledger import outbox, reviews
+from worker.gpu.outcomes import Outcomes, about, end_checks, queue_deliveries, result_of, result_of_detection
+from worker.intake.text import storable_tree
+from worker.ledger import reviews
 from worker.ledger.claims import FairShare
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
-from worker.ledger.models import CheckRow, utcnow
+from worker.ledger.models import CheckRow
 from worker.ledger.reviews import Thumbnail
-from worker.ledger.states import CheckStatus, Priority
-from worker.ledger.store import Ending, Lease, Ledger, LedgerTally
+from worker.ledger.states import Priority
+from worker.ledger.store import Lease, Ledger, LedgerTally
 from worker.ops import metrics
-from worker.settings import Settings, backoff_s
+from worker.settings import Settings
 from worker.sources import kinds as sources
 from worker.sources.downloads import Deferred, Downloads
 from worker.sources.provenance import provenance_reader
@@ -46,7 +45,6 @@ from worker.sources.provenance import provenance_reader
 log = logging.getLogger("item.worker")
 
 TIMEOUT_MESSAGE = "The check's batch ran past its time budget (ITEM_BATCH_TIME_BUDGET_S)."
-ERROR_MESSAGE_CHARS = 2_000  # of a stored error message
 LEDGER_TRIES = 4  # of one batch transaction whose connection broke: the pool reconnects between tries
 T = TypeVar("T")
 
@@ -363,8 +361,8 @@ class CheckService:
             done = self.ledger.finish_done_many(session, batch.lease.token, results, review_double_share=share)
             for row in done:
                 outcomes.add("done", row, "store")
-            ended = self._end(session, batch.lease, batch.errors, outcomes)
-            self._queue_deliveries(session, done + ended)
+            ended = end_checks(session, self.settings, batch.lease, batch.errors, outcomes)
+            queue_deliveries(session, done + ended, self.settings)
             return outcomes
 
         self._transaction(batch, write).report()
@@ -429,46 +427,9 @@ class CheckService:
         alone."""
         outcomes = Outcomes(self.version_id)
         with self.ledger.session() as session:
-            self._queue_deliveries(session, self._end(session, lease, [(c, error, stage) for c in checks], outcomes))
+            ended = end_checks(session, self.settings, lease, [(c, error, stage) for c in checks], outcomes)
+            queue_deliveries(session, ended, self.settings)
         outcomes.report()
-
-    def _end(
-        self, session: Session, lease: Lease, errors: list[tuple[CheckRow, ItemError, str]], outcomes: Outcomes
-    ) -> list[CheckRow]:
-        """Each check ends for its error: rejected if the error is permanent; else retried with backoff and
-        jitter, or failed once attempts are used up. One statement per kind of ending, whatever their number.
-        Returns the checks that ended (not those retried); checks this lease no longer holds are left alone."""
-        if not errors:
-            return []
-        endings = {check.id: self._ending(check, error) for check, error, _ in errors}
-        why = {check.id: (error, stage) for check, error, stage in errors}
-        ended = []
-        for row in self.ledger.end_many(session, lease.token, endings):
-            (error, stage), ending = why[row.id], endings[row.id]
-            if ending.status == CheckStatus.queued:
-                delay = max(0.0, (ending.available_at - utcnow()).total_seconds())
-                outcomes.add("retried", row, stage, error.code, error.message, delay=delay)
-            else:
-                outcomes.add(ending.status.value, row, stage, error.code, error.message)
-                ended.append(row)
-        return ended
-
-    def _queue_deliveries(self, session: Session, finished: list[CheckRow]) -> None:
-        """Finished checks' results are queued for delivery in the transaction that finishes them, so a stored
-        outcome always has its deliveries."""
-        outbox.record_outcomes(session, finished, results_stream=bool(self.settings.results_stream))
-
-    def _ending(self, check: CheckRow, error: ItemError) -> Ending:
-        message = storable(error.message, ERROR_MESSAGE_CHARS)  # may quote a server's answer: NUL, anything
-        if error.permanent:
-            return Ending(CheckStatus.rejected, error.code, message)
-        if check.attempts >= self.settings.max_attempts:
-            return Ending(CheckStatus.failed, error.code, message)
-        available_at = utcnow() + timedelta(seconds=self.backoff(check.attempts))
-        return Ending(CheckStatus.queued, error.code, message, available_at)
-
-    def backoff(self, attempts: int) -> float:
-        return backoff_s(attempts, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
 
 
 def _unique_images(batch: Batch) -> dict[str, DecodedImage | None]:

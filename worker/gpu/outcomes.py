@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-from worker.ledger.models import CheckRow
+from sqlalchemy.orm import Session
+
+from pipeline.core.errors import ItemError
+from worker.intake.text import storable
+from worker.ledger import outbox, transitions
+from worker.ledger.models import CheckRow, utcnow
+from worker.ledger.states import CheckStatus
+from worker.ledger.store import Ending, Lease
 from worker.ops import metrics
+from worker.settings import Settings, backoff_s
 
 log = logging.getLogger("item.worker")
+
+ERROR_MESSAGE_CHARS = 2_000  # of a stored error message
 
 
 @dataclass
@@ -71,3 +82,44 @@ def result_of_detection(d, sha256: str) -> dict:
 def about(check: CheckRow, stage: str, **fields) -> dict:
     """The `extra` of every log line about a check: which check, for which upload, at which stage."""
     return {"check_id": check.id, "external_id": check.external_id, "stage": stage, **fields}
+
+
+Failure = tuple[CheckRow, ItemError, str]  # a check, why it failed, and at which stage
+
+
+def end_checks(
+    session: Session, settings: Settings, lease: Lease, errors: list[Failure], outcomes: Outcomes
+) -> list[CheckRow]:
+    """Each check ends for its error: rejected if the error is permanent; else retried with backoff and jitter, or
+    failed once attempts are used up. One statement per kind of ending, whatever their number. Returns the checks
+    that ended (not those retried); checks this lease no longer holds are left alone."""
+    if not errors:
+        return []
+    endings = {check.id: ending_of(check, error, settings) for check, error, _ in errors}
+    why = {check.id: (error, stage) for check, error, stage in errors}
+    ended = []
+    for row in transitions.end_many(session, lease.token, endings):
+        (error, stage), ending = why[row.id], endings[row.id]
+        if ending.status == CheckStatus.queued:
+            delay = max(0.0, (ending.available_at - utcnow()).total_seconds())
+            outcomes.add("retried", row, stage, error.code, error.message, delay=delay)
+        else:
+            outcomes.add(ending.status.value, row, stage, error.code, error.message)
+            ended.append(row)
+    return ended
+
+
+def ending_of(check: CheckRow, error: ItemError, settings: Settings) -> Ending:
+    message = storable(error.message, ERROR_MESSAGE_CHARS)  # may quote a server's answer: NUL, anything
+    if error.permanent:
+        return Ending(CheckStatus.rejected, error.code, message)
+    if check.attempts >= settings.max_attempts:
+        return Ending(CheckStatus.failed, error.code, message)
+    delay = backoff_s(check.attempts, settings.retry_backoff_s, settings.retry_backoff_max_s)
+    return Ending(CheckStatus.queued, error.code, message, utcnow() + timedelta(seconds=delay))
+
+
+def queue_deliveries(session: Session, finished: list[CheckRow], settings: Settings) -> None:
+    """Finished checks' results are queued for delivery in the transaction that finishes them, so a stored outcome
+    always has its deliveries."""
+    outbox.record_outcomes(session, finished, results_stream=bool(settings.results_stream))
