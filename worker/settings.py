@@ -135,6 +135,28 @@ class Settings(BaseSettings):
         default_factory=list, description="Buckets checks may read; empty refuses every bucket."
     )
 
+    # animated images and videos (pipeline/core/media.py): sampled into frames, each scored like an image
+    video_frames: int = Field(
+        8, ge=0, le=64, description="Frames sampled from an animated image or video, evenly over its timeline; "
+        "0: an animation is judged by its first frame and a video refused, as before 27.",
+    )  # fmt: skip
+    video_max_seconds: float = Field(60.0, gt=0, le=3600, description="Longest video or animation, by its timeline.")
+    video_max_bytes: int = Field(64 * 2**20, ge=1, description="Largest video or animated file, in bytes.")
+    video_decode_timeout_s: float = Field(20.0, gt=0, le=600, description="Time limit of decoding one upload.")
+    video_max_decoded_frames: int = Field(
+        3000, ge=1, le=1_000_000, description="Frames decoded at most per upload (more: video.too_many_frames)."
+    )
+    video_flag_frames: int = Field(
+        2, ge=1, le=64, description="Frames over the threshold that make a video fake: its p(fake) is its k-th "
+        "highest frame's (all of them if it has fewer).",
+    )  # fmt: skip
+    # near-copies (pipeline/core/pdq.py): PDQ hashes of still images, and the bank of moderators' decisions
+    near_duplicates: bool = Field(
+        True, description="Answer an image within near_max_distance of one already judged under the version from it."
+    )
+    near_max_distance: int = Field(16, ge=0, le=23, description="PDQ bits apart that still make a near-copy.")
+    bank_max_distance: int = Field(16, ge=0, le=23, description="PDQ bits apart that still match a decision.")
+
     # provenance (pipeline/core/provenance.py)
     read_provenance: bool = Field(True, description="Read C2PA manifests and XMP DigitalSourceType from each image.")
     c2pa_trust_anchors: Path | None = Field(

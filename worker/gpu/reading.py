@@ -34,7 +34,7 @@ def downloads_for(settings: Settings) -> Downloads:
         per_host=settings.fetch_per_host,
         timeout_s=settings.fetch_timeout_s,
         first_delay_s=settings.batch_read_wait_s,
-        max_bytes=4 * settings.max_image_bytes,
+        max_bytes=4 * sources.upload_limit(settings),
     )
 
 

@@ -46,6 +46,12 @@ class SourceError(ItemError):
     code = "source.invalid"
 
 
+def upload_limit(settings: Settings) -> int:
+    """The most a source reads of one upload: a video's limit where videos are read (the decoder then holds a still
+    image to ITEM_MAX_IMAGE_BYTES), else an image's."""
+    return max(settings.max_image_bytes, settings.video_max_bytes if settings.video_frames else 0)
+
+
 def validate(image: Any, *, stored: bool = False) -> tuple[str, SourceValue]:
     """Checks the shape of the task's `image` argument; returns (kind, value), an s3 value as {"bucket", "key"}.
 
@@ -173,7 +179,7 @@ def read_path(value: str, settings: Settings) -> bytes:
         raise SourceError(
             f"{value} is not under an allowed root (ITEM_ALLOWED_PATH_ROOTS).", code="source.path_refused"
         )
-    return read_image_file(path, settings.max_image_bytes, family="source", error=SourceError)
+    return read_image_file(path, upload_limit(settings), family="source", error=SourceError)
 
 
 def fetch(value: str, settings: Settings, *, timeout_s: float | None = None) -> bytes:
@@ -188,7 +194,7 @@ def fetch(value: str, settings: Settings, *, timeout_s: float | None = None) -> 
     with HOSTS.slot(host, settings.fetch_per_host, timeout_s):
         return fetch_url(
             value,
-            max_bytes=settings.max_image_bytes,
+            max_bytes=upload_limit(settings),
             timeout_s=max(0.01, deadline - time.monotonic()),
             max_redirects=settings.fetch_max_redirects,
             policy=fetch_policy(settings),

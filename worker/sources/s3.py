@@ -5,8 +5,9 @@ bucket and a key, and only the buckets `ITEM_S3_ALLOWED_BUCKETS` names may be re
 worker's credentials often read far more than the images it should check). One boto3 client is made per process
 and settings (making one takes 0.1-0.2 s), with path-style addressing, which every S3-compatible store
 understands, and short timeouts and few retries, since the check itself is retried with backoff. An object over
-`max_image_bytes` is refused from the size in the response's headers, before its body is read; the body is read in
-chunks, at most `max_image_bytes` + 1 bytes and within `fetch_timeout_s`.
+the upload limit (`kinds.upload_limit`: `max_image_bytes`, or the video limit where videos are read) is refused
+from the size in the response's headers, before its body is read; the body is read in chunks, at most that limit
++ 1 bytes and within `fetch_timeout_s`.
 
 Every failure is an `S3Error` with a stable code; `permanent` says whether trying again can ever help:
 
@@ -17,7 +18,7 @@ Every failure is an `S3Error` with a stable code; `permanent` says whether tryin
     s3.no_credentials   permanent  no credentials in the settings nor in boto3's chain (env, config files, role)
     s3.bad_endpoint     permanent  ITEM_S3_ENDPOINT_URL is not a usable URL
     s3.error            permanent  any other 4xx answer (an archived object...), or a request botocore refuses
-    image.too_large     permanent  the object is over max_image_bytes
+    image.too_large     permanent  the object is over the upload limit
     s3.unavailable      transient  throttled, 5xx, connection refused or lost, or a timeout
 """
 
@@ -34,6 +35,7 @@ from botocore.config import Config
 
 from pipeline.core.errors import ItemError
 from worker.settings import Settings
+from worker.sources import kinds as sources
 
 _CHUNK = 64 * 1024
 # One retry inside botocore covers a dropped connection; longer outages are the check's own retries (with backoff).
@@ -91,7 +93,7 @@ def read_object(bucket: str, key: str, settings: Settings, timeout_s: float | No
     deadline = time.monotonic() + min(settings.fetch_timeout_s, timeout_s or settings.fetch_timeout_s)
     try:
         response = client.get_object(Bucket=bucket, Key=key)
-        return _read_body(response, where, settings.max_image_bytes, deadline)
+        return _read_body(response, where, sources.upload_limit(settings), deadline)
     except boto_errors.ClientError as error:
         raise _from_answer(error, bucket, where) from None
     except (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError):
