@@ -184,7 +184,7 @@ class ReusedFromOut(BaseModel):
 class BankMatchOut(BaseModel):
     label: Literal["fake", "real"] = Field(description="The moderators' decision on the near-copy.")
     check_id: str = Field(description="The decided check.")
-    decision_id: int | str = Field(description="The decision that made the label.")
+    decision_id: str = Field(description="The decision that made the label (its id in the check's decisions).")
     distance: int = Field(ge=0, le=256, description="The PDQ hashes' Hamming distance.")
 
 
