@@ -21,6 +21,7 @@ TABLES = {
     *("check_rollups", "check_totals", "check_latency_rollups"),  # 0008: the operator views' counts
     "check_keys",  # 0009: idempotency by external id, apart from the partitioned checks
     *("tenants", "tenant_buckets", "callback_secrets", "review_items"),  # 0010: tenants and the review queue
+    *("near_hashes", "bank_entries"),  # 0011: near duplicates and the bank of moderators' decisions
 }
 
 
@@ -51,7 +52,7 @@ def _drift(url: str) -> list:
 def test_upgrade_creates_the_tables(database_url):
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current(database_url) == migrate.head() == "0010"
+    assert migrate.current(database_url) == migrate.head() == "0011"
     assert migrate.is_up_to_date(database_url)
 
 
