@@ -52,7 +52,7 @@ def _drift(url: str) -> list:
 def test_upgrade_creates_the_tables(database_url):
     migrate.upgrade(database_url)
     assert _tables(database_url) == TABLES
-    assert migrate.current(database_url) == migrate.head() == "0011"
+    assert migrate.current(database_url) == migrate.head() == "0012"
     assert migrate.is_up_to_date(database_url)
 
 

@@ -53,7 +53,7 @@ class Outcomes:
 
 RESULT_FIELDS = (
     "image_sha256", "p_fake", "verdict", "verdict_reason", "threshold", "threshold_low", "caption", "objects",
-    "object_count", "attribution", "provenance",
+    "object_count", "attribution", "provenance", "media", "reused_from", "match",
 )  # fmt: skip
 
 

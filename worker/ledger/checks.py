@@ -151,8 +151,8 @@ def _claim_keys(session: Session, tenant_id: str, pipeline_version_id: str, rows
 REPLACEABLE = (CheckStatus.rejected, CheckStatus.failed)  # ended without a result: a resubmission may replace it
 _RESULT_COLUMNS = (
     "image_sha256", "error_code", "error_message", "p_fake", "verdict", "verdict_reason", "threshold",
-    "threshold_low", "object_count", "caption", "objects", "timings_ms", "attribution", "provenance", "started_at",
-    "finished_at", "lease_owner", "lease_token", "lease_expires_at",
+    "threshold_low", "object_count", "caption", "objects", "timings_ms", "attribution", "provenance", "media",
+    "reused_from", "match", "started_at", "finished_at", "lease_owner", "lease_token", "lease_expires_at",
 )  # fmt: skip
 
 

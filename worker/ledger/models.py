@@ -98,6 +98,7 @@ class ImageRow(Base):
     width: Mapped[int] = mapped_column(sa.Integer)
     height: Mapped[int] = mapped_column(sa.Integer)
     format: Mapped[str] = mapped_column(sa.String(16))
+    media: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)  # a video's or animation's sampled frames (their keys)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     pdq: Mapped[bytes | None] = mapped_column(sa.LargeBinary)  # its PDQ hash (pipeline.core.pdq), 32 bytes
     pdq_quality: Mapped[int | None] = mapped_column(sa.SmallInteger)
@@ -180,6 +181,9 @@ class CheckRow(Base):
     timings_ms: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)
     attribution: Mapped[list | None] = mapped_column(_NULLABLE_JSON)  # [{generator, p}] from an attribution head
     provenance: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)  # `Provenance.to_dict()` of the image's bytes
+    media: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)  # a video's or animation's frames and their scores
+    reused_from: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)  # {check_id, distance}: a near-copy's answer
+    match: Mapped[dict | None] = mapped_column(_NULLABLE_JSON)  # {label, decision_id, check_id, distance}: the bank
     priority: Mapped[int] = mapped_column(sa.SmallInteger, default=Priority.fresh, server_default="0")
     rescore_of: Mapped[str | None] = mapped_column(sa.String(36))  # the earlier check this one re-scores
     callback_url: Mapped[str | None] = mapped_column(sa.Text)  # where the result is POSTed, signed
