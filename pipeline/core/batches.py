@@ -20,6 +20,7 @@ from pipeline.core.defaults import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage, decode_image
 from pipeline.core.media import FrameRule
+from pipeline.core.pdq import pdq_of
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
 
@@ -68,10 +69,12 @@ class Reader:
         threads: int = READ_THREADS,
         provenance: ProvenanceReader | None = None,
         frames: FrameRule | None = None,
+        perceptual_hash: bool = False,
     ):
         # frames: how animations and videos are sampled (`pipeline.core.media`); None: judged as today (an
         # animation on its first frame, a video refused)
         self.limits = {"max_pixels": max_pixels, "max_bytes": max_bytes, "frames": frames}
+        self.perceptual_hash = perceptual_hash  # a still image's PDQ hash (`pipeline.core.pdq`), here on the threads
         self.transform = transform  # applied to each decoded image (a perturbation, a re-encoding)
         self.provenance = provenance  # reads what each image's original bytes declare; None: not read
         self.threads = threads
@@ -118,8 +121,11 @@ class Reader:
         started = time.perf_counter()
         try:
             image = decode_image(one.data, **self.limits)
-            if self.provenance is not None:  # from the original bytes, never from a re-encoded copy
+            still = image.kind == "image"
+            if self.provenance is not None and still:  # from the original bytes, never from a re-encoded copy
                 image = replace(image, provenance=self.provenance.read(one.data, image.format))
+            if self.perceptual_hash and still:  # of the pixels as uploaded, before any transform
+                image = replace(image, **dict(zip(("pdq", "pdq_quality"), pdq_of(image.image), strict=True)))
             if self.transform is not None:
                 image = _transformed(image, self.transform)
             one.image = image

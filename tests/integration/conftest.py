@@ -41,6 +41,7 @@ from worker.ledger.models import (
     ThumbnailRow,
     WorkerRow,
 )
+from worker.ledger.near_rows import BankEntryRow, NearHashRow
 from worker.ledger.store import Ledger
 
 POSTGRES_URL = os.environ.get("ITEM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -117,7 +118,7 @@ def ledger(migrated_ledger) -> Ledger:
             *(DecisionRow, DeliveryRow, CheckKeyRow, CheckRow, ArtifactRow, BlobRow, ImageRow, PipelineVersionRow),
             *(ConsoleSessionRow, ApiKeyRow, ThumbnailRow, WorkerRow),
             *(CheckRollupRow, CheckTotalRow, CheckLatencyRow),
-            *(TenantBucketRow, CallbackSecretRow, ReviewItemRow),
+            *(TenantBucketRow, CallbackSecretRow, ReviewItemRow, NearHashRow, BankEntryRow),
         ):
             session.execute(sa.delete(model))
         # Every tenant but the one a migrated ledger starts with, which gets its first settings back.

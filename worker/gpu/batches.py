@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -26,10 +25,11 @@ from pipeline.core.imaging import DecodedImage
 from pipeline.core.prepared import Prepared
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
-from worker.gpu import faults, reading
+from worker.gpu import faults, frames, near_copies, reading
+from worker.gpu.near_copies import Likeness
 from worker.gpu.outcomes import Outcomes, about, end_checks, queue_deliveries, result_of, result_of_detection
 from worker.intake.text import storable_tree
-from worker.ledger import reviews
+from worker.ledger import near, reviews
 from worker.ledger.claims import FairShare
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import CheckRow
@@ -45,8 +45,6 @@ from worker.sources.provenance import provenance_reader
 log = logging.getLogger("item.worker")
 
 TIMEOUT_MESSAGE = "The check's batch ran past its time budget (ITEM_BATCH_TIME_BUDGET_S)."
-LEDGER_TRIES = 4  # of one batch transaction whose connection broke: the pool reconnects between tries
-T = TypeVar("T")
 
 
 class TransientError(ItemError):
@@ -72,7 +70,10 @@ class Batch:
     answers: dict[str, dict] = field(default_factory=dict)  # by check id: an earlier check of the same bytes
     errors: list[tuple[CheckRow, ItemError, str]] = field(default_factory=list)  # (check, why, stage)
     deferred: list[tuple[CheckRow, Deferred]] = field(default_factory=list)  # left it: their bytes were late
-    detections: dict = field(default_factory=dict)  # by sha256
+    detections: dict = field(default_factory=dict)  # by sha256 (a frame's: its key)
+    media: dict[str, dict] = field(default_factory=dict)  # by check id: a video's or animation's frames (`frames`)
+    likeness: Likeness = field(default_factory=Likeness)  # near-copies and bank matches found by PDQ hash
+    hashes: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # by check id: (sha256, PDQ) of its image
     thumbnails: list[Thumbnail] = field(default_factory=list)  # of the images decoded, one per sha256
     tally: LedgerTally = field(default_factory=LedgerTally)
     prepared: Prepared | None = None  # the models' host work, done ahead (ITEM_PREPARE_AHEAD)
@@ -97,14 +98,18 @@ class CheckService:
     provenance: ProvenanceReader | None = field(init=False)  # None: ITEM_READ_PROVENANCE is off
     downloads: Downloads = field(init=False)  # URLs and S3 objects, read on past their batch's wait
     fair_share: FairShare = field(init=False, default_factory=FairShare)  # claims shared fairly across tenants
+    frame_rule: Any = field(init=False)  # how animations and videos are sampled (`FrameRule`); None: not at all
 
     def __post_init__(self) -> None:
         self.provenance = provenance_reader(self.settings)
+        self.frame_rule = reading.frame_rule(self.settings)
         self.reader = Reader(
             max_pixels=self.settings.max_pixels,
             max_bytes=self.settings.max_image_bytes,
             threads=self.settings.fetch_concurrency,
             provenance=self.provenance,
+            frames=self.frame_rule,
+            perceptual_hash=True,  # near-copies and the bank; a video's frames are not hashed
         )
         self.downloads = reading.downloads_for(self.settings)
 
@@ -114,10 +119,15 @@ class CheckService:
         versions = self.detector.artifact_versions
         return versions if self.provenance is None else {**versions, "provenance": self.provenance.version}
 
-    def _head_only(self, stored: Artifacts | None) -> bool:
-        """Whether only the head has to run for an image: its features are stored, and its provenance when read
-        (a trust list changed since: its bytes are read again, its stages still reused)."""
-        return _has_features(stored) and (self.provenance is None or stored.provenance is not None)
+    def _head_only(self, check: CheckRow, stored: dict[str, Artifacts], listings: dict[str, dict]) -> bool:
+        """Whether only the head has to run for a check: its image's features are stored, and its provenance when
+        read (a trust list changed since: its bytes are read again, its stages still reused); or every frame's
+        features of a video or animation sampled by the rule in force."""
+        media = listings.get(check.image_sha256)
+        if media is not None:
+            return all(_has_features(stored.get(key)) for key in frames.frame_keys(media))
+        known = stored.get(check.image_sha256)
+        return _has_features(known) and (self.provenance is None or known.provenance is not None)
 
     @property
     def version_id(self) -> str:
@@ -185,20 +195,26 @@ class CheckService:
 
     def prepare(self, batch: Batch) -> None:
         """Everything before the models: stored artifacts and blobs, fetching and decoding, answers for bytes
-        already checked under this version. A check whose bytes were seen before (a re-score) skips decoding,
-        and even fetching, when its features are stored under this pipeline's stages: only the head runs for it.
-        A check whose download is late leaves the batch (deferred, in the same transaction as the answers).
+        already checked under this version, or for near-copies of them (`near_copies`), and the bank's matches. A
+        check whose bytes were seen before (a re-score) skips decoding, and even fetching, when its features are
+        stored under this pipeline's stages (a video's: every frame's): only the head runs for it. A check whose
+        download is late leaves the batch (deferred, in the same transaction as the answers).
         """
         versions = self.artifact_versions
         known_bytes = sorted({check.image_sha256 for check in batch.checks if check.image_sha256})
+        rule = self.frame_rule.id if self.frame_rule is not None else None
 
-        def stored_and_blobs(session: Session) -> tuple[dict[str, Artifacts], list[CheckRow], dict[str, bytes]]:
-            stored = self.ledger.load_artifacts(session, known_bytes, versions) if known_bytes else {}
-            to_read = [check for check in batch.checks if not self._head_only(stored.get(check.image_sha256))]
+        def stored_and_blobs(session: Session) -> tuple:
+            facts = self.ledger.image_facts(session, known_bytes) if known_bytes else {}
+            listings = {sha: m for sha, (media, _) in facts.items() if (m := frames.stored_listing(media, rule))}
+            keys = known_bytes + [key for media in listings.values() for key in frames.frame_keys(media)]
+            stored = self.ledger.load_artifacts(session, keys, versions) if keys else {}
+            to_read = [check for check in batch.checks if not self._head_only(check, stored, listings)]
             names = _blob_names(to_read)
-            return stored, to_read, self.ledger.get_blobs(session, names) if names else {}
+            blobs = self.ledger.get_blobs(session, names) if names else {}
+            return stored, listings, {sha: pdq for sha, (_, pdq) in facts.items() if pdq}, to_read, blobs
 
-        stored, to_read, blobs = self._transaction(batch, stored_and_blobs)  # the reader's threads never touch it
+        stored, listings, hashes, to_read, blobs = reading.in_transaction(self.ledger, batch, stored_and_blobs)
         # Read only for their provenance (stored before it was, or under another trust list): one whose image is
         # gone is still scored from its features, without provenance, rather than failed.
         optional = {check.id for check in to_read if _has_features(stored.get(check.image_sha256))}
@@ -206,25 +222,51 @@ class CheckService:
         images |= self._read(batch, to_read, blobs, optional)
         ready = [check for check in batch.checks if check.id in images]
         sha_by_check = {check.id: _sha_of(check, images[check.id]) for check in ready}
+        for check in ready:
+            image = images[check.id]
+            media = frames.listing(image) if frames.is_media(image) else None
+            if image is None and check.image_sha256 in listings:
+                media = listings[check.image_sha256]
+            if media is not None:
+                batch.media[check.id] = media
+            pdq = image.pdq if image is not None else hashes.get(check.image_sha256)
+            if pdq is not None:
+                batch.hashes[check.id] = (sha_by_check[check.id], pdq)
 
-        def earlier_and_known(session: Session) -> tuple[dict[str, CheckRow], dict[str, Artifacts]]:
+        def earlier_and_known(session: Session) -> tuple:
             reading.defer(self.ledger, session, batch.lease, batch.deferred)
             earlier = self.ledger.done_checks_for_images(session, list(sha_by_check.values()), self.version_id)
-            unknown = sorted({sha for sha in sha_by_check.values() if sha not in stored and sha not in earlier})
-            return earlier, stored | (self.ledger.load_artifacts(session, unknown, versions) if unknown else {})
+            hashed = [(check, *batch.hashes[check.id]) for check in ready if check.id in batch.hashes]
+            likeness = near_copies.look_up(session, hashed, self.version_id, self.settings) if hashed else Likeness()
+            wanted = {key for check in ready for key in self._unit_keys(check, sha_by_check[check.id], batch)}
+            unknown = sorted(key for key in wanted if key not in stored and key not in earlier)
+            return (
+                earlier,
+                likeness,
+                stored | (self.ledger.load_artifacts(session, unknown, versions) if unknown else {}),
+            )
 
-        earlier, batch.known = self._transaction(batch, earlier_and_known)
+        earlier, batch.likeness, batch.known = reading.in_transaction(self.ledger, batch, earlier_and_known)
         reading.report_deferred(batch)
         for check in ready:
-            done = earlier.get(sha_by_check[check.id])
+            sha, near = sha_by_check[check.id], batch.likeness.near.get(check.id)
+            done = earlier.get(sha)
             metrics.DUPLICATE_BYTES.labels("miss" if done is None else "hit").inc()
+            batch.images[check.id] = images[check.id]  # answered ones too: their image row keeps its hash
             if done is not None:
-                batch.answers[check.id] = {**result_of(done), "timings_ms": {"reused": 0.0}}
+                batch.answers[check.id] = {**near_copies.unshared(result_of(done)), "timings_ms": {"reused": 0.0}}
+            elif near is not None:
+                batch.answers[check.id] = near_copies.near_answer(*near, sha)
             else:
                 batch.todo.append(check)
-                batch.images[check.id] = images[check.id]
         if self.prepares_ahead:
             self._prepare_inputs(batch)
+
+    @staticmethod
+    def _unit_keys(check: CheckRow, sha: str, batch: Batch) -> list[str]:
+        """The keys a check's artifacts are stored under: its frames' for a video or animation, else its image's."""
+        media = batch.media.get(check.id)
+        return frames.frame_keys(media) if media is not None else [sha]
 
     @property
     def models_off_the_cpu(self) -> bool:
@@ -273,25 +315,10 @@ class CheckService:
             else:
                 batch.errors.append((one.item, one.error, "decode"))
         if self.settings.thumbnail_max_side > 0:
-            batch.thumbnails = reading.thumbnails(filter(None, images.values()), self.settings.thumbnail_max_side)
+            decoded = reading.with_frames(filter(None, images.values()))
+            batch.thumbnails = reading.thumbnails(decoded, self.settings.thumbnail_max_side)
         batch.read_ms = (time.perf_counter() - started) * 1000
         return images
-
-    def _transaction(self, batch: Batch, work: Callable[[Session], T]) -> T:
-        """`work` in one ledger transaction. A connection that broke (the database restarted, the connection
-        was cut) is tried again on a fresh one, a few times while the batch has time left: the transaction was
-        rolled back, so repeating it is safe, and a batch is not lost (an attempt burnt) to one dropped link."""
-        tries = 0
-        while True:
-            try:
-                with self.ledger.session(batch.tally) as session:
-                    return work(session)
-            except INFRASTRUCTURE_ERRORS:
-                tries += 1
-                if tries == LEDGER_TRIES or batch.left_s() <= 0:
-                    raise
-                log.info("ledger transaction of a batch of %d checks broke; trying again", len(batch.checks))
-                time.sleep(0.05 * 2**tries)
 
     def _source_bytes(self, check: CheckRow, blobs: dict[str, bytes], batch: Batch, until: float) -> bytes:
         """A check's bytes: a download (URL, S3) runs on in the background past `until` if it must, and raises
@@ -310,7 +337,7 @@ class CheckService:
         log.info("batch checks=%d model_images=%d undecodable=%d", len(batch.checks), pixels, undecodable)
         if not unique:
             return
-        _count_reuse(batch.known, list(unique))
+        metrics.artifact_reuse([batch.known.get(key) for key in unique])
         prepared = batch.prepared if batch.prepared_for == list(unique) else None
         started, held_before = time.perf_counter(), self._device_held_s()
         try:
@@ -347,11 +374,13 @@ class CheckService:
         it committed."""
         results = dict(batch.answers)
         for check in batch.todo:
-            sha = _sha_of(check, batch.images[check.id])
-            if sha in batch.detections:
+            result = self._result(check, batch)
+            if result is not None:
                 # What a model wrote (a caption, its phrases) and what an image declared (a C2PA signer) may hold
                 # NUL or lone surrogates, which the ledger cannot store: kept escaped, never failing the batch.
-                results[check.id] = storable_tree(result_of_detection(batch.detections[sha], sha))
+                results[check.id] = storable_tree(result)
+        bank = batch.likeness.bank
+        results = {check_id: near_copies.with_bank(result, bank.get(check_id)) for check_id, result in results.items()}
 
         def write(session: Session) -> Outcomes:
             outcomes = Outcomes(self.version_id)
@@ -359,13 +388,16 @@ class CheckService:
             reviews.put_thumbnails(session, batch.thumbnails)
             share = self.settings.review_double_share
             done = self.ledger.finish_done_many(session, batch.lease.token, results, review_double_share=share)
+            judged = [(row, *batch.hashes[row.id]) for row in done if row.id in batch.hashes]
+            judged = [entry for entry in judged if entry[0].id not in batch.answers]  # the models' own answers
+            near.record(session, near_copies.index_entries(judged, self.version_id))
             for row in done:
                 outcomes.add("done", row, "store")
             ended = end_checks(session, self.settings, batch.lease, batch.errors, outcomes)
             queue_deliveries(session, done + ended, self.settings)
             return outcomes
 
-        self._transaction(batch, write).report()
+        reading.in_transaction(self.ledger, batch, write).report()
         for detection in batch.detections.values():
             metrics.stage_times(detection.timings_ms)
             metrics.stage_runs(detection.computed)
@@ -378,13 +410,23 @@ class CheckService:
             batch.busy_ms,
         )  # fmt: skip
 
+    def _result(self, check: CheckRow, batch: Batch) -> dict | None:
+        """A check's result from the batch's detections (a video's from its frames'); None if the models failed."""
+        sha, media = _sha_of(check, batch.images[check.id]), batch.media.get(check.id)
+        if media is not None:
+            if not all(key in batch.detections for key in frames.frame_keys(media)):
+                return None
+            return frames.media_result(sha, media, batch.detections, self.settings.video_flag_frames)
+        return result_of_detection(batch.detections[sha], sha) if sha in batch.detections else None
+
     def _store_artifacts(self, session: Session, batch: Batch) -> None:
         """The decoded images and what the models made of them that is not stored yet, under the kinds the
         settings keep (ITEM_STORE_ARTIFACTS)."""
         kept = set(self.settings.store_artifacts)
         versions = {kind: key for kind, key in self.artifact_versions.items() if kind in kept}
         fresh_images = [image for image in batch.images.values() if image is not None]
-        self.ledger.upsert_images(session, list({image.sha256: image for image in fresh_images}.values()))
+        listings = {image.sha256: frames.listing(image) for image in fresh_images if frames.is_media(image)}
+        self.ledger.upsert_images(session, list({image.sha256: image for image in fresh_images}.values()), listings)
         new = {}
         for sha, detection in batch.detections.items():
             known = batch.known.get(sha)
@@ -433,8 +475,12 @@ class CheckService:
 
 
 def _unique_images(batch: Batch) -> dict[str, DecodedImage | None]:
-    """The batch's images to run, once per distinct sha256, in the order of its checks."""
-    return {_sha_of(check, batch.images[check.id]): batch.images[check.id] for check in batch.todo}
+    """The batch's images to run (a video's: its frames), once per distinct key, in the order of its checks."""
+    unique: dict[str, DecodedImage | None] = {}
+    for check in batch.todo:
+        image = batch.images[check.id]
+        unique |= frames.units(image, batch.media.get(check.id), _sha_of(check, image))
+    return unique
 
 
 def _missing(known: Artifacts | None, kind: str) -> bool:
@@ -451,11 +497,3 @@ def _has_features(artifacts: Artifacts | None) -> bool:
 
 def _sha_of(check: CheckRow, image: DecodedImage | None) -> str:
     return image.sha256 if image is not None else check.image_sha256
-
-
-def _count_reuse(known: dict, shas: list[str]) -> None:
-    for sha in shas:
-        artifacts = known.get(sha)
-        for artifact in ("caption", "objects", "embeddings", "features"):
-            hit = artifacts is not None and getattr(artifacts, artifact) is not None
-            metrics.ARTIFACT_REUSE.labels(artifact, "hit" if hit else "miss").inc()

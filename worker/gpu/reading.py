@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
 from pipeline.core.imaging import DecodedImage, thumbnail_jpeg
+from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import CheckRow, utcnow
 from worker.ledger.reviews import Thumbnail
 from worker.ledger.store import Lease, Ledger
@@ -36,6 +37,47 @@ def downloads_for(settings: Settings) -> Downloads:
         first_delay_s=settings.batch_read_wait_s,
         max_bytes=4 * sources.upload_limit(settings),
     )
+
+
+LEDGER_TRIES = 4  # of one batch transaction whose connection broke: the pool reconnects between tries
+T = TypeVar("T")
+
+
+def in_transaction(ledger: Ledger, batch, work: Callable[[Session], T]) -> T:
+    """`work` in one ledger transaction of `batch`. A connection that broke (the database restarted, the connection
+    was cut) is tried again on a fresh one, a few times while the batch has time left: the transaction was rolled
+    back, so repeating it is safe, and a batch is not lost (an attempt burnt) to one dropped link."""
+    tries = 0
+    while True:
+        try:
+            with ledger.session(batch.tally) as session:
+                return work(session)
+        except INFRASTRUCTURE_ERRORS:
+            tries += 1
+            if tries == LEDGER_TRIES or batch.left_s() <= 0:
+                raise
+            log.info("ledger transaction of a batch of %d checks broke; trying again", len(batch.checks))
+            time.sleep(0.05 * 2**tries)
+
+
+def frame_rule(settings: Settings):
+    """How animated images and videos are sampled under `settings` (`pipeline.core.media.FrameRule`); None: as before
+    (an animation judged by its first frame, a video refused)."""
+    if settings.video_frames == 0:
+        return None
+    from pipeline.core.media import FrameRule
+
+    return FrameRule(
+        max_frames=settings.video_frames, max_seconds=settings.video_max_seconds, max_bytes=settings.video_max_bytes,
+        max_decoded_frames=settings.video_max_decoded_frames, decode_timeout_s=settings.video_decode_timeout_s,
+    )  # fmt: skip
+
+
+def with_frames(images: Iterable[DecodedImage]) -> list[DecodedImage]:
+    """Decoded uploads and, after each animation or video, its sampled frames (each has its own thumbnail)."""
+    from pipeline.core.media import frame_images
+
+    return [one for image in images for one in (image, *(frame_images(image) if image.frames else ()))]
 
 
 def read_until(check: CheckRow, until: float) -> float:

@@ -28,10 +28,11 @@ if TYPE_CHECKING:  # decoding imports Pillow and numpy: the client side reads th
     from pipeline.core.imaging import DecodedImage
 
 
-def upsert_images(session: Session, images: list[DecodedImage]) -> None:
+def upsert_images(session: Session, images: list[DecodedImage], media: dict[str, dict] | None = None) -> None:
     """Records decoded images once each, in one statement; the same bytes always decode the same, so nothing
-    is ever updated."""
+    is ever updated. `media`: by sha256, what was sampled of a video or animation (its frames' keys)."""
     now = stored_today()
+    media = media or {}
     rows = {
         image.sha256: {
             "sha256": image.sha256,
@@ -39,11 +40,24 @@ def upsert_images(session: Session, images: list[DecodedImage]) -> None:
             "width": image.width,
             "height": image.height,
             "format": image.format,
+            "media": media.get(image.sha256),
+            "pdq": image.pdq,
+            "pdq_quality": image.pdq_quality,
             "created_at": now,
         }
         for image in images
     }
     insert_many(session, ImageRow, list(rows.values()))
+
+
+def image_facts(session: Session, sha256s: list[str]) -> dict[str, tuple[dict | None, bytes | None]]:
+    """(media listing, PDQ hash) of each of these images the ledger holds, by sha256: what a re-score needs to find
+    a video's frames, and the bank an image's hash, without the bytes. Any copy serves (see the note on days)."""
+    found = {}
+    for chunk in in_chunks(sorted(set(sha256s))):
+        query = sa.select(ImageRow.sha256, ImageRow.media, ImageRow.pdq).where(ImageRow.sha256.in_(chunk))
+        found.update({sha: (media, pdq) for sha, media, pdq in session.execute(query)})
+    return found
 
 
 def get_image(session: Session, sha256: str) -> ImageRow | None:

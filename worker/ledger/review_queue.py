@@ -27,7 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from pipeline.core.errors import ItemError
-from worker.ledger.models import CheckRow, DecisionRow, ReviewItemRow, TenantRow, new_id, utcnow
+from worker.ledger import near
+from worker.ledger.models import CheckRow, DecisionRow, ImageRow, ReviewItemRow, TenantRow, new_id, utcnow
 from worker.ledger.queries import claim_rows, fresh, insert_many
 from worker.ledger.states import CheckStatus, Priority
 
@@ -146,7 +147,28 @@ def decide(
                       note=note, decided_at=utcnow())  # fmt: skip
     session.add(row)
     session.flush()
+    feed_bank(session, row)
     return row
+
+
+BANK_LABELS = {"ai_generated": "fake", "authentic": "real"}  # a decision's label as the bank keeps it; unsure: none
+
+
+def feed_bank(session: Session, decision: DecisionRow) -> None:
+    """A moderator's decision in its tenant's bank of near-copies (`worker.gpu.near_copies`), by its image's PDQ
+    hash: `ai_generated` flags the image's near-copies, `authentic` keeps them from being flagged by score alone, and
+    `unsure` takes the check's entry out (the latest decision on a check is the one that counts). An image kept
+    without a hash (a video, or stored before hashes were) is not banked."""
+    label = BANK_LABELS.get(decision.label)
+    if label is None:
+        near.bank_remove(session, decision.tenant_id, decision.check_id)
+        return
+    sha = session.scalar(fresh(sa.select(CheckRow.image_sha256).where(CheckRow.id == decision.check_id)).limit(1))
+    query = sa.select(ImageRow.pdq).where(ImageRow.sha256 == sha, ImageRow.pdq.is_not(None)).limit(1)
+    pdq = session.scalar(query) if sha else None
+    if pdq is not None:
+        decided_by = decision.key_id or decision.reviewer
+        near.bank_put(session, decision.tenant_id, label, decision.check_id, sha, pdq, decision.id, decided_by)
 
 
 def skip(session: Session, check_id: str, lease_token: str, moderator: str, skip_s: float = SKIP_S) -> bool:

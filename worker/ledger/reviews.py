@@ -15,7 +15,7 @@ from worker.ledger import listing, rollups
 from worker.ledger.images import stored_today
 from worker.ledger.models import DEFAULT_TENANT, CheckRow, DecisionRow, DeliveryRow, ThumbnailRow, WorkerRow, utcnow
 from worker.ledger.queries import dialect_insert, fresh, insert_many
-from worker.ledger.review_queue import LABELS, count_decision  # LABELS: what a moderator decides
+from worker.ledger.review_queue import LABELS, count_decision, feed_bank  # LABELS: what a moderator decides
 from worker.ledger.states import CheckStatus, Priority
 
 # ---------------------------------------------------------------------- decisions
@@ -41,6 +41,7 @@ def record_decision(
     session.add(row)
     session.flush()
     count_decision(session, check_id, key_id)  # a decision outside the review queue counts in it too
+    feed_bank(session, row)
     return row
 
 

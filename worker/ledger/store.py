@@ -122,6 +122,7 @@ class Ledger:
     # ------------------------------------------------------------------ images, blobs, artifacts and duplicates
     upsert_images = staticmethod(images.upsert_images)
     get_image = staticmethod(images.get_image)
+    image_facts = staticmethod(images.image_facts)
     put_blob = staticmethod(images.put_blob)
     put_blobs = staticmethod(images.put_blobs)
     get_blobs = staticmethod(images.get_blobs)

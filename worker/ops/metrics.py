@@ -272,3 +272,11 @@ def gpu_memory() -> None:
     if torch.cuda.is_available():
         GPU_MEMORY.labels("allocated").set(torch.cuda.memory_allocated())
         GPU_MEMORY.labels("reserved").set(torch.cuda.memory_reserved())
+
+
+def artifact_reuse(known: list) -> None:
+    """Counts, per image the models run on, which of its artifacts were stored (hit) and which were made (miss)."""
+    for artifacts in known:
+        for artifact in ("caption", "objects", "embeddings", "features"):
+            hit = artifacts is not None and getattr(artifacts, artifact) is not None
+            ARTIFACT_REUSE.labels(artifact, "hit" if hit else "miss").inc()

@@ -210,7 +210,7 @@ def fetch_policy(settings: Settings) -> AddressPolicy:
 def read_s3(value: dict[str, str], settings: Settings, *, timeout_s: float | None = None) -> bytes:
     from worker.sources.s3 import read_object  # boto3 is imported only by workers that meet an s3 source
 
-    return read_object(value["bucket"], value["key"], settings, timeout_s)
+    return read_object(value["bucket"], value["key"], settings, timeout_s, upload_limit(settings))
 
 
 class BusyHost(ItemError):

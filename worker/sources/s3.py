@@ -35,7 +35,6 @@ from botocore.config import Config
 
 from pipeline.core.errors import ItemError
 from worker.settings import Settings
-from worker.sources import kinds as sources
 
 _CHUNK = 64 * 1024
 # One retry inside botocore covers a dropped connection; longer outages are the check's own retries (with backoff).
@@ -80,8 +79,11 @@ class S3Error(ItemError):
         self.permanent = permanent
 
 
-def read_object(bucket: str, key: str, settings: Settings, timeout_s: float | None = None) -> bytes:
-    """The bytes of s3://bucket/key, within the settings' size and time limits (and `timeout_s`, if shorter)."""
+def read_object(
+    bucket: str, key: str, settings: Settings, timeout_s: float | None = None, max_bytes: int | None = None
+) -> bytes:
+    """The bytes of s3://bucket/key, within the settings' size and time limits (and `timeout_s`, if shorter); at most
+    `max_bytes` (the upload limit: `kinds.upload_limit`), else `max_image_bytes`."""
     where = f"s3://{bucket}/{key}"
     if bucket not in settings.s3_allowed_buckets:
         raise S3Error(f"{where}: {_refusal(bucket, settings)}", code="s3.bucket_refused")
@@ -93,7 +95,7 @@ def read_object(bucket: str, key: str, settings: Settings, timeout_s: float | No
     deadline = time.monotonic() + min(settings.fetch_timeout_s, timeout_s or settings.fetch_timeout_s)
     try:
         response = client.get_object(Bucket=bucket, Key=key)
-        return _read_body(response, where, sources.upload_limit(settings), deadline)
+        return _read_body(response, where, max_bytes or settings.max_image_bytes, deadline)
     except boto_errors.ClientError as error:
         raise _from_answer(error, bucket, where) from None
     except (boto_errors.NoCredentialsError, boto_errors.PartialCredentialsError):
