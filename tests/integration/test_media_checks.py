@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from PIL import Image
 
 from pipeline.core.detector import Detector
@@ -20,6 +22,9 @@ from worker import rescore
 from worker.gpu.batches import CheckService
 from worker.gpu.embedded import InProcess
 from worker.ledger import reviews, tenants
+from worker.ledger.models import utcnow
+from worker.ledger.near_rows import NearHashRow
+from worker.ledger.retention import Policy, maintain
 from worker.ledger.store import RescoreSelection
 from worker.settings import Settings
 
@@ -216,3 +221,16 @@ def test_an_exact_copy_from_another_tenant_carries_none_of_the_first_tenants_mat
     theirs = check(run, tmp_path, "theirs.png", original, tenant="acme")
     assert theirs.status == "done" and theirs.match is None and theirs.reused_from is None
     assert theirs.p_fake == first.p_fake and theirs.verdict_reason != "match"
+
+
+def test_maintenance_deletes_near_copy_entries_past_the_checks_retention(ledger, tiny_store, tmp_path):
+    run = runner(ledger, tiny_store, tmp_path)
+    young = check(run, tmp_path, "young.png", as_png(natural_image(10)))
+    old = check(run, tmp_path, "old.png", as_png(natural_image(11)))
+    with ledger.session() as session:
+        aged = utcnow() - timedelta(days=91)
+        session.execute(sa.update(NearHashRow).where(NearHashRow.check_id == old.id).values(created_at=aged))
+    policy = Policy.from_settings(Settings(database_url="sqlite://", retain_checks_days=90))
+    assert maintain(ledger.engine, policy, progress=lambda _line: None).near_hashes_deleted == 1
+    with ledger.session() as session:
+        assert list(session.scalars(sa.select(NearHashRow.check_id))) == [young.id]

@@ -22,7 +22,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.ledger import archive, partitions, review_queue, rollups
+from worker.ledger import archive, near, partitions, review_queue, rollups
 from worker.ledger.models import CheckRow
 from worker.ledger.states import CheckStatus
 
@@ -53,6 +53,7 @@ class Policy:
             "thumbnails": math.ceil(settings.thumbnail_retention_days),
             # never past the checks' own: an item whose check was dropped has nothing left to review
             "review_items": min(settings.retain_reviews_days or 30, settings.retain_checks_days),
+            "near_hashes": settings.retain_checks_days,  # an entry answers only while its check can be read
         }
         return cls(days, settings.archive_dir, settings.partitions_ahead_days)
 
@@ -71,6 +72,7 @@ class Report:
     kept: list[str] = field(default_factory=list)  # "<table> <day>: why" for an expired day not dropped
     rows_deleted: int = 0  # SQLite's rows, and the few of PostgreSQL's default partitions (see `partitions`)
     review_items_deleted: int = 0  # reviewed, or queued past their retention (see `review_queue.purge`)
+    near_hashes_deleted: int = 0  # near-copy index entries past their checks' retention (see `near.purge`)
 
     def to_dict(self) -> dict:
         return {
@@ -80,6 +82,7 @@ class Report:
             "kept": self.kept,
             "rows_deleted": self.rows_deleted,
             "review_items_deleted": self.review_items_deleted,
+            "near_hashes_deleted": self.near_hashes_deleted,
         }
 
 
@@ -112,16 +115,18 @@ def maintain(
     if not dry_run:
         with Session(engine) as session, session.begin():
             rollups.prune_rollups(session, older_than=ROLLUP_KEEP)
-        report.review_items_deleted = _purge_review_items(engine, timedelta(days=policy.days.get("review_items", 30)))
+        report.review_items_deleted = _purge(engine, review_queue.purge, policy.days.get("review_items", 30))
+        report.near_hashes_deleted = _purge(engine, near.purge, policy.days.get("near_hashes", 90))
     return report
 
 
-def _purge_review_items(engine: sa.Engine, older_than: timedelta) -> int:
-    """Review items with every review they need, or queued past their retention: a bounded DELETE per transaction."""
+def _purge(engine: sa.Engine, purge: Callable[[Session, timedelta, int], int], days: int) -> int:
+    """What `purge` deletes of rows past `days`: review items (reviewed, or queued too long), near-copy entries; a
+    bounded DELETE per transaction, through the table's own index."""
     deleted = 0
     while True:
         with Session(engine) as session, session.begin():
-            count = review_queue.purge(session, older_than, DELETE_BATCH)
+            count = purge(session, timedelta(days=days), DELETE_BATCH)
         deleted += count
         if count < DELETE_BATCH:
             return deleted
