@@ -25,7 +25,7 @@ from worker.intake.filing import Intake
 from worker.ledger.store import Ledger
 from worker.ops import metrics
 from worker.settings import Settings
-from worker.web import api, console, review
+from worker.web import api, bank, console, review
 from worker.web.auth import requires
 from worker.web.docs import add_docs
 from worker.web.errors import HttpError, http_error, invalid_request, ledger_unavailable, unstorable
@@ -88,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(console.SignInRequired, console.sign_in_redirect)
     app.add_exception_handler(console.Forbidden, console.forbidden_page)
     app.include_router(api.router)
+    app.include_router(bank.router)
     app.include_router(console.router)
     app.include_router(review.router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="static")
