@@ -22,11 +22,12 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import jinja2
+import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from worker.ledger import access, reviews, tenants
-from worker.ledger.models import utcnow
+from worker.ledger.models import ThumbnailRow, utcnow
 from worker.ledger.review_queue import review_figures
 from worker.ledger.views import delivery_dict
 from worker.ops import metrics
@@ -46,6 +47,15 @@ _templates = jinja2.Environment(
     autoescape=True,  # every template, whatever its name: model output is never markup
     undefined=jinja2.StrictUndefined,
 )
+
+
+def clock(seconds: float) -> str:
+    """A frame's time as a player shows it, to a tenth: 3.2 → 0:03.2, 75.04 → 1:15.0."""
+    minutes, tenths = divmod(round(seconds * 10), 600)
+    return f"{minutes}:{tenths / 10:04.1f}"
+
+
+_templates.filters["clock"] = clock
 
 
 class SignInRequired(Exception):  # noqa: N818  (a redirect, not an error)
@@ -253,6 +263,7 @@ def check_page(check_id: str, request: Request, who: Visitor = Depends(visitor))
             "elsewhere": reviews.same_upload_elsewhere(session, check),
             "decisions": reviews.decisions_of(session, check.id, **mine),
             "reused": [stage for stage, ms in (check.timings_ms or {}).items() if ms == 0.0],
+            "kept_frames": kept_frames(session, check),
         }
         return render(request, "check.html", visitor=who, names=DECISION_NAMES, **values)
 
@@ -314,6 +325,33 @@ def check_thumbnail(check_id: str, request: Request, who: Visitor = Depends(visi
         return _image(thumbnail.data, "image/jpeg")
 
     return web.reads.run(request, read)
+
+
+@router.get("/checks/{check_id}/frames/{index}")
+def frame_thumbnail(check_id: str, index: str, request: Request, who: Visitor = Depends(visitor)) -> Response:
+    """The thumbnail of a video's or an animation's sampled frame, by its place in the check's list: only through a
+    check the visitor may see, and never by a sha256 the visitor names (no answer about another image's frames)."""
+    web = request.app.state.web
+
+    def read(session) -> Response:
+        check = web.ledger.get_check(session, check_id[:36], tenant_id=tenant_scope(who, None))
+        frames = ((check.media or {}).get("frames") or []) if check else []
+        place = int(index) if index.isascii() and index.isdigit() and len(index) <= 4 else len(frames)
+        thumbnail = reviews.get_thumbnail(session, frames[place]["sha256"]) if place < len(frames) else None
+        if thumbnail is None:
+            return Response(status_code=404)
+        return _image(thumbnail.data, "image/jpeg")
+
+    return web.reads.run(request, read)
+
+
+def kept_frames(session, check) -> set[str]:
+    """The keys of the sampled frames whose thumbnails are kept (their keys read, not their bytes): the page draws
+    the others as a placeholder rather than a broken image."""
+    keys = [frame["sha256"] for frame in (check.media or {}).get("frames") or []]
+    if not keys:
+        return set()
+    return set(session.scalars(sa.select(ThumbnailRow.sha256).where(ThumbnailRow.sha256.in_(keys))))
 
 
 def _image(data: bytes, media_type: str) -> Response:
