@@ -44,6 +44,7 @@ class Outcomes:
             if status == "done":
                 metrics.scored(self.version_id, check.p_fake, check.verdict)
                 metrics.provenance(check.provenance)
+                metrics.likeness(check)
                 log.info("check done: %s %.3f", check.verdict, check.p_fake, extra=extra)
             elif status == "rejected":
                 log.info("check rejected: %s", text, extra=extra)

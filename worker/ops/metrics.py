@@ -82,6 +82,15 @@ DUPLICATE_BYTES = Counter(
     "Images whose bytes were already checked under the same pipeline version.",
     ["outcome"],
 )
+NEAR_COPIES = Counter(
+    "item_near_copies_total",
+    "Finished checks answered from a near-copy judged before (reused), or whose verdict a moderator's banked "
+    "decision set (bank_fake, bank_real).",
+    ["outcome"],
+)
+FRAMES_SCORED = Counter(
+    "item_video_frames_total", "Frames of finished videos and animations, per kind of upload.", ["kind"]
+)
 SCORES = Histogram(
     "item_score",
     "P(AI-generated) of finished checks, per pipeline version.",
@@ -168,6 +177,10 @@ for _reason in ("missing", "malformed", "unknown", "scope", "session", "csrf"):
     AUTH_FAILURES.labels(_reason)
 for _reason in ("unreachable", "not_found"):
     REPLICA_FALLBACKS.labels(_reason)
+for _outcome in ("reused", "bank_fake", "bank_real"):
+    NEAR_COPIES.labels(_outcome)
+for _kind in ("video", "animation"):
+    FRAMES_SCORED.labels(_kind)
 for _outcome in ("hit", "miss"):  # so a hit ratio reads 0, not "no data", before the first hit
     DUPLICATE_BYTES.labels(_outcome)
     for _artifact in ("caption", "objects", "embeddings", "features"):
@@ -280,3 +293,13 @@ def artifact_reuse(known: list) -> None:
         for artifact in ("caption", "objects", "embeddings", "features"):
             hit = artifacts is not None and getattr(artifacts, artifact) is not None
             ARTIFACT_REUSE.labels(artifact, "hit" if hit else "miss").inc()
+
+
+def likeness(check) -> None:
+    """Counts what a finished check owes to near-copies and the bank, and the frames a video was judged on."""
+    if check.reused_from:
+        NEAR_COPIES.labels("reused").inc()
+    if check.verdict_reason == "match" and check.match:
+        NEAR_COPIES.labels(f"bank_{check.match['label']}").inc()
+    if check.media:
+        FRAMES_SCORED.labels(check.media["kind"]).inc(len(check.media["frames"]))
