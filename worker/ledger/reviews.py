@@ -103,6 +103,15 @@ def put_thumbnails(session: Session, thumbnails: list[Thumbnail]) -> None:
     insert_many(session, ThumbnailRow, rows)
 
 
+def kept_thumbnails(session: Session, check: CheckRow) -> set[str]:
+    """The keys of a video's sampled frames whose thumbnails are kept (their keys read, not their bytes): a page
+    draws the others as a placeholder rather than a broken image."""
+    keys = [frame["sha256"] for frame in (check.media or {}).get("frames") or []]
+    if not keys:
+        return set()
+    return set(session.scalars(sa.select(ThumbnailRow.sha256).where(ThumbnailRow.sha256.in_(keys))))
+
+
 def get_thumbnail(session: Session, sha256: str) -> ThumbnailRow | None:
     query = sa.select(ThumbnailRow).where(ThumbnailRow.sha256 == sha256).order_by(ThumbnailRow.created_at.desc())
     return session.scalars(query.limit(1)).first()

@@ -22,12 +22,11 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import jinja2
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from worker.ledger import access, reviews, tenants
-from worker.ledger.models import ThumbnailRow, utcnow
+from worker.ledger.models import utcnow
 from worker.ledger.review_queue import review_figures
 from worker.ledger.views import delivery_dict
 from worker.ops import metrics
@@ -263,7 +262,7 @@ def check_page(check_id: str, request: Request, who: Visitor = Depends(visitor))
             "elsewhere": reviews.same_upload_elsewhere(session, check),
             "decisions": reviews.decisions_of(session, check.id, **mine),
             "reused": [stage for stage, ms in (check.timings_ms or {}).items() if ms == 0.0],
-            "kept_frames": kept_frames(session, check),
+            "kept_frames": reviews.kept_thumbnails(session, check),
         }
         return render(request, "check.html", visitor=who, names=DECISION_NAMES, **values)
 
@@ -343,15 +342,6 @@ def frame_thumbnail(check_id: str, index: str, request: Request, who: Visitor = 
         return _image(thumbnail.data, "image/jpeg")
 
     return web.reads.run(request, read)
-
-
-def kept_frames(session, check) -> set[str]:
-    """The keys of the sampled frames whose thumbnails are kept (their keys read, not their bytes): the page draws
-    the others as a placeholder rather than a broken image."""
-    keys = [frame["sha256"] for frame in (check.media or {}).get("frames") or []]
-    if not keys:
-        return set()
-    return set(session.scalars(sa.select(ThumbnailRow.sha256).where(ThumbnailRow.sha256.in_(keys))))
 
 
 def _image(data: bytes, media_type: str) -> Response:

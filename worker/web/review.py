@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from worker.ledger import review_queue
+from worker.ledger import review_queue, reviews
 from worker.ledger.models import utcnow
 from worker.ledger.review_queue import LeaseLost, ReviewError
 from worker.web.console import (
@@ -55,7 +55,8 @@ def review_page(
         if item is not None and check is not None:
             image = web.ledger.get_image(session, check.image_sha256) if check.image_sha256 else None
             left = max(0, int((item.lease_expires_at - utcnow()).total_seconds()))
-            values |= {"item": item, "check": check, "image": image, "objects": check.objects or [], "left": left}
+            values |= {"item": item, "check": check, "image": image, "objects": check.objects or [], "left": left,
+                       "kept_frames": reviews.kept_thumbnails(session, check)}  # fmt: skip
     return render(request, "review.html", visitor=who, keys=KEYS, names=DECISION_NAMES, bands=BAND_NAMES, **values)
 
 
