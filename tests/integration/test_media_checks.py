@@ -21,7 +21,7 @@ from tests.unit.test_pdq import jpeg, natural_image, resized, screenshot
 from worker import rescore
 from worker.gpu.batches import CheckService
 from worker.gpu.embedded import InProcess
-from worker.ledger import reviews, tenants
+from worker.ledger import review_queue, reviews, tenants
 from worker.ledger.models import utcnow
 from worker.ledger.near_rows import NearHashRow
 from worker.ledger.retention import Policy, maintain
@@ -199,6 +199,8 @@ def test_the_bank_flags_near_copies_of_what_a_moderator_marked(ledger, tiny_stor
     assert copy.verdict == "fake" and copy.verdict_reason == "match"
     assert copy.match["label"] == "fake" and copy.match["check_id"] == first.id
     assert copy.match["decision_id"] and copy.match["distance"] <= 16
+    with ledger.session() as session:
+        assert review_queue.get_item(session, copy.id) is None  # decided already: not queued for moderators again
 
     _decide(ledger, first.id, "authentic")  # the moderator changed their mind: the latest decision counts
     again = check(run, tmp_path, "again.jpg", as_jpeg(original, 45))

@@ -66,7 +66,8 @@ def needs_two(check_id: str, share: float) -> bool:
 
 def enqueue(session: Session, checks: Iterable[CheckRow], double_share: float = DOUBLE_SHARE) -> int:
     """Queues the fresh uploads among `checks` that ended done as uncertain or fake: one statement for the batch,
-    an item already queued (a result stored again) left as it is. Returns how many were offered."""
+    an item already queued (a result stored again) left as it is. A verdict the bank made (`match`: a near-copy of
+    an image a moderator decided) is not queued: it was reviewed already. Returns how many were offered."""
     now = utcnow()
     rows = [
         {
@@ -80,7 +81,10 @@ def enqueue(session: Session, checks: Iterable[CheckRow], double_share: float = 
             "reviews_done": 0,
         }
         for check in checks
-        if check.status == CheckStatus.done and check.verdict in BANDS and check.priority == Priority.fresh
+        if check.status == CheckStatus.done
+        and check.verdict in BANDS
+        and check.priority == Priority.fresh
+        and check.verdict_reason != "match"
     ]
     insert_many(session, ReviewItemRow, rows)
     return len(rows)
