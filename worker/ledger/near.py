@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import Grouping
 
-from pipeline.core.pdq import chunk_keys, hamming, probe_keys
+from pipeline.core.pdq import MAX_PROBE_DISTANCE, chunk_keys, hamming, probe_keys
 from worker.ledger.models import utcnow
 from worker.ledger.near_rows import BankEntryRow, NearHashRow
 from worker.ledger.queries import dialect_insert, insert_many
@@ -188,12 +188,14 @@ def purge(session: Session, older_than: timedelta, limit: int) -> int:
 
 def _candidates(session: Session, model: type, columns: tuple, where: list, hashes: dict[str, bytes], distance: int):
     """The rows that may lie within `distance` of some hash: those sharing a probe key (PostgreSQL), or all of
-    `where` (SQLite)."""
+    `where` (SQLite). A row sharing keys of several slices comes once for each (`_closest` takes it once)."""
+    if not 0 <= distance <= MAX_PROBE_DISTANCE:
+        raise ValueError(f"max_distance must be 0..{MAX_PROBE_DISTANCE}, not {distance}")
     if not hashes:
         return []
-    probes = sorted({key for pdq in hashes.values() for key in probe_keys(pdq, distance)})
     if session.get_bind().dialect.name != "postgresql":
         return session.execute(sa.select(*columns).where(*where)).all()
+    probes = sorted({key for pdq in hashes.values() for key in probe_keys(pdq, distance)})
     return session.execute(_probe_query(model, columns, where), {"probes": probes}).all()
 
 
