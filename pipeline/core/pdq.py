@@ -30,6 +30,7 @@ MAX_PROBE_DISTANCE = CHUNKS * 3 - 1  # 23: the largest distance with r = max_dis
 # edge and shifts its colour by a few levels.
 BORDER_TOLERANCE = 24
 MAX_TRIM = 0.25  # of a side: a flat sky or wall is never cut further than this
+MIN_TRIM = 0.03  # of a side: a thinner flat edge is left (see `_cut`); screenshots add 5% and more
 # Trimming reads every pixel: a box reduction by a whole factor to at least this side first makes it cheap.
 WORK_SIDE = 512
 # PDQ's own reduction to 64x64 (Jarosz box filters) gives a different 64x64 for each size of one picture: a copy
@@ -72,10 +73,16 @@ def _trimmed(rgb: Image.Image) -> Image.Image:
     box = difference.point(lambda v: 255 if v > BORDER_TOLERANCE else 0).getbbox()
     if box is None:
         return rgb  # one flat colour: nothing to trim to
-    left, top, right, bottom = box
-    left, top = min(left, int(width * MAX_TRIM)), min(top, int(height * MAX_TRIM))
-    right, bottom = max(right, width - int(width * MAX_TRIM)), max(bottom, height - int(height * MAX_TRIM))
+    left, top = _cut(box[0], width), _cut(box[1], height)
+    right, bottom = width - _cut(width - box[2], width), height - _cut(height - box[3], height)
     return rgb if (left, top, right, bottom) == (0, 0, width, height) else rgb.crop((left, top, right, bottom))
+
+
+def _cut(border: int, side: int) -> int:
+    """How much of a side's `border` pixels to trim: none under `MIN_TRIM` (a picture whose own edge happens to
+    be flat, where JPEG noise alone would decide how much goes, and a copy would lose a different amount), at
+    most `MAX_TRIM`."""
+    return 0 if border < side * MIN_TRIM else min(border, int(side * MAX_TRIM))
 
 
 def to_hex(pdq: bytes) -> str:
