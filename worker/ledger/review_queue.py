@@ -27,7 +27,6 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from pipeline.core.errors import ItemError
-from worker.ledger import near
 from worker.ledger.models import CheckRow, DecisionRow, ImageRow, ReviewItemRow, TenantRow, new_id, utcnow
 from worker.ledger.queries import claim_rows, fresh, insert_many
 from worker.ledger.states import CheckStatus, Priority
@@ -163,6 +162,8 @@ def feed_bank(session: Session, decision: DecisionRow) -> None:
     hash: `ai_generated` flags the image's near-copies, `authentic` keeps them from being flagged by score alone, and
     `unsure` takes the check's entry out (the latest decision on a check is the one that counts). An image kept
     without a hash (a video, or stored before hashes were) is not banked."""
+    from worker.ledger import near  # PDQ's numpy and Pillow: not for the client side, which imports this module
+
     label = BANK_LABELS.get(decision.label)
     if label is None:
         near.bank_remove(session, decision.tenant_id, decision.check_id)
