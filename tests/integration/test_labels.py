@@ -159,7 +159,7 @@ def test_urls_are_fetched_with_the_workers_safety_checks(ledger, images, served,
 
     refused = export_labels(settings_for(ledger, fetch_allowed_networks=[]), ledger, tmp_path / "refused")
     assert [f.code for f in refused.failures] == ["url.refused"]  # loopback is a private address
-    capped = export_labels(settings_for(ledger, max_image_bytes=100), ledger, tmp_path / "capped")
+    capped = export_labels(settings_for(ledger, max_image_bytes=100, video_max_bytes=100), ledger, tmp_path / "capped")
     assert [f.code for f in capped.failures] == ["url.too_large"]
     assert refused.exported == capped.exported == 0
     assert rows_of(refused.manifest) == {}  # a manifest of no rows, header only

@@ -159,7 +159,8 @@ def test_an_s3_object_gets_a_thumbnail_like_any_other_source(s3_server, ledger, 
         (PRIVATE, "cat.png", {}, "s3.access_denied"),  # the reader's policy denies this bucket
         (BUCKET, "cat.png", {"s3_secret_access_key": "wrong-secret"}, "s3.access_denied"),  # bad signature
         (BUCKET, "cat.png", {"s3_access_key_id": "AKIAUNKNOWN0000000000"}, "s3.access_denied"),  # unknown key id
-        (BUCKET, "cat.png", {"max_image_bytes": len(IMAGE) - 1}, "image.too_large"),
+        # the source's cap is the upload limit, the larger of the image and video limits (kinds.upload_limit)
+        (BUCKET, "cat.png", {"max_image_bytes": len(IMAGE) - 1, "video_max_bytes": len(IMAGE) - 1}, "image.too_large"),
         # the endpoint is a closed port: the refusal needed no request, or this would be s3.unavailable
         (BUCKET, "cat.png", {"s3_allowed_buckets": ["other"], "s3_endpoint_url": "CLOSED"}, "s3.bucket_refused"),
         (BUCKET, "cat.png", {"s3_allowed_buckets": [], "s3_endpoint_url": "CLOSED"}, "s3.bucket_refused"),
