@@ -209,6 +209,8 @@ METRIC_NAMES = frozenset(
         "item_stage_images_total",
         "item_deliveries_total",
         "item_duplicate_bytes_total",
+        "item_near_copies_total",
+        "item_video_frames_total",
         "item_score",
         "item_flagged_total",
         "item_provenance_total",
