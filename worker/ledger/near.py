@@ -208,7 +208,11 @@ def _probe_query(model: type, columns: tuple, where: list) -> sa.Select:
     and with n constants the planner expects every row to match and reads the whole table instead. A slice is
     an expression the planner cannot read: it estimates a few rows and takes the index. On 1,000,000 hashes
     (tests/bench/bench_pdq.py, a shared 2-core machine): at distance 23 (4,232 probes a hash) 71 ms for one
-    hash and 2.2 s for 32; at 15 (264 a hash) 5 ms and 160 ms."""
+    hash and 2.2 s for 32; at 15 (264 a hash) 5 ms and 160 ms.
+
+    Not yet right at 10,000,000: with no statistics of array elements that all differ, the planner guesses 0.5%
+    of the table a slice and prefers a parallel scan of it (seen: over 38 s a lookup). Until the lookup is forced
+    onto the index (a btree of keys, or `enable_seqscan` off for it), a table that large is not served."""
     probes = sa.bindparam("probes", type_=postgresql.ARRAY(sa.BigInteger))
     starts = sa.func.generate_series(1, sa.func.cardinality(probes), PROBE_SLICE).table_valued("i").render_derived("g")
     piece = Grouping(probes)[starts.c.i : starts.c.i + PROBE_SLICE - 1]  # (probes)[i:j]: PostgreSQL wants them
