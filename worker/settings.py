@@ -154,8 +154,8 @@ class Settings(BaseSettings):
     near_duplicates: bool = Field(
         True, description="Answer an image within near_max_distance of one already judged under the version from it."
     )
-    near_max_distance: int = Field(16, ge=0, le=23, description="PDQ bits apart that still make a near-copy.")
-    bank_max_distance: int = Field(16, ge=0, le=23, description="PDQ bits apart that still match a decision.")
+    near_max_distance: int = Field(15, ge=0, le=23, description="PDQ bits apart that still make a near-copy.")
+    bank_max_distance: int = Field(15, ge=0, le=23, description="PDQ bits apart that still match a decision.")
 
     # provenance (pipeline/core/provenance.py)
     read_provenance: bool = Field(True, description="Read C2PA manifests and XMP DigitalSourceType from each image.")

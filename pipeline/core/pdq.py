@@ -21,6 +21,9 @@ import pdqhash
 from PIL import Image, ImageChops
 
 HASH_BYTES = 32
+# Below this quality (0..100) a hash says little of its image (a flat or nearly flat picture): HMA does not match
+# on it, and neither do near-copies or the bank (two different flat images hash alike).
+MIN_QUALITY = 50
 CHUNKS = 8
 CHUNK_BITS = 32
 # Probes grow as C(32, r) per chunk: r ≤ 2 is 8·(1+32+496) = 4,232 keys a hash; r = 3 would be 47,896.

@@ -22,6 +22,7 @@ from pipeline.core.detector import Detector
 from pipeline.core.devices import free_gpu_memory, is_out_of_memory, is_sticky_cuda_error
 from pipeline.core.errors import ItemError
 from pipeline.core.imaging import DecodedImage
+from pipeline.core.pdq import MIN_QUALITY
 from pipeline.core.prepared import Prepared
 from pipeline.core.provenance import ProvenanceReader
 from pipeline.core.results import Artifacts
@@ -206,13 +207,13 @@ class CheckService:
 
         def stored_and_blobs(session: Session) -> tuple:
             facts = self.ledger.image_facts(session, known_bytes) if known_bytes else {}
-            listings = {sha: m for sha, (media, _) in facts.items() if (m := frames.stored_listing(media, rule))}
+            listings = {sha: m for sha, (media, *_) in facts.items() if (m := frames.stored_listing(media, rule))}
             keys = known_bytes + [key for media in listings.values() for key in frames.frame_keys(media)]
             stored = self.ledger.load_artifacts(session, keys, versions) if keys else {}
             to_read = [check for check in batch.checks if not self._head_only(check, stored, listings)]
             names = _blob_names(to_read)
             blobs = self.ledger.get_blobs(session, names) if names else {}
-            return stored, listings, {sha: pdq for sha, (_, pdq) in facts.items() if pdq}, to_read, blobs
+            return stored, listings, {sha: (pdq, quality) for sha, (_, pdq, quality) in facts.items()}, to_read, blobs
 
         stored, listings, hashes, to_read, blobs = reading.in_transaction(self.ledger, batch, stored_and_blobs)
         # Read only for their provenance (stored before it was, or under another trust list): one whose image is
@@ -229,8 +230,8 @@ class CheckService:
                 media = listings[check.image_sha256]
             if media is not None:
                 batch.media[check.id] = media
-            pdq = image.pdq if image is not None else hashes.get(check.image_sha256)
-            if pdq is not None:
+            pdq, quality = (image.pdq, image.pdq_quality) if image else hashes.get(check.image_sha256, (None, None))
+            if pdq is not None and quality >= MIN_QUALITY:  # a flat picture's hash matches other flat pictures
                 batch.hashes[check.id] = (sha_by_check[check.id], pdq)
 
         def earlier_and_known(session: Session) -> tuple:

@@ -50,13 +50,15 @@ def upsert_images(session: Session, images: list[DecodedImage], media: dict[str,
     insert_many(session, ImageRow, list(rows.values()))
 
 
-def image_facts(session: Session, sha256s: list[str]) -> dict[str, tuple[dict | None, bytes | None]]:
-    """(media listing, PDQ hash) of each of these images the ledger holds, by sha256: what a re-score needs to find
-    a video's frames, and the bank an image's hash, without the bytes. Any copy serves (see the note on days)."""
+def image_facts(session: Session, sha256s: list[str]) -> dict[str, tuple[dict | None, bytes | None, int | None]]:
+    """(media listing, PDQ hash, its quality) of each of these images the ledger holds, by sha256: what a re-score
+    needs to find a video's frames, and the bank an image's hash, without the bytes. Any copy serves (see the note
+    on days)."""
     found = {}
+    columns = (ImageRow.sha256, ImageRow.media, ImageRow.pdq, ImageRow.pdq_quality)
     for chunk in in_chunks(sorted(set(sha256s))):
-        query = sa.select(ImageRow.sha256, ImageRow.media, ImageRow.pdq).where(ImageRow.sha256.in_(chunk))
-        found.update({sha: (media, pdq) for sha, media, pdq in session.execute(query)})
+        query = sa.select(*columns).where(ImageRow.sha256.in_(chunk))
+        found.update({sha: (media, pdq, quality) for sha, media, pdq, quality in session.execute(query)})
     return found
 
 

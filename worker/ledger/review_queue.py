@@ -169,7 +169,8 @@ def feed_bank(session: Session, decision: DecisionRow) -> None:
         near.bank_remove(session, decision.tenant_id, decision.check_id)
         return
     sha = session.scalar(fresh(sa.select(CheckRow.image_sha256).where(CheckRow.id == decision.check_id)).limit(1))
-    query = sa.select(ImageRow.pdq).where(ImageRow.sha256 == sha, ImageRow.pdq.is_not(None)).limit(1)
+    enough = ImageRow.pdq_quality >= 50  # pipeline.core.pdq.MIN_QUALITY: a flat picture's hash matches any flat one
+    query = sa.select(ImageRow.pdq).where(ImageRow.sha256 == sha, ImageRow.pdq.is_not(None), enough).limit(1)
     pdq = session.scalar(query) if sha else None
     if pdq is not None:
         decided_by = decision.key_id or decision.reviewer
