@@ -22,14 +22,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from pipeline.core.results import verdict
 from worker.gpu.outcomes import result_of
-from worker.ledger import near
+from worker.ledger import checks, near
 from worker.ledger.models import CheckRow
-from worker.ledger.queries import fresh, in_chunks
 from worker.ledger.states import CheckStatus, Priority
 from worker.settings import Settings
 
@@ -61,28 +59,28 @@ def look_up(
             found.bank[check_id] = _match_dict(match)
         fresh_ones = {check.id: pdq for check, _, pdq in items if check.priority == Priority.fresh}
         if settings.near_duplicates and fresh_ones:
-            own = {sha for _, sha, _ in items}  # the same bytes are the exact path's: never a near-copy of itself
-            matches = near.find(session, tenant, version_id, fresh_ones, settings.near_max_distance, exclude_shas=own)
+            # The same bytes are the exact path's (`done_checks_for_images`), which answers first: an entry at
+            # distance 0 of the upload's own image is never used, so none is left out here.
+            matches = near.find(session, tenant, version_id, fresh_ones, settings.near_max_distance)
             earlier_ids |= {check_id: (match.check_id, match.distance) for check_id, match in matches.items()}
-    rows = _done_checks(session, {earlier for earlier, _ in earlier_ids.values()}, version_id)
+    wanted = sorted({earlier for earlier, _ in earlier_ids.values()})
+    rows = {row.id: row for row in checks.checks_by_id(session, wanted)}  # their days' partitions only
     tenants = {check.id: check.tenant_id for check, _, _ in hashed}
     for check_id, (earlier, distance) in earlier_ids.items():
         row = rows.get(earlier)
-        if row is not None and row.tenant_id == tenants[check_id]:  # purged since, or not the tenant's: no answer
+        if _answers(row, version_id, tenants[check_id]):
             found.near[check_id] = (row, distance)
     return found
 
 
-def _done_checks(session: Session, ids: set[str], version_id: str) -> dict[str, CheckRow]:
-    rows = {}
-    for chunk in in_chunks(sorted(ids)):
-        query = sa.select(CheckRow).where(
-            CheckRow.id.in_(chunk),
-            CheckRow.pipeline_version_id == version_id,
-            CheckRow.status == sa.literal(CheckStatus.done.value, literal_execute=True),
-        )
-        rows.update({row.id: row for row in session.scalars(fresh(query))})
-    return rows
+def _answers(row: CheckRow | None, version_id: str, tenant_id: str) -> bool:
+    """Whether an indexed check may answer: still there (not purged), done under the version, the tenant's own."""
+    return (
+        row is not None
+        and row.status == CheckStatus.done
+        and row.pipeline_version_id == version_id
+        and row.tenant_id == tenant_id
+    )
 
 
 def _match_dict(match) -> dict:
