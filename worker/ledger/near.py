@@ -205,8 +205,8 @@ def _prefer_the_index(session: Session) -> None:
     all different leave it no statistics, so it guesses that each slice of probes matches 0.5% of the rows: at ten
     million hashes that is a full (parallel) scan of the table per lookup (over 38 s measured), where the index
     finds the few true candidates. `SET LOCAL` ends with the transaction; its other statements are index reads."""
-    transaction = id(session.get_transaction())
-    if session.info.get("near_index_preferred") != transaction:
+    transaction = session.get_transaction()  # the object itself, not its id(): an id is reused once it is freed
+    if session.info.get("near_index_preferred") is not transaction:
         session.execute(sa.text("SET LOCAL enable_seqscan = off"))
         session.info["near_index_preferred"] = transaction
 
