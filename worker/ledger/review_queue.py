@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from pipeline.core.errors import ItemError
-from worker.ledger.models import CheckRow, DecisionRow, ImageRow, ReviewItemRow, TenantRow, new_id, utcnow
+from worker.ledger.models import CheckRow, DecisionRow, ReviewItemRow, TenantRow, new_id, utcnow
 from worker.ledger.queries import claim_rows, fresh, insert_many
 from worker.ledger.states import CheckStatus, Priority
 
@@ -162,17 +162,17 @@ def feed_bank(session: Session, decision: DecisionRow) -> None:
     hash: `ai_generated` flags the image's near-copies, `authentic` keeps them from being flagged by score alone, and
     `unsure` takes the check's entry out (the latest decision on a check is the one that counts). An image kept
     without a hash (a video, or stored before hashes were) is not banked."""
-    from worker.ledger import near  # PDQ's numpy and Pillow: not for the client side, which imports this module
+    from pipeline.core.pdq import MIN_QUALITY  # numpy and Pillow: not for the client side, which imports this module
+    from worker.ledger import checks, images, near
 
     label = BANK_LABELS.get(decision.label)
     if label is None:
         near.bank_remove(session, decision.tenant_id, decision.check_id)
         return
-    sha = session.scalar(fresh(sa.select(CheckRow.image_sha256).where(CheckRow.id == decision.check_id)).limit(1))
-    enough = ImageRow.pdq_quality >= 50  # pipeline.core.pdq.MIN_QUALITY: a flat picture's hash matches any flat one
-    query = sa.select(ImageRow.pdq).where(ImageRow.sha256 == sha, ImageRow.pdq.is_not(None), enough).limit(1)
-    pdq = session.scalar(query) if sha else None
-    if pdq is not None:
+    decided = checks.checks_by_id(session, [decision.check_id])
+    sha = decided[0].image_sha256 if decided else None
+    _, pdq, quality = images.image_facts(session, [sha]).get(sha, (None, None, None)) if sha else (None, None, None)
+    if pdq is not None and quality is not None and quality >= MIN_QUALITY:  # a flat picture's hash matches any flat one
         decided_by = decision.key_id or decision.reviewer
         near.bank_put(session, decision.tenant_id, label, decision.check_id, sha, pdq, decision.id, decided_by)
 
