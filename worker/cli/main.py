@@ -12,6 +12,7 @@ import os
 import typer
 
 from worker.cli import (
+    backlog,
     broker_access,
     callback_secrets,
     checks,
@@ -25,8 +26,8 @@ from worker.cli import (
 )
 
 app = typer.Typer(help="ITEM: detect AI-generated images by image-text misalignment.", no_args_is_help=True)
-for group in (checks, experiments, versions, deliveries, operations, web, labels, tenants, callback_secrets,
-              broker_access):  # fmt: skip
+for group in (checks, experiments, versions, deliveries, operations, backlog, web, labels, tenants,
+              callback_secrets, broker_access):  # fmt: skip
     app.add_typer(group.app)
 
 
