@@ -224,6 +224,33 @@ def db_current() -> None:
     out.print(str(migrate.current(settings_from().database_url)))
 
 
+@db_app.command("wait")
+def db_wait(
+    timeout: Annotated[float, typer.Option(min=0, help="Give up after this many seconds (exit 1).")] = 600.0,
+    every: Annotated[float, typer.Option(min=0.1, help="Seconds between looks.")] = 3.0,
+) -> None:
+    """Wait until the ledger is reachable and at this code's newest revision: a pod's init container, so a new
+    release's workers start once its migrations ran (the `item db upgrade` Job) instead of failing until then."""
+    import time
+
+    from worker.ledger import migrate
+
+    url, wanted = settings_from().database_url, migrate.head()
+    deadline, seen = time.monotonic() + timeout, "not asked yet"
+    while True:
+        try:
+            seen = migrate.current(url) or "empty"
+        except Exception as error:  # noqa: BLE001  (unreachable, refused, DNS not ready: all mean "wait")
+            seen = f"unreachable ({type(error).__name__})"
+        if seen == wanted:
+            out.print(f"ledger at {wanted}")
+            return
+        if time.monotonic() >= deadline:
+            err.print(f"the ledger is {seen}, not at {wanted}, after {timeout:.0f}s: run `item db upgrade`")
+            raise typer.Exit(1)
+        time.sleep(every)
+
+
 @models_app.command("list")
 def models_list(profile: ProfileOpt = None, model_dir: ModelDirOpt = None, as_json: JsonOpt = False) -> None:
     """Show every profile's models (or one profile's) and whether they are in the model folder."""
