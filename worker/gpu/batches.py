@@ -180,10 +180,10 @@ class CheckService:
             metrics.claimed(len(claimed), [row.enqueued_at or row.created_at for row in claimed])
         return claimed
 
-    def release(self, batch: Batch) -> None:
+    def release(self, batch: Batch) -> int:
         """Gives back a batch claimed but never run (the worker is stopping): claimable at once, attempt unused."""
         with self.ledger.session() as session:
-            self.ledger.release(session, batch.lease)
+            return self.ledger.release(session, batch.lease)
 
     # ------------------------------------------------------------------ running
 

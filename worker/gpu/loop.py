@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from worker.gpu import exits, faults
 from worker.gpu.batches import Batch, CheckService, TransientError
 from worker.gpu.watchdog import WATCHDOG_EXIT_STATUS, Watchdog, end_process
 from worker.ledger import reviews
+from worker.ledger.claims import owner_of
 from worker.ledger.engine import INFRASTRUCTURE_ERRORS
 from worker.ledger.models import utcnow
 from worker.ledger.store import Lease
@@ -52,8 +52,9 @@ HEARTBEAT_S = 10.0  # how often a loop tells the ledger it is alive (the console
 
 
 def owner_name() -> str:
-    """Who holds a lease, for people reading the ledger: host and process id."""
-    return f"{socket.gethostname()}:{os.getpid()}"[:128]
+    """Who holds a lease, for people reading the ledger: host and process id (the GPU step's parent names a killed
+    process's leases the same way, to give them back)."""
+    return owner_of(os.getpid())
 
 
 class Renewal:
@@ -209,22 +210,37 @@ class Loop:
         store.start()
         try:
             while not self.stop.is_set():
-                batch = prefetch.next(timeout_s=1.0)
-                if batch is None:
-                    continue
-                if self._run_models(batch):
-                    store.put(batch)
-                else:
-                    batch.renewal.stop()
-                self.batches += 1
-                self.checks_run += len(batch.checks)
+                self._run_next(prefetch, store)
         finally:
-            faulted = self.exit_status == GPU_FAULT_EXIT_STATUS
-            prefetch.stop(FAULT_STOP_S if faulted else self.settings.batch_time_budget_s + WATCHDOG_GRACE_S)
-            store.finish(FAULT_STOP_S if faulted else None)
-            self._watchdog.stop()
-            self.listener.close()
-            presence.stop()
+            self._drain(prefetch, store, presence)
+
+    def _run_next(self, prefetch: Prefetch, store: Store) -> None:
+        batch = prefetch.next(timeout_s=1.0)
+        if batch is None:
+            return
+        if self._run_models(batch):
+            store.put(batch)
+        else:
+            batch.renewal.stop()
+        self.batches += 1
+        self.checks_run += len(batch.checks)
+        if self.stop.is_set() and not self.exit_status:  # a drain waited for this batch: say it is over
+            log.info("stopping: finished its batch of %d checks in the models; storing it", len(batch.checks))
+
+    def _drain(self, prefetch: Prefetch, store: Store, presence: Presence) -> None:
+        """Claims no more, gives back the batch prepared but not run, stores what the models ran, then deletes the
+        presence row. Each step is logged: a drain is what an operator watches during a rollout."""
+        faulted = self.exit_status == GPU_FAULT_EXIT_STATUS
+        prefetch.stop(FAULT_STOP_S if faulted else self.settings.batch_time_budget_s + WATCHDOG_GRACE_S)
+        store.finish(FAULT_STOP_S if faulted else None)
+        self._watchdog.stop()
+        self.listener.close()
+        presence.stop()
+        if Renewal.held:  # a batch not stored in time: the worker gives its checks back once this process ends
+            log.warning("stopped, still holding %d leases: the worker gives their checks back once this process ends",
+                        len(Renewal.held))  # fmt: skip
+        else:
+            log.info("stopped: every batch stored or given back, leases released, presence removed")
 
     def _run_models(self, batch: Batch) -> bool:
         """The models on `batch`, watched; whether there is a result to store (a batch timed out or hit by a GPU
@@ -358,7 +374,8 @@ class Prefetch:
     def _release(self, batch: Batch) -> None:
         """A stopping worker gives back what it prepared but will not run: claimable at once, attempt unused."""
         try:
-            self.service.release(batch)
+            given = self.service.release(batch)
+            log.info("gave back %d prefetched checks: claimable at once, their attempt not counted", given)
         except INFRASTRUCTURE_ERRORS:
             log.warning("could not give back %d prefetched checks; their lease runs out", len(batch.checks))
         finally:

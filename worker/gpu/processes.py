@@ -13,8 +13,9 @@ profile or device that cannot be used at all stops the worker (exit 2) rather th
 also ends itself to be replaced, and the log line of its replacement says why (worker.gpu.exits): a batch still in the
 models past its budget (the watchdog, 72), a CUDA error that left the device unusable (71), a supervised thread
 of it that died (70). Stopping sends each process SIGTERM: it finishes its batch (or gives back what it
-prepared), then exits; one still running past the batch budget and a grace is killed, and its lease lets another
-worker redo its checks.
+prepared), then exits; one still running past the batch budget and a grace is killed. Either way the worker then
+gives back any check still `running` under the ended process's leases, claimable at once (a killed batch's attempt
+stays counted), so that none waits out a lease nobody renews.
 
 Each process reports over a queue: `ready` once its models are loaded and its version registered, then its
 `state` every few seconds (batches, checks, leases held), which `celery inspect item` and `inspect stats` show.
@@ -103,23 +104,37 @@ class GpuFleet:
         return sorted({gpu.version_id for gpu in self.gpus if gpu.version_id})
 
     def stop(self, *, grace_s: float | None = None) -> None:
-        """SIGTERM to each process, then wait for its batch to end (at most the budget and a grace), else kill."""
+        """SIGTERM to each process, then wait for its batch to end (at most the budget and a grace), else kill; then
+        give back what each still held, so that no check waits out a lease of a process that is gone."""
         self.stopping.set()
         self._thread.stop(5)
         for gpu in self.gpus:
             if gpu.process is not None and gpu.process.is_alive():
+                log.info("stopping GPU loop %d (pid %d): it finishes the batch in its models and gives back the "
+                         "one it prepared", gpu.index, gpu.process.pid)  # fmt: skip
                 gpu.process.terminate()
         wait = self.settings.batch_time_budget_s + STOP_GRACE_S if grace_s is None else grace_s
-        deadline = time.monotonic() + wait
-        for gpu in self.gpus:
-            if gpu.process is None:
-                continue
-            gpu.process.join(max(0.0, deadline - time.monotonic()))
-            if gpu.process.is_alive():
-                log.warning("GPU loop %d did not stop in time; killing it (its lease lets others redo)", gpu.index)
-                gpu.process.kill()
-                gpu.process.join()
-        log.info("GPU loops stopped")
+        started = time.monotonic()
+        ended = [gpu for gpu in self.gpus if gpu.process is not None]
+        for gpu in ended:
+            self._end(gpu.index, gpu.process, started + wait)
+        # Only a process that said it was ready may have claimed: one still loading its models holds nothing, and a
+        # fleet that never served (a refused device) opens no ledger at all.
+        served = [gpu.process.pid for gpu in ended if gpu.version_id is not None]
+        if served:
+            give_back_leases(self.settings, served)
+        log.info("GPU loops stopped in %.1fs", time.monotonic() - started)
+
+    @staticmethod
+    def _end(index: int, process: multiprocessing.Process, deadline: float) -> None:
+        """Waits for GPU loop `index`'s process to end by `deadline`, else kills it."""
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            log.warning("GPU loop %d (pid %d) did not stop in time; killing it", index, process.pid)
+            process.kill()
+            process.join()
+        else:
+            log.info("GPU loop %d (pid %d) exited with status %s", index, process.pid, process.exitcode)
 
     # ------------------------------------------------------------------ supervision
 
@@ -183,6 +198,37 @@ class GpuFleet:
                 gpu.restarts += 1
             if gpu.process is None and now >= gpu.restart_at and not self.stopping.is_set():
                 self._start(gpu)
+
+
+def give_back_leases(settings: Settings, pids: list[int]) -> None:
+    """Gives back the checks still `running` under the leases of the ended GPU processes `pids` (none after a clean
+    drain; a killed one's batch): claimable at once, not after their lease runs out (`claims.give_back_owner`). The
+    ledger is opened here, in the worker's main process, only for this (no model library is imported); an outage
+    is logged, and the checks then wait out their lease as before."""
+    from worker.ledger.claims import give_back_owner, owner_of
+    from worker.ledger.store import Ledger
+
+    ledger = Ledger(settings.database_url)
+    try:
+        for pid in pids:
+            with ledger.session() as session:
+                given, spent = give_back_owner(session, owner_of(pid), settings.max_attempts)
+            _log_given_back(pid, given, spent)
+    except Exception:  # the worker is stopping: nothing here may keep it from exiting
+        log.warning("could not give back the checks of GPU processes %s; they wait out their lease", pids,
+                    exc_info=True)  # fmt: skip
+    finally:
+        ledger.dispose()
+
+
+def _log_given_back(pid: int, given: int, spent: int) -> None:
+    if given:
+        log.warning("gave back %d checks GPU process %d still held: claimable now (attempt counted)", given, pid)
+    if spent:
+        log.warning("%d checks GPU process %d still held had used every attempt: the reconciler fails them",
+                    spent, pid)  # fmt: skip
+    if not given and not spent:
+        log.info("GPU process %d released its leases: no check left running under it", pid)
 
 
 def gpu_main(settings: Settings, index: int, loops: int, loglevel: str, events) -> None:

@@ -60,6 +60,7 @@ class GpuLoops(bootsteps.StartStopStep):
         level = logging.getLevelName(logging.getLogger("item").getEffectiveLevel())
         self.fleet = GpuFleet(self._settings, self._count, level, on_unusable=_stop_worker, on_ready=self._announce)
         signals.worker_ready.connect(self._worker_ready, weak=False)
+        signals.worker_shutdown.connect(_exiting, weak=False)
         return self
 
     def start(self, worker) -> None:
@@ -71,10 +72,10 @@ class GpuLoops(bootsteps.StartStopStep):
             watch("intake", lambda: _consuming(worker))
 
     def stop(self, worker) -> None:
-        log.info("stopping: each GPU loop finishes or gives back its batch")
+        log.info("stopping the GPU loops: each finishes or gives back its batch, then releases its leases")
         self.fleet.stop()
 
-    def terminate(self, worker) -> None:  # a cold shutdown: no waiting for batches (their leases run out)
+    def terminate(self, worker) -> None:  # a cold shutdown: no waiting for batches (their checks are given back)
         self.fleet.stop(grace_s=5.0)
 
     def info(self, worker) -> dict:
@@ -104,6 +105,11 @@ def _consuming(worker) -> bool:
     consumer = getattr(worker, "consumer", None)
     blueprint = getattr(consumer, "blueprint", None)
     return blueprint is not None and blueprint.state == bootsteps.RUN
+
+
+def _exiting(sender=None, **_) -> None:
+    """The last line of a drain: every step stopped (intake, GPU loops, upkeep); the process exits next."""
+    log.info("item worker stopped; exiting (status %s)", getattr(sender, "exitcode", None) or 0)
 
 
 def _stop_worker() -> None:

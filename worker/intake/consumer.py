@@ -21,6 +21,13 @@ log = logging.getLogger("item.intake")
 
 
 class IntakeConsumer(Consumer):
+    def stop(self) -> None:
+        """A warm shutdown stops the intake first (before the GPU loops drain): nothing more is taken, and a message
+        taken but not yet filed was never acknowledged, so the broker keeps it for another worker."""
+        log.info("stopping intake: taking no more messages; any not yet filed stay with the broker, unacknowledged")
+        super().stop()
+        log.info("intake stopped")
+
     def on_unknown_message(self, body, message) -> None:
         reason = "The message names no task (not a Celery message)."
         self._keep(message_letter(message, "message.unknown_task", reason), message)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -227,6 +228,27 @@ def defer(session: Session, lease: Lease, check_ids: list[str], available_at: da
         )
     )
     return session.execute(statement).rowcount
+
+
+def give_back_owner(session: Session, owner: str, max_attempts: int) -> tuple[int, int]:
+    """Gives back every check still `running` under a lease of `owner`, a GPU process that ended (killed, as it did
+    not stop in time): queued and claimable at once, rather than after its lease runs out. The attempt stays
+    counted, as the batch was in hand when the process died, so a check that hangs the models uses its attempts
+    up instead of being given back for ever. One that used every attempt is never claimed again, and a queued one
+    nobody would fail: it stays `running` with its lease expired now, for the reconciler to fail (`check.stuck`)
+    at its next pass. Returns how many were given back, and how many left to the reconciler."""
+    now = utcnow()
+    mine = sa.and_(status_is(CheckStatus.running), CheckRow.lease_owner == owner)
+    queued = sa.update(CheckRow).where(mine, CheckRow.attempts < max_attempts)
+    queued = queued.values(status=CheckStatus.queued, available_at=now, lease_expires_at=None, updated_at=now)
+    expired = sa.update(CheckRow).where(mine, CheckRow.attempts >= max_attempts)
+    expired = expired.values(lease_expires_at=now, updated_at=now)
+    return session.execute(queued).rowcount, session.execute(expired).rowcount
+
+
+def owner_of(pid: int) -> str:
+    """The lease owner of process `pid` of this host (`Lease.owner`), for people reading the ledger."""
+    return f"{socket.gethostname()}:{pid}"[:128]
 
 
 def held(token: str) -> sa.ColumnElement[bool]:
