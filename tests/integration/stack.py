@@ -92,7 +92,9 @@ class Stack:
 class Worker:
     """`item worker` in its own process group, so a test can SIGKILL the whole tree at once."""
 
-    def __init__(self, stack: Stack, name: str, concurrency: int = 1, env: dict[str, str] | None = None):
+    def __init__(
+        self, stack: Stack, name: str, concurrency: int = 1, env: dict[str, str] | None = None, wait_ready: bool = True
+    ):
         self.name = name
         self.env = env or stack.env
         self.log = stack.folder / f"{name}.log"
@@ -104,7 +106,8 @@ class Worker:
             start_new_session=True,
         )
         started = time.monotonic()
-        self.wait_for(r"ready\.", 90)
+        if wait_ready:
+            self.wait_for(r"ready\.", 90)
         self.started_in = time.monotonic() - started  # to "ready.": imports, models loaded, version registered
 
     def wait_for(self, pattern: str, timeout: float) -> None:

@@ -279,3 +279,54 @@ def test_a_gpu_process_killed_at_the_stop_has_its_checks_given_back_at_once(stac
     assert {(row.status, row.error_code) for row in _rows(stack, ids[2:3])} == {("failed", "check.stuck")}
     for check_id in ids[3:]:  # another process's lease is none of this worker's business
         assert (rows[check_id].status, rows[check_id].lease_expires_at) == ("running", expires)
+
+
+def test_a_gpu_process_that_dies_holding_a_batch_has_it_given_back_at_once(stack, armory):
+    worker = Worker(stack, "crashing", env={**stack.env, faults.VARIABLE: str(armory)})
+    try:
+        gpu_pid = worker.gpu_pids()[-1]
+        _arm(armory, "models", "sleep 30")
+        ids = _file(stack, range(4100, 4104))
+        _until(lambda: (armory / f"models.struck.{gpu_pid}").exists(), 30, "the batch never reached the models")
+        os.kill(gpu_pid, signal.SIGKILL)  # the kernel's out-of-memory killer, say
+        killed = time.monotonic()
+        # the lease is 60 s: done well before it could run out means the worker gave the batch back itself
+        finished = stack.wait_terminal(ids, timeout=40)
+    finally:
+        worker.stop()
+    assert time.monotonic() - killed < 45
+    assert {row.status for row in finished.values()} == {"done"}
+    assert {row.attempts for row in finished.values()} == {2}  # the attempt that died with the process counts
+    assert f"gave back 4 checks GPU process {gpu_pid} still held" in worker.log.read_text()
+
+
+def _probe(port: int, path: str) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    except OSError:
+        return 0, {}  # not listening yet
+
+
+def test_readiness_waits_for_the_models_and_liveness_never_fails_a_loading_worker(stack, armory):
+    from tests.integration.brokers import free_port
+
+    port = free_port()
+    env = {**stack.env, faults.VARIABLE: str(armory), "ITEM_METRICS_PORT": str(port)}
+    _arm(armory, "load", "sleep 8")  # a model load that takes long
+    worker = Worker(stack, "loading", env=env, wait_ready=False)
+    try:
+        _until(lambda: _probe(port, "/healthz")[0] == 200, 60, "the metrics endpoint never came up")
+        _until(lambda: list(armory.glob("load.struck.*")), 30, "the GPU process never started loading")
+        status, body = _probe(port, "/readyz")
+        assert (status, body) == (503, {"ready": False, "dead": ["gpu-loops"]})  # loading: not ready...
+        assert _probe(port, "/healthz") == (200, {"alive": True})  # ...but alive: a liveness probe keeps it
+        _until(lambda: _probe(port, "/readyz")[0] == 200, 60, "never ready after its models loaded")
+        assert _probe(port, "/readyz") == (200, {"ready": True, "dead": []})
+    finally:
+        worker.stop()

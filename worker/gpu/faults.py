@@ -10,8 +10,9 @@ whose text says what happens when a process reaches that point:
 
 The first process to reach the point takes the file (an atomic rename to `<point>.struck.<pid>`), so a fault
 strikes once, whichever process meets it: the replacement runs clean, and the test sees who was struck. The
-points: `models` (where worker.gpu.batches runs the detector on a batch), `store` (each batch the store thread
-of worker.gpu.loop takes, outside its handling of a batch's errors). No setting reads this variable, and a
+points: `load` (a GPU process about to load its models), `models` (where worker.gpu.batches runs the detector on
+a batch), `store` (each batch the store thread of worker.gpu.loop takes, outside its handling of a batch's
+errors). No setting reads this variable, and a
 deployment never sets it.
 """
 

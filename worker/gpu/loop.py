@@ -94,10 +94,10 @@ class Renewal:
             except Exception:  # the ledger is down: the lease may run out, and the checks are redone elsewhere
                 log.warning("could not renew lease %s", self.lease.token, exc_info=True)
                 continue
-            if held < self.checks:
+            if 0 < held < self.checks:  # none held: the batch was stored just before its heartbeat stopped
                 log.warning("lease %s holds %d of its %d checks: the rest ended or were taken over",
                             self.lease.token, held, self.checks)  # fmt: skip
-                self.checks = held
+            self.checks = held
 
 
 class Presence:

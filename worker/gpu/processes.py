@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.core.errors import ItemError
-from worker.gpu import exits
+from worker.gpu import exits, faults
 from worker.ops import logs
 from worker.ops.supervise import Supervised
 from worker.settings import Settings
@@ -194,6 +194,8 @@ class GpuFleet:
                     "GPU loop %d (pid %d) exited with status %s after %.0fs: %s; replacing it in %.0fs",
                     gpu.index, process.pid, process.exitcode, lived, exits.reason(process.exitcode), delay,
                 )  # fmt: skip
+                if gpu.ready:  # it may have died holding a batch: hand it back now, not when its lease runs out
+                    give_back_leases(self.settings, [process.pid])
                 gpu.process, gpu.ready, gpu.restart_at, gpu.state = None, False, now + delay, {}
                 gpu.restarts += 1
             if gpu.process is None and now >= gpu.restart_at and not self.stopping.is_set():
@@ -246,6 +248,7 @@ def gpu_main(settings: Settings, index: int, loops: int, loglevel: str, events) 
         settings = loop_settings(settings, index, loops)
         service = build_service(settings)
         detector = service.detector
+        faults.strike("load")  # tests only (worker.gpu.faults): a model load that takes long
         detector.load()
         active = service.register_version(activate=settings.activate_on_start)
     except ItemError as error:
@@ -264,9 +267,11 @@ def gpu_main(settings: Settings, index: int, loops: int, loglevel: str, events) 
     loop = Loop(service, stop=stop)
     Supervised("gpu-state", lambda: _report_state(loop, index, events), stopping=stop, on_death="exit").start()
     loop.run_forever()
-    if loop.exit_status:  # the device failed: no interpreter shutdown (CUDA teardown may hang on a broken context)
-        logging.shutdown()
-        os._exit(loop.exit_status)
+    # Every batch is stored or given back and the presence row deleted: nothing is left to do but exit. The
+    # interpreter's own shutdown (joining idle reading threads, tearing down the model libraries) took seconds of
+    # a drain and, after a device failure, may hang on a broken CUDA context, so it is skipped.
+    logging.shutdown()
+    os._exit(loop.exit_status)
 
 
 def loop_settings(settings: Settings, index: int, loops: int) -> Settings:
