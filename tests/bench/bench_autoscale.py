@@ -144,8 +144,7 @@ class Run:
     def start_pod(self) -> None:
         name = f"{self.variant}-w{len(self.pods) + 1}"
         log = self.stack.folder / f"{name}.log"
-        env = {**self.stack.env, "ITEM_LEASE_HOST": name}  # read by nothing yet: see the module's report
-        process = _worker(env, log, "--concurrency", "1", "--no-intake")
+        process = _worker(self.stack.env, log, "--concurrency", "1", "--no-intake")
         self.pods.append(Pod(name, process, log, self.now()))
         self.note("start", worker=name)
 
