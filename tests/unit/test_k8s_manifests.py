@@ -239,7 +239,8 @@ def test_every_command_in_the_manifests_is_an_item_command_it_accepts():
         for resource in render(overlay):
             spec = resource.get("spec", {}).get("template", {}).get("spec", {})
             for box in (*spec.get("initContainers", []), *spec.get("containers", [])):
-                commands.add(tuple(box["command"]))
+                assert "command" not in box, "`command:` would replace the image's entrypoint, tini (PID 1)"
+                commands.add(tuple(box["args"]))
     assert {c[:3] for c in commands} >= {("item", "worker", "--no-intake"), ("item", "db", "upgrade")}
     for command in commands:
         assert command[0] == "item"
