@@ -254,3 +254,14 @@ def test_only_gpu_workers_ask_for_gpus_and_the_cpu_overlay_asks_for_none():
             for box in resource.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
                 asks = "nvidia.com/gpu" in box.get("resources", {}).get("limits", {})
                 assert asks == (overlay == "gpu" and resource["metadata"]["name"] == "item-gpu-worker")
+
+
+def test_prometheus_scrapes_workers_under_the_job_the_alerts_read():
+    resources = render("gpu")
+    alerts = (K8S.parent / "prometheus" / "alerts.yml").read_text()
+    for monitor, job in (("item-workers", "item-worker"), ("item-api", "item-api")):
+        spec = find(resources, "ServiceMonitor", monitor)["spec"]
+        [service] = [r for r in resources if r["kind"] == "Service"
+                     and spec["selector"]["matchLabels"].items() <= r["metadata"]["labels"].items()]  # fmt: skip
+        assert service["metadata"]["labels"][spec["jobLabel"]] == job
+    assert 'job="item-worker"' in alerts

@@ -64,8 +64,10 @@ class GpuLoops(bootsteps.StartStopStep):
         return self
 
     def start(self, worker) -> None:
+        from worker.ops import metrics
         from worker.ops.supervise import watch
 
+        metrics.GPU_LOOPS.set(self._count)  # which workers should have models loaded (alerts: ItemWorkerDown)
         self.fleet.start()
         watch("gpu-loops", lambda: self.fleet.ready and not self.fleet.stopping.is_set())
         if self.intake:

@@ -119,6 +119,11 @@ WORKER_READY = Gauge(
     "GPU loop processes with their models loaded; 0 while any long-lived part of the worker is dead.",
     multiprocess_mode="livesum",
 )
+GPU_LOOPS = Gauge(
+    "item_gpu_loops",
+    "GPU loop processes this worker runs (ITEM_WORKER_CONCURRENCY; 0: an intake or maintenance worker).",
+    multiprocess_mode="livesum",
+)
 THREAD_DEATHS = Counter(
     "item_thread_deaths_total",
     "Long-lived threads that crashed (or ended unasked), by thread: each is restarted or its process replaced.",
@@ -216,6 +221,7 @@ METRIC_NAMES = frozenset(
         "item_provenance_total",
         "item_provenance_errors_total",
         "item_worker_ready",
+        "item_gpu_loops",
         "item_thread_deaths_total",
         "item_gpu_memory_bytes",
         "item_dead_letters_total",
