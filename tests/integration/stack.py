@@ -131,7 +131,12 @@ class Worker:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, sig)
-            self.process.wait(30)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:  # a worker that outlives its test would take later tests' messages
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(30)
+                raise
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
