@@ -14,7 +14,7 @@ WATCHDOG = 72  # a batch stayed in the models (or in preparing) past its time bu
 _WORDS = {
     0: "it stopped",
     SETUP_FAILED: "its models, head or profile cannot be used",
-    THREAD_DIED: "one of its threads died (item_thread_deaths_total; traceback above); its leases run out",
+    THREAD_DIED: "one of its threads died (item_thread_deaths_total; traceback above); what it held is given back",
     GPU_FAULT: "a CUDA error left its GPU unusable; its batch was retried as gpu.fault",
     WATCHDOG: "a batch ran past its time budget; its checks were retried as check.timeout",
 }
@@ -30,5 +30,5 @@ def reason(status: int | None) -> str:
         except ValueError:
             name = f"signal {-status}"
         cause = " (the kernel's out-of-memory killer, or a person)" if -status == signal.SIGKILL else ""
-        return f"it was killed by {name}{cause}; its leases run out"
-    return "it crashed (traceback above); its leases run out"
+        return f"it was killed by {name}{cause}; what it held is given back"
+    return "it crashed (traceback above); what it held is given back"
