@@ -6,7 +6,7 @@ the CUDA error is the very type PyTorch raises for one (`torch.AcceleratorError`
 
     a CUDA error that poisons the device   ─▶ batch retried as gpu.fault, process ends 71, replaced, checks done
     a model call past the batch's budget   ─▶ the watchdog retries it as check.timeout, ends it 72, checks done
-    a supervised thread (store) that dies  ─▶ counted, process ends 70, leases run out, checks done
+    a supervised thread (store) that dies  ─▶ counted, process ends 70, its checks given back, done
 """
 
 from __future__ import annotations
