@@ -25,7 +25,8 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.ledger.listing import COUNT_CAP, capped_count
+from worker.ledger import claims
+from worker.ledger.listing import COUNT_CAP, capped_count, capped_count_query
 from worker.ledger.models import CheckRow, PipelineVersionRow, utcnow
 from worker.ledger.states import CheckStatus, Priority
 
@@ -100,51 +101,55 @@ def read_backlog(
 def _conditions(version_id: str, now: datetime, max_attempts: int) -> dict[str, sa.ColumnElement[bool]]:
     of_version = CheckRow.pipeline_version_id == version_id
     left = CheckRow.attempts < max_attempts
-    queued, running = CheckRow.status == CheckStatus.queued, CheckRow.status == CheckStatus.running
-    expired = sa.and_(running, CheckRow.lease_expires_at < now)
-    claimable = sa.or_(sa.and_(queued, CheckRow.available_at <= now), expired)
+    claimable = sa.or_(claims.ready(now), claims.lease_expired(now))
+    queued = claims.status_is(CheckStatus.queued)
     return {
         "fresh": sa.and_(of_version, left, CheckRow.priority == Priority.fresh, claimable),
         "rescore": sa.and_(of_version, left, CheckRow.priority == Priority.rescore, claimable),
-        "expired_leases": sa.and_(of_version, left, expired),
-        "running": sa.and_(of_version, running, CheckRow.lease_expires_at >= now),
+        "expired_leases": sa.and_(of_version, left, claims.lease_expired(now)),
+        "running": sa.and_(of_version, _in_flight(now)),
         "not_due": sa.and_(of_version, left, queued, CheckRow.available_at > now),
-        "exhausted": sa.and_(of_version, CheckRow.attempts >= max_attempts, sa.or_(queued, expired)),
+        "exhausted": sa.and_(of_version, CheckRow.attempts >= max_attempts, sa.or_(queued, claims.lease_expired(now))),
     }
+
+
+def _in_flight(now: datetime | sa.ColumnElement) -> sa.ColumnElement[bool]:
+    """Running under a live lease."""
+    return sa.and_(claims.status_is(CheckStatus.running), CheckRow.lease_expires_at >= now)
 
 
 def _busy_hosts(session: Session, now: datetime, versions: list[str]) -> set[str]:
     """The hosts holding a live lease: a lease's owner is `host:pid` (a Kubernetes pod's host name is its name).
     Only the checks in flight are read: a few batches per GPU loop."""
     owners = session.scalars(
-        sa.select(CheckRow.lease_owner)
-        .where(CheckRow.status == CheckStatus.running, CheckRow.lease_expires_at >= now)
-        .where(CheckRow.pipeline_version_id.in_(versions))
-        .distinct()
+        sa.select(CheckRow.lease_owner).where(_in_flight(now), CheckRow.pipeline_version_id.in_(versions)).distinct()
     )
-    return {owner.rsplit(":", 1)[0] for owner in owners if owner}
+    return {owner.split(":", 1)[0] for owner in owners if owner}
 
 
 def keda_queries(*, max_attempts: int, versions: list[str] | None = None, cap: int = COUNT_CAP) -> dict[str, str]:
-    """The PostgreSQL text of KEDA's two triggers (`claimable`, `busy`), each returning one number, with every
-    constant written in (KEDA passes no parameters). `versions` narrows both to a deployment's versions."""
-    narrowed = ""
-    if versions:
-        narrowed = " AND pipeline_version_id IN (" + ", ".join(_sql_string(v) for v in versions) + ")"
-    claimable = (
-        "SELECT count(*) FROM (SELECT 1 FROM checks"
-        " WHERE ((status = 'queued' AND available_at <= now()) OR (status = 'running' AND lease_expires_at < now()))"
-        f" AND attempts < {int(max_attempts)}{narrowed} LIMIT {int(cap)}) AS claimable"
-    )
-    busy = (
-        "SELECT count(DISTINCT split_part(lease_owner, ':', 1)) FROM checks"
-        f" WHERE status = 'running' AND lease_expires_at >= now(){narrowed}"
-    )
-    return {"claimable": claimable, "busy": busy}
+    """The PostgreSQL text of KEDA's two triggers (`claimable`, `busy`), each returning one number: the conditions
+    `read_backlog` counts with, on the database's clock, every constant written in (KEDA passes no parameters).
+    `versions` narrows both to a deployment's versions."""
+    now = sa.func.now()
+    narrowed = [CheckRow.pipeline_version_id.in_([_version_id(v) for v in versions])] if versions else []
+    claimable = sa.and_(sa.or_(claims.ready(now), claims.lease_expired(now)), CheckRow.attempts < max_attempts)
+    busy = sa.select(sa.func.count(sa.distinct(sa.func.split_part(CheckRow.lease_owner, ":", 1))))
+    return {
+        "claimable": _postgresql(capped_count_query(sa.and_(claimable, *narrowed), cap)),
+        "busy": _postgresql(busy.where(_in_flight(now), *narrowed)),
+    }
 
 
-def _sql_string(value: str) -> str:
-    """A version id as an SQL string literal: ids are `pv-<hex>`, anything else is refused rather than quoted."""
+def _postgresql(query: sa.Select) -> str:
+    from sqlalchemy.dialects import postgresql
+
+    compiled = query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+    return " ".join(str(compiled).split())
+
+
+def _version_id(value: str) -> str:
+    """A version id is `pv-<hex>`: anything else is refused, never written into a query."""
     if not value.replace("-", "").replace("_", "").isalnum() or len(value) > 64:
         raise ValueError(f"not a pipeline version id: {value!r}")
-    return f"'{value}'"
+    return value

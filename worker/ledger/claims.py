@@ -130,7 +130,7 @@ def claim(
     claimable = sa.and_(CheckRow.pipeline_version_id == pipeline_version_id, CheckRow.attempts < max_attempts)
     if priority is not None:
         claimable = sa.and_(claimable, CheckRow.priority == priority)
-    any_of = [_ready(now), _lease_expired(now)]
+    any_of = [ready(now), lease_expired(now)]
     weights = fair.weights(session)
     busy = sorted(weights) if len(weights) == 1 else _tenants_with_work(session, claimable, any_of)
     claimed: list[CheckRow] = []
@@ -256,12 +256,13 @@ def held(token: str) -> sa.ColumnElement[bool]:
     return sa.and_(CheckRow.status == CheckStatus.running, CheckRow.lease_token == token)
 
 
-def _ready(now: datetime) -> sa.ColumnElement[bool]:
-    """Queued, and due (a retry waits out its backoff): what a claim finds in `ix_checks_claim_queued`."""
+def ready(now: datetime | sa.ColumnElement) -> sa.ColumnElement[bool]:
+    """Queued, and due (a retry waits out its backoff): what a claim finds in `ix_checks_claim_queued`. `now` is a
+    time, or the database's `now()` in a query that runs on its own (KEDA's, `worker.ledger.backlog`)."""
     return sa.and_(status_is(CheckStatus.queued), CheckRow.available_at <= now)
 
 
-def _lease_expired(now: datetime) -> sa.ColumnElement[bool]:
+def lease_expired(now: datetime | sa.ColumnElement) -> sa.ColumnElement[bool]:
     """Running under a lease nobody renewed in time: what a claim finds in `ix_checks_claim_running`."""
     return sa.and_(status_is(CheckStatus.running), CheckRow.lease_expires_at < now)
 

@@ -92,8 +92,12 @@ def count_stuck(session: Session, older_than: timedelta, cap: int = COUNT_CAP) -
 
 def capped_count(session: Session, where: sa.ColumnElement[bool], cap: int) -> int:
     """`count(*)` of the rows matching `where`, reading at most `cap` of them."""
+    return int(session.execute(capped_count_query(where, cap)).scalar_one())
+
+
+def capped_count_query(where: sa.ColumnElement[bool], cap: int) -> sa.Select:
     matching = sa.select(sa.literal(1)).select_from(CheckRow).where(where).limit(cap).subquery()
-    return int(session.execute(sa.select(sa.func.count()).select_from(matching)).scalar_one())
+    return sa.select(sa.func.count()).select_from(matching)
 
 
 def list_checks(
