@@ -12,8 +12,7 @@ The first process to reach the point takes the file (an atomic rename to `<point
 strikes once, whichever process meets it: the replacement runs clean, and the test sees who was struck. The
 points: `load` (a GPU process about to load its models), `models` (where worker.gpu.batches runs the detector on
 a batch), `store` (each batch the store thread of worker.gpu.loop takes, outside its handling of a batch's
-errors). No setting reads this variable, and a
-deployment never sets it.
+errors). No setting reads this variable, and a deployment never sets it.
 """
 
 from __future__ import annotations

@@ -44,9 +44,9 @@ log = logging.getLogger("item.worker")
 RESTART_BACKOFF_S = (1.0, 60.0)  # a GPU process that keeps dying is restarted after a doubling delay
 STABLE_AFTER_S = 60.0  # one that lived this long resets the delay
 STOP_GRACE_S = 30.0  # beyond the batch budget, how long a stopping GPU process may take to finish
-# A dead process's last statement may still be running on the database server (a claim it sent before it died
-# commits there after our give-back): a second give-back this much later catches those checks.
-LATE_GIVE_BACK_S = 5.0
+# When the worker gives back what a dead GPU process held: at once, and again this much later, as its last
+# statement may still be running on the database server (a claim sent before it died, committed after).
+GIVE_BACK_AFTER_S = (0.0, 5.0)
 SETUP_FAILED_STATUS = exits.SETUP_FAILED  # as every `item` command that cannot run: a bad model, head or profile
 STATE_EVERY_S = 2.0  # how often a GPU process reports its counters
 SUPERVISE_EVERY_S = 0.5
@@ -87,7 +87,7 @@ class GpuFleet:
         self.stopping = threading.Event()
         self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread or lock of ours
         self._events = self._context.Queue()
-        self._late: list[tuple[float, int]] = []  # (when, pid): the second give-back of a dead GPU process
+        self._give_backs: list[tuple[float, int]] = []  # (when, pid): give back what a dead GPU process held
         self._thread = Supervised("gpu-supervisor", self._supervise, stopping=self.stopping)
 
     @property
@@ -147,7 +147,7 @@ class GpuFleet:
             try:
                 self._collect_events()
                 self._replace_dead()
-                self._give_back_late()
+                self._give_back_due()  # after the replacements started: a slow ledger delays no GPU process
             except Exception:  # this thread is what keeps the GPU processes alive: it must outlive any bug
                 log.exception("supervising the GPU loops failed; carrying on")
 
@@ -200,17 +200,17 @@ class GpuFleet:
                     gpu.index, process.pid, process.exitcode, lived, exits.reason(process.exitcode), delay,
                 )  # fmt: skip
                 if gpu.ready:  # it may have died holding a batch: hand it back now, not when its lease runs out
-                    give_back_leases(self.settings, [process.pid])
-                    self._late.append((now + LATE_GIVE_BACK_S, process.pid))
+                    self._give_backs += [(now + after, process.pid) for after in GIVE_BACK_AFTER_S]
                 gpu.process, gpu.ready, gpu.restart_at, gpu.state = None, False, now + delay, {}
                 gpu.restarts += 1
             if gpu.process is None and now >= gpu.restart_at and not self.stopping.is_set():
                 self._start(gpu)
 
-    def _give_back_late(self) -> None:
-        due = [pid for when, pid in self._late if when <= time.monotonic()]
+    def _give_back_due(self) -> None:
+        now = time.monotonic()
+        due = sorted({pid for when, pid in self._give_backs if when <= now})
         if due:
-            self._late = [(when, pid) for when, pid in self._late if pid not in due]
+            self._give_backs = [(when, pid) for when, pid in self._give_backs if when > now]
             give_back_leases(self.settings, due)
 
 
